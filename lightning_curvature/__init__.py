@@ -1,0 +1,35 @@
+"""lightning_curvature: see the loss landscape's geometry while your model trains.
+
+Model-level functions (pure torch, usable without a Trainer) and Lightning callbacks that
+log them to TensorBoard and any other Lightning logger.
+"""
+
+from lightning_curvature.__about__ import __version__
+from lightning_curvature.functional import (
+    CurvatureWarning,
+    HessianEigenvalues,
+    HessianOperator,
+    HessianTrace,
+    NonFiniteCurvatureError,
+    SpectralDensity,
+    density_on_grid,
+    hessian_eigenvalues,
+    hessian_trace,
+    hessian_vector_product,
+    spectral_density,
+)
+
+__all__ = [
+    "CurvatureWarning",
+    "HessianEigenvalues",
+    "HessianOperator",
+    "HessianTrace",
+    "NonFiniteCurvatureError",
+    "SpectralDensity",
+    "__version__",
+    "density_on_grid",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hessian_vector_product",
+    "spectral_density",
+]

@@ -1,0 +1,123 @@
+"""Batches: one batch or many, moved to the model's device, with their sizes.
+
+Every model-level function takes ``batch``, which is either *one* batch or an iterable of
+batches. The rule that tells them apart:
+
+* a tensor, a ``tuple``, a mapping (``dict``) or a ``list`` whose items are all tensors
+  (what ``default_collate`` makes of a ``TensorDataset``) is **one** batch;
+* any other ``list`` (of tuples, dicts, ...), a ``DataLoader``, a generator or any other
+  iterable is **several** batches, whose losses are averaged weighted by their size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ProbeBatches", "batch_size", "move_to_device", "split_batches"]
+
+
+def _is_single_batch(batch: Any) -> bool:
+    if isinstance(batch, (torch.Tensor, tuple, Mapping)):
+        return True
+    if isinstance(batch, list):
+        return all(isinstance(item, torch.Tensor) for item in batch)
+    return not isinstance(batch, Iterable) or isinstance(batch, (str, bytes))
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Return ``batch`` with every tensor in it moved to ``device`` (nested containers kept).
+
+    Example:
+        >>> moved = move_to_device({"x": torch.ones(2), "n": 3}, torch.device("cpu"))
+        >>> moved["x"].device.type, moved["n"]
+        ('cpu', 3)
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({key: move_to_device(value, device) for key, value in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(item, device) for item in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(item, device) for item in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(items, (list, tuple)) or isinstance(batch, Mapping):
+        for item in items:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def batch_size(batch: Any) -> int | None:
+    """Number of examples in one batch: the leading dimension of its first tensor.
+
+    Returns ``None`` when the batch holds no tensor with a leading dimension.
+
+    Example:
+        >>> batch_size((torch.zeros(8, 3), torch.zeros(8)))
+        8
+    """
+    tensor = _first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        return None
+    return int(tensor.shape[0])
+
+
+@dataclass(frozen=True)
+class ProbeBatches:
+    """Batches on the model's device and the weight of each in the averaged loss.
+
+    Attributes:
+        batches: the batches, already on the device.
+        weights: one weight per batch, summing to 1 (sizes over the total size, or equal
+            weights when a size is unknown).
+    """
+
+    batches: tuple[Any, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def num_examples(self) -> int | None:
+        """Total number of examples, or ``None`` when a batch size is unknown."""
+        sizes = [batch_size(batch) for batch in self.batches]
+        return None if any(size is None for size in sizes) else sum(sizes)  # type: ignore[misc]
+
+
+def split_batches(batch: Any, device: torch.device) -> ProbeBatches:
+    """Turn ``batch`` (one batch or an iterable of batches) into :class:`ProbeBatches`.
+
+    Args:
+        batch: one batch, or an iterable of batches (see the module docstring for the rule).
+        device: where every tensor is moved.
+
+    Raises:
+        ValueError: if ``batch`` is an empty iterable.
+
+    Example:
+        >>> x = torch.zeros(6, 2)
+        >>> probe = split_batches([(x[:2],), (x[2:],)], torch.device("cpu"))
+        >>> probe.weights
+        (0.3333333333333333, 0.6666666666666666)
+    """
+    items = [batch] if _is_single_batch(batch) else list(batch)
+    if not items:
+        raise ValueError("`batch` is an empty iterable: give one batch or at least one batch.")
+    moved = tuple(move_to_device(item, device) for item in items)
+    sizes = [batch_size(item) for item in moved]
+    if any(size is None for size in sizes) or sum(sizes) == 0:  # type: ignore[arg-type]
+        weights = tuple(1.0 / len(moved) for _ in moved)
+    else:
+        total = float(sum(sizes))  # type: ignore[arg-type]
+        weights = tuple(size / total for size in sizes)  # type: ignore[operator]
+    return ProbeBatches(batches=moved, weights=weights)

@@ -1,0 +1,159 @@
+"""``spectral_density``: the Hessian eigenvalue density by stochastic Lanczos quadrature.
+
+SLQ (Ghorbani, Krishnan & Xiao, ICML 2019; Lin, Saad & Yang 2016): each run starts Lanczos
+from a normalised Rademacher vector; the eigenvalues of ``T`` (nodes) and the squared first
+components of its eigenvectors (weights, summing to 1) are a Gauss quadrature of the spectral
+measure ``(1/P) Σ δ(t − λ_i)``. Averaging runs and smoothing with a Gaussian kernel gives the
+density. The extreme nodes converge to ``λ_max`` and ``λ_min`` first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
+from lightning_curvature.functional.lanczos import lanczos_quadrature
+from lightning_curvature.functional.parameters import ParameterPatterns
+from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.functional.sampling import check_generator, rademacher
+
+__all__ = ["SpectralDensity", "density_on_grid", "spectral_density"]
+
+
+def density_on_grid(
+    nodes: torch.Tensor,
+    weights: torch.Tensor,
+    grid: torch.Tensor | None = None,
+    *,
+    num_points: int = 512,
+    sigma: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth quadrature nodes/weights into a density on a grid (Gaussian kernel).
+
+    Args:
+        nodes: ``(runs, m)`` (or ``(m,)``) quadrature nodes.
+        weights: matching weights, each run summing to 1.
+        grid: points to evaluate at; default ``num_points`` points spanning the nodes
+            extended by 5 kernel widths on each side.
+        num_points: size of the default grid.
+        sigma: kernel width; default 1% of the node range.
+
+    Returns:
+        ``(grid, density)``; the density integrates to 1 over the default grid.
+
+    Raises:
+        ValueError: if ``sigma`` is not positive or ``num_points < 2``.
+
+    Example:
+        >>> grid, density = density_on_grid(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
+        >>> round(float(torch.trapezoid(density, grid)), 4)
+        1.0
+    """
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
+    if num_points < 2:
+        raise ValueError(f"`num_points` must be >= 2, got {num_points!r}.")
+    nodes = nodes.reshape(-1, nodes.shape[-1]).to(torch.float64)
+    weights = weights.reshape(nodes.shape).to(nodes)
+    low, high = float(nodes.min()), float(nodes.max())
+    width = sigma if sigma is not None else 0.01 * (high - low) or 0.01 * max(abs(high), 1.0)
+    if grid is None:
+        grid = torch.linspace(low - 5 * width, high + 5 * width, num_points, dtype=torch.float64)
+    grid = grid.to(torch.float64)
+    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(-1)[None, :]) / width) ** 2)
+    kernel = kernel / (width * math.sqrt(2 * math.pi))
+    density = kernel @ weights.reshape(-1) / nodes.shape[0]
+    return grid, density
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """Result of :func:`spectral_density` (nodes and weights on the CPU, float64).
+
+    Attributes:
+        nodes: ``(num_runs, num_steps)`` quadrature nodes (Ritz values) per run.
+        weights: matching weights; each run's sum to 1 (padding nodes have weight 0).
+        num_hvps: Hessian-vector products used.
+        num_parameters: ``P``; ``weights * P`` estimates eigenvalue counts.
+    """
+
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    num_hvps: int
+    num_parameters: int
+
+    def density(
+        self, grid: torch.Tensor | None = None, *, num_points: int = 512, sigma: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Smoothed density on a grid: see :func:`density_on_grid`."""
+        return density_on_grid(self.nodes, self.weights, grid, num_points=num_points, sigma=sigma)
+
+
+def spectral_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    num_steps: int = 80,
+    num_runs: int = 1,
+    *,
+    parameters: ParameterPatterns = None,
+    backend: HVPBackend = "auto",
+    batch_norm: BatchNormMode = "as_is",
+    generator: torch.Generator | None = None,
+    all_reduce: AllReduce | None = None,
+) -> SpectralDensity:
+    """Eigenvalue density of the Hessian by stochastic Lanczos quadrature.
+
+    Beyond 30-80 steps the start-vector variance dominates: add runs, not steps.
+
+    Args:
+        model: the module; its trainable parameters are measured.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        batch: one batch or an iterable of batches.
+        num_steps: Lanczos steps (Hessian-vector products) per run.
+        num_runs: independent runs averaged.
+        parameters: glob pattern(s) selecting the measured parameters.
+        backend: Hessian-vector product strategy (see :class:`HessianOperator`).
+        batch_norm: BatchNorm mode during the probe (running statistics never change).
+        generator: random source on the model's device (default: seeded with 0).
+        all_reduce: averages a tensor across processes (DDP).
+
+    Raises:
+        ValueError: on invalid arguments (named in the message).
+        NonFiniteCurvatureError: if the loss or a product is not finite.
+
+    Example:
+        >>> net = nn.Linear(3, 1, bias=False)
+        >>> x = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+        >>> esd = spectral_density(net, lambda m, b: m(b).pow(2).mean(), x, num_steps=3)
+        >>> esd.nodes  # the three eigenvalues 2/3, 8/3 and 6, each of weight 1/3 on average
+        tensor([[0.6667, 2.6667, 6.0000]], dtype=torch.float64)
+    """
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be an integer >= 1, got {num_steps!r}.")
+    if not isinstance(num_runs, int) or num_runs < 1:
+        raise ValueError(f"`num_runs` must be an integer >= 1, got {num_runs!r}.")
+    all_nodes, all_weights = [], []
+    with HessianOperator(
+        model, loss_fn, batch, parameters=parameters, backend=backend, batch_norm=batch_norm,
+        all_reduce=all_reduce,
+    ) as operator:
+        generator = check_generator(generator, operator.device)
+        steps = min(num_steps, operator.size)
+        for _ in range(num_runs):
+            start = rademacher((operator.size,), generator, operator.dtype, operator.device)
+            nodes, weights = lanczos_quadrature(operator.matvec, start, steps)
+            pad = steps - nodes.numel()  # fewer nodes after an early (exact) breakdown
+            all_nodes.append(torch.cat([nodes, nodes[-1:].expand(pad)]))
+            all_weights.append(torch.cat([weights, weights.new_zeros(pad)]))
+    return SpectralDensity(
+        nodes=torch.stack(all_nodes),
+        weights=torch.stack(all_weights),
+        num_hvps=operator.num_hvps,
+        num_parameters=operator.size,
+    )

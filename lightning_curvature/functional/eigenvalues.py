@@ -1,0 +1,168 @@
+"""``hessian_eigenvalues``: the top (and bottom) Hessian eigenvalues of a model's loss."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
+from lightning_curvature.functional.lanczos import lanczos_eigenpairs
+from lightning_curvature.functional.parameters import ParameterPatterns
+from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.functional.sampling import check_generator
+from lightning_curvature.functional.warnings import CurvatureWarning
+
+__all__ = ["HessianEigenvalues", "hessian_eigenvalues"]
+
+
+@dataclass(frozen=True)
+class HessianEigenvalues:
+    """Result of :func:`hessian_eigenvalues`; tensors live on the model's device.
+
+    Attributes:
+        eigenvalues: the top-k eigenvalues, largest (algebraic) first.
+        residuals: ``‖H y_i − θ_i y_i‖`` of each Ritz pair.
+        converged: whether each eigenvalue passed the ``tol`` test.
+        num_hvps: Hessian-vector products used.
+        eigenvectors: ``(k, P)`` unit eigenvectors over the measured parameters (flat, in
+            ``parameter_names`` order), or ``None`` if not requested.
+        smallest_eigenvalue: the smallest (most negative) eigenvalue, if requested; an upper
+            bound when ``smallest_converged`` is false (Ritz values interlace).
+        smallest_converged: whether it passed the ``tol`` test.
+        parameter_names: the measured parameters.
+    """
+
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    num_hvps: int
+    eigenvectors: torch.Tensor | None = None
+    smallest_eigenvalue: torch.Tensor | None = None
+    smallest_converged: bool | None = None
+    parameter_names: tuple[str, ...] = ()
+
+
+def _check_arguments(k: int, tol: float, max_iter: int | None, min_iter: int) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol!r}.")
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
+        raise ValueError(f"`max_iter` must be an integer >= k ({k}), got {max_iter!r}.")
+    if not isinstance(min_iter, int) or min_iter < 1:
+        raise ValueError(f"`min_iter` must be an integer >= 1, got {min_iter!r}.")
+
+
+def _start_vector(
+    init: torch.Tensor | None, size: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    noise = torch.randn(size, generator=generator, dtype=dtype, device=device)
+    if init is None:
+        return noise
+    vectors = init.to(device=device, dtype=dtype).reshape(-1, init.shape[-1]) if init.dim() else init
+    if init.dim() not in (1, 2) or vectors.shape[-1] != size:
+        raise ValueError(
+            f"`init` must have shape ({size},) or (m, {size}) over the measured parameters, "
+            f"got {tuple(init.shape)}."
+        )
+    start = (vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True).clamp_min(1e-30)).sum(0)
+    # A little noise guards against a new top direction orthogonal to the old ones.
+    return start / torch.linalg.vector_norm(start) + 1e-3 * noise / torch.linalg.vector_norm(noise)
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    k: int = 1,
+    tol: float = 1e-3,
+    *,
+    max_iter: int | None = None,
+    min_iter: int = 3,
+    smallest: bool = False,
+    return_eigenvectors: bool = False,
+    init: torch.Tensor | None = None,
+    parameters: ParameterPatterns = None,
+    backend: HVPBackend = "auto",
+    batch_norm: BatchNormMode = "as_is",
+    generator: torch.Generator | None = None,
+    all_reduce: AllReduce | None = None,
+) -> HessianEigenvalues:
+    """Top-k Hessian eigenvalues by Lanczos with full reorthogonalisation.
+
+    Each eigenvalue stops when its a-posteriori error bound ``min(r, r²/δ)`` is below
+    ``tol`` times its magnitude, so ``tol`` bounds the relative error (unlike power
+    iteration's "the estimate stopped changing"). The order is algebraic: on an indefinite
+    Hessian, a large negative eigenvalue never displaces the largest positive one.
+
+    Args:
+        model: the module; its trainable parameters are measured.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        batch: one batch or an iterable of batches (Hessian of the size-weighted mean loss).
+        k: number of top eigenvalues.
+        tol: relative error bound each must reach.
+        max_iter: most Hessian-vector products (default ``max(30, 20 + 4k)``, at most ``P``).
+        min_iter: fewest products before the stopping test is trusted.
+        smallest: also compute the smallest (most negative) eigenvalue.
+        return_eigenvectors: also return the eigenvectors.
+        init: warm start, one vector ``(P,)`` or several ``(m, P)`` (e.g. the previous
+            ``eigenvectors``); a little random noise is added.
+        parameters: glob pattern(s) selecting the measured parameters (a block's Hessian).
+        backend: Hessian-vector product strategy (see :class:`HessianOperator`).
+        batch_norm: BatchNorm mode during the probe (running statistics never change).
+        generator: random source on the model's device (default: seeded with 0).
+        all_reduce: averages a tensor across processes (DDP); see :class:`HessianOperator`.
+
+    Raises:
+        ValueError: on invalid arguments (named in the message).
+        NonFiniteCurvatureError: if the loss or a product is not finite.
+
+    Warns:
+        CurvatureWarning: if an eigenvalue did not converge within ``max_iter`` products.
+
+    Example:
+        >>> net = nn.Linear(3, 1, bias=False)
+        >>> x = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+        >>> out = hessian_eigenvalues(net, lambda m, b: m(b).pow(2).mean(), x, k=2)
+        >>> out.eigenvalues  # H = 2 XᵀX / 3 = diag(2/3, 8/3, 6)
+        tensor([6.0000, 2.6667])
+    """
+    _check_arguments(k, tol, max_iter, min_iter)
+    with HessianOperator(
+        model, loss_fn, batch, parameters=parameters, backend=backend, batch_norm=batch_norm,
+        all_reduce=all_reduce,
+    ) as operator:
+        generator = check_generator(generator, operator.device)
+        if k > operator.size:
+            raise ValueError(f"`k` ({k}) exceeds the number of measured parameters ({operator.size}).")
+        steps = min(max_iter or max(30, 20 + 4 * k), operator.size)
+        start = _start_vector(init, operator.size, generator, operator.dtype, operator.device)
+        found = lanczos_eigenpairs(
+            operator.matvec, start, k=k, tol=tol, max_steps=steps, min_steps=min_iter,
+            smallest=smallest, return_eigenvectors=return_eigenvectors, generator=generator,
+        )
+        num_hvps = operator.num_hvps
+    if not bool(found.converged.all()) or (found.smallest is not None and not found.smallest[2]):
+        warnings.warn(
+            f"Lanczos did not reach tol={tol} within {num_hvps} Hessian-vector products "
+            f"(relative residuals {(found.residuals / found.eigenvalues.abs()).tolist()}); the "
+            "estimates are returned with converged=False. Raise `max_iter` or `tol`.",
+            CurvatureWarning,
+            stacklevel=2,
+        )
+    device, dtype = operator.device, operator.dtype
+    as_model = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return HessianEigenvalues(
+        eigenvalues=as_model(found.eigenvalues),
+        residuals=as_model(found.residuals),
+        converged=found.converged.to(device),
+        num_hvps=num_hvps,
+        eigenvectors=found.eigenvectors,
+        smallest_eigenvalue=None if found.smallest is None else torch.tensor(found.smallest[0], dtype=dtype, device=device),
+        smallest_converged=None if found.smallest is None else found.smallest[2],
+        parameter_names=operator.layout.names,
+    )

@@ -1,0 +1,130 @@
+"""The conditions every curvature probe runs under, and their exact undoing.
+
+A probe must leave the model as it found it and must measure a *deterministic* operator.
+:func:`probe_context` therefore, for the duration of the probe:
+
+* forks the torch RNG (CPU and the model's CUDA device), so no random draw of the probe is
+  seen by training;
+* turns autocast off (curvature is computed in fp32 whatever the trainer's precision);
+* turns dropout off (``nn.Dropout*`` and the attention dropout of ``nn.MultiheadAttention``),
+  so every Hessian-vector product sees the same function;
+* puts BatchNorm in the requested mode. In train mode BatchNorm normalises with the batch
+  statistics but is told not to track running statistics, so ``running_mean``,
+  ``running_var`` and ``num_batches_tracked`` are never written (the exact train-mode
+  Hessian, buffers untouched);
+* selects the math kernel of ``scaled_dot_product_attention`` (the fused kernels have no
+  double backward) and disables cuDNN for recurrent layers (cuDNN RNNs have none either);
+* makes ``torch.compile``d submodules run eagerly (compiled graphs have no double backward).
+
+Every attribute it changes is restored in a ``finally`` block, submodule by submodule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+__all__ = ["BatchNormMode", "probe_context", "unwrap_model"]
+
+BatchNormMode = Literal["as_is", "eval", "train"]
+_BATCH_NORM_MODES = ("as_is", "eval", "train")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module to differentiate: without ``torch.compile`` or DDP/DP wrappers.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> unwrap_model(torch.nn.DataParallel(net)) is net
+        True
+    """
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        elif isinstance(
+            model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
+        ) and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def _check_batch_norm_mode(batch_norm: str) -> None:
+    if batch_norm not in _BATCH_NORM_MODES:
+        raise ValueError(f"`batch_norm` must be one of {_BATCH_NORM_MODES}, got {batch_norm!r}.")
+
+
+@contextlib.contextmanager
+def _restored_attributes(model: nn.Module, batch_norm: str, dropout: bool) -> Iterator[None]:
+    saved: list[tuple[nn.Module, str, object]] = []
+
+    def set_attr(module: nn.Module, name: str, value: object) -> None:
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, value)
+
+    try:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if batch_norm == "eval":
+                    set_attr(module, "training", False)
+                elif batch_norm == "train":
+                    set_attr(module, "training", True)
+                if module.training:
+                    set_attr(module, "track_running_stats", False)
+            elif not dropout and isinstance(
+                module, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)
+            ):
+                set_attr(module, "training", False)
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+def _has_recurrent_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.RNNBase) for m in model.modules())
+
+
+@contextlib.contextmanager
+def probe_context(
+    model: nn.Module, *, batch_norm: BatchNormMode = "as_is", dropout: bool = False
+) -> Iterator[None]:
+    """Run a curvature probe on ``model`` without leaving a trace (see module docstring).
+
+    Args:
+        model: the (unwrapped) module that will be differentiated.
+        batch_norm: ``"as_is"`` keeps each BatchNorm's current mode, ``"eval"`` normalises
+            with the running statistics, ``"train"`` with the batch statistics. In every
+            case the running statistics are left untouched.
+        dropout: keep dropout active (``True``) or turn it off (``False``, the default:
+            random masks would make every Hessian-vector product a different operator).
+
+    Raises:
+        ValueError: if ``batch_norm`` is not one of the allowed values.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
+        >>> before = net[1].running_mean.clone()
+        >>> with probe_context(net):
+        ...     _ = net(torch.randn(4, 3))
+        >>> torch.equal(before, net[1].running_mean), net[1].track_running_stats
+        (True, True)
+    """
+    _check_batch_norm_mode(batch_norm)
+    device = next(model.parameters()).device
+    cuda_devices = [device] if device.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+        stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        if _has_recurrent_layers(model):
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        stack.enter_context(_restored_attributes(model, batch_norm, dropout))
+        yield

@@ -1,0 +1,117 @@
+"""``hessian_trace``: the Hessian trace of a model's loss, with its standard error."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
+from lightning_curvature.functional.parameters import ParameterPatterns
+from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.functional.sampling import check_generator
+from lightning_curvature.functional.trace_estimators import hutch_plus_plus, hutchinson
+
+__all__ = ["HessianTrace", "TraceMethod", "hessian_trace"]
+
+TraceMethod = Literal["hutchinson", "hutch++"]
+_METHODS = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
+
+
+@dataclass(frozen=True)
+class HessianTrace:
+    """Result of :func:`hessian_trace`; tensors live on the model's device.
+
+    Attributes:
+        estimate: the trace estimate.
+        std_error: its standard error (the random part's sample std over ``√probes``).
+        num_hvps: Hessian-vector products used.
+        method: ``"hutchinson"`` or ``"hutch++"``.
+        per_layer: block name to trace estimate (empty unless requested).
+        per_layer_std_error: block name to its standard error.
+        num_parameters: ``P``, so that ``estimate / num_parameters`` is the mean curvature.
+    """
+
+    estimate: torch.Tensor
+    std_error: torch.Tensor
+    num_hvps: int
+    method: str
+    per_layer: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_layer_std_error: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_parameters: int = 0
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    num_hvps: int = 32,
+    method: TraceMethod = "hutchinson",
+    *,
+    per_layer: bool | Sequence[str] = False,
+    parameters: ParameterPatterns = None,
+    backend: HVPBackend = "auto",
+    batch_norm: BatchNormMode = "as_is",
+    generator: torch.Generator | None = None,
+    all_reduce: AllReduce | None = None,
+) -> HessianTrace:
+    """Hessian trace by Hutchinson (Rademacher probes, default) or Hutch++.
+
+    Hutchinson is the default because neural-network Hessians keep most of their Frobenius
+    mass in the bulk of small eigenvalues, where Hutch++'s low-rank deflation does not pay
+    below about 80 products. Per-layer traces come from the same products at no extra cost;
+    with Hutchinson they sum exactly to the total.
+
+    Args:
+        model: the module; its trainable parameters are measured.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        batch: one batch or an iterable of batches.
+        num_hvps: Hessian-vector products (probes); at least 2 (3 for Hutch++).
+        method: ``"hutchinson"`` or ``"hutch++"``.
+        per_layer: ``True`` for one trace per module, or glob patterns for one per pattern.
+        parameters: glob pattern(s) selecting the measured parameters.
+        backend: Hessian-vector product strategy (see :class:`HessianOperator`).
+        batch_norm: BatchNorm mode during the probe (running statistics never change).
+        generator: random source on the model's device (default: seeded with 0).
+        all_reduce: averages a tensor across processes (DDP).
+
+    Raises:
+        ValueError: on invalid arguments (named in the message).
+        NonFiniteCurvatureError: if the loss or a product is not finite.
+
+    Example:
+        >>> net = nn.Linear(3, 1, bias=False)
+        >>> x = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+        >>> out = hessian_trace(net, lambda m, b: m(b).pow(2).mean(), x, num_hvps=8)
+        >>> out.estimate, out.std_error  # diagonal Hessian: exact, tr = 2·14/3
+        (tensor(9.3333), tensor(0.))
+    """
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
+    minimum = 3 if method == "hutch++" else 2
+    if not isinstance(num_hvps, int) or num_hvps < minimum:
+        raise ValueError(f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}.")
+    with HessianOperator(
+        model, loss_fn, batch, parameters=parameters, backend=backend, batch_norm=batch_norm,
+        all_reduce=all_reduce,
+    ) as operator:
+        generator = check_generator(generator, operator.device)
+        blocks = operator.layout.groups(per_layer) if per_layer else {}
+        samples = _METHODS[method](
+            operator.matvec, operator.size, num_hvps, generator,
+            dtype=operator.dtype, device=operator.device, blocks=blocks,
+        )
+    as_model = lambda x: torch.tensor(x, dtype=operator.dtype, device=operator.device)  # noqa: E731
+    per_block = {name: samples.block(name) for name in blocks}
+    return HessianTrace(
+        estimate=as_model(samples.estimate),
+        std_error=as_model(samples.std_error),
+        num_hvps=operator.num_hvps,
+        method=method,
+        per_layer={name: as_model(v[0]) for name, v in per_block.items()},
+        per_layer_std_error={name: as_model(v[1]) for name, v in per_block.items()},
+        num_parameters=operator.size,
+    )
