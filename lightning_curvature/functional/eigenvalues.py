@@ -86,6 +86,7 @@ def hessian_eigenvalues(
     smallest: bool = False,
     return_eigenvectors: bool = False,
     init: torch.Tensor | None = None,
+    preconditioner: torch.Tensor | None = None,
     parameters: ParameterPatterns = None,
     backend: HVPBackend = "auto",
     batch_norm: BatchNormMode = "as_is",
@@ -111,6 +112,8 @@ def hessian_eigenvalues(
         return_eigenvectors: also return the eigenvectors.
         init: warm start, one vector ``(P,)`` or several ``(m, P)`` (e.g. the previous
             ``eigenvectors``); a little random noise is added.
+        preconditioner: a flat positive vector ``D``; the eigenvalues are then those of
+            ``D H D`` (e.g. Adam's preconditioned sharpness, see ``stability_threshold``).
         parameters: glob pattern(s) selecting the measured parameters (a block's Hessian).
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
@@ -141,8 +144,16 @@ def hessian_eigenvalues(
             raise ValueError(f"`k` ({k}) exceeds the number of measured parameters ({operator.size}).")
         steps = min(max_iter or max(30, 20 + 4 * k), operator.size)
         start = _start_vector(init, operator.size, generator, operator.dtype, operator.device)
+        matvec = operator.matvec
+        if preconditioner is not None:
+            if preconditioner.shape != (operator.size,):
+                raise ValueError(
+                    f"`preconditioner` must have shape ({operator.size},), got {tuple(preconditioner.shape)}."
+                )
+            scale = preconditioner.to(device=operator.device, dtype=operator.dtype)
+            matvec = lambda v: scale * operator.matvec(scale * v)  # noqa: E731
         found = lanczos_eigenpairs(
-            operator.matvec, start, k=k, tol=tol, max_steps=steps, min_steps=min_iter,
+            matvec, start, k=k, tol=tol, max_steps=steps, min_steps=min_iter,
             smallest=smallest, return_eigenvectors=return_eigenvectors, generator=generator,
         )
         num_hvps = operator.num_hvps

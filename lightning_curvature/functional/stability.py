@@ -1,0 +1,99 @@
+"""Edge-of-stability thresholds of an optimizer, read at the moment of the probe.
+
+Gradient descent on a quadratic with curvature λ is stable only while ``η λ < 2``; heavy-ball
+and Nesterov momentum β (dampening τ) move that to ``(2 + 2β) / (η (1 − τ))``; coupled L2
+weight decay ``wd`` adds ``wd`` to every eigenvalue. Full-batch training drives the top
+eigenvalue up to this threshold and then hovers there (Cohen, Kaur, Li, Kolter & Talwalkar,
+ICLR 2021). Adam is stable while the *preconditioned* sharpness ``λ₁(P⁻¹H)`` stays under
+``(2 + 2β₁) / ((1 − β₁) η)`` (38/η for β₁ = 0.9), with ``P = (1 − β₁ᵗ) diag(√v̂ + ε)`` its
+current preconditioner (Cohen et al., "Adaptive gradient methods at the edge of stability",
+2022). ``P⁻¹H`` is similar to ``D H D`` with ``D = P^{-1/2}``, so its top eigenvalue costs one
+Lanczos run on the operator ``v -> D ⊙ H (D ⊙ v)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["StabilityThreshold", "stability_threshold"]
+
+
+@dataclass(frozen=True)
+class StabilityThreshold:
+    """The stability threshold of an optimizer at one moment.
+
+    Attributes:
+        threshold: in eigenvalue units (``2/η`` for plain SGD).
+        kind: ``"sgd"`` or ``"adam"``.
+        eigenvalue_shift: added to ``λ_max(H)`` before comparing (coupled L2 weight decay).
+        preconditioner: for Adam, the flat ``D = P^{-1/2}`` over the measured parameters,
+            such that ``λ₁(D H D)`` is compared with ``threshold``; ``None`` for SGD or when
+            Adam has no state yet (before its first step).
+    """
+
+    threshold: float
+    kind: str
+    eigenvalue_shift: float = 0.0
+    preconditioner: torch.Tensor | None = None
+
+
+def _shared(values: list[float], name: str) -> float:
+    # Several groups with different values: the most restrictive (smallest threshold) wins.
+    return max(values) if name == "lr" else values[0]
+
+
+def stability_threshold(
+    optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor]
+) -> StabilityThreshold | None:
+    """Threshold of ``optimizer`` for the measured ``parameters``; ``None`` if unknown.
+
+    For several parameter groups with different learning rates the largest is used (the
+    tightest threshold). Unknown optimizers give ``None``.
+
+    Args:
+        optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (subclasses included).
+        parameters: the measured parameters, in the layout order of the Hessian operator
+            (needed to build Adam's preconditioner).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(3))
+        >>> stability_threshold(torch.optim.SGD([w], lr=0.1, momentum=0.9), [w]).threshold
+        38.0
+    """
+    groups = optimizer.param_groups
+    lr = _shared([float(g["lr"]) for g in groups], "lr")
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum = float(groups[0].get("momentum", 0.0))
+        dampening = float(groups[0].get("dampening", 0.0)) if momentum > 0 else 0.0
+        threshold = (2.0 + 2.0 * momentum) / (lr * (1.0 - dampening))
+        return StabilityThreshold(threshold, "sgd", float(groups[0].get("weight_decay", 0.0)))
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        beta1, _ = groups[0]["betas"]
+        threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
+        return StabilityThreshold(threshold, "adam", 0.0, _adam_preconditioner(optimizer, parameters, lr))
+    return None
+
+
+def _adam_preconditioner(
+    optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], lr_ref: float
+) -> torch.Tensor | None:
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    pieces = []
+    for p in parameters:
+        state, group = optimizer.state.get(p, {}), group_of.get(id(p))
+        if group is None:  # not optimized: no motion along these coordinates
+            pieces.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
+            continue
+        if "exp_avg_sq" not in state:
+            return None  # no step taken yet
+        beta1, beta2 = group["betas"]
+        step = float(state["step"])
+        second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        v_hat = second.detach().float() / (1.0 - beta2**step)
+        precond = (1.0 - beta1**step) * (v_hat.sqrt() + group["eps"])
+        # Per-group learning rates are absorbed relative to the reference one.
+        pieces.append(((group["lr"] / lr_ref) / precond).sqrt().reshape(-1))
+    return torch.cat(pieces)
