@@ -5,8 +5,9 @@ batches. The rule that tells them apart:
 
 * a tensor, a ``tuple``, a mapping (``dict``) or a ``list`` whose items are all tensors
   (what ``default_collate`` makes of a ``TensorDataset``) is **one** batch;
-* any other ``list`` (of tuples, dicts, ...), a ``DataLoader``, a generator or any other
-  iterable is **several** batches, whose losses are averaged weighted by their size.
+* any other ``list`` (of tuples, dicts, ...), a :class:`BatchList`, a ``DataLoader``, a
+  generator or any other iterable is **several** batches, whose losses are averaged weighted
+  by their size.
 """
 
 from __future__ import annotations
@@ -17,10 +18,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["ProbeBatches", "batch_size", "move_to_device", "split_batches"]
+__all__ = ["BatchList", "ProbeBatches", "batch_size", "move_to_device", "split_batches"]
+
+
+class BatchList(list):  # type: ignore[type-arg]
+    """An explicit list of batches, never mistaken for one batch that is a list.
+
+    Example:
+        >>> x = torch.zeros(4, 2)
+        >>> len(split_batches(BatchList([x[:2], x[2:]]), torch.device("cpu")).batches)
+        2
+    """
 
 
 def _is_single_batch(batch: Any) -> bool:
+    if isinstance(batch, BatchList):
+        return False
     if isinstance(batch, (torch.Tensor, tuple, Mapping)):
         return True
     if isinstance(batch, list):
