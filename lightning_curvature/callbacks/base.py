@@ -1,0 +1,318 @@
+"""What every periodic monitor shares: cadence, probe data, isolation, DDP, logging, state.
+
+A monitor subclass implements :meth:`CurvatureMonitor.measure`, a call of the model-level API
+that returns the scalars to log; this base decides when to call it, on what data and with
+which loss, runs it so that nothing the user trains changes, and writes the result.
+
+Rules kept here for every monitor (``../shared/DESIGN.md``):
+
+* **Harmless**: the probe runs on the unwrapped LightningModule through the model-level API
+  (which never writes parameters, buffers or ``.grad``), inside :func:`isolated_rng`
+  (torch CPU/CUDA, numpy and python RNGs restored), with BatchNorm running statistics and
+  every module mode restored. It never touches the optimizer.
+* **fp32 on the trainer's device**: autocast off, whatever the Trainer's precision.
+* **Distributed**: every rank probes at the same steps on its own probe data, Hessian-vector
+  products are averaged across ranks, so every rank computes the same numbers; rank zero
+  writes. A non-finite loss on any rank skips the probe on all.
+* **Loud on bad input, quiet on bad luck**: arguments are checked at construction, Trainer
+  misfits at ``setup``; a non-finite probe or a non-converged estimate gives one warning.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from lightning_curvature.callbacks.logging import log_scalars
+from lightning_curvature.callbacks.probe_data import ProbePolicy, draw_batches, isolated_rng
+from lightning_curvature.callbacks.schedule import ProbeSchedule
+from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
+from lightning_curvature.functional.parameters import ParameterPatterns
+from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
+
+__all__ = ["CurvatureMonitor", "training_step_loss"]
+
+_PROBES = ("fixed", "current")
+_BATCH_NORM = ("eval", "train")
+_BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` while a probe calls ``training_step``."""
+
+
+def training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    """The module's own ``training_step`` loss, with its ``self.log`` calls silenced.
+
+    A dict output's ``"loss"`` is used. This is the default ``loss_fn`` of every monitor.
+
+    Raises:
+        ValueError: if ``training_step`` returns neither a tensor nor a dict with ``"loss"``.
+
+    Example:
+        >>> class Tiny(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.tensor(2.0))
+        ...     def training_step(self, batch, batch_idx):
+        ...         self.log("loss", self.w)  # silenced during a probe
+        ...         return {"loss": (self.w * batch).pow(2).mean()}
+        >>> training_step_loss(Tiny(), torch.tensor([1.0, 3.0]))
+        tensor(20., grad_fn=<MeanBackward0>)
+    """
+    module.log, module.log_dict = _silent, _silent  # type: ignore[method-assign]
+    try:
+        output = module.training_step(batch, 0)
+    finally:
+        del module.log, module.log_dict
+    if isinstance(output, Mapping) and "loss" in output:
+        output = output["loss"]
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(
+            "the module's training_step returned neither a tensor nor a dict with 'loss' "
+            f"(got {type(output).__name__}); pass `loss_fn=` to the monitor."
+        )
+    return output
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise MisconfigurationException(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+
+class CurvatureMonitor(Callback):
+    """Base of the periodic monitors; subclasses implement :meth:`measure`.
+
+    Args:
+        every_n_steps: probe when ``trainer.global_step`` (optimizer steps) is a multiple
+            of it, step 0 included (the weights before training).
+        every_n_epochs: probe at the first step of every n-th epoch.
+        on_train_end: also probe the final weights.
+        max_overhead: instead of a fixed cadence, keep probe time under this fraction of
+            wall time (``every_n_steps`` is then the shortest interval).
+        probe: ``"fixed"`` (default: batches drawn once, comparable over time) or
+            ``"current"`` (the batch of the probed step).
+        probe_batches: number of batches in the fixed probe (averaged by size).
+        probe_dataloader: where the fixed probe is drawn from (default: the training data).
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's
+            ``training_step`` with its logging silenced (see :func:`training_step_loss`).
+        batch_norm: ``"eval"`` (default: running statistics, the inference-time landscape)
+            or ``"train"`` (batch statistics); running statistics are never changed.
+        parameters: glob pattern(s) of the module's parameter names to measure.
+        backend: Hessian-vector product strategy (see ``HessianOperator``).
+        seed: seed of the monitor's own random generator and of the fixed probe draw.
+    """
+
+    #: Prefix of the cost tags this monitor writes (``<prefix>hvps``, ``<prefix>seconds``).
+    cost_prefix = "curvature/"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = 100,
+        every_n_epochs: int | None = None,
+        on_train_end: bool = False,
+        max_overhead: float | None = None,
+        probe: ProbePolicy = "fixed",
+        probe_batches: int = 1,
+        probe_dataloader: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+        batch_norm: BatchNormMode = "eval",
+        parameters: ParameterPatterns = None,
+        backend: HVPBackend = "auto",
+        seed: int = 0,
+    ) -> None:
+        self.schedule = ProbeSchedule(every_n_steps, every_n_epochs, on_train_end, max_overhead)
+        _check_choice("probe", probe, _PROBES)
+        _check_choice("batch_norm", batch_norm, _BATCH_NORM)
+        _check_choice("backend", backend, _BACKENDS)
+        if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 1:
+            raise MisconfigurationException(f"`probe_batches` must be a positive integer, got {probe_batches!r}.")
+        if probe == "current" and (probe_batches != 1 or probe_dataloader is not None):
+            raise MisconfigurationException(
+                "`probe_batches` and `probe_dataloader` apply to probe='fixed' only; got probe='current'."
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
+        self.probe = probe
+        self.probe_batches = probe_batches
+        self.probe_dataloader = probe_dataloader
+        self.loss_fn = loss_fn
+        self.batch_norm = batch_norm
+        self.parameters = parameters
+        self.backend = backend
+        self.seed = seed
+        self.last_metrics: dict[str, float] = {}
+        self._fixed_batches: list[Any] | None = None
+        self._generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None
+        self._warned: set[str] = set()
+        self._timer: tuple[float, int] | None = None  # (end of last probe, its step)
+
+    # -- what subclasses implement -----------------------------------------------------------
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
+    ) -> tuple[dict[str, float | torch.Tensor], int]:
+        """Run the measurement; return the scalars to log and the number of HVPs used."""
+        raise NotImplementedError
+
+    def log_extras(self, trainer: pl.Trainer, step: int) -> None:
+        """Write logger-specific extras (histograms, images) after a successful probe."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state for the checkpoint (tensors and plain types only)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    def probe_kwargs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Arguments shared by every model-level call of a probe."""
+        return {
+            "parameters": self.parameters,
+            "backend": self.backend,
+            "batch_norm": self.batch_norm,
+            "generator": self.generator(pl_module.device),
+            "all_reduce": self.all_reduce(trainer),
+        }
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The monitor's own generator on ``device`` (restored from a checkpoint if any)."""
+        if self._generator is None or self._generator.device.type != device.type:
+            self._generator = make_generator(device, self.seed)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+        return self._generator
+
+    @staticmethod
+    def all_reduce(trainer: pl.Trainer) -> AllReduce | None:
+        """Mean across processes under a multi-process strategy, else ``None``."""
+        if trainer.world_size <= 1:
+            return None
+        return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="mean")
+
+    def warn_once(self, key: str, message: str) -> None:
+        """One :class:`CurvatureWarning` per kind of bad luck, on rank zero."""
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"{type(self).__name__}: {message}", category=CurvatureWarning)
+
+    def probe_loss_fn(self) -> LossFn:
+        """The loss used by probes."""
+        return self.loss_fn or training_step_loss  # type: ignore[return-value]
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        if not trainer.loggers:
+            raise MisconfigurationException(f"Cannot use `{name}` with a Trainer that has no logger.")
+        if not pl_module.automatic_optimization and self.loss_fn is None:
+            raise MisconfigurationException(
+                f"`{name}` with manual optimization needs `loss_fn=`: calling a manual-optimization "
+                "training_step would step the optimizer."
+            )
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+            raise MisconfigurationException(
+                f"`{name}` does not support sharded strategies ({type(trainer.strategy).__name__}): "
+                "Hessian-vector products need every parameter on every rank. Use DDP."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe == "fixed":
+            source = self.probe_dataloader if self.probe_dataloader is not None else trainer.train_dataloader
+            if source is None:
+                raise MisconfigurationException(f"`{type(self).__name__}` found no training dataloader to probe.")
+            self._fixed_batches = draw_batches(source, self.probe_batches, pl_module.device, self.seed)
+        self._timer = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        if self.schedule.is_due(step, epoch, epoch_start=batch_idx == 0):
+            self._probe(trainer, pl_module, batch)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule.on_train_end and self.schedule.last_step != trainer.global_step:
+            self._probe(trainer, pl_module, None)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.schedule.every_n_steps, every_n_epochs=self.schedule.every_n_epochs,
+            parameters=self.parameters, probe=self.probe, seed=self.seed,
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        generator = self._generator.get_state() if self._generator is not None else self._generator_state
+        return {"schedule": self.schedule.state_dict(), "generator": generator, **self.extra_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state_dict.get("schedule", {}))
+        self._generator_state = state_dict.get("generator")
+        self._generator = None
+        self.load_extra_state(state_dict)
+
+    # -- the probe ---------------------------------------------------------------------------------
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        step = trainer.global_step
+        batches = self._fixed_batches if self.probe == "fixed" else [batch]
+        if batches is None or batches == [None]:
+            return  # "current" probe at train end: no batch to probe
+        started = time.perf_counter()
+        metrics: dict[str, float | torch.Tensor] | None = None
+        with warnings.catch_warnings(record=True) as caught, isolated_rng(pl_module.device):
+            warnings.simplefilter("always", CurvatureWarning)
+            try:
+                metrics, num_hvps = self.measure(trainer, pl_module, batches)
+            except NonFiniteCurvatureError as err:
+                self.warn_once("nonfinite", f"skipped the probe at step {step}: {err} Training goes on.")
+        for record in caught:
+            if issubclass(record.category, CurvatureWarning):
+                self.warn_once(str(record.category), f"at step {step}: {record.message}")
+            else:
+                warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+        seconds = time.perf_counter() - started
+        self._reschedule(trainer, step, seconds)
+        if metrics is None:
+            return
+        metrics = {**metrics, f"{self.cost_prefix}hvps": float(num_hvps), f"{self.cost_prefix}seconds": seconds}
+        self.last_metrics = {k: float(v) for k, v in metrics.items()}
+        log_scalars(trainer, metrics, step)
+        self.log_extras(trainer, step)
+
+    def _reschedule(self, trainer: pl.Trainer, step: int, seconds: float) -> None:
+        interval = None
+        if self.schedule.max_overhead is not None:
+            now = time.perf_counter()
+            step_seconds = 0.0
+            if self._timer is not None and step > self._timer[1]:
+                step_seconds = (now - seconds - self._timer[0]) / (step - self._timer[1])
+            interval = trainer.strategy.broadcast(self.schedule.next_interval(seconds, step_seconds), src=0)
+            self._timer = (now, step)
+        self.schedule.record(step, interval)

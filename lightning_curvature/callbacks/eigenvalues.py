@@ -1,0 +1,192 @@
+"""``HessianEigenvalueMonitor``: sharpness against the optimizer's edge of stability."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_curvature.callbacks.base import CurvatureMonitor
+from lightning_curvature.callbacks.logging import tensorboard_writers
+from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
+from lightning_curvature.functional.parameters import select_parameters
+from lightning_curvature.functional.probe import unwrap_model
+from lightning_curvature.functional.stability import stability_threshold
+
+__all__ = ["HessianEigenvalueMonitor", "layer_patterns"]
+
+LayerSpec = Sequence[str] | Mapping[str, str | Sequence[str]] | None
+
+
+def layer_patterns(per_layer: LayerSpec) -> dict[str, str | Sequence[str]]:
+    """Tag name to parameter pattern(s): ``["encoder.*"]`` gives ``{"encoder": "encoder.*"}``.
+
+    Raises:
+        MisconfigurationException: if ``per_layer`` is a plain string.
+
+    Example:
+        >>> layer_patterns(["0.*", "head*"])
+        {'0': '0.*', 'head': 'head*'}
+    """
+    if per_layer is None:
+        return {}
+    if isinstance(per_layer, str):
+        raise MisconfigurationException(f"`per_layer` must be a list of patterns or a dict, got the string {per_layer!r}.")
+    if isinstance(per_layer, Mapping):
+        return dict(per_layer)
+    return {pattern.removesuffix("*").removesuffix(".") or pattern: pattern for pattern in per_layer}
+
+
+class HessianEigenvalueMonitor(CurvatureMonitor):
+    """Top-k Hessian eigenvalues (sharpness) next to the optimizer's stability threshold.
+
+    Lanczos with full reorthogonalisation, warm-started from the previous probe's
+    eigenvectors (about 5 Hessian-vector products per probe once warm, 8 cold, for
+    ``tol=1e-3``). The threshold is read from the first optimizer at the probe's step:
+    ``2/lr`` for SGD, ``(2 + 2β)/lr`` with heavy-ball or Nesterov momentum β, plus coupled
+    weight decay; for Adam/AdamW the preconditioned sharpness ``λ₁(P⁻¹H)`` (one more Lanczos
+    run) is compared with ``(2 + 2β₁)/((1 − β₁) lr)`` = 38/lr (Cohen et al. 2021, 2022).
+
+    Args:
+        k: number of top eigenvalues.
+        tol: relative error bound of each eigenvalue.
+        max_iter: most Hessian-vector products per Lanczos run (default ``max(30, 20+4k)``).
+        stability: log the stability threshold and the sharpness ratio.
+        smallest: also log the smallest (most negative) eigenvalue.
+        per_layer: parameter-name patterns (list, or dict of tag name to patterns); each
+            gets its own block's top eigenvalue under ``curvature/eigenvalue_1/<name>``.
+        warm_start: start each Lanczos run from the previous eigenvectors.
+        prog_bar: show ``eigenvalue_1`` in the progress bar.
+        **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
+
+    Logged metrics:
+        - ``curvature/eigenvalue_1`` … ``curvature/eigenvalue_k``
+        - ``curvature/stability_threshold`` and ``curvature/sharpness_ratio``
+          (``eigenvalue_1 / stability_threshold``, ≈ 1 at the edge of stability)
+        - ``curvature/preconditioned_eigenvalue_1`` (Adam/AdamW)
+        - ``curvature/eigenvalue_min`` (with ``smallest=True``)
+        - ``curvature/eigenvalue_1/<name>`` (with ``per_layer``)
+        - ``curvature/hvps`` and ``curvature/seconds``: cost of the probe
+
+    Raises:
+        MisconfigurationException: on invalid arguments (at construction), or without a
+            logger, under a sharded strategy, or with manual optimization and no
+            ``loss_fn`` (at setup).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> monitor = HessianEigenvalueMonitor(k=2, every_n_steps=50)
+        >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        *,
+        stability: bool = True,
+        smallest: bool = False,
+        per_layer: LayerSpec = None,
+        warm_start: bool = True,
+        prog_bar: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise MisconfigurationException(f"`k` must be an integer >= 1, got {k!r}.")
+        if not isinstance(tol, (int, float)) or not tol > 0:
+            raise MisconfigurationException(f"`tol` must be a number > 0, got {tol!r}.")
+        if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
+            raise MisconfigurationException(f"`max_iter` must be an integer >= k ({k}) or None, got {max_iter!r}.")
+        self.k, self.tol, self.max_iter = k, float(tol), max_iter
+        self.stability, self.smallest, self.warm_start, self.prog_bar = stability, smallest, warm_start, prog_bar
+        self.per_layer = layer_patterns(per_layer)
+        self._warm: dict[str, torch.Tensor] = {}
+
+    def _eigenvalues(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], key: str, **overrides: Any
+    ) -> Any:
+        kwargs = {**self.probe_kwargs(trainer, pl_module), **overrides}
+        warm = self._warm.get(key) if self.warm_start else None
+        size = sum(p.numel() for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"]))
+        if warm is not None and warm.shape[-1] != size:
+            warm = None  # the trainable parameters changed (e.g. unfreezing): start cold
+        result = hessian_eigenvalues(
+            pl_module, self.probe_loss_fn(), BatchList(batches), kwargs.pop("k", self.k), self.tol,
+            max_iter=self.max_iter, init=None if warm is None else warm.to(pl_module.device),
+            return_eigenvectors=self.warm_start, **kwargs,
+        )
+        if self.warm_start and result.eigenvectors is not None:
+            self._warm[key] = result.eigenvectors.detach()
+        return result
+
+    @override
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
+    ) -> tuple[dict[str, float | torch.Tensor], int]:
+        result = self._eigenvalues(trainer, pl_module, batches, "full", smallest=self.smallest)
+        metrics: dict[str, float | torch.Tensor] = {
+            f"curvature/eigenvalue_{i + 1}": value for i, value in enumerate(result.eigenvalues)
+        }
+        hvps = result.num_hvps
+        if self.smallest:
+            metrics["curvature/eigenvalue_min"] = result.smallest_eigenvalue
+        if self.stability and trainer.optimizers:
+            hvps += self._stability(trainer, pl_module, batches, float(result.eigenvalues[0]), metrics)
+        for name, patterns in self.per_layer.items():
+            block = self._eigenvalues(trainer, pl_module, batches, f"layer:{name}", k=1, parameters=patterns)
+            metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
+            hvps += block.num_hvps
+        if self.prog_bar:
+            pl_module.log("curvature/eigenvalue_1", float(result.eigenvalues[0]), prog_bar=True, logger=False)
+        return metrics, hvps
+
+    def _stability(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batches: list[Any],
+        top: float,
+        metrics: dict[str, float | torch.Tensor],
+    ) -> int:
+        measured = [p for _, p in select_parameters(unwrap_model(pl_module), self.parameters)]
+        found = stability_threshold(trainer.optimizers[0], measured)
+        if found is None:
+            self.warn_once("optimizer", f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.")
+            return 0
+        metrics["curvature/stability_threshold"] = found.threshold
+        if found.kind == "sgd":
+            metrics["curvature/sharpness_ratio"] = (top + found.eigenvalue_shift) / found.threshold
+            return 0
+        if found.preconditioner is None:
+            return 0  # Adam before its first step has no preconditioner yet
+        precond = self._eigenvalues(trainer, pl_module, batches, "preconditioned", k=1, preconditioner=found.preconditioner)
+        metrics["curvature/preconditioned_eigenvalue_1"] = precond.eigenvalues[0]
+        metrics["curvature/sharpness_ratio"] = float(precond.eigenvalues[0]) / found.threshold
+        return int(precond.num_hvps)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        charts: dict[str, list[Any]] = {"eigenvalues": ["Multiline", [r"curvature/eigenvalue_\d+$"]]}
+        if self.stability:
+            charts["sharpness vs. stability threshold"] = [
+                "Multiline", ["curvature/eigenvalue_1", "curvature/stability_threshold"]
+            ]
+            charts["sharpness ratio"] = ["Multiline", ["curvature/sharpness_ratio"]]
+        for writer in tensorboard_writers(trainer):
+            writer.add_custom_scalars({"curvature": charts})
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {"warm_start": {key: value.cpu() for key, value in self._warm.items()}}
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._warm = dict(state.get("warm_start", {}))
