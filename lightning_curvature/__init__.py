@@ -5,6 +5,12 @@ log them to TensorBoard and any other Lightning logger.
 """
 
 from lightning_curvature.__about__ import __version__
+from lightning_curvature.callbacks import (
+    CurvatureMonitor,
+    HessianEigenvalueMonitor,
+    HessianTraceMonitor,
+    SpectralDensityMonitor,
+)
 from lightning_curvature.functional import (
     CurvatureWarning,
     HessianEigenvalues,
@@ -20,12 +26,16 @@ from lightning_curvature.functional import (
 )
 
 __all__ = [
+    "CurvatureMonitor",
     "CurvatureWarning",
+    "HessianEigenvalueMonitor",
     "HessianEigenvalues",
     "HessianOperator",
     "HessianTrace",
+    "HessianTraceMonitor",
     "NonFiniteCurvatureError",
     "SpectralDensity",
+    "SpectralDensityMonitor",
     "__version__",
     "density_on_grid",
     "hessian_eigenvalues",
