@@ -20,10 +20,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.datasets import load_digits
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_curvature import HessianEigenvalueMonitor, HessianTraceMonitor, SpectralDensityMonitor
+from lightning_curvature import (
+    HessianEigenvalueMonitor,
+    HessianTraceMonitor,
+    SpectralDensityMonitor,
+)
 
 
 def digits_dataset(num_examples: int) -> TensorDataset:
@@ -41,9 +46,17 @@ class DigitsRegressor(pl.LightningModule):
     def __init__(self, lr: float, width: int = 64) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
+        self.net = nn.Sequential(
+            nn.Linear(64, width),
+            nn.Tanh(),
+            nn.Linear(width, width),
+            nn.Tanh(),
+            nn.Linear(width, 10),
+        )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         loss = 0.5 * (self.net(x) - y).pow(2).sum(dim=1).mean()
         self.log("train/loss", loss, on_step=True, on_epoch=False)
@@ -65,39 +78,40 @@ def main() -> None:
     pl.seed_everything(0)
     dataset = digits_dataset(args.num_examples)
     full_batch = DataLoader(dataset, batch_size=len(dataset))  # gradient descent, not SGD
-    sharpness = HessianEigenvalueMonitor(every_n_steps=args.every_n_steps)
     callbacks = [
-        sharpness,
+        HessianEigenvalueMonitor(every_n_steps=args.every_n_steps),
         HessianTraceMonitor(num_hvps=16, every_n_steps=20 * args.every_n_steps),
         SpectralDensityMonitor(num_steps=40, every_n_steps=40 * args.every_n_steps),
     ]
-    history: list[tuple[int, float]] = []
-
-    class Record(pl.Callback):
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-            metrics = sharpness.last_metrics
-            if metrics and (not history or history[-1][1] != metrics["curvature/sharpness_ratio"]):
-                history.append((trainer.global_step - 1, metrics["curvature/sharpness_ratio"]))
-
+    logger = TensorBoardLogger(args.log_dir, name="edge_of_stability")
     trainer = pl.Trainer(
         max_steps=args.max_steps,
-        callbacks=[*callbacks, Record()],
-        logger=TensorBoardLogger(args.log_dir, name="edge_of_stability"),
+        callbacks=callbacks,
+        logger=logger,
         log_every_n_steps=args.every_n_steps,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(DigitsRegressor(args.lr), full_batch)
+    summarize(logger.log_dir, 2 / args.lr)
 
-    ratios = torch.tensor([r for _, r in history])
-    reached = next((i for i, r in enumerate(ratios.tolist()) if r >= 0.9), None)
-    print(f"probes: {len(history)}  stability threshold 2/lr = {2 / args.lr:.2f}")
-    print("step  sharpness_ratio")
+
+def summarize(log_dir: str, threshold: float) -> None:
+    """Read the sharpness ratio back from the TensorBoard event file and print the verdict."""
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    history = [(e.step, e.value) for e in events.Scalars("curvature/sharpness_ratio")]
+    ratios = torch.tensor([ratio for _, ratio in history])
+    print(f"probes: {len(history)}  stability threshold 2/lr = {threshold:.2f}")
+    print(" step  sharpness_ratio")
     for step, ratio in history[:: max(1, len(history) // 15)]:
         print(f"{step:5d}  {ratio:.3f}")
+    reached = next((i for i, ratio in enumerate(ratios.tolist()) if ratio >= 0.9), None)
     if reached is None:
-        print(f"CONCLUSION: sharpness ratio went from {ratios[0]:.3f} to {ratios.max():.3f}; the edge was not reached.")
+        print(
+            f"CONCLUSION: the edge was not reached (ratio {ratios[0]:.3f} -> {ratios.max():.3f})."
+        )
         return
     after = ratios[reached:]
     print(
@@ -105,7 +119,7 @@ def main() -> None:
         f"{history[reached][0]} and then stayed within [{after.min():.3f}, {after.max():.3f}] "
         f"(median {after.median():.3f}) over {len(after)} probes."
     )
-    print(f"TensorBoard logs in {trainer.logger.log_dir}")  # type: ignore[union-attr]
+    print(f"TensorBoard logs in {log_dir}: tensorboard --logdir {log_dir}")
 
 
 if __name__ == "__main__":

@@ -137,14 +137,23 @@ class CurvatureMonitor(Callback):
         _check_choice("probe", probe, _PROBES)
         _check_choice("batch_norm", batch_norm, _BATCH_NORM)
         _check_choice("backend", backend, _BACKENDS)
-        if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 1:
-            raise MisconfigurationException(f"`probe_batches` must be a positive integer, got {probe_batches!r}.")
+        if (
+            isinstance(probe_batches, bool)
+            or not isinstance(probe_batches, int)
+            or probe_batches < 1
+        ):
+            raise MisconfigurationException(
+                f"`probe_batches` must be a positive integer, got {probe_batches!r}."
+            )
         if probe == "current" and (probe_batches != 1 or probe_dataloader is not None):
             raise MisconfigurationException(
-                "`probe_batches` and `probe_dataloader` apply to probe='fixed' only; got probe='current'."
+                "`probe_batches` and `probe_dataloader` apply to probe='fixed' only; "
+                "got probe='current'."
             )
         if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}.")
+            raise MisconfigurationException(
+                f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}."
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
         self.probe = probe
@@ -222,27 +231,43 @@ class CurvatureMonitor(Callback):
             return
         name = type(self).__name__
         if not trainer.loggers:
-            raise MisconfigurationException(f"Cannot use `{name}` with a Trainer that has no logger.")
+            raise MisconfigurationException(
+                f"Cannot use `{name}` with a Trainer that has no logger."
+            )
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise MisconfigurationException(
-                f"`{name}` with manual optimization needs `loss_fn=`: calling a manual-optimization "
+                f"`{name}` with manual optimization needs `loss_fn=`: calling a "
+                "manual-optimization "
                 "training_step would step the optimizer."
             )
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+        from lightning.pytorch.strategies import (
+            DeepSpeedStrategy,
+            FSDPStrategy,
+            ModelParallelStrategy,
+        )
 
         if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
             raise MisconfigurationException(
-                f"`{name}` does not support sharded strategies ({type(trainer.strategy).__name__}): "
+                f"`{name}` does not support sharded strategies "
+                f"({type(trainer.strategy).__name__}): "
                 "Hessian-vector products need every parameter on every rank. Use DDP."
             )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe == "fixed":
-            source = self.probe_dataloader if self.probe_dataloader is not None else trainer.train_dataloader
+            source = (
+                self.probe_dataloader
+                if self.probe_dataloader is not None
+                else trainer.train_dataloader
+            )
             if source is None:
-                raise MisconfigurationException(f"`{type(self).__name__}` found no training dataloader to probe.")
-            self._fixed_batches = draw_batches(source, self.probe_batches, pl_module.device, self.seed)
+                raise MisconfigurationException(
+                    f"`{type(self).__name__}` found no training dataloader to probe."
+                )
+            self._fixed_batches = draw_batches(
+                source, self.probe_batches, pl_module.device, self.seed
+            )
         self._timer = None
 
     @override
@@ -262,14 +287,23 @@ class CurvatureMonitor(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            every_n_steps=self.schedule.every_n_steps, every_n_epochs=self.schedule.every_n_epochs,
-            parameters=self.parameters, probe=self.probe, seed=self.seed,
+            every_n_steps=self.schedule.every_n_steps,
+            every_n_epochs=self.schedule.every_n_epochs,
+            parameters=self.parameters,
+            probe=self.probe,
+            seed=self.seed,
         )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        generator = self._generator.get_state() if self._generator is not None else self._generator_state
-        return {"schedule": self.schedule.state_dict(), "generator": generator, **self.extra_state()}
+        generator = (
+            self._generator.get_state() if self._generator is not None else self._generator_state
+        )
+        return {
+            "schedule": self.schedule.state_dict(),
+            "generator": generator,
+            **self.extra_state(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -291,17 +325,25 @@ class CurvatureMonitor(Callback):
             try:
                 metrics, num_hvps = self.measure(trainer, pl_module, batches)
             except NonFiniteCurvatureError as err:
-                self.warn_once("nonfinite", f"skipped the probe at step {step}: {err} Training goes on.")
+                self.warn_once(
+                    "nonfinite", f"skipped the probe at step {step}: {err} Training goes on."
+                )
         for record in caught:
             if issubclass(record.category, CurvatureWarning):
                 self.warn_once(str(record.category), f"at step {step}: {record.message}")
             else:
-                warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+                warnings.warn_explicit(
+                    record.message, record.category, record.filename, record.lineno
+                )
         seconds = time.perf_counter() - started
         self._reschedule(trainer, step, seconds)
         if metrics is None:
             return
-        metrics = {**metrics, f"{self.cost_prefix}hvps": float(num_hvps), f"{self.cost_prefix}seconds": seconds}
+        metrics = {
+            **metrics,
+            f"{self.cost_prefix}hvps": float(num_hvps),
+            f"{self.cost_prefix}seconds": seconds,
+        }
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
         log_scalars(trainer, metrics, step)
         self.log_extras(trainer, step)
@@ -313,6 +355,8 @@ class CurvatureMonitor(Callback):
             step_seconds = 0.0
             if self._timer is not None and step > self._timer[1]:
                 step_seconds = (now - seconds - self._timer[0]) / (step - self._timer[1])
-            interval = trainer.strategy.broadcast(self.schedule.next_interval(seconds, step_seconds), src=0)
+            interval = trainer.strategy.broadcast(
+                self.schedule.next_interval(seconds, step_seconds), src=0
+            )
             self._timer = (now, step)
         self.schedule.record(step, interval)

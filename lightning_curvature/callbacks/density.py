@@ -52,11 +52,19 @@ class SpectralDensityMonitor(CurvatureMonitor):
 
     cost_prefix = "curvature/density_"
 
-    def __init__(self, num_steps: int = 80, num_runs: int = 1, *, num_points: int = 200, **kwargs: Any) -> None:
+    def __init__(
+        self, num_steps: int = 80, num_runs: int = 1, *, num_points: int = 200, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
-        for name, value, low in (("num_steps", num_steps, 2), ("num_runs", num_runs, 1), ("num_points", num_points, 2)):
+        for name, value, low in (
+            ("num_steps", num_steps, 2),
+            ("num_runs", num_runs, 1),
+            ("num_points", num_points, 2),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise MisconfigurationException(f"`{name}` must be an integer >= {low}, got {value!r}.")
+                raise MisconfigurationException(
+                    f"`{name}` must be an integer >= {low}, got {value!r}."
+                )
         self.num_steps, self.num_runs, self.num_points = num_steps, num_runs, num_points
         self.last_density: SpectralDensity | None = None
 
@@ -65,11 +73,18 @@ class SpectralDensityMonitor(CurvatureMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> tuple[dict[str, float | torch.Tensor], int]:
         self.last_density = spectral_density(
-            pl_module, self.probe_loss_fn(), BatchList(batches), self.num_steps, self.num_runs,
+            pl_module,
+            self.probe_loss_fn(),
+            BatchList(batches),
+            self.num_steps,
+            self.num_runs,
             **self.probe_kwargs(trainer, pl_module),
         )
         nodes = self.last_density.nodes
-        return {"curvature/density_max": nodes.max(), "curvature/density_min": nodes.min()}, self.last_density.num_hvps
+        return {
+            "curvature/density_max": nodes.max(),
+            "curvature/density_min": nodes.min(),
+        }, self.last_density.num_hvps
 
     @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
@@ -82,9 +97,13 @@ class SpectralDensityMonitor(CurvatureMonitor):
         for writer in tensorboard_writers(trainer):
             writer.add_histogram_raw(
                 "curvature/spectral_density",
-                min=float(grid[0]), max=float(grid[-1]), num=float(counts.sum()),
-                sum=float((counts * grid).sum()), sum_squares=float((counts * grid**2).sum()),
-                bucket_limits=(grid + spacing / 2).tolist(), bucket_counts=counts.tolist(),
+                min=float(grid[0]),
+                max=float(grid[-1]),
+                num=float(counts.sum()),
+                sum=float((counts * grid).sum()),
+                sum_squares=float((counts * grid**2).sum()),
+                bucket_limits=(grid + spacing / 2).tolist(),
+                bucket_counts=counts.tolist(),
                 global_step=step,
             )
             writer.add_image("curvature/spectral_density", density_image(density), global_step=step)

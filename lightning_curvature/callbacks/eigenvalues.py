@@ -36,10 +36,14 @@ def layer_patterns(per_layer: LayerSpec) -> dict[str, str | Sequence[str]]:
     if per_layer is None:
         return {}
     if isinstance(per_layer, str):
-        raise MisconfigurationException(f"`per_layer` must be a list of patterns or a dict, got the string {per_layer!r}.")
+        raise MisconfigurationException(
+            f"`per_layer` must be a list of patterns or a dict, got the string {per_layer!r}."
+        )
     if isinstance(per_layer, Mapping):
         return dict(per_layer)
-    return {pattern.removesuffix("*").removesuffix(".") or pattern: pattern for pattern in per_layer}
+    return {
+        pattern.removesuffix("*").removesuffix(".") or pattern: pattern for pattern in per_layer
+    }
 
 
 class HessianEigenvalueMonitor(CurvatureMonitor):
@@ -103,24 +107,44 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         if not isinstance(tol, (int, float)) or not tol > 0:
             raise MisconfigurationException(f"`tol` must be a number > 0, got {tol!r}.")
         if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
-            raise MisconfigurationException(f"`max_iter` must be an integer >= k ({k}) or None, got {max_iter!r}.")
+            raise MisconfigurationException(
+                f"`max_iter` must be an integer >= k ({k}) or None, got {max_iter!r}."
+            )
         self.k, self.tol, self.max_iter = k, float(tol), max_iter
-        self.stability, self.smallest, self.warm_start, self.prog_bar = stability, smallest, warm_start, prog_bar
+        self.stability, self.smallest, self.warm_start, self.prog_bar = (
+            stability,
+            smallest,
+            warm_start,
+            prog_bar,
+        )
         self.per_layer = layer_patterns(per_layer)
         self._warm: dict[str, torch.Tensor] = {}
 
     def _eigenvalues(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], key: str, **overrides: Any
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batches: list[Any],
+        key: str,
+        **overrides: Any,
     ) -> Any:
         kwargs = {**self.probe_kwargs(trainer, pl_module), **overrides}
         warm = self._warm.get(key) if self.warm_start else None
-        size = sum(p.numel() for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"]))
+        size = sum(
+            p.numel() for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"])
+        )
         if warm is not None and warm.shape[-1] != size:
             warm = None  # the trainable parameters changed (e.g. unfreezing): start cold
         result = hessian_eigenvalues(
-            pl_module, self.probe_loss_fn(), BatchList(batches), kwargs.pop("k", self.k), self.tol,
-            max_iter=self.max_iter, init=None if warm is None else warm.to(pl_module.device),
-            return_eigenvectors=self.warm_start, **kwargs,
+            pl_module,
+            self.probe_loss_fn(),
+            BatchList(batches),
+            kwargs.pop("k", self.k),
+            self.tol,
+            max_iter=self.max_iter,
+            init=None if warm is None else warm.to(pl_module.device),
+            return_eigenvectors=self.warm_start,
+            **kwargs,
         )
         if self.warm_start and result.eigenvectors is not None:
             self._warm[key] = result.eigenvectors.detach()
@@ -138,13 +162,19 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         if self.smallest:
             metrics["curvature/eigenvalue_min"] = result.smallest_eigenvalue
         if self.stability and trainer.optimizers:
-            hvps += self._stability(trainer, pl_module, batches, float(result.eigenvalues[0]), metrics)
+            hvps += self._stability(
+                trainer, pl_module, batches, float(result.eigenvalues[0]), metrics
+            )
         for name, patterns in self.per_layer.items():
-            block = self._eigenvalues(trainer, pl_module, batches, f"layer:{name}", k=1, parameters=patterns)
+            block = self._eigenvalues(
+                trainer, pl_module, batches, f"layer:{name}", k=1, parameters=patterns
+            )
             metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
             hvps += block.num_hvps
         if self.prog_bar:
-            pl_module.log("curvature/eigenvalue_1", float(result.eigenvalues[0]), prog_bar=True, logger=False)
+            pl_module.log(
+                "curvature/eigenvalue_1", float(result.eigenvalues[0]), prog_bar=True, logger=False
+            )
         return metrics, hvps
 
     def _stability(
@@ -158,7 +188,10 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         measured = [p for _, p in select_parameters(unwrap_model(pl_module), self.parameters)]
         found = stability_threshold(trainer.optimizers[0], measured)
         if found is None:
-            self.warn_once("optimizer", f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.")
+            self.warn_once(
+                "optimizer",
+                f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.",
+            )
             return 0
         metrics["curvature/stability_threshold"] = found.threshold
         if found.kind == "sgd":
@@ -166,7 +199,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             return 0
         if found.preconditioner is None:
             return 0  # Adam before its first step has no preconditioner yet
-        precond = self._eigenvalues(trainer, pl_module, batches, "preconditioned", k=1, preconditioner=found.preconditioner)
+        precond = self._eigenvalues(
+            trainer, pl_module, batches, "preconditioned", k=1, preconditioner=found.preconditioner
+        )
         metrics["curvature/preconditioned_eigenvalue_1"] = precond.eigenvalues[0]
         metrics["curvature/sharpness_ratio"] = float(precond.eigenvalues[0]) / found.threshold
         return int(precond.num_hvps)
@@ -174,10 +209,13 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        charts: dict[str, list[Any]] = {"eigenvalues": ["Multiline", [r"curvature/eigenvalue_\d+$"]]}
+        charts: dict[str, list[Any]] = {
+            "eigenvalues": ["Multiline", [r"curvature/eigenvalue_\d+$"]]
+        }
         if self.stability:
             charts["sharpness vs. stability threshold"] = [
-                "Multiline", ["curvature/eigenvalue_1", "curvature/stability_threshold"]
+                "Multiline",
+                ["curvature/eigenvalue_1", "curvature/stability_threshold"],
             ]
             charts["sharpness ratio"] = ["Multiline", ["curvature/sharpness_ratio"]]
         for writer in tensorboard_writers(trainer):

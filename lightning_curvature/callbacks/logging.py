@@ -23,11 +23,13 @@ def _as_float(value: float | torch.Tensor) -> float:
     return float(value.detach().cpu()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
+def log_scalars(
+    trainer: pl.Trainer, metrics: Mapping[str, float | torch.Tensor], step: int
+) -> None:
     """Write ``metrics`` to every logger of ``trainer`` at ``step`` (rank zero only).
 
     Example:
-        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)
         >>> log_scalars(trainer, {"curvature/eigenvalue_1": 1.5}, step=0)  # no logger: no-op
     """
     if trainer.global_rank != 0 or not metrics:
@@ -41,7 +43,7 @@ def tensorboard_writers(trainer: pl.Trainer) -> Iterator[Any]:
     """The ``SummaryWriter`` of each TensorBoard logger of ``trainer`` (rank zero only).
 
     Example:
-        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)
         >>> list(tensorboard_writers(trainer))
         []
     """

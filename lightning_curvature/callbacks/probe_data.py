@@ -29,8 +29,15 @@ ProbePolicy = Literal["fixed", "current"]
 
 def _sampler_generators(dataloader: Any) -> list[torch.Generator]:
     found = []
-    for holder in (dataloader, getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None)):
-        for candidate in (getattr(holder, "generator", None), getattr(getattr(holder, "sampler", None), "generator", None)):
+    for holder in (
+        dataloader,
+        getattr(dataloader, "sampler", None),
+        getattr(dataloader, "batch_sampler", None),
+    ):
+        for candidate in (
+            getattr(holder, "generator", None),
+            getattr(getattr(holder, "sampler", None), "generator", None),
+        ):
             if isinstance(candidate, torch.Generator) and all(candidate is not g for g in found):
                 found.append(candidate)
     return found
@@ -69,7 +76,9 @@ def isolated_rng(device: torch.device, extra: Iterable[torch.Generator] = ()) ->
             generator.set_state(state)
 
 
-def draw_batches(dataloader: Iterable[Any], count: int, device: torch.device, seed: int) -> list[Any]:
+def draw_batches(
+    dataloader: Iterable[Any], count: int, device: torch.device, seed: int
+) -> list[Any]:
     """The first ``count`` batches of ``dataloader`` under ``seed``, on ``device``.
 
     Raises:
@@ -85,7 +94,9 @@ def draw_batches(dataloader: Iterable[Any], count: int, device: torch.device, se
         torch.manual_seed(seed)
         for generator in _sampler_generators(dataloader):
             generator.manual_seed(seed)
-        batches = [move_to_device(batch, device) for batch in itertools.islice(iter(dataloader), count)]
+        batches = [
+            move_to_device(batch, device) for batch in itertools.islice(iter(dataloader), count)
+        ]
     if not batches:
         raise ValueError("the probe dataloader yielded no batch.")
     return batches

@@ -54,11 +54,19 @@ class ProbeSchedule:
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps)
         _check_positive_int("every_n_epochs", every_n_epochs)
-        if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and 0 < max_overhead < 1):
+        if max_overhead is not None and not (
+            isinstance(max_overhead, (int, float)) and 0 < max_overhead < 1
+        ):
             raise MisconfigurationException(
-                f"`max_overhead` must be a fraction in (0, 1) such as 0.05, or None; got {max_overhead!r}."
+                "`max_overhead` must be a fraction in (0, 1) such as 0.05, or None; "
+                f"got {max_overhead!r}."
             )
-        if every_n_steps is None and every_n_epochs is None and max_overhead is None and not on_train_end:
+        if (
+            every_n_steps is None
+            and every_n_epochs is None
+            and max_overhead is None
+            and not on_train_end
+        ):
             raise MisconfigurationException(
                 "Give at least one of `every_n_steps`, `every_n_epochs`, `max_overhead` or "
                 "`on_train_end=True`: otherwise the callback never acts."
@@ -78,7 +86,9 @@ class ProbeSchedule:
             return global_step >= self.next_step
         if self.every_n_steps is not None and global_step % self.every_n_steps == 0:
             return True
-        return bool(epoch_start and self.every_n_epochs is not None and epoch % self.every_n_epochs == 0)
+        return bool(
+            epoch_start and self.every_n_epochs is not None and epoch % self.every_n_epochs == 0
+        )
 
     def next_interval(self, probe_seconds: float, step_seconds: float) -> int:
         """Steps until the next probe under ``max_overhead`` (rank zero computes it)."""

@@ -60,23 +60,38 @@ class HessianTraceMonitor(CurvatureMonitor):
     ) -> None:
         super().__init__(**kwargs)
         if method not in ("hutchinson", "hutch++"):
-            raise MisconfigurationException(f"`method` must be one of ('hutchinson', 'hutch++'), got {method!r}.")
+            raise MisconfigurationException(
+                f"`method` must be one of ('hutchinson', 'hutch++'), got {method!r}."
+            )
         minimum = 3 if method == "hutch++" else 2
         if isinstance(num_hvps, bool) or not isinstance(num_hvps, int) or num_hvps < minimum:
-            raise MisconfigurationException(f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}.")
+            raise MisconfigurationException(
+                f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
+            )
         self.num_hvps, self.method = num_hvps, method
-        self.per_layer: bool | dict[str, Any] = per_layer if isinstance(per_layer, bool) else layer_patterns(per_layer)
+        self.per_layer: bool | dict[str, Any] = (
+            per_layer if isinstance(per_layer, bool) else layer_patterns(per_layer)
+        )
 
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> tuple[dict[str, float | torch.Tensor], int]:
-        patterns = self.per_layer if isinstance(self.per_layer, bool) else list(self.per_layer.values())
-        result = hessian_trace(
-            pl_module, self.probe_loss_fn(), BatchList(batches), self.num_hvps, self.method,
-            per_layer=patterns, **self.probe_kwargs(trainer, pl_module),
+        patterns = (
+            self.per_layer if isinstance(self.per_layer, bool) else list(self.per_layer.values())
         )
-        names = {} if isinstance(self.per_layer, bool) else {v: k for k, v in self.per_layer.items()}
+        result = hessian_trace(
+            pl_module,
+            self.probe_loss_fn(),
+            BatchList(batches),
+            self.num_hvps,
+            self.method,
+            per_layer=patterns,
+            **self.probe_kwargs(trainer, pl_module),
+        )
+        names = (
+            {} if isinstance(self.per_layer, bool) else {v: k for k, v in self.per_layer.items()}
+        )
         metrics: dict[str, float | torch.Tensor] = {
             "curvature/trace": result.estimate,
             "curvature/trace_std_error": result.std_error,

@@ -18,7 +18,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_curvature import HessianEigenvalueMonitor, HessianTraceMonitor, SpectralDensityMonitor
+from lightning_curvature import (
+    HessianEigenvalueMonitor,
+    HessianTraceMonitor,
+    SpectralDensityMonitor,
+)
 
 
 class Regressor(pl.LightningModule):
@@ -63,16 +67,24 @@ def main() -> None:
     ]
     capture = Capture(out)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=1 if mode == "values" else 2,
-        callbacks=[*monitors, capture], logger=CSVLogger(out), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=1 if mode == "values" else 2,
+        callbacks=[*monitors, capture],
+        logger=CSVLogger(out),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     trainer.fit(Regressor(), loader)
     rank = trainer.global_rank
     values = {type(m).__name__: m.last_metrics for m in monitors}
     steps = {type(m).__name__: m.schedule.last_step for m in monitors}
     (out / f"rank{rank}.json").write_text(json.dumps({"values": values, "last_step": steps}))
-    torch.save({"probe": monitors[0]._fixed_batches, "weights": capture.weights}, out / f"rank{rank}.pt")
+    torch.save(
+        {"probe": monitors[0]._fixed_batches, "weights": capture.weights}, out / f"rank{rank}.pt"
+    )
 
 
 if __name__ == "__main__":

@@ -19,12 +19,18 @@ SCRIPT = Path(__file__).with_name("ddp_monitor_script.py")
 
 
 def _without_timing(values: dict) -> dict:
-    return {m: {k: v for k, v in tags.items() if not k.endswith("seconds")} for m, tags in values.items()}
+    return {
+        m: {k: v for k, v in tags.items() if not k.endswith("seconds")}
+        for m, tags in values.items()
+    }
 
 
 def _run(tmp_path: Path, mode: str) -> list[dict]:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), mode], capture_output=True, text=True, timeout=240
+        [sys.executable, str(SCRIPT), str(tmp_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -32,7 +38,9 @@ def _run(tmp_path: Path, mode: str) -> list[dict]:
 
 def test_every_rank_logs_the_values_of_the_union_batch(tmp_path: Path) -> None:
     ranks = _run(tmp_path, "values")
-    assert _without_timing(ranks[0]["values"]) == _without_timing(ranks[1]["values"])  # bit-identical
+    assert _without_timing(ranks[0]["values"]) == _without_timing(
+        ranks[1]["values"]
+    )  # bit-identical
 
     sys.path.insert(0, str(SCRIPT.parent))
     from ddp_monitor_script import Regressor
@@ -45,19 +53,27 @@ def test_every_rank_logs_the_values_of_the_union_batch(tmp_path: Path) -> None:
     loss_fn = lambda m, b: Regressor.training_step(m, b, 0)  # noqa: E731
 
     logged = ranks[0]["values"]
-    eig = hessian_eigenvalues(model, loss_fn, union, k=2, tol=1e-6, generator=make_generator(torch.device("cpu")))
+    eig = hessian_eigenvalues(
+        model, loss_fn, union, k=2, tol=1e-6, generator=make_generator(torch.device("cpu"))
+    )
     eig_logged = logged["HessianEigenvalueMonitor"]
     for i in range(2):
-        assert eig_logged[f"curvature/eigenvalue_{i + 1}"] == pytest.approx(float(eig.eigenvalues[i]), rel=1e-5)
+        assert eig_logged[f"curvature/eigenvalue_{i + 1}"] == pytest.approx(
+            float(eig.eigenvalues[i]), rel=1e-5
+        )
     assert eig_logged["curvature/stability_threshold"] == pytest.approx(3.0 / 0.1)
 
     trace = hessian_trace(model, loss_fn, union, 8, generator=make_generator(torch.device("cpu")))
     trace_logged = logged["HessianTraceMonitor"]
     assert trace_logged["curvature/trace"] == pytest.approx(float(trace.estimate), rel=1e-5)
-    assert trace_logged["curvature/trace_std_error"] == pytest.approx(float(trace.std_error), rel=1e-4)
+    assert trace_logged["curvature/trace_std_error"] == pytest.approx(
+        float(trace.std_error), rel=1e-4
+    )
 
     esd = spectral_density(model, loss_fn, union, 10, generator=make_generator(torch.device("cpu")))
-    assert logged["SpectralDensityMonitor"]["curvature/density_max"] == pytest.approx(float(esd.nodes.max()), rel=1e-5)
+    assert logged["SpectralDensityMonitor"]["curvature/density_max"] == pytest.approx(
+        float(esd.nodes.max()), rel=1e-5
+    )
 
 
 def test_nan_on_one_rank_skips_the_probe_on_all_ranks_without_hanging(tmp_path: Path) -> None:
@@ -70,5 +86,9 @@ def test_nan_on_one_rank_skips_the_probe_on_all_ranks_without_hanging(tmp_path: 
     assert _without_timing(ranks[0]["values"]) == _without_timing(ranks[1]["values"])
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
-    steps = [row.split(",")[header.index("step")] for row in metrics[1:] if row.split(",")[header.index("curvature/eigenvalue_1")]]
+    steps = [
+        row.split(",")[header.index("step")]
+        for row in metrics[1:]
+        if row.split(",")[header.index("curvature/eigenvalue_1")]
+    ]
     assert steps == ["1"]
