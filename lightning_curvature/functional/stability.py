@@ -73,7 +73,9 @@ def stability_threshold(
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         beta1, _ = groups[0]["betas"]
         threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
-        return StabilityThreshold(threshold, "adam", 0.0, _adam_preconditioner(optimizer, parameters, lr))
+        return StabilityThreshold(
+            threshold, "adam", 0.0, _adam_preconditioner(optimizer, parameters, lr)
+        )
     return None
 
 
