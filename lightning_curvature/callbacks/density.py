@@ -37,7 +37,8 @@ class SpectralDensityMonitor(CurvatureMonitor):
         - ``curvature/density_max`` and ``curvature/density_min``: extreme quadrature nodes
           (``λ_max`` and ``λ_min`` estimates)
         - ``curvature/density_hvps`` and ``curvature/density_seconds``: cost of the probe
-        - TensorBoard only: histogram and image ``curvature/spectral_density``
+        - TensorBoard only: histogram ``curvature/spectral_density`` and image
+          ``curvature/spectral_density_image`` (one tag each: TensorBoard keys data by tag)
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -106,4 +107,6 @@ class SpectralDensityMonitor(CurvatureMonitor):
                 bucket_counts=counts.tolist(),
                 global_step=step,
             )
-            writer.add_image("curvature/spectral_density", density_image(density), global_step=step)
+            writer.add_image(
+                "curvature/spectral_density_image", density_image(density), global_step=step
+            )
