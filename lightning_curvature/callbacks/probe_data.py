@@ -28,7 +28,7 @@ ProbePolicy = Literal["fixed", "current"]
 
 
 def _sampler_generators(dataloader: Any) -> list[torch.Generator]:
-    found = []
+    found: list[torch.Generator] = []
     for holder in (
         dataloader,
         getattr(dataloader, "sampler", None),
