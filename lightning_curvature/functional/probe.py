@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["BatchNormMode", "probe_context", "unwrap_model"]
+__all__ = ["BatchNormMode", "frozen_running_stats", "probe_context", "unwrap_model"]
 
 BatchNormMode = Literal["as_is", "eval", "train"]
 _BATCH_NORM_MODES = ("as_is", "eval", "train")
@@ -84,6 +84,27 @@ def _restored_attributes(model: nn.Module, batch_norm: str, dropout: bool) -> It
     finally:
         for module, name, value in reversed(saved):
             setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm uses batch statistics but writes no running statistics.
+
+    The BatchNorm part of :func:`probe_context` alone, with nothing else changed (no RNG
+    fork, autocast, dropout or kernel change): each BatchNorm in training mode gets
+    ``track_running_stats=False`` for the duration, so ``running_mean``, ``running_var``
+    and ``num_batches_tracked`` are not written and the forward is unchanged; attributes
+    are restored on exit. SAM's second forward runs under it.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
+        >>> with frozen_running_stats(net):
+        ...     _ = net(torch.randn(4, 3))
+        >>> int(net[1].num_batches_tracked), net[1].track_running_stats
+        (0, True)
+    """
+    with _restored_attributes(model, "as_is", dropout=True):
+        yield
 
 
 def _has_recurrent_layers(model: nn.Module) -> bool:
