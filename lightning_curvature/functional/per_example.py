@@ -1,0 +1,221 @@
+"""Gradient samples of a model's loss: one per example (``vmap``) or one per micro-batch.
+
+:class:`GradientSampler` turns ``loss_fn(model, batch) -> scalar`` into a stream of flat
+gradient *samples* over the measured parameters, yielded in chunks of shape ``(k, P)``
+together with the number of examples each sample averages:
+
+* **per example** (:meth:`GradientSampler.per_example`): ``torch.func.vmap`` of
+  ``torch.func.grad`` of the loss on a batch of *one* example, over chunks of examples, so
+  memory is ``O(chunk_size · P)`` and never ``O(m · P)``;
+* **per micro-batch** (:meth:`GradientSampler.micro_batches`): one
+  ``torch.autograd.grad`` per consecutive slice of ``b`` examples. It runs on any model
+  (BatchNorm in train mode, backward hooks, data-dependent control flow), and with ``b = 1``
+  it is the Python loop over examples.
+
+The model is called through ``torch.func.functional_call`` with detached aliases of its
+parameters (the adapter of :mod:`~lightning_curvature.functional.hvp`), so its ``.grad``
+and parameters are never written. Callers run the sampler inside
+:func:`~lightning_curvature.functional.probe.probe_context`.
+
+How a batch is cut into examples: a batch is a tensor or a (nested) tuple, list or mapping
+of them; every tensor whose leading dimension equals the batch size (the leading dimension
+of its first tensor) is split along it, every other item (scalars, shared masks, strings) is
+passed whole to each piece.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_curvature.functional.batches import batch_size
+from lightning_curvature.functional.hvp import (
+    LossFn,
+    _cast_floating,
+    _check_scalar_loss,
+    _LossModule,
+)
+
+__all__ = ["ExampleSplitter", "GradientSampler"]
+
+Samples = tuple[torch.Tensor, float]
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``batch`` with every tensor replaced by ``fn(tensor)``, containers kept.
+
+    It walks containers in the same order as
+    :func:`~lightning_curvature.functional.batches.move_to_device`.
+    """
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _map_tensors(v, fn) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map_tensors(item, fn) for item in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_map_tensors(item, fn) for item in batch)
+    return batch
+
+
+@dataclass(frozen=True)
+class ExampleSplitter:
+    """Cuts one batch into examples or slices of examples (see the module docstring).
+
+    Attributes:
+        batch: the batch.
+        num_examples: its size (leading dimension of its first tensor).
+
+    Example:
+        >>> batch = {"x": torch.arange(6.0).view(3, 2), "y": torch.tensor([0, 1, 2]), "t": 0.5}
+        >>> splitter = ExampleSplitter.of(batch)
+        >>> splitter.take(slice(1, 3))["y"], splitter.take(slice(1, 3))["t"]
+        (tensor([1, 2]), 0.5)
+    """
+
+    batch: Any
+    num_examples: int
+
+    @classmethod
+    def of(cls, batch: Any) -> ExampleSplitter:
+        """The splitter of ``batch``.
+
+        Raises:
+            ValueError: if the batch has no tensor with a leading (example) dimension.
+        """
+        size = batch_size(batch)
+        if size is None:
+            raise ValueError(
+                "`batch` holds no tensor with a leading (example) dimension, so it cannot be "
+                f"cut into examples; got {type(batch).__name__}."
+            )
+        return cls(batch=batch, num_examples=size)
+
+    def _splits(self, tensor: torch.Tensor) -> bool:
+        return tensor.dim() >= 1 and tensor.shape[0] == self.num_examples
+
+    def take(self, index: slice) -> Any:
+        """The batch of the examples in ``index`` (a slice along the example dimension)."""
+        return _map_tensors(self.batch, lambda t: t[index] if self._splits(t) else t)
+
+    def example_tensors(self, index: slice) -> list[torch.Tensor]:
+        """The split tensors restricted to ``index``, in walk order (what ``vmap`` maps over)."""
+        found: list[torch.Tensor] = []
+        _map_tensors(self.batch, lambda t: found.append(t[index]) if self._splits(t) else None)
+        return found
+
+    def one_example(self, tensors: Sequence[torch.Tensor]) -> Any:
+        """A batch of one example from its unbatched split tensors.
+
+        The inverse of :meth:`example_tensors` for one example: the example dimension (of
+        size 1) is put back.
+        """
+        items = iter(tensors)
+        return _map_tensors(
+            self.batch, lambda t: next(items).unsqueeze(0) if self._splits(t) else t
+        )
+
+
+class GradientSampler:
+    """Flat gradient samples of ``loss_fn`` over given parameters of ``model``.
+
+    Args:
+        model: the (unwrapped) module.
+        loss_fn: ``loss_fn(model, batch) -> scalar``, the *mean* loss over the batch.
+        named: the measured ``(name, parameter)`` pairs.
+
+    Example:
+        >>> net = nn.Linear(2, 1, bias=False)
+        >>> sampler = GradientSampler(net, lambda m, b: m(b).sum(), list(net.named_parameters()))
+        >>> [g for g, _ in sampler.per_example(torch.eye(2), chunk_size=8)]
+        [tensor([[1., 0.],
+                [0., 1.]])]
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, named: Sequence[tuple[str, torch.Tensor]]
+    ) -> None:
+        self._module = _LossModule(model, loss_fn)
+        params = [p for _, p in named]
+        self.dtype = (
+            torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+        )
+        self._names = tuple(f"model.{name}" for name, _ in named)
+        self._primals = tuple(p.detach().to(self.dtype) for p in params)
+        self._low_precision = any(p.dtype != self.dtype for p in params)
+        self._buffers = (
+            {
+                f"model.{n}": b.to(self.dtype) if b.is_floating_point() else b
+                for n, b in model.named_buffers()
+            }
+            if self._low_precision
+            else {}
+        )
+
+    def prepare(self, batch: Any) -> Any:
+        """``batch`` with floating tensors promoted to the sampler's dtype.
+
+        Only for a low-precision model (bf16/fp16 parameters, promoted to fp32 copies).
+        """
+        return _cast_floating(batch, self.dtype) if self._low_precision else batch
+
+    def loss(self, primals: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
+        """The loss at parameters ``primals`` (one tensor per measured parameter)."""
+        params = dict(zip(self._names, primals, strict=True))
+        params.update(self._buffers)
+        return _check_scalar_loss(torch.func.functional_call(self._module, params, (batch,)))
+
+    @staticmethod
+    def _flat(grads: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
+        return torch.cat([g.reshape(rows, -1) for g in grads], dim=1)
+
+    def per_example(self, batch: Any, chunk_size: int) -> Iterator[Samples]:
+        """Per-example gradients of ``batch`` in chunks of at most ``chunk_size`` rows.
+
+        Yields:
+            ``(gradients, 1.0)`` with ``gradients`` of shape ``(k, P)``.
+
+        Raises:
+            RuntimeError: whatever ``vmap`` raises on a model it cannot trace.
+        """
+        splitter = ExampleSplitter.of(self.prepare(batch))
+
+        def example_loss(primals: tuple[torch.Tensor, ...], *tensors: torch.Tensor) -> torch.Tensor:
+            return self.loss(primals, splitter.one_example(tensors))
+
+        for start in range(0, splitter.num_examples, chunk_size):
+            tensors = splitter.example_tensors(slice(start, start + chunk_size))
+            rows = tensors[0].shape[0]
+            in_dims = (None,) + (0,) * len(tensors)
+            grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=in_dims)(
+                self._primals, *tensors
+            )
+            yield self._flat(grads, rows).detach(), 1.0
+
+    def whole(self, batch: Any) -> torch.Tensor:
+        """The gradient of the loss on the whole of ``batch`` as a ``(1, P)`` row."""
+        leaves = [p.detach().requires_grad_(True) for p in self._primals]
+        grads = torch.autograd.grad(
+            self.loss(leaves, batch), leaves, allow_unused=True, materialize_grads=True
+        )
+        return self._flat(grads, 1)
+
+    def micro_batches(self, batch: Any, micro_batch_size: int | None) -> Iterator[Samples]:
+        """One gradient per consecutive slice of ``micro_batch_size`` examples.
+
+        The last slice may be smaller; ``micro_batch_size=None`` gives one gradient of the
+        whole batch.
+
+        Yields:
+            ``(gradient, size)`` with ``gradient`` of shape ``(1, P)`` and ``size`` the
+            number of examples it averages.
+        """
+        splitter = ExampleSplitter.of(self.prepare(batch))
+        step = micro_batch_size or splitter.num_examples
+        for start in range(0, splitter.num_examples, step):
+            piece = splitter.take(slice(start, start + step))
+            yield self.whole(piece), float(min(step, splitter.num_examples - start))
