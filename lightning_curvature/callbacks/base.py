@@ -20,9 +20,10 @@ Rules kept here for every monitor (``../shared/DESIGN.md``):
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,7 +42,7 @@ from lightning_curvature.functional.probe import BatchNormMode
 from lightning_curvature.functional.sampling import make_generator
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
-__all__ = ["CurvatureMonitor", "training_step_loss"]
+__all__ = ["CurvatureMonitor", "silenced_logging", "training_step_loss"]
 
 _PROBES = ("fixed", "current")
 _BATCH_NORM = ("eval", "train")
@@ -50,6 +51,33 @@ _BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse"
 
 def _silent(*args: Any, **kwargs: Any) -> None:
     """Stands in for ``LightningModule.log`` while a probe calls ``training_step``."""
+
+
+@contextlib.contextmanager
+def silenced_logging(module: pl.LightningModule) -> Iterator[None]:
+    """``module.log`` and ``module.log_dict`` do nothing inside the block.
+
+    Used whenever a callback calls ``training_step`` itself (curvature probes, SAM's second
+    pass), so the user's logged values appear once per step.
+
+    Example:
+        >>> module = pl.LightningModule()
+        >>> with silenced_logging(module):
+        ...     module.log("loss", 1.0)  # no trainer needed: nothing happens
+        >>> "log" in vars(module)
+        False
+    """
+    names = ("log", "log_dict")
+    saved = {name: vars(module)[name] for name in names if name in vars(module)}  # nesting
+    module.log, module.log_dict = _silent, _silent  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in saved:
+                setattr(module, name, saved[name])
+            else:
+                delattr(module, name)
 
 
 def training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
@@ -71,11 +99,8 @@ def training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
         >>> training_step_loss(Tiny(), torch.tensor([1.0, 3.0]))
         tensor(20., grad_fn=<MeanBackward0>)
     """
-    module.log, module.log_dict = _silent, _silent  # type: ignore[method-assign]
-    try:
+    with silenced_logging(module):
         output = module.training_step(batch, 0)
-    finally:
-        del module.log, module.log_dict
     if isinstance(output, Mapping) and "loss" in output:
         output = output["loss"]
     if not isinstance(output, torch.Tensor):
