@@ -1,8 +1,10 @@
 """Edge-of-stability thresholds of an optimizer, read at the moment of the probe.
 
 Gradient descent on a quadratic with curvature λ is stable only while ``η λ < 2``; heavy-ball
-and Nesterov momentum β (dampening τ) move that to ``(2 + 2β) / (η (1 − τ))``; coupled L2
-weight decay ``wd`` adds ``wd`` to every eigenvalue. Full-batch training drives the top
+momentum β (dampening τ) moves that to ``(2 + 2β) / (η (1 − τ))``, PyTorch's Nesterov
+momentum to ``(2 + 2β) / (η (1 + 2β))`` (the iteration matrix of ``SGD(nesterov=True)`` on
+``λw²/2`` has an eigenvalue −1 at ``ηλ (1 + 2β) = 2 + 2β``); coupled L2 weight decay ``wd``
+adds ``wd`` to every eigenvalue. Full-batch training drives the top
 eigenvalue up to this threshold and then hovers there (Cohen, Kaur, Li, Kolter & Talwalkar,
 ICLR 2021). Adam is stable while the *preconditioned* sharpness ``λ₁(P⁻¹H)`` stays under
 ``(2 + 2β₁) / ((1 − β₁) η)`` (38/η for β₁ = 0.9), with ``P = (1 − β₁ᵗ) diag(√v̂ + ε)`` its
@@ -60,15 +62,21 @@ def stability_threshold(
 
     Example:
         >>> w = torch.nn.Parameter(torch.zeros(3))
-        >>> stability_threshold(torch.optim.SGD([w], lr=0.1, momentum=0.9), [w]).threshold
-        38.0
+        >>> stability_threshold(torch.optim.SGD([w], lr=0.5, momentum=0.5), [w]).threshold
+        6.0
+        >>> sgd = torch.optim.SGD([w], lr=0.5, momentum=0.5, nesterov=True)
+        >>> stability_threshold(sgd, [w]).threshold  # (2 + 2β) / (η (1 + 2β))
+        3.0
     """
     groups = optimizer.param_groups
     lr = _shared([float(g["lr"]) for g in groups], "lr")
     if isinstance(optimizer, torch.optim.SGD):
         momentum = float(groups[0].get("momentum", 0.0))
         dampening = float(groups[0].get("dampening", 0.0)) if momentum > 0 else 0.0
-        threshold = (2.0 + 2.0 * momentum) / (lr * (1.0 - dampening))
+        # SGD(nesterov=True) steps along g + β·buf: on λw²/2 its iteration matrix has the
+        # eigenvalue −1 at ηλ(1 + 2β) = 2 + 2β, a threshold 1 + 2β times lower than heavy ball's.
+        nesterov = 1.0 + 2.0 * momentum if groups[0].get("nesterov", False) else 1.0
+        threshold = (2.0 + 2.0 * momentum) / (lr * (1.0 - dampening) * nesterov)
         return StabilityThreshold(threshold, "sgd", float(groups[0].get("weight_decay", 0.0)))
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         beta1, _ = groups[0]["betas"]
