@@ -194,6 +194,7 @@ class CurvatureMonitor(Callback):
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
         self._warned: set[str] = set()
+        self._pending: list[str] | None = None  # warn_once's messages during a probe
         self._timer: tuple[float, int] | None = None  # (end of last probe, its step)
 
     # -- what subclasses implement -----------------------------------------------------------
@@ -243,7 +244,11 @@ class CurvatureMonitor(Callback):
         """One :class:`CurvatureWarning` per kind of bad luck, on rank zero."""
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(f"{type(self).__name__}: {message}", category=CurvatureWarning)
+            text = f"{type(self).__name__}: {message}"
+            if self._pending is not None:  # inside a probe, whose warnings are being collected
+                self._pending.append(text)
+            else:
+                rank_zero_warn(text, category=CurvatureWarning)
 
     def probe_loss_fn(self) -> LossFn:
         """The loss used by probes."""
@@ -345,21 +350,33 @@ class CurvatureMonitor(Callback):
             return  # "current" probe at train end: no batch to probe
         started = time.perf_counter()
         metrics: dict[str, float | torch.Tensor] | None = None
-        with warnings.catch_warnings(record=True) as caught, isolated_rng(pl_module.device):
-            warnings.simplefilter("always", CurvatureWarning)
-            try:
-                metrics, num_hvps = self.measure(trainer, pl_module, batches)
-            except NonFiniteCurvatureError as err:
-                self.warn_once(
-                    "nonfinite", f"skipped the probe at step {step}: {err} Training goes on."
-                )
+        failure: NonFiniteCurvatureError | None = None
+        self._pending = []
+        try:
+            with warnings.catch_warnings(record=True) as caught, isolated_rng(pl_module.device):
+                warnings.simplefilter("always", CurvatureWarning)
+                try:
+                    metrics, num_hvps = self.measure(trainer, pl_module, batches)
+                except NonFiniteCurvatureError as err:
+                    failure = err
+        finally:
+            pending, self._pending = self._pending, None
         for record in caught:
             if issubclass(record.category, CurvatureWarning):
-                self.warn_once(str(record.category), f"at step {step}: {record.message}")
+                # One warning per place that warns (e.g. Lanczos not converging), not one per
+                # category: every CurvatureWarning shares the category.
+                key = f"{record.filename}:{record.lineno}"
+                self.warn_once(key, f"at step {step}: {record.message}")
             else:
                 warnings.warn_explicit(
                     record.message, record.category, record.filename, record.lineno
                 )
+        for text in pending:  # warn_once calls made by measure(), already deduplicated
+            rank_zero_warn(text, category=CurvatureWarning)
+        if failure is not None:
+            self.warn_once(
+                "nonfinite", f"skipped the probe at step {step}: {failure} Training goes on."
+            )
         seconds = time.perf_counter() - started
         self._reschedule(trainer, step, seconds)
         if metrics is None:
