@@ -120,6 +120,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         )
         self.per_layer = layer_patterns(per_layer)
         self._warm: dict[str, torch.Tensor] = {}
+        self._final_probe = False  # Lightning forbids self.log in on_train_end
 
     def _eigenvalues(
         self,
@@ -172,7 +173,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             )
             metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
             hvps += block.num_hvps
-        if self.prog_bar:
+        if self.prog_bar and not self._final_probe:
             pl_module.log(
                 "curvature/eigenvalue_1", float(result.eigenvalues[0]), prog_bar=True, logger=False
             )
@@ -221,6 +222,14 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             charts["sharpness ratio"] = ["Multiline", ["curvature/sharpness_ratio"]]
         for writer in tensorboard_writers(trainer):
             writer.add_custom_scalars({"curvature": charts})
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._final_probe = True  # the final probe goes to the loggers, not the progress bar
+        try:
+            super().on_train_end(trainer, pl_module)
+        finally:
+            self._final_probe = False
 
     @override
     def extra_state(self) -> dict[str, Any]:
