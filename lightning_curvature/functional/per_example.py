@@ -1,8 +1,10 @@
 """Gradient samples of a model's loss: one per example (``vmap``) or one per micro-batch.
 
 :class:`GradientSampler` turns ``loss_fn(model, batch) -> scalar`` into a stream of flat
-gradient *samples* over the measured parameters, yielded in chunks of shape ``(k, P)``
-together with the number of examples each sample averages:
+gradient *samples* over the measured parameters, yielded in chunks of ``k`` samples (one
+``(k, *shape)`` tensor per parameter, the input of
+:meth:`~lightning_curvature.functional.gradient_statistics.GradientSums.add`) together
+with the number of examples each sample averages:
 
 * **per example** (:meth:`GradientSampler.per_example`): ``torch.func.vmap`` of
   ``torch.func.grad`` of the loss on a batch of *one* example, over chunks of examples, so
@@ -42,7 +44,7 @@ from lightning_curvature.functional.hvp import (
 
 __all__ = ["ExampleSplitter", "GradientSampler"]
 
-Samples = tuple[torch.Tensor, float]
+Samples = tuple[list[torch.Tensor], float]
 
 
 def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -131,9 +133,10 @@ class GradientSampler:
     Example:
         >>> net = nn.Linear(2, 1, bias=False)
         >>> sampler = GradientSampler(net, lambda m, b: m(b).sum(), list(net.named_parameters()))
-        >>> [g for g, _ in sampler.per_example(torch.eye(2), chunk_size=8)]
-        [tensor([[1., 0.],
-                [0., 1.]])]
+        >>> [grads for grads, _ in sampler.per_example(torch.eye(2), chunk_size=8)]
+        [[tensor([[[1., 0.]],
+        <BLANKLINE>
+                [[0., 1.]]])]]
     """
 
     def __init__(
@@ -169,15 +172,11 @@ class GradientSampler:
         params.update(self._buffers)
         return _check_scalar_loss(torch.func.functional_call(self._module, params, (batch,)))
 
-    @staticmethod
-    def _flat(grads: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
-        return torch.cat([g.reshape(rows, -1) for g in grads], dim=1)
-
     def per_example(self, batch: Any, chunk_size: int) -> Iterator[Samples]:
         """Per-example gradients of ``batch`` in chunks of at most ``chunk_size`` rows.
 
         Yields:
-            ``(gradients, 1.0)`` with ``gradients`` of shape ``(k, P)``.
+            ``(gradients, 1.0)`` with ``gradients`` one ``(k, *shape)`` tensor per parameter.
 
         Raises:
             RuntimeError: whatever ``vmap`` raises on a model it cannot trace.
@@ -189,20 +188,19 @@ class GradientSampler:
 
         for start in range(0, splitter.num_examples, chunk_size):
             tensors = splitter.example_tensors(slice(start, start + chunk_size))
-            rows = tensors[0].shape[0]
             in_dims = (None,) + (0,) * len(tensors)
             grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=in_dims)(
                 self._primals, *tensors
             )
-            yield self._flat(grads, rows).detach(), 1.0
+            yield [g.detach() for g in grads], 1.0
 
-    def whole(self, batch: Any) -> torch.Tensor:
-        """The gradient of the loss on the whole of ``batch`` as a ``(1, P)`` row."""
+    def whole(self, batch: Any) -> list[torch.Tensor]:
+        """The gradient of the loss on the whole of ``batch``, one ``(1, *shape)`` per parameter."""
         leaves = [p.detach().requires_grad_(True) for p in self._primals]
         grads = torch.autograd.grad(
             self.loss(leaves, batch), leaves, allow_unused=True, materialize_grads=True
         )
-        return self._flat(grads, 1)
+        return [g.unsqueeze(0) for g in grads]
 
     def micro_batches(self, batch: Any, micro_batch_size: int | None) -> Iterator[Samples]:
         """One gradient per consecutive slice of ``micro_batch_size`` examples.
@@ -211,8 +209,8 @@ class GradientSampler:
         whole batch.
 
         Yields:
-            ``(gradient, size)`` with ``gradient`` of shape ``(1, P)`` and ``size`` the
-            number of examples it averages.
+            ``(gradient, size)`` with ``gradient`` one ``(1, *shape)`` tensor per parameter
+            and ``size`` the number of examples it averages.
         """
         splitter = ExampleSplitter.of(self.prepare(batch))
         step = micro_batch_size or splitter.num_examples
