@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_curvature.functional import gradient_statistics
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.gradient_statistics import (
     GradientCoherence,
@@ -452,6 +453,20 @@ def test_sums_of_rows_equal_the_reference_and_merge_in_any_split() -> None:
     assert first.num_samples == 2  # merge leaves its inputs alone
 
 
+def test_per_parameter_parts_and_row_blocks_give_the_same_sums(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = sample_rows(m=9, p=7)
+    blocks = {"a": [slice(0, 3)], "b": [slice(3, 5), slice(6, 7)]}
+    flat = GradientSums.zeros(7, dtype=torch.float64, blocks=blocks)
+    flat.add(rows)
+    monkeypatch.setattr(gradient_statistics, "_ROW_BLOCK", 14)  # blocks of 2 rows
+    parts = GradientSums.zeros(7, dtype=torch.float64, blocks=blocks)
+    parts.add([rows[:, :3], rows[:, 3:5].reshape(9, 1, 2), rows[:, 5:]])
+    for name, value in flat.states().items():
+        assert torch.allclose(parts.states()[name], value, rtol=1e-12, atol=0), name
+
+
 def test_all_reduce_sums_every_state_in_one_call() -> None:
     rows = sample_rows()
     blocks = {"a": [slice(0, 3)], "b": [slice(3, 5), slice(6, 7)]}
@@ -574,8 +589,12 @@ def test_invalid_accumulator_use() -> None:
     with pytest.raises(ValueError, match="`dtype` must be a floating dtype"):
         GradientSums.zeros(3, dtype=torch.int64)
     sums = GradientSums.zeros(3)
-    with pytest.raises(ValueError, match=r"shape \(3,\) or \(k, 3\), got \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"k samples of length 3: .* got \(2, 4\)"):
         sums.add(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"k samples of length 3: .* got \[\(2, 2\), \(3, 1\)\]"):
+        sums.add([torch.ones(2, 2), torch.ones(3, 1)])
+    with pytest.raises(ValueError, match=r"k samples of length 3: .* got \[\(2, 2\)\]"):
+        sums.add([torch.ones(2, 2)])
     with pytest.raises(ValueError, match="`sample_size` must be > 0, got 0"):
         sums.add(torch.ones(3), sample_size=0)
     sums.add(torch.ones(3))
