@@ -342,7 +342,8 @@ class GradientSums:
         m = self.num_samples
         if m < 2:
             raise ValueError(f"gradient statistics need at least 2 samples, got {m}.")
-        if (sum_sq_norm is None) != (self.sum is not None):
+        given = sum_sq_norm is not None or block_sum_sq_norm is not None
+        if (self.sum is None and sum_sq_norm is None) or (self.sum is not None and given):
             raise ValueError(
                 "give `sum_sq_norm` (and `block_sum_sq_norm`) exactly when the sums were made "
                 "with vectors=False."

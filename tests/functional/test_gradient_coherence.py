@@ -118,6 +118,17 @@ def test_per_example_matches_brute_force() -> None:
     assert out.coherence.dtype == torch.float64
 
 
+def test_per_example_matches_brute_force_on_a_conv_net() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).double()
+    generator = torch.Generator().manual_seed(2)
+    batch = (torch.randn(8, 1, 5, 5, generator=generator, dtype=torch.float64), torch.arange(8) % 3)
+    out = gradient_coherence(model, cross_entropy, batch, chunk_size=3, per_layer=True)
+    g = loop_gradients(model, cross_entropy, examples(batch))
+    assert_matches(out, reference(g))
+    assert out.per_layer["0"].item() == pytest.approx(block_coherence(g, slice(0, 20)), rel=RTOL)
+
+
 def test_micro_batch_matches_brute_force_over_micro_batches() -> None:
     model, batch = mlp(), classification(n=16)
     out = gradient_coherence(model, cross_entropy, batch, mode="micro_batch", micro_batch_size=4)
@@ -603,6 +614,8 @@ def test_invalid_accumulator_use() -> None:
     sums.add(torch.ones(3))
     with pytest.raises(ValueError, match=r"give `sum_sq_norm`.*exactly when"):
         sums.compute(sum_sq_norm=torch.tensor(4.0))
+    with pytest.raises(ValueError, match=r"give `sum_sq_norm`.*exactly when"):
+        sums.compute(block_sum_sq_norm={"a": torch.tensor(4.0)})
     scalar_only = GradientSums.zeros(3, vectors=False)
     scalar_only.add(torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"give `sum_sq_norm`.*exactly when"):
