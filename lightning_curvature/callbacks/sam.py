@@ -341,7 +341,9 @@ class SAM(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step != self._window_step:  # the first micro-batch of a new optimizer step
+        # A new window wherever Lightning zeroes the gradients (the first micro-batch of a step),
+        # so the second pass covers exactly the micro-batches whose gradients are in ``.grad``.
+        if step != self._window_step or batch_idx % trainer.accumulate_grad_batches == 0:
             self._window_step, self._window, self._first_losses = step, [], []
         if step % self.every_n_steps == 0:
             rng = RNGState.capture(pl_module.device) if self.dropout == "reuse" else None

@@ -132,6 +132,7 @@ def reference_sam(
     accumulate: int = 1,
     every_n_steps: int = 1,
     clip: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[dict[str, float]]:
     """SAM/ASAM with SGD in windows of ``accumulate`` micro-batches; L(w), L(w+ε), ‖ε‖ per step.
 
@@ -140,7 +141,7 @@ def reference_sam(
     replayed (same dropout masks) and the BatchNorm buffers saved and put back (running
     statistics from the first pass only).
     """
-    opt = model.configure_optimizers()
+    opt = optimizer or model.configure_optimizers()
     losses, step = [], 0
     for _ in range(epochs):
         batches = list(DataLoader(dataset, batch_size=BATCH))
@@ -254,6 +255,25 @@ def test_trainer_equals_the_reference_loop_bit_for_bit(
     assert model.calls == 10 + (10 if every_n_steps == 1 else 5)  # first + second passes
     assert_same_weights(model, expected)
     assert "optimizer_step" not in vars(model)  # the hook wrapper is gone after fit
+
+
+def test_an_epoch_cut_short_mid_window_leaves_no_stale_micro_batch() -> None:
+    """on_train_batch_start returning -1 ends the epoch inside an accumulation window; Lightning
+    zeroes that dangling gradient at the next epoch, and SAM's second pass drops it too."""
+
+    class StopsEarly(Net):
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+            return -1 if (self.current_epoch, batch_idx) == (0, 3) else None
+
+    torch.manual_seed(0)
+    model, dataset = StopsEarly(), data()
+    expected = twin(model)
+    fit(model, dataset, max_epochs=2, accumulate_grad_batches=2, callbacks=[SAM()])
+    assert dict(model.calls_at) == {0: 4, 1: 5, 2: 4, 3: 2}  # step 1: 1 dangling + 2 + 2
+    opt = expected.configure_optimizers()
+    reference_sam(expected, TensorDataset(*data()[:16]), accumulate=2, optimizer=opt)
+    reference_sam(expected, dataset, accumulate=2, optimizer=opt)
+    assert_same_weights(model, expected)
 
 
 def test_the_sam_step_moves_the_weights_differently_from_a_plain_step() -> None:
