@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from models import (
@@ -34,6 +35,7 @@ pytestmark = LIGHTNING_NOISE
 @pytest.fixture(scope="module")
 def tanh_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """10 steps, 4 batches per epoch, three cadences, log_every_n_steps=4 (does not divide 3)."""
+    torch.manual_seed(0)
     logger = tb_logger(tmp_path_factory.mktemp("events"))
     monitors = [
         HessianEigenvalueMonitor(
@@ -129,14 +131,17 @@ def test_density_histogram_and_image_at_the_density_probe_steps(tanh_run: dict[s
     histograms = events.Histograms("curvature/spectral_density")
     assert [h.step for h in histograms] == [0, 8]
     num_parameters = 5 * 8 + 8 + 8 + 1
-    for h in histograms:
+    scalars = tanh_run["scalars"]
+    for h, (_, low), (_, high) in zip(
+        histograms, scalars["curvature/density_min"], scalars["curvature/density_max"], strict=True
+    ):
         value = h.histogram_value
         # bucket counts are eigenvalue counts: they add up to the number of parameters
         assert value.num == pytest.approx(num_parameters, rel=1e-3)
         assert sum(value.bucket) == pytest.approx(value.num)
         assert len(value.bucket) == 200
-        assert value.min <= density.last_metrics["curvature/density_min"]
-        assert value.max >= density.last_metrics["curvature/density_max"]
+        assert value.min < low < high < value.max  # the grid spans the extreme nodes
+    assert density.last_density is not None
     images = events.Images("curvature/spectral_density_image")
     assert [i.step for i in images] == [0, 8]
     assert (images[0].width, images[0].height) == (200, 160)
@@ -145,13 +150,16 @@ def test_density_histogram_and_image_at_the_density_probe_steps(tanh_run: dict[s
 # -- closed form on linear least squares -----------------------------------------------------------
 def least_squares_run(
     tmp_path: Path, optimizer: str, lr: float, max_steps: int = 4, **opt: Any
-) -> tuple[dict[str, list[tuple[int, float]]], torch.Tensor, HessianEigenvalueMonitor]:
+) -> tuple[dict[str, list[tuple[int, float]]], torch.Tensor, pl.Trainer]:
     dataset = regression_data(n=32, d=5)
     x = dataset.tensors[0].double()
     hessian = 2 * x.T @ x / len(x)
     eigenvalues = torch.linalg.eigvalsh(hessian).flip(0)  # largest first
     logger = tb_logger(tmp_path)
-    eigen = HessianEigenvalueMonitor(k=2, tol=1e-6, smallest=True, every_n_steps=1)
+    # the final probe sees the optimizer state the test can read after fit
+    eigen = HessianEigenvalueMonitor(
+        k=2, tol=1e-6, smallest=True, every_n_steps=1, on_train_end=True
+    )
     monitors = [
         eigen,
         HessianTraceMonitor(num_hvps=16, every_n_steps=2),
@@ -160,7 +168,7 @@ def least_squares_run(
     trainer = make_trainer(monitors, logger=logger, max_steps=max_steps)
     model = LeastSquares(d=5, optimizer=optimizer, lr=lr, **opt)
     trainer.fit(model, loader(dataset, batch_size=32))  # full batch: the probe is all the data
-    return tb_scalars(read_events(logger)), eigenvalues, eigen
+    return tb_scalars(read_events(logger)), eigenvalues, trainer
 
 
 @pytest.mark.parametrize(
@@ -179,7 +187,7 @@ def test_least_squares_eigenvalues_equal_the_closed_form_and_threshold_is_sgds(
     scalars, exact, _ = least_squares_run(tmp_path, "sgd", 0.01, **opt)
     for i in (1, 2):
         series = scalars[f"curvature/eigenvalue_{i}"]
-        assert steps(series) == [0, 1, 2, 3]
+        assert steps(series) == [0, 1, 2, 3, 4]
         # The Hessian of least squares does not depend on the weights: the same at every step.
         for _, value in series:
             assert value == pytest.approx(float(exact[i - 1]), rel=1e-4)
@@ -208,20 +216,33 @@ def test_least_squares_eigenvalues_equal_the_closed_form_and_threshold_is_sgds(
 def test_least_squares_under_adam_logs_38_over_lr_and_the_preconditioned_ratio(
     tmp_path: Path,
 ) -> None:
-    scalars, exact, _ = least_squares_run(tmp_path, "adam", 0.01)
-    assert steps(scalars["curvature/eigenvalue_1"]) == [0, 1, 2, 3]
+    scalars, exact, trainer = least_squares_run(tmp_path, "adam", 0.01)
+    assert steps(scalars["curvature/eigenvalue_1"]) == [0, 1, 2, 3, 4]
     for _, value in scalars["curvature/eigenvalue_1"]:
         assert value == pytest.approx(float(exact[0]), rel=1e-4)
     for _, value in scalars["curvature/stability_threshold"]:
         assert value == pytest.approx(38 / 0.01, rel=1e-6)
     # No preconditioner before Adam's first step: no ratio at step 0.
-    assert steps(scalars["curvature/preconditioned_eigenvalue_1"]) == [1, 2, 3]
-    assert steps(scalars["curvature/sharpness_ratio"]) == [1, 2, 3]
+    assert steps(scalars["curvature/preconditioned_eigenvalue_1"]) == [1, 2, 3, 4]
+    assert steps(scalars["curvature/sharpness_ratio"]) == [1, 2, 3, 4]
     for (_, ratio), (_, precond) in zip(
         scalars["curvature/sharpness_ratio"],
         scalars["curvature/preconditioned_eigenvalue_1"],
         strict=True,
     ):
         assert ratio == pytest.approx(precond / (38 / 0.01), rel=1e-6)
-        # P⁻¹H is far sharper than H: Adam's first steps divide by a small √v̂.
-        assert precond > float(exact[0])
+    # The final probe: λ₁(P⁻¹H) with P = (1 − β1ᵗ)(√v̂ + ε) from Adam's state, dense.
+    optimizer = trainer.optimizers[0]
+    (weight,) = trainer.lightning_module.parameters()
+    state = optimizer.state[weight]
+    t, (beta1, beta2), eps = float(state["step"]), (0.9, 0.999), 1e-8
+    assert t == 4
+    v_hat = state["exp_avg_sq"].double().reshape(-1) / (1 - beta2**t)
+    p = (1 - beta1**t) * (v_hat.sqrt() + eps)
+    dataset = regression_data(n=32, d=5)
+    x = dataset.tensors[0].double()
+    dense = torch.linalg.eigvals(torch.diag(1 / p) @ (2 * x.T @ x / len(x)))
+    expected = float(dense.real.max())
+    final = scalars["curvature/preconditioned_eigenvalue_1"][-1][1]
+    assert final == pytest.approx(expected, rel=1e-4)
+    assert abs(expected - float(exact[0])) > 0.1 * expected  # not the plain sharpness
