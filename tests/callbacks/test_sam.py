@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import pickle
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -28,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
@@ -703,6 +705,32 @@ def test_state_dict_round_trips_with_plain_values(tmp_path: Path) -> None:
     restored.load_state_dict({})  # tolerant of a checkpoint from before these keys
     assert restored.num_sam_steps == 0
     assert sam.state_key == "SAM{'rho': 0.1, 'adaptive': False, 'every_n_steps': 2}"
+
+
+@pytest.mark.slow
+def test_the_example_ends_sam_at_lower_sharpness_than_sgd(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "examples" / "sam.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--log-dir", str(tmp_path), "--seeds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"eigenvalue ([\d.]+) vs ([\d.]+) \(([\d.]+)x\)", done.stdout)
+    assert found, done.stdout
+    sam_sharpness, sgd_sharpness, ratio = (float(g) for g in found.groups())
+    assert sam_sharpness < sgd_sharpness
+    assert ratio < 0.8
+    assert "lower in 1/1 seeds" in done.stdout
+    # the SAM callback's values, read back from the TensorBoard event file
+    events = EventAccumulator(str(tmp_path / "sam_seed0" / "version_0"), {"scalars": 0})
+    events.Reload()
+    sharpness = events.Scalars("sam/sharpness")
+    assert [e.step for e in sharpness] == [0, 100, 200, 300, 400]  # log_every_n_steps=100
+    assert all(e.value > 0 for e in sharpness)
+    norms = [e.value for e in events.Scalars("sam/perturbation_norm")]
+    assert norms == pytest.approx([0.1] * 5, rel=1e-6)
 
 
 # -- DDP: two processes on CPU (gloo) --------------------------------------------------------
