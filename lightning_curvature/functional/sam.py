@@ -99,6 +99,12 @@ class SAMPerturbation:
         gradient_norm: the normaliser, ``‖g‖`` (SAM) or ``‖T g‖`` (ASAM). It is not finite
             exactly when a gradient entry is not (or the sum of squares overflows); ε must
             then not be applied.
+
+    Example:
+        >>> w = [torch.zeros(2), torch.zeros(1)]
+        >>> eps = sam_perturbation(w, [torch.tensor([0.0, 6.0]), torch.tensor([8.0])], rho=1.0)
+        >>> eps.tensors, eps.gradient_norm
+        ((tensor([0.0000, 0.6000]), tensor([0.8000])), tensor(10.))
     """
 
     tensors: tuple[torch.Tensor | None, ...]
@@ -327,6 +333,14 @@ class SAMGradient:
         perturbed_loss: ``L(w + ε)``.
         perturbation: ε and the gradient norm it was normalised by.
         parameter_names: the measured parameters, in the order of ``gradients``.
+
+    Example:
+        >>> net = nn.Linear(1, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(2.0)
+        >>> out = sam_gradient(net, lambda m, b: 0.5 * m(b).pow(2).sum(), torch.ones(1, 1), rho=0.5)
+        >>> out.gradients[0], out.loss, out.perturbed_loss, out.sharpness  # f = ½w², w + ε = 2.5
+        (tensor([[2.5000]]), tensor(2.), tensor(3.1250), tensor(1.1250))
     """
 
     gradients: tuple[torch.Tensor | None, ...]
