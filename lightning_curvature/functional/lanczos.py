@@ -4,7 +4,9 @@
 ``T = Qᵀ A Q`` one product at a time, reorthogonalising every new vector against the whole
 basis twice ("twice is enough", Parlett 1998). On breakdown (an invariant subspace was found)
 it can restart from a fresh random vector orthogonal to the basis, which is how repeated
-eigenvalues are found.
+eigenvalues are found: one Krylov space holds a single copy of each eigenvalue, so after a
+(near) breakdown the stopping test also waits for the block that explores the orthogonal
+complement (see :func:`lanczos_eigenpairs`).
 
 :func:`lanczos_eigenpairs` runs it until the top-k Ritz values (and the bottom one on request)
 pass the a-posteriori test ``min(r, r²/δ) / |θ| < tol`` (Parlett 1998, §11.7; r is the free
@@ -24,6 +26,10 @@ import torch
 __all__ = ["LanczosProcess", "LanczosResult", "lanczos_eigenpairs", "lanczos_quadrature"]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+# A residual this small relative to ‖T‖ means span(Q) is invariant up to rounding (in
+# float64 rounding alone leaves 1e-6 after twenty steps on a 25-wide spectrum); in float32
+# the breakdown threshold 1e3·eps is already of this size.
+_NEARLY_INVARIANT = 1e-4
 
 
 def _unit(vector: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,7 @@ class LanczosProcess:
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
         self.residual_norm = float("nan")  # norm of the last residual before normalisation
+        self.block_starts = [0]  # where each block begins: after a (near) breakdown
         self.generator = generator
 
     @property
@@ -91,7 +98,10 @@ class LanczosProcess:
         if j + 1 >= self.basis.shape[1]:  # the whole space is spanned: T is exact
             self.residual_norm = 0.0
             return False
-        if beta > 1e3 * torch.finfo(w.dtype).eps * max(scale, 1e-30):
+        eps = torch.finfo(w.dtype).eps
+        if beta > 1e3 * eps * max(scale, 1e-30):
+            if beta <= _NEARLY_INVARIANT * scale:  # w is mostly rounding: a new block
+                self.block_starts.append(j + 1)
             self.betas.append(beta)
             self.basis[j + 1] = w / beta
             return True
@@ -102,6 +112,7 @@ class LanczosProcess:
         fresh = torch.randn(w.shape, generator=self.generator, device=w.device, dtype=w.dtype)
         self.betas.append(0.0)
         self.basis[j + 1] = _unit(self._orthogonalise(fresh, j + 1))
+        self.block_starts.append(j + 1)
         return True
 
     def tridiagonal(self) -> torch.Tensor:
@@ -139,8 +150,10 @@ class LanczosResult:
     num_steps: int
 
 
-def _error_bounds(values: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
-    """Relative a-posteriori error bound ``min(r, r²/δ)/|θ|`` of every Ritz value."""
+def _error_bounds(
+    values: torch.Tensor, residuals: torch.Tensor, floor: float = 0.0
+) -> torch.Tensor:
+    """Relative a-posteriori error bound ``min(r, r²/δ)/max(|θ|, floor)`` of every Ritz value."""
     n = values.numel()
     if n == 1:
         gaps = torch.full_like(values, float("inf"))
@@ -151,7 +164,37 @@ def _error_bounds(values: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor
         gaps = distance.min(dim=1).values - residuals
     bound = torch.where(gaps > 0, torch.minimum(residuals, residuals**2 / gaps), residuals)
     scale = values.abs().max().clamp_min(1e-300)
-    return bound / torch.maximum(values.abs(), 1e-12 * scale)
+    return bound / values.abs().clamp_min(max(floor, float(1e-12 * scale)))
+
+
+def _complement_explored(
+    run: LanczosProcess, values: torch.Tensor, k: int, tol: float, smallest: bool
+) -> bool:
+    """Whether the blocks after a (near) breakdown rule out eigenvalues missing from ``T``.
+
+    A Krylov space that became invariant holds one copy of each eigenvalue it saw: a second
+    copy of a repeated eigenvalue, or anything the start vector missed, lives in the
+    orthogonal complement, which the next block explores from a fresh vector. That block
+    must have converged its largest (and, with ``smallest``, its smallest) Ritz value; a
+    restarted block that itself ran out saw every distinct eigenvalue of the complement once,
+    and only if its largest one belongs in the top k can further copies of it still matter.
+    """
+    starts = run.block_starts
+    if len(starts) == 1:
+        return True
+    t = run.tridiagonal()
+    if run.num_steps == starts[-1]:  # a block just ended and the next has no product yet
+        if len(starts) == 2:
+            return False
+        block = torch.linalg.eigvalsh(t[starts[-2] : starts[-1], starts[-2] : starts[-1]])
+        kth = float(values[max(values.numel() - k, 0)])
+        margin = tol * max(abs(kth), 1e-12 * float(values.abs().max()))
+        return float(block[-1]) <= kth + margin
+    block_values, block_vectors = torch.linalg.eigh(t[starts[-1] :, starts[-1] :])
+    block_residuals = (run.residual_norm * block_vectors[-1, :]).abs()
+    floor = float(values[max(values.numel() - k, 0) :].abs().min())
+    bounds = _error_bounds(block_values, block_residuals, floor)
+    return bool(bounds[-1] <= tol) and (not smallest or bool(bounds[0] <= tol))
 
 
 def lanczos_eigenpairs(
@@ -195,7 +238,8 @@ def lanczos_eigenpairs(
         values, vectors, residuals = run.ritz()
         bounds = _error_bounds(values, residuals)
         top = torch.arange(values.numel() - 1, max(values.numel() - 1 - k, -1), -1)
-        passed = bounds[top] <= tol
+        explored = _complement_explored(run, values, k, tol, smallest)
+        passed = (bounds[top] <= tol) & explored
         done = bool(passed.all()) and (not smallest or bool(bounds[0] <= tol))
         if done or not more:
             break
@@ -209,7 +253,9 @@ def lanczos_eigenpairs(
         residuals=residuals[top],
         converged=passed,
         eigenvectors=eigenvectors,
-        smallest=(float(values[0]), float(residuals[0]), bool(bounds[0] <= tol)) if smallest else None,
+        smallest=(float(values[0]), float(residuals[0]), bool(bounds[0] <= tol) and explored)
+        if smallest
+        else None,
         num_steps=run.num_steps,
     )
 

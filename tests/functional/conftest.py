@@ -1,0 +1,21 @@
+"""Fixtures of the math-layer tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Run each test on one intra-op thread, then restore the previous setting.
+
+    The tiny float64 models here gain nothing from threads, and on a shared 2-core machine
+    two spinning threads per process made a 10-product probe about 20 times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
