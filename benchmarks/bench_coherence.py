@@ -2,11 +2,13 @@
 
 On the ~95k-parameter CNN of ``common.py`` (BatchNorm in eval mode, so per-example
 gradients are defined) with a batch of 128 synthetic 3x32x32 images, times, interleaved and
-repeated, taking the minimum of each:
+repeated. It prints the minimum of each, its ratio to the minimum batch gradient, and
+("paired") the median over repeats of its ratio to the batch gradient timed just before it,
+which is steadier when the load of a shared machine shifts during the run:
 
 * ``batch gradient``: one ``torch.autograd.grad`` of the mean loss (the unit);
 * ``per-example (vmap)``: ``gradient_coherence(mode="per_example")``, everything included
-  (vmap of grad in one chunk, flattening, the on-the-fly sums and the statistics);
+  (vmap of grad in one chunk, the on-the-fly sums and the statistics);
 * ``per-example, chunk 32``: the same in chunks of 32 examples (a quarter of the memory);
 * ``vmap(grad) only``: the per-example gradients without the sums, to see what they cost;
 * ``micro-batches of 8``: ``gradient_coherence(mode="micro_batch", micro_batch_size=8)``;
@@ -18,6 +20,7 @@ repeated, taking the minimum of each:
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -79,10 +82,17 @@ def main() -> None:
         f"CNN with {num_parameters(model)} parameters, batch {args.batch_size}, "
         f"{torch.get_num_threads()} threads, min of {args.repeats} interleaved repeats"
     )
-    print(f"{'method':<24}{'seconds':>10}{'x batch grad':>14}{'spread':>9}")
+    print(f"{'method':<24}{'seconds':>10}{'x batch grad':>14}{'paired':>8}{'spread':>8}")
     for label in calls:
         best = timings.best(label)
-        print(f"{label:<24}{best:>10.4f}{best / unit:>14.2f}{timings.spread(label):>9.2f}")
+        paired = statistics.median(
+            t / u
+            for t, u in zip(timings.seconds[label], timings.seconds["batch gradient"], strict=True)
+        )
+        print(
+            f"{label:<24}{best:>10.4f}{best / unit:>14.2f}{paired:>8.2f}"
+            f"{timings.spread(label):>8.2f}"
+        )
     print(
         f"values: coherence {out.coherence.item():.3f}, mean cosine {out.mean_cosine.item():.4f}, "
         f"noise scale {out.noise_scale.item():.1f}, snr {out.snr.item():.4f} ({out.mode})"
