@@ -1,0 +1,154 @@
+"""``hessian_eigenvalues`` against the exact spectrum of every tiny case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
+from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.warnings import CurvatureWarning
+from tests.functional.cases import CASES, Case, reference, seeded
+
+CPU = torch.device("cpu")
+
+
+def _relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
+    return float(((estimate - exact).abs() / exact.abs()).max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_top5_at_tight_tolerance(case: Case) -> None:
+    model, loss_fn, batch = case.build()
+    hessian, exact = reference(case.name)
+    size = hessian.shape[0]
+    out = hessian_eigenvalues(
+        model, loss_fn, batch, k=5, tol=1e-10, max_iter=size, return_eigenvectors=True
+    )
+    assert out.eigenvalues.shape == (5,)
+    assert out.eigenvalues.dtype == torch.float64
+    assert _relative_error(out.eigenvalues, exact[:5]) < 1e-6
+    assert out.converged.all()
+    assert out.num_hvps <= size
+    assert out.eigenvectors is not None
+    # Each Ritz pair satisfies H y = θ y up to its reported residual.
+    residuals = (out.eigenvectors @ hessian - out.eigenvalues[:, None] * out.eigenvectors).norm(
+        dim=1
+    )
+    torch.testing.assert_close(residuals, out.residuals, atol=1e-10, rtol=1e-6)
+    assert (residuals <= 1e-4 * exact[0].abs()).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_top5_at_default_tolerance(case: Case) -> None:
+    model, loss_fn, batch = case.build()
+    _, exact = reference(case.name)
+    out = hessian_eigenvalues(model, loss_fn, batch, k=5)
+    assert out.converged.all()
+    assert _relative_error(out.eigenvalues, exact[:5]) < 1e-3
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_smallest_eigenvalue_on_request(case: Case) -> None:
+    model, loss_fn, batch = case.build()
+    hessian, exact = reference(case.name)
+    out = hessian_eigenvalues(
+        model, loss_fn, batch, tol=1e-8, max_iter=hessian.shape[0], smallest=True
+    )
+    assert out.smallest_converged
+    assert out.smallest_eigenvalue is not None
+    assert float(out.smallest_eigenvalue) == pytest.approx(
+        float(exact[-1]), abs=1e-6 * float(exact.abs().max())
+    )
+    plain = hessian_eigenvalues(model, loss_fn, batch, tol=1e-8, max_iter=hessian.shape[0])
+    assert plain.smallest_eigenvalue is None
+    assert plain.smallest_converged is None
+
+
+def _weighted_squares(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, a = batch
+    return (a * model(x).squeeze(-1) ** 2).mean()
+
+
+def test_indefinite_hessian_largest_algebraic_first() -> None:
+    """H = 2 Xᵀ diag(a) X / n with one strongly negative weight: λ_min = −|λ|_max."""
+    with seeded(7):
+        x = torch.randn(12, 6, dtype=torch.float64)
+        model = nn.Linear(6, 1, bias=False).to(torch.float64)
+    a = torch.ones(12, dtype=torch.float64)
+    a[0] = -40.0
+    exact = torch.linalg.eigvalsh(2 * x.T @ (a[:, None] * x) / 12).flip(0)
+    assert exact[-1].abs() > 2 * exact[0]  # the negative end dominates in magnitude
+    out = hessian_eigenvalues(model, _weighted_squares, (x, a), k=2, tol=1e-10, smallest=True)
+    torch.testing.assert_close(out.eigenvalues, exact[:2], atol=1e-9, rtol=0)
+    assert out.eigenvalues[0] > 0
+    assert out.smallest_eigenvalue is not None
+    assert float(out.smallest_eigenvalue) == pytest.approx(float(exact[-1]), abs=1e-9)
+
+
+def test_warm_start_uses_fewer_products() -> None:
+    """After a small change of the weights, starting from the previous eigenvectors
+    reaches the same tolerance in fewer Hessian-vector products than a cold start."""
+    case = CASES[3]  # cnn_batchnorm_eval
+    model, loss_fn, batch = case.build()
+    first = hessian_eigenvalues(model, loss_fn, batch, k=1, tol=1e-6, return_eigenvectors=True)
+    assert first.eigenvectors is not None
+    with seeded(11), torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-2 * torch.randn_like(p))
+    cold = hessian_eigenvalues(model, loss_fn, batch, k=1, tol=1e-6)
+    warm = hessian_eigenvalues(model, loss_fn, batch, k=1, tol=1e-6, init=first.eigenvectors)
+    assert warm.converged.all()
+    torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, atol=0, rtol=1e-5)
+    assert warm.num_hvps < cold.num_hvps
+
+
+def test_warm_start_from_one_vector_or_several() -> None:
+    case = CASES[0]
+    model, loss_fn, batch = case.build()
+    _, exact = reference(case.name)
+    first = hessian_eigenvalues(model, loss_fn, batch, k=3, tol=1e-8, return_eigenvectors=True)
+    assert first.eigenvectors is not None
+    for init in (first.eigenvectors, first.eigenvectors[0]):
+        again = hessian_eigenvalues(model, loss_fn, batch, k=3, tol=1e-8, init=init)
+        assert _relative_error(again.eigenvalues, exact[:3]) < 1e-6
+
+
+def test_preconditioned_eigenvalues_are_those_of_dhd() -> None:
+    case = CASES[0]
+    model, loss_fn, batch = case.build()
+    hessian, _ = reference(case.name)
+    scale = torch.linspace(0.5, 2.0, hessian.shape[0], dtype=torch.float64)
+    exact = torch.linalg.eigvalsh(scale[:, None] * hessian * scale[None, :]).flip(0)
+    out = hessian_eigenvalues(
+        model, loss_fn, batch, k=2, tol=1e-10, max_iter=hessian.shape[0], preconditioner=scale
+    )
+    assert _relative_error(out.eigenvalues, exact[:2]) < 1e-8
+
+
+def test_same_generator_seed_same_result_and_global_rng_unused() -> None:
+    case = CASES[0]
+    model, loss_fn, batch = case.build()
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        runs.append(hessian_eigenvalues(model, loss_fn, batch, k=2, tol=1e-4))
+        assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(runs[0].eigenvalues, runs[1].eigenvalues)
+    seeded_runs = [
+        hessian_eigenvalues(model, loss_fn, batch, k=2, tol=1e-4, generator=make_generator(CPU, s))
+        for s in (5, 5, 6)
+    ]
+    assert torch.equal(seeded_runs[0].eigenvalues, seeded_runs[1].eigenvalues)
+    assert not torch.equal(seeded_runs[0].eigenvalues, seeded_runs[2].eigenvalues)
+
+
+def test_nonconvergence_warns_and_flags() -> None:
+    case = CASES[5]  # transformer_layer
+    model, loss_fn, batch = case.build()
+    with pytest.warns(CurvatureWarning, match="did not reach tol"):
+        out = hessian_eigenvalues(model, loss_fn, batch, k=5, tol=1e-12, max_iter=6)
+    assert out.num_hvps == 6
+    assert not out.converged.all()
