@@ -36,8 +36,8 @@ def _is_single_batch(batch: Any) -> bool:
         return False
     if isinstance(batch, (torch.Tensor, tuple, Mapping)):
         return True
-    if isinstance(batch, list):
-        return all(isinstance(item, torch.Tensor) for item in batch)
+    if isinstance(batch, list):  # an empty list holds no batch: it is an empty iterable
+        return bool(batch) and all(isinstance(item, torch.Tensor) for item in batch)
     return not isinstance(batch, Iterable) or isinstance(batch, (str, bytes))
 
 
