@@ -47,6 +47,7 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 HVPBackend = Literal["auto", "retained_graph", "double_backward", "forward_over_reverse"]
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 _BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")
+_NO_SECOND_DERIVATIVE = (nn.EmbeddingBag,)  # their backward has no derivative in torch
 
 
 class _LossModule(nn.Module):
@@ -139,6 +140,7 @@ class HessianOperator:
         self.dtype = torch.float64 if all(p.dtype == torch.float64 for p in self._parameters) else torch.float32
         self.backend: HVPBackend = backend
         self._may_fall_back = backend == "auto"
+        self._fallback_reason: RuntimeError | None = None
         self.num_hvps = 0
         self._loss_fn = loss_fn
         self._probe: ProbeBatches = split_batches(batch, self.device)
@@ -197,8 +199,8 @@ class HessianOperator:
                 self.backend = "retained_graph"
             except RuntimeError as err:
                 if self.backend == "retained_graph" or not _is_missing_derivative(err):
-                    raise _explain(err, "retained_graph") from err
-                self.backend = "forward_over_reverse"
+                    raise self._explain(err, "retained_graph") from err
+                self.backend, self._fallback_reason = "forward_over_reverse", err
         if self.backend != "retained_graph":
             with torch.no_grad():
                 self._check_finite_loss(self._weighted_loss(self._leaves))
@@ -255,8 +257,9 @@ class HessianOperator:
                 hv = self._backward_through(self._retained, vs)
             except RuntimeError as err:
                 if not (self._may_fall_back and self.num_hvps == 0 and _is_missing_derivative(err)):
-                    raise _explain(err, "retained_graph") from err
+                    raise self._explain(err, "retained_graph") from err
                 self.backend, self._retained = "forward_over_reverse", None
+                self._fallback_reason = err
                 hv = self._forward_over_reverse(vs)
         elif self.backend == "double_backward":
             hv = self._double_backward(vs)
@@ -287,7 +290,7 @@ class HessianOperator:
             grads = self._weighted_gradient(self._leaves, create_graph=True)
             return self._backward_through(grads, vs)
         except RuntimeError as err:
-            raise _explain(err, "double_backward") from err
+            raise self._explain(err, "double_backward") from err
 
     def _forward_over_reverse(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         primals = tuple(leaf.detach() for leaf in self._leaves)
@@ -299,11 +302,21 @@ class HessianOperator:
             try:
                 _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vs),))
             except RuntimeError as err:
-                raise _explain(err, "forward_over_reverse") from err
+                raise self._explain(err, "forward_over_reverse") from err
             scaled = [weight * h for h in hv]
             total = scaled if total is None else [t + s for t, s in zip(total, scaled, strict=True)]
         assert total is not None
         return total
+
+    def _explain(self, err: RuntimeError, backend: str) -> RuntimeError:
+        measured = {id(p) for p in self._parameters}
+        suspects = [
+            f"{name!r} ({type(module).__name__})"
+            for name, module in self.model.named_modules()
+            if isinstance(module, _NO_SECOND_DERIVATIVE)
+            and any(id(p) in measured for p in module.parameters(recurse=False))
+        ]
+        return _explain(err, backend, suspects, self._fallback_reason)
 
 
 def _is_missing_derivative(err: RuntimeError) -> bool:
@@ -311,11 +324,20 @@ def _is_missing_derivative(err: RuntimeError) -> bool:
     return any(s in text for s in ("not implemented", "double backward", "does not support"))
 
 
-def _explain(err: RuntimeError, backend: str) -> RuntimeError:
+def _explain(
+    err: RuntimeError, backend: str, suspects: list[str], earlier: RuntimeError | None
+) -> RuntimeError:
+    named = (
+        f"Measured modules without second derivatives: {', '.join(suspects)}; leave their "
+        "weights out with `parameters=` (patterns for the other parameters).\n"
+        if suspects
+        else ""
+    )
+    before = f"backend='auto' tried 'retained_graph' first: {earlier}\n" if earlier else ""
     return RuntimeError(
         f"Hessian-vector products with backend={backend!r} cannot pass through this model: {err}\n"
-        "Known causes: nn.EmbeddingBag (exclude its weights with `parameters=`), reentrant "
-        "activation checkpointing (disable it for the probe), custom autograd.Functions or "
+        f"{named}{before}Known causes: nn.EmbeddingBag (exclude its weights with "
+        "`parameters=`), reentrant activation checkpointing (disable it for the probe), custom autograd.Functions or "
         "fused kernels without second derivatives. Try another `backend`."
     )
 

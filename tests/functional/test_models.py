@@ -1,0 +1,245 @@
+"""Models people train: transformer, torch.compile, LSTM, train-mode BatchNorm, unused and
+non-differentiable parameters, low precision."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
+from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
+from lightning_curvature.functional.trace import hessian_trace
+from tests.functional.cases import (
+    CASES_BY_NAME,
+    DTYPE,
+    assert_unchanged,
+    batch_norm_dropout_case,
+    batch_norm_dropout_hessian,
+    cross_entropy,
+    dense_hessian,
+    reference,
+    seeded,
+    snapshot,
+)
+
+BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")
+
+
+def _vector(size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(size, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transformer_in_train_mode_probes_without_dropout(backend: str) -> None:
+    """Dropout (also inside attention) is off during the probe and SDPA runs on its math
+    kernel: the train-mode layer has the Hessian of the eval-mode one."""
+    model, loss_fn, batch = CASES_BY_NAME["transformer_layer"].build()
+    hessian, _ = reference("transformer_layer")
+    model.train()
+    vector = _vector(hessian.shape[0])
+    product = hessian_vector_product(model, loss_fn, batch, vector, backend=backend)
+    torch.testing.assert_close(product, hessian @ vector, atol=1e-10, rtol=0)
+    assert model.training
+    assert model.layer.dropout.training
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_compiled_module_is_probed_through_its_original(compile_backend: str) -> None:
+    model, loss_fn, batch = CASES_BY_NAME["mlp_tanh"].build()
+    hessian, _ = reference("mlp_tanh")
+    compiled = torch.compile(model, backend=compile_backend)
+    assert compiled(batch[0]).shape == (8, 3)  # compiled once, as training would
+    before = snapshot(model)
+    vector = _vector(hessian.shape[0])
+    for backend in ("auto", "double_backward"):
+        product = hessian_vector_product(compiled, loss_fn, batch, vector, backend=backend)
+        torch.testing.assert_close(product, hessian @ vector, atol=1e-10, rtol=0)
+    top = hessian_eigenvalues(compiled, loss_fn, batch, tol=1e-10, max_iter=hessian.shape[0])
+    assert float(top.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(hessian)[-1]))
+    assert_unchanged(model, before)
+
+
+def test_compiled_submodule_runs_eagerly_in_the_probe() -> None:
+    """A submodule compiled with aot_autograd has no double backward; the probe makes it
+    run eagerly, after a compiled training step wrote its gradients."""
+    model, loss_fn, batch = CASES_BY_NAME["mlp_tanh"].build()
+    hessian, _ = reference("mlp_tanh")
+    model[0] = torch.compile(model[0], backend="aot_eager")
+    loss_fn(model, batch).backward()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
+    before = snapshot(model)
+    vector = _vector(hessian.shape[0])
+    product = hessian_vector_product(model, loss_fn, batch, vector)
+    torch.testing.assert_close(product, hessian @ vector, atol=1e-10, rtol=0)
+    assert_unchanged(model, before)
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _recurrent(dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    with seeded(4):
+        model = Recurrent().to(dtype)
+        batch = (torch.randn(4, 5, 3, dtype=dtype), torch.randint(0, 2, (4,)))
+    return model, batch
+
+
+def test_lstm_hvp_is_exact() -> None:
+    model, batch = _recurrent(DTYPE)
+    hessian = dense_hessian(model, cross_entropy, batch)
+    vector = _vector(hessian.shape[0])
+    for backend in ("auto", "retained_graph", "double_backward"):
+        product = hessian_vector_product(model, cross_entropy, batch, vector, backend=backend)
+        torch.testing.assert_close(product, hessian @ vector, atol=1e-10, rtol=0)
+
+
+def test_lstm_float32_has_no_forward_mode_but_auto_works() -> None:
+    """The float32 CPU LSTM kernel (mkldnn) has no forward-mode derivative."""
+    model, batch = _recurrent(torch.float32)
+    with (
+        pytest.raises(RuntimeError, match="backend='forward_over_reverse' cannot pass"),
+        HessianOperator(model, cross_entropy, batch, backend="forward_over_reverse") as op,
+    ):
+        op.matvec(torch.ones(op.size))
+    exact_model = copy.deepcopy(model).to(DTYPE)
+    exact_batch = (batch[0].to(DTYPE), batch[1])
+    hessian = dense_hessian(exact_model, cross_entropy, exact_batch)
+    vector = _vector(hessian.shape[0])
+    with HessianOperator(model, cross_entropy, batch) as op:
+        product = op.matvec(vector.float())
+        assert op.backend == "retained_graph"
+        assert op.dtype == torch.float32
+    torch.testing.assert_close(product.double(), hessian @ vector, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_train_mode_is_the_exact_batch_statistics_hessian(backend: str) -> None:
+    model, loss_fn, batch = batch_norm_dropout_case()
+    hessian = batch_norm_dropout_hessian(model, batch)
+    before = snapshot(model)
+    vectors = torch.stack([_vector(hessian.shape[0], s) for s in range(2)])
+    with HessianOperator(model, loss_fn, batch, backend=backend) as op:
+        products = torch.stack([op.matvec(v) for v in vectors])
+    torch.testing.assert_close(products, vectors @ hessian, atol=1e-10, rtol=0)
+    assert_unchanged(model, before)
+
+
+def test_batch_norm_train_eigenvalues_and_trace() -> None:
+    model, loss_fn, batch = batch_norm_dropout_case()
+    hessian = batch_norm_dropout_hessian(model, batch)
+    exact = torch.linalg.eigvalsh(hessian).flip(0)
+    top = hessian_eigenvalues(model, loss_fn, batch, k=3, tol=1e-10, max_iter=hessian.shape[0])
+    torch.testing.assert_close(top.eigenvalues, exact[:3], atol=1e-8, rtol=0)
+    # batch_norm="eval" measures another function: the running-statistics one.
+    other = hessian_eigenvalues(
+        model, loss_fn, batch, k=1, tol=1e-10, max_iter=hessian.shape[0], batch_norm="eval"
+    )
+    assert abs(float(other.eigenvalues[0]) - float(exact[0])) > 1e-3
+
+
+class WithUnusedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.auxiliary = nn.Linear(4, 2)  # not in the loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_unused_parameters_have_zero_rows() -> None:
+    with seeded(8):
+        model = WithUnusedHead().to(DTYPE)
+        batch = (torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,)))
+    used = 4 * 3 + 3
+    size = used + 4 * 2 + 2
+    full = torch.zeros(size, size, dtype=DTYPE)
+    full[:used, :used] = dense_hessian(nn.Sequential(model.body), cross_entropy, batch)
+    for backend in BACKENDS:
+        for seed in range(2):
+            vector = _vector(size, seed)
+            product = hessian_vector_product(model, cross_entropy, batch, vector, backend=backend)
+            torch.testing.assert_close(product, full @ vector, atol=1e-12, rtol=0)
+            assert torch.equal(product[used:], torch.zeros(size - used, dtype=DTYPE))
+    traced = hessian_trace(model, cross_entropy, batch, num_hvps=4, per_layer=True)
+    assert float(traced.per_layer["auxiliary"]) == 0.0
+
+
+class Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 4, mode="mean")
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(tokens))
+
+
+def _bag() -> tuple[nn.Module, Any]:
+    with seeded(9):
+        model = Bag().to(DTYPE)
+        batch = (torch.randint(0, 10, (5, 3)), torch.randint(0, 2, (5,)))
+    return model, batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_without_double_backward_gets_one_clear_error(backend: str) -> None:
+    model, batch = _bag()
+    before = snapshot(model)
+    with pytest.raises(
+        RuntimeError, match=r"(?s)cannot pass through this model.*'bag' \(EmbeddingBag\)"
+    ):
+        hessian_eigenvalues(model, cross_entropy, batch, backend=backend)
+    assert_unchanged(model, before)
+
+
+def test_auto_error_tells_both_backends() -> None:
+    model, batch = _bag()
+    with pytest.raises(RuntimeError, match="backend='auto' tried 'retained_graph' first") as info:
+        hessian_trace(model, cross_entropy, batch, num_hvps=2)
+    assert "_embedding_bag_backward" in str(info.value)
+
+
+def test_excluding_the_bag_weights_measures_the_rest() -> None:
+    model, batch = _bag()
+    frozen = copy.deepcopy(model)
+    frozen.bag.weight.requires_grad_(False)
+    hessian = dense_hessian(frozen, cross_entropy, batch)
+    out = hessian_eigenvalues(
+        model, cross_entropy, batch, k=2, tol=1e-10, max_iter=hessian.shape[0], parameters="head.*"
+    )
+    torch.testing.assert_close(out.eigenvalues, torch.linalg.eigvalsh(hessian).flip(0)[:2])
+    assert out.parameter_names == ("head.weight", "head.bias")
+
+
+def test_low_precision_parameters_are_probed_in_float32() -> None:
+    """bf16 parameters and inputs are promoted to float32 copies; autocast outside is off."""
+    model, loss_fn, batch = CASES_BY_NAME["mlp_tanh"].build()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half_batch = (batch[0].to(torch.bfloat16), batch[1])
+    exact_model = copy.deepcopy(half).to(DTYPE)
+    hessian = dense_hessian(exact_model, loss_fn, (half_batch[0].to(DTYPE), batch[1]))
+    vector = _vector(hessian.shape[0]).float()
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        HessianOperator(half, loss_fn, half_batch) as op,
+    ):
+        assert op.dtype == torch.float32
+        product = op.matvec(vector)
+    assert product.dtype == torch.float32
+    torch.testing.assert_close(product.double(), hessian @ vector.double(), atol=1e-5, rtol=1e-5)
+    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in half.parameters())
