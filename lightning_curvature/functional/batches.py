@@ -50,7 +50,9 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
         ('cpu', 3)
     """
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        # Asynchronous only towards an accelerator: a non-blocking copy *to* the CPU may be
+        # read before it has landed.
+        return batch.to(device, non_blocking=device.type != "cpu")
     if isinstance(batch, Mapping):
         return type(batch)({key: move_to_device(value, device) for key, value in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple

@@ -70,6 +70,8 @@ def _start_vector(
             f"got {tuple(init.shape)}."
         )
     start = (vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True).clamp_min(1e-30)).sum(0)
+    if not (bool(torch.isfinite(start).all()) and bool(start.any())):
+        raise ValueError("`init` must be finite and not zero (it starts the Lanczos basis).")
     # A little noise guards against a new top direction orthogonal to the old ones.
     return start / torch.linalg.vector_norm(start) + 1e-3 * noise / torch.linalg.vector_norm(noise)
 

@@ -37,7 +37,8 @@ def select_parameters(
             them matched against ``model.named_parameters()`` names (``"0.*"``, ``"*.bias"``).
 
     Raises:
-        ValueError: if nothing is trainable, or a pattern matches no trainable parameter.
+        ValueError: if nothing is trainable, ``parameters`` is an empty list, or a pattern
+            matches no trainable parameter.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
@@ -53,6 +54,11 @@ def select_parameters(
     patterns = _as_patterns(parameters)
     if patterns is None:
         return trainable
+    if not patterns:
+        raise ValueError(
+            "`parameters` is an empty list of patterns: give None (all trainable "
+            "parameters) or at least one glob pattern."
+        )
     names = [name for name, _ in trainable]
     for pattern in patterns:
         if not fnmatch.filter(names, pattern):

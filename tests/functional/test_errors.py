@@ -248,3 +248,14 @@ def test_non_finite_product(backend: str) -> None:
     x = torch.randn(4, 3, dtype=DTYPE)
     with pytest.raises(NonFiniteCurvatureError, match="a Hessian-vector product is not finite"):
         hessian_eigenvalues(model, lambda m, b: m(b).abs().sqrt().mean(), x, backend=backend)
+
+
+def test_empty_list_of_parameter_patterns(tiny: Any) -> None:
+    with pytest.raises(ValueError, match="`parameters` is an empty list of patterns"):
+        hessian_trace(*tiny, parameters=[])
+
+
+@pytest.mark.parametrize("fill", [0.0, float("nan")])
+def test_init_zero_or_not_finite(tiny: Any, fill: float) -> None:
+    with pytest.raises(ValueError, match="`init` must be finite and not zero"):
+        hessian_eigenvalues(*tiny, init=torch.full((43,), fill, dtype=DTYPE))
