@@ -115,14 +115,18 @@ def _optimized_parameters(optimizer: Any) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def _restored_metric_states(module: torch.nn.Module) -> Iterator[None]:
-    """Put back the state of every torchmetrics ``Metric`` in ``module`` on exit."""
+    """Put back the state of every torchmetrics ``Metric`` in ``module`` on exit.
+
+    Each state object is restored in place and reattached, so states that several metrics
+    share (a ``MetricCollection``'s compute groups) stay shared.
+    """
     from torchmetrics import Metric
 
-    saved: list[tuple[Metric, dict[str, Any], dict[str, Any]]] = []
+    saved: list[tuple[Metric, dict[str, tuple[Any, Any]], dict[str, Any]]] = []
     for metric in module.modules():
         if isinstance(metric, Metric):
-            states: dict[str, Any] = {
-                name: value.clone() if isinstance(value, torch.Tensor) else list(value)
+            states: dict[str, tuple[Any, Any]] = {
+                name: (value, value.clone() if isinstance(value, torch.Tensor) else list(value))
                 for name, value in metric.metric_state.items()
             }
             # counters and caches torchmetrics keeps beside the states
@@ -135,9 +139,16 @@ def _restored_metric_states(module: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for metric, states, extra in saved:
-            for name, value in {**states, **extra}.items():
-                setattr(metric, name, value)
+        with torch.no_grad():
+            for metric, states, extra in saved:
+                for name, (original, copy_) in states.items():
+                    if isinstance(original, torch.Tensor):
+                        original.copy_(copy_)
+                    else:
+                        original[:] = copy_
+                    setattr(metric, name, original)
+                for name, value in extra.items():
+                    setattr(metric, name, value)
 
 
 def _all_reduce_mean(trainer: pl.Trainer, tensors: Sequence[torch.Tensor]) -> None:
@@ -358,9 +369,11 @@ class SAM(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        # A micro-batch that did not end the step: keep its loss (divided by the number of
-        # micro-batches, as Lightning reports it) for ``sam/sharpness``.
-        if self._window and trainer.global_step == self._window_step:
+        if trainer.global_step != self._window_step:  # the step is done: free its batches
+            self._window, self._first_losses = [], []
+        elif self._window:
+            # A micro-batch that did not end the step: keep its loss (divided by the number of
+            # micro-batches, as Lightning reports it) for ``sam/sharpness``.
             loss = _loss_of(outputs)
             if loss is not None:
                 self._first_losses.append(loss.detach())
@@ -428,8 +441,7 @@ class SAM(Callback):
 
     # -- the SAM step --------------------------------------------------------------------------
     def _sam_closure(self, trainer: pl.Trainer, optimizer: Any, closure: Callable[[], Any]) -> Any:
-        window, first_losses = self._window, self._first_losses
-        self._window, self._first_losses = [], []  # the batches are freed after this step
+        window, first_losses = self._window, self._first_losses  # freed once the step is done
         step = trainer.global_step
         module = trainer.lightning_module
         per_replica = self.perturbation == "per_replica" and trainer.world_size > 1

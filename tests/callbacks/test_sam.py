@@ -32,7 +32,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryPrecision
 
 from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.functional.warnings import CurvatureWarning
@@ -278,6 +279,33 @@ def test_an_epoch_cut_short_mid_window_leaves_no_stale_micro_batch() -> None:
     assert_same_weights(model, expected)
 
 
+def test_an_optimizer_that_calls_the_closure_several_times_gets_sam_each_time() -> None:
+    class WithLBFGS(Net):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=3)
+
+    torch.manual_seed(0)
+    model, dataset = WithLBFGS(), data()
+    expected = twin(model)
+    fit(model, dataset, max_steps=2, callbacks=[SAM(rho=0.1)])
+
+    opt = expected.configure_optimizers()
+    for batch in list(DataLoader(dataset, batch_size=BATCH))[:2]:
+
+        def closure(batch: Any = batch) -> torch.Tensor:
+            opt.zero_grad()
+            loss = expected.training_step(batch, 0)
+            loss.backward()
+            _reference_sam_pass(
+                expected, opt, [batch], [torch.get_rng_state()], 0.1, False, 0.01, 1
+            )
+            return loss.detach()
+
+        opt.step(closure)
+    assert model.calls == expected.calls > 4  # several closure calls per step, two passes each
+    assert_same_weights(model, expected)
+
+
 def test_the_sam_step_moves_the_weights_differently_from_a_plain_step() -> None:
     torch.manual_seed(0)
     model, dataset = Net(), data()
@@ -424,6 +452,44 @@ class Logged(Net):
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         self.log("mean_loss", self.mean_loss, on_step=False, on_epoch=True)
         return loss
+
+
+class WithCollection(Net):
+    """Updates a MetricCollection whose two metrics share their states (one compute group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics = MetricCollection([BinaryAccuracy(), BinaryPrecision()])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self.metrics.update(self.net(x).squeeze(-1).detach(), (y > 0).long())
+        return super().training_step(batch, batch_idx)
+
+
+class FirstPassPredictions(pl.Callback):
+    def __init__(self) -> None:
+        self.expected = MetricCollection([BinaryAccuracy(), BinaryPrecision()])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        with torch.no_grad():  # the weights w of the first pass
+            self.expected.update(pl_module.net(x).squeeze(-1), (y > 0).long())
+
+
+def test_metric_states_see_the_first_pass_only_and_compute_groups_stay_shared() -> None:
+    torch.manual_seed(0)
+    model, capture = WithCollection(), FirstPassPredictions()
+    fit(model, data(), callbacks=[SAM(rho=0.5), capture])
+    assert model.calls == 10
+    got, expected = model.metrics.compute(), capture.expected.compute()
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert torch.equal(got[name], expected[name]), name
+    members = [model.metrics.__getitem__(k, copy_state=False) for k in got]
+    assert model.metrics.compute_groups == {0: ["BinaryAccuracy", "BinaryPrecision"]}
+    assert members[0].tp is members[1].tp  # still one shared state object
+    assert int(members[0].tp + members[0].fp + members[0].tn + members[0].fn) == 40
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
