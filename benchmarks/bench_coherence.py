@@ -8,9 +8,9 @@ which is steadier when the load of a shared machine shifts during the run:
 
 * ``batch gradient``: one ``torch.autograd.grad`` of the mean loss (the unit);
 * ``per-example (vmap)``: ``gradient_coherence(mode="per_example")``, everything included
-  (vmap of grad in one chunk, the on-the-fly sums and the statistics);
-* ``per-example, chunk 32``: the same in chunks of 32 examples (a quarter of the memory);
-* ``vmap(grad) only``: the per-example gradients without the sums, to see what they cost;
+  (vmap of grad in the default chunks, the on-the-fly sums and the statistics);
+* ``per-example, one chunk``: the same with all 128 examples in one ``vmap`` call;
+* ``vmap(grad) only``: the per-example gradients (default chunks) without the sums;
 * ``micro-batches of 8``: ``gradient_coherence(mode="micro_batch", micro_batch_size=8)``;
 * ``python loop``: ``mode="micro_batch", micro_batch_size=1``, one backward per example.
 
@@ -26,7 +26,10 @@ from collections.abc import Callable
 import torch
 from common import Timings, loss_fn, make_cnn, num_parameters, synthetic_images, timed
 
-from lightning_curvature.functional.gradient_statistics import gradient_coherence
+from lightning_curvature.functional.gradient_statistics import (
+    default_chunk_size,
+    gradient_coherence,
+)
 from lightning_curvature.functional.per_example import GradientSampler
 
 
@@ -41,7 +44,8 @@ def cases(
         return torch.autograd.grad(loss_fn(model, batch), params)
 
     def vmap_only() -> object:
-        return list(sampler.per_example(batch, chunk_size=len(batch[1])))
+        chunk = default_chunk_size(num_parameters(model), batch[0].device)
+        return list(sampler.per_example(batch, chunk_size=chunk))
 
     def coherence(**kwargs: object) -> Callable[[], object]:
         return lambda: gradient_coherence(model, loss_fn, batch, **kwargs)  # type: ignore[arg-type]
@@ -49,7 +53,7 @@ def cases(
     return {
         "batch gradient": batch_gradient,
         "per-example (vmap)": coherence(mode="per_example"),
-        "per-example, chunk 32": coherence(mode="per_example", chunk_size=32),
+        "per-example, one chunk": coherence(mode="per_example", chunk_size=len(batch[1])),
         "vmap(grad) only": vmap_only,
         "micro-batches of 8": coherence(mode="micro_batch", micro_batch_size=8),
         "python loop": coherence(mode="micro_batch", micro_batch_size=1),
