@@ -106,7 +106,8 @@ class ProbeBatches:
     def num_examples(self) -> int | None:
         """Total number of examples, or ``None`` when a batch size is unknown."""
         sizes = [batch_size(batch) for batch in self.batches]
-        return None if any(size is None for size in sizes) else sum(sizes)  # type: ignore[misc]
+        known = [size for size in sizes if size is not None]
+        return sum(known) if len(known) == len(sizes) else None
 
 
 def split_batches(batch: Any, device: torch.device) -> ProbeBatches:

@@ -140,7 +140,12 @@ def spectral_density(
         raise ValueError(f"`num_runs` must be an integer >= 1, got {num_runs!r}.")
     all_nodes, all_weights = [], []
     with HessianOperator(
-        model, loss_fn, batch, parameters=parameters, backend=backend, batch_norm=batch_norm,
+        model,
+        loss_fn,
+        batch,
+        parameters=parameters,
+        backend=backend,
+        batch_norm=batch_norm,
         all_reduce=all_reduce,
     ) as operator:
         generator = check_generator(generator, operator.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,22 +59,31 @@ def _check_arguments(k: int, tol: float, max_iter: int | None, min_iter: int) ->
 
 
 def _start_vector(
-    init: torch.Tensor | None, size: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+    init: torch.Tensor | None,
+    size: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor:
     noise = torch.randn(size, generator=generator, dtype=dtype, device=device)
     if init is None:
         return noise
-    vectors = init.to(device=device, dtype=dtype).reshape(-1, init.shape[-1]) if init.dim() else init
+    vectors = (
+        init.to(device=device, dtype=dtype).reshape(-1, init.shape[-1]) if init.dim() else init
+    )
     if init.dim() not in (1, 2) or vectors.shape[-1] != size:
         raise ValueError(
             f"`init` must have shape ({size},) or (m, {size}) over the measured parameters, "
             f"got {tuple(init.shape)}."
         )
-    start = (vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True).clamp_min(1e-30)).sum(0)
+    norms = torch.linalg.vector_norm(vectors, dim=1, keepdim=True).clamp_min(1e-30)
+    start = (vectors / norms).sum(0)
     if not (bool(torch.isfinite(start).all()) and bool(start.any())):
         raise ValueError("`init` must be finite and not zero (it starts the Lanczos basis).")
     # A little noise guards against a new top direction orthogonal to the old ones.
-    return start / torch.linalg.vector_norm(start) + 1e-3 * noise / torch.linalg.vector_norm(noise)
+    unit_noise = noise.div(torch.linalg.vector_norm(noise))
+    mixed: torch.Tensor = start.div(torch.linalg.vector_norm(start)).add(unit_noise, alpha=1e-3)
+    return mixed
 
 
 def hessian_eigenvalues(
@@ -138,25 +148,43 @@ def hessian_eigenvalues(
     """
     _check_arguments(k, tol, max_iter, min_iter)
     with HessianOperator(
-        model, loss_fn, batch, parameters=parameters, backend=backend, batch_norm=batch_norm,
+        model,
+        loss_fn,
+        batch,
+        parameters=parameters,
+        backend=backend,
+        batch_norm=batch_norm,
         all_reduce=all_reduce,
     ) as operator:
         generator = check_generator(generator, operator.device)
         if k > operator.size:
-            raise ValueError(f"`k` ({k}) exceeds the number of measured parameters ({operator.size}).")
+            raise ValueError(
+                f"`k` ({k}) exceeds the number of measured parameters ({operator.size})."
+            )
         steps = min(max_iter or max(30, 20 + 4 * k), operator.size)
         start = _start_vector(init, operator.size, generator, operator.dtype, operator.device)
-        matvec = operator.matvec
+        matvec: Callable[[torch.Tensor], torch.Tensor] = operator.matvec
         if preconditioner is not None:
             if preconditioner.shape != (operator.size,):
                 raise ValueError(
-                    f"`preconditioner` must have shape ({operator.size},), got {tuple(preconditioner.shape)}."
+                    f"`preconditioner` must have shape ({operator.size},), "
+                    f"got {tuple(preconditioner.shape)}."
                 )
             scale = preconditioner.to(device=operator.device, dtype=operator.dtype)
-            matvec = lambda v: scale * operator.matvec(scale * v)  # noqa: E731
+
+            def matvec(vector: torch.Tensor) -> torch.Tensor:
+                return scale * operator.matvec(scale * vector)
+
         found = lanczos_eigenpairs(
-            matvec, start, k=k, tol=tol, max_steps=steps, min_steps=min_iter,
-            smallest=smallest, return_eigenvectors=return_eigenvectors, generator=generator,
+            matvec,
+            start,
+            k=k,
+            tol=tol,
+            max_steps=steps,
+            min_steps=min_iter,
+            smallest=smallest,
+            return_eigenvectors=return_eigenvectors,
+            generator=generator,
         )
         num_hvps = operator.num_hvps
     if not bool(found.converged.all()) or (found.smallest is not None and not found.smallest[2]):
@@ -168,14 +196,19 @@ def hessian_eigenvalues(
             stacklevel=2,
         )
     device, dtype = operator.device, operator.dtype
-    as_model = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+
+    def as_model(values: torch.Tensor) -> torch.Tensor:
+        return values.to(device=device, dtype=dtype)
+
     return HessianEigenvalues(
         eigenvalues=as_model(found.eigenvalues),
         residuals=as_model(found.residuals),
         converged=found.converged.to(device),
         num_hvps=num_hvps,
         eigenvectors=found.eigenvectors,
-        smallest_eigenvalue=None if found.smallest is None else torch.tensor(found.smallest[0], dtype=dtype, device=device),
+        smallest_eigenvalue=None
+        if found.smallest is None
+        else torch.tensor(found.smallest[0], dtype=dtype, device=device),
         smallest_converged=None if found.smallest is None else found.smallest[2],
         parameter_names=operator.layout.names,
     )

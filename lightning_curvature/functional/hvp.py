@@ -131,13 +131,19 @@ class HessianOperator:
         if backend not in _BACKENDS:
             raise ValueError(f"`backend` must be one of {_BACKENDS}, got {backend!r}.")
         if not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+            raise TypeError(
+                f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}."
+            )
         self.model = unwrap_model(model)
         named = select_parameters(self.model, parameters)
         self.layout = ParameterLayout.from_named(named)
         self._parameters = [p for _, p in named]
         self.device = self._parameters[0].device
-        self.dtype = torch.float64 if all(p.dtype == torch.float64 for p in self._parameters) else torch.float32
+        self.dtype = (
+            torch.float64
+            if all(p.dtype == torch.float64 for p in self._parameters)
+            else torch.float32
+        )
         self.backend: HVPBackend = backend
         self._may_fall_back = backend == "auto"
         self._fallback_reason: RuntimeError | None = None
@@ -160,7 +166,9 @@ class HessianOperator:
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
         stack = contextlib.ExitStack()
-        stack.enter_context(probe_context(self.model, batch_norm=self._batch_norm, dropout=self._dropout))
+        stack.enter_context(
+            probe_context(self.model, batch_norm=self._batch_norm, dropout=self._dropout)
+        )
         self._stack = stack
         try:
             self._prepare()
@@ -185,7 +193,10 @@ class HessianOperator:
         self._leaves = [p.detach().to(self.dtype).requires_grad_(True) for p in self._parameters]
         low_precision = any(p.dtype != self.dtype for p in self._parameters)
         self._buffers = (
-            {n: b.to(self.dtype) if b.is_floating_point() else b for n, b in self.model.named_buffers()}
+            {
+                n: b.to(self.dtype) if b.is_floating_point() else b
+                for n, b in self.model.named_buffers()
+            }
             if low_precision
             else {}
         )
@@ -207,13 +218,16 @@ class HessianOperator:
 
     # -- loss and gradients ----------------------------------------------------------------
     def _loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
-        params = {f"model.{name}": leaf for name, leaf in zip(self.layout.names, leaves, strict=True)}
+        params = {
+            f"model.{name}": leaf for name, leaf in zip(self.layout.names, leaves, strict=True)
+        }
         params.update({f"model.{name}": buf for name, buf in self._buffers.items()})
         return _check_scalar_loss(torch.func.functional_call(self._module, params, (batch,)))
 
     def _weighted_loss(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         total = sum(
-            w * self._loss(leaves, b) for b, w in zip(self._inputs, self._probe.weights, strict=True)
+            w * self._loss(leaves, b)
+            for b, w in zip(self._inputs, self._probe.weights, strict=True)
         )
         return total  # type: ignore[return-value]
 
@@ -225,7 +239,9 @@ class HessianOperator:
         if bad.item() > 0:
             raise NonFiniteCurvatureError(f"the probe loss is not finite ({self.loss.item()}).")
 
-    def _weighted_gradient(self, leaves: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+    def _weighted_gradient(
+        self, leaves: list[torch.Tensor], create_graph: bool
+    ) -> list[torch.Tensor]:
         total: list[torch.Tensor] | None = None
         loss_sum = torch.zeros((), dtype=self.dtype, device=self.device)
         for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
@@ -249,7 +265,9 @@ class HessianOperator:
             NonFiniteCurvatureError: if the product is not finite.
         """
         if self._stack is None:
-            raise RuntimeError("HessianOperator.matvec must be called inside `with HessianOperator(...)`.")
+            raise RuntimeError(
+                "HessianOperator.matvec must be called inside `with HessianOperator(...)`."
+            )
         vs = self.layout.split(vector.to(device=self.device, dtype=self.dtype))
         if self.backend == "retained_graph":
             assert self._retained is not None
@@ -273,15 +291,22 @@ class HessianOperator:
             raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
         return flat
 
-    def _backward_through(self, grads: list[torch.Tensor], vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _backward_through(
+        self, grads: list[torch.Tensor], vs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g.requires_grad]
         if not pairs:
             return [torch.zeros_like(v) for v in vs]
-        outputs, grad_outputs = zip(*pairs, strict=True)
+        outputs = [g for g, _ in pairs]
+        grad_outputs = [v for _, v in pairs]
         return list(
             torch.autograd.grad(
-                outputs, self._leaves, grad_outputs=grad_outputs, retain_graph=True,
-                allow_unused=True, materialize_grads=True,
+                outputs,
+                self._leaves,
+                grad_outputs=grad_outputs,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
             )
         )
 
@@ -296,11 +321,12 @@ class HessianOperator:
         primals = tuple(leaf.detach() for leaf in self._leaves)
         total: list[torch.Tensor] | None = None
         for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
+
             def loss_of(params: tuple[torch.Tensor, ...], batch: Any = batch) -> torch.Tensor:
                 return self._loss(params, batch)
 
             try:
-                _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vs),))
+                hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vs),))[1]
             except RuntimeError as err:
                 raise self._explain(err, "forward_over_reverse") from err
             scaled = [weight * h for h in hv]
@@ -337,8 +363,9 @@ def _explain(
     return RuntimeError(
         f"Hessian-vector products with backend={backend!r} cannot pass through this model: {err}\n"
         f"{named}{before}Known causes: nn.EmbeddingBag (exclude its weights with "
-        "`parameters=`), reentrant activation checkpointing (disable it for the probe), custom autograd.Functions or "
-        "fused kernels without second derivatives. Try another `backend`."
+        "`parameters=`), reentrant activation checkpointing (disable it for the probe), "
+        "custom autograd.Functions or fused kernels without second derivatives. "
+        "Try another `backend`."
     )
 
 

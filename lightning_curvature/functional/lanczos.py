@@ -33,7 +33,7 @@ _NEARLY_INVARIANT = 1e-4
 
 
 def _unit(vector: torch.Tensor) -> torch.Tensor:
-    return vector / torch.linalg.vector_norm(vector)
+    return vector.div(torch.linalg.vector_norm(vector))
 
 
 class LanczosProcess:
@@ -63,7 +63,9 @@ class LanczosProcess:
     ) -> None:
         self.matvec = matvec
         self.max_steps = min(max_steps, start.numel())
-        self.basis = torch.zeros(self.max_steps + 1, start.numel(), dtype=start.dtype, device=start.device)
+        self.basis = torch.zeros(
+            self.max_steps + 1, start.numel(), dtype=start.dtype, device=start.device
+        )
         self.basis[0] = _unit(start)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
@@ -247,7 +249,7 @@ def lanczos_eigenpairs(
     if return_eigenvectors:
         basis = run.basis[: run.num_steps]
         coefficients = vectors[:, top].to(dtype=basis.dtype, device=basis.device)
-        eigenvectors = (coefficients.T @ basis)
+        eigenvectors = coefficients.T @ basis
     return LanczosResult(
         eigenvalues=values[top],
         residuals=residuals[top],
@@ -270,7 +272,8 @@ def lanczos_quadrature(
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
-        >>> nodes, weights = lanczos_quadrature(lambda v: A @ v, torch.ones(2, dtype=torch.float64), 2)
+        >>> start = torch.ones(2, dtype=torch.float64)
+        >>> nodes, weights = lanczos_quadrature(lambda v: A @ v, start, 2)
         >>> nodes, weights
         (tensor([1., 2.], dtype=torch.float64), tensor([0.5000, 0.5000], dtype=torch.float64))
     """

@@ -110,7 +110,7 @@ class ParameterLayout:
         """Views of ``flat`` shaped like each parameter (no copy)."""
         return [
             chunk.view(shape)
-            for chunk, shape in zip(torch.split(flat, self.numels), self.shapes, strict=True)
+            for chunk, shape in zip(torch.split(flat, list(self.numels)), self.shapes, strict=True)
         ]
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -45,7 +45,8 @@ def rademacher(
     """Entries ±1 with equal probability.
 
     Example:
-        >>> z = rademacher((1000,), make_generator(torch.device("cpu")), torch.float32, torch.device("cpu"))
+        >>> cpu = torch.device("cpu")
+        >>> z = rademacher((1000,), make_generator(cpu), torch.float32, cpu)
         >>> z.unique().tolist()
         [-1.0, 1.0]
     """

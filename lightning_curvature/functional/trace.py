@@ -93,18 +93,33 @@ def hessian_trace(
         raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
     minimum = 3 if method == "hutch++" else 2
     if not isinstance(num_hvps, int) or num_hvps < minimum:
-        raise ValueError(f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}.")
+        raise ValueError(
+            f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
+        )
     with HessianOperator(
-        model, loss_fn, batch, parameters=parameters, backend=backend, batch_norm=batch_norm,
+        model,
+        loss_fn,
+        batch,
+        parameters=parameters,
+        backend=backend,
+        batch_norm=batch_norm,
         all_reduce=all_reduce,
     ) as operator:
         generator = check_generator(generator, operator.device)
         blocks = operator.layout.groups(per_layer) if per_layer else {}
         samples = _METHODS[method](
-            operator.matvec, operator.size, num_hvps, generator,
-            dtype=operator.dtype, device=operator.device, blocks=blocks,
+            operator.matvec,
+            operator.size,
+            num_hvps,
+            generator,
+            dtype=operator.dtype,
+            device=operator.device,
+            blocks=blocks,
         )
-    as_model = lambda x: torch.tensor(x, dtype=operator.dtype, device=operator.device)  # noqa: E731
+
+    def as_model(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=operator.dtype, device=operator.device)
+
     per_block = {name: samples.block(name) for name in blocks}
     return HessianTrace(
         estimate=as_model(samples.estimate),

@@ -33,7 +33,9 @@ def _stack_cpu(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _block_dot(a: torch.Tensor, b: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
-    return sum((torch.dot(a[s], b[s]) for s in slices), torch.zeros((), dtype=a.dtype, device=a.device))
+    return sum(
+        (torch.dot(a[s], b[s]) for s in slices), torch.zeros((), dtype=a.dtype, device=a.device)
+    )
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,15 @@ def hutchinson(
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
-        >>> out = hutchinson(lambda v: A @ v, 3, 4, torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> probes = torch.Generator().manual_seed(0)
+        >>> out = hutchinson(lambda v: A @ v, 3, 4, probes, dtype=torch.float64)
         >>> out.estimate, out.std_error  # exact for a diagonal matrix, whatever the probes
         (6.0, 0.0)
     """
     device = device or torch.device("cpu")
     blocks = blocks or {}
-    samples, block_samples = [], {name: [] for name in blocks}
+    samples: list[torch.Tensor] = []
+    block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
     for _ in range(num_matvecs):
         z = rademacher((size,), generator, dtype, device)
         az = matvec(z)
@@ -129,7 +133,8 @@ def hutch_plus_plus(
     Example:
         >>> u = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         >>> A = u @ u.T  # rank 2, PSD: exact with 6 products
-        >>> out = hutch_plus_plus(lambda v: A @ v, 50, 6, torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> probes = torch.Generator().manual_seed(0)
+        >>> out = hutch_plus_plus(lambda v: A @ v, 50, 6, probes, dtype=torch.float64)
         >>> abs(out.estimate - float(A.trace())) < 1e-9
         True
     """
@@ -144,9 +149,11 @@ def hutch_plus_plus(
     aq = torch.stack([matvec(col) for col in q.T], dim=1)
     offset = float((q * aq).sum())
     block_offsets = {
-        name: float(sum(float((q[sl] * aq[sl]).sum()) for sl in slices)) for name, slices in blocks.items()
+        name: float(sum(float((q[sl] * aq[sl]).sum()) for sl in slices))
+        for name, slices in blocks.items()
     }
-    samples, block_samples = [], {name: [] for name in blocks}
+    samples: list[torch.Tensor] = []
+    block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
     for _ in range(residual_probes):
         g = rademacher((size,), generator, dtype, device)
         deflated = g - q @ (q.T @ g)
