@@ -454,6 +454,8 @@ class SAM(Callback):
             return loss
 
         params = _optimized_parameters(optimizer)
+        if not params:  # the loss does not reach any optimized parameter: nothing to perturb
+            return loss
         perturbation = sam_perturbation(
             params, [p.grad for p in params], self.rho, adaptive=self.adaptive, eta=self.eta
         )
@@ -550,9 +552,8 @@ class SAM(Callback):
         if step // every <= self._last_log_step // every or not perturbed_losses:
             return
         device, dtype = losses[-1].device, torch.promote_types(losses[-1].dtype, torch.float32)
-        sharpness = (
-            torch.stack(perturbed_losses).to(dtype).sum() - torch.stack(losses).to(dtype).sum()
-        )
+        perturbed = torch.stack([v.to(device, dtype) for v in perturbed_losses]).sum()
+        sharpness = perturbed - torch.stack([v.to(device, dtype) for v in losses]).sum()
         values = torch.stack([perturbation.norm().to(device, dtype), sharpness])
         if trainer.world_size > 1:
             values = trainer.strategy.reduce(values, reduce_op="mean")

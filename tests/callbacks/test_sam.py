@@ -306,6 +306,23 @@ def test_an_optimizer_that_calls_the_closure_several_times_gets_sam_each_time() 
     assert_same_weights(model, expected)
 
 
+def test_a_loss_that_reaches_no_optimized_parameter_gets_no_second_pass() -> None:
+    class Unreached(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([self.unused], lr=0.1)
+
+    model = Unreached()
+    sam = SAM()
+    fit(model, data(), callbacks=[sam])
+    assert model.calls == 5
+    assert sam.num_sam_steps == 0
+    assert model.unused.tolist() == [1.0, 1.0]
+
+
 def test_the_sam_step_moves_the_weights_differently_from_a_plain_step() -> None:
     torch.manual_seed(0)
     model, dataset = Net(), data()
