@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
@@ -109,6 +110,20 @@ def training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
             f"(got {type(output).__name__}); pass `loss_fn=` to the monitor."
         )
     return output
+
+
+def _before_transfer(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """``on_before_batch_transfer`` of the datamodule if it overrides it, else the module's.
+
+    (The rest of the transfer, ``transfer_batch_to_device`` and ``on_after_batch_transfer``,
+    is ``trainer.strategy.batch_to_device``.)
+    """
+    datamodule = getattr(trainer, "datamodule", None)  # set by fit (public, not typed)
+    if datamodule is not None and is_overridden(
+        "on_before_batch_transfer", datamodule, pl.LightningDataModule
+    ):
+        return datamodule.on_before_batch_transfer(batch, 0)
+    return pl_module.on_before_batch_transfer(batch, 0)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -295,9 +310,15 @@ class CurvatureMonitor(Callback):
                 raise MisconfigurationException(
                     f"`{type(self).__name__}` found no training dataloader to probe."
                 )
-            self._fixed_batches = draw_batches(
-                source, self.probe_batches, pl_module.device, self.seed
-            )
+            drawn = draw_batches(source, self.probe_batches, torch.device("cpu"), self.seed)
+            # Through the batch-transfer hooks, as every training batch goes: the probe must
+            # see what training_step sees (e.g. a dict unpacked, or normalisation on device).
+            with isolated_rng(pl_module.device):
+                torch.manual_seed(self.seed)
+                self._fixed_batches = [
+                    trainer.strategy.batch_to_device(_before_transfer(trainer, pl_module, b))
+                    for b in drawn
+                ]
         self._timer = None
 
     @override
