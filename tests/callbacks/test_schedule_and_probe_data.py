@@ -238,3 +238,70 @@ def test_fixed_probe_is_one_batch_throughout_and_current_probe_follows_the_optim
         expected = [_exact_top(x[16 * s : 16 * s + 8]) for s in range(4)]
     assert [v for _, v in logged] == pytest.approx(expected, rel=1e-5)
     assert len(set(expected)) == (1 if probe == "fixed" else 4)
+
+
+class DeviceNormalised(LeastSquares):
+    """Batches arrive as dicts and are rescaled in the batch-transfer hooks, as on a GPU."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return (batch["x"], batch["y"])
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        return (0.5 * x, y)
+
+
+class DictDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.x, self.y = dataset.tensors
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+@pytest.mark.parametrize("probe", ["fixed", "current"])
+def test_the_probe_sees_batches_after_the_modules_transfer_hooks(
+    tmp_path: Path, probe: str
+) -> None:
+    dataset = regression_data(n=16, d=5)
+    monitor = HessianEigenvalueMonitor(tol=1e-6, every_n_steps=1, probe=probe)  # type: ignore[arg-type]
+    trainer = make_trainer([monitor], logger=csv_logger(tmp_path), max_steps=1)
+    trainer.fit(DeviceNormalised(d=5), DataLoader(DictDataset(dataset), batch_size=16))
+    # what training_step sees is 0.5 x, whose Hessian is a quarter of the raw data's
+    exact = _exact_top(0.5 * dataset.tensors[0])
+    assert monitor.last_metrics["curvature/eigenvalue_1"] == pytest.approx(exact, rel=1e-5)
+
+
+class DictData(pl.LightningDataModule):
+    """A datamodule that owns the unpacking hook (it wins over the module's)."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        super().__init__()
+        self.dataset = DictDataset(dataset)
+
+    def train_dataloader(self) -> DataLoader:  # type: ignore[type-arg]
+        return DataLoader(self.dataset, batch_size=16)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return (batch["x"], 2.0 * batch["y"])
+
+
+@pytest.mark.filterwarnings("ignore:.*overridden `on_after_batch_transfer` in `LightningModule`.*")
+def test_a_datamodules_transfer_hook_is_used_for_the_fixed_probe(tmp_path: Path) -> None:
+    dataset = regression_data(n=16, d=5)
+
+    class Module(LeastSquares):
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            x, y = batch
+            return (0.5 * x, y)
+
+    monitor = HessianEigenvalueMonitor(tol=1e-6, every_n_steps=1)
+    trainer = make_trainer([monitor], logger=csv_logger(tmp_path), max_steps=1)
+    trainer.fit(Module(d=5), datamodule=DictData(dataset))
+    (batch,) = monitor._fixed_batches  # type: ignore[misc]
+    assert torch.equal(batch[1], 2.0 * dataset.tensors[1])  # the datamodule's hook ran
+    exact = _exact_top(0.5 * dataset.tensors[0])  # and the module's after-transfer hook
+    assert monitor.last_metrics["curvature/eigenvalue_1"] == pytest.approx(exact, rel=1e-5)
