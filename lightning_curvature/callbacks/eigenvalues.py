@@ -105,9 +105,11 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         super().__init__(**kwargs)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise MisconfigurationException(f"`k` must be an integer >= 1, got {k!r}.")
-        if not isinstance(tol, (int, float)) or not tol > 0:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
             raise MisconfigurationException(f"`tol` must be a number > 0, got {tol!r}.")
-        if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
+        if max_iter is not None and (
+            isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k
+        ):
             raise MisconfigurationException(
                 f"`max_iter` must be an integer >= k ({k}) or None, got {max_iter!r}."
             )
