@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -67,6 +67,14 @@ class HessianTraceMonitor(CurvatureMonitor):
         if isinstance(num_hvps, bool) or not isinstance(num_hvps, int) or num_hvps < minimum:
             raise MisconfigurationException(
                 f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
+            )
+        if not isinstance(per_layer, bool) and not all(
+            isinstance(pattern, str)
+            for pattern in (per_layer.values() if isinstance(per_layer, Mapping) else per_layer)
+        ):
+            raise MisconfigurationException(
+                "`per_layer` must be True/False, a list of patterns or a dict of name to one "
+                f"pattern (a string each), got {per_layer!r}."
             )
         self.num_hvps, self.method = num_hvps, method
         self.per_layer: bool | dict[str, Any] = (
