@@ -57,15 +57,18 @@ COMMON_INVALID: list[tuple[dict[str, Any], str]] = [
 
 SPECIFIC_INVALID: list[tuple[type, dict[str, Any], str]] = [
     *[(HessianEigenvalueMonitor, {"k": v}, "`k`") for v in (0, -1, 1.5, True)],
-    *[(HessianEigenvalueMonitor, {"tol": v}, "tol") for v in (0, -1e-3, "1e-3", math.nan)],
+    *[(HessianEigenvalueMonitor, {"tol": v}, "tol") for v in (0, -1e-3, "1e-3", math.nan, True)],
     (HessianEigenvalueMonitor, {"k": 3, "max_iter": 2}, "max_iter"),
     (HessianEigenvalueMonitor, {"max_iter": 0}, "max_iter"),
     (HessianEigenvalueMonitor, {"max_iter": 10.0}, "max_iter"),
+    (HessianEigenvalueMonitor, {"max_iter": True}, "max_iter"),
     (HessianEigenvalueMonitor, {"per_layer": "net.*"}, "per_layer"),
     *[(HessianTraceMonitor, {"num_hvps": v}, "num_hvps") for v in (1, 0, 2.5, True)],
     (HessianTraceMonitor, {"method": "hutch++", "num_hvps": 2}, "num_hvps"),
     (HessianTraceMonitor, {"method": "exact"}, "method"),
     (HessianTraceMonitor, {"per_layer": "net.*"}, "per_layer"),
+    (HessianTraceMonitor, {"per_layer": {"both": ["net.0.*", "net.2.*"]}}, "per_layer"),
+    (HessianTraceMonitor, {"per_layer": [1]}, "per_layer"),
     *[(SpectralDensityMonitor, {"num_steps": v}, "num_steps") for v in (1, 0, 2.0, True)],
     *[(SpectralDensityMonitor, {"num_runs": v}, "num_runs") for v in (0, 1.0)],
     *[(SpectralDensityMonitor, {"num_points": v}, "num_points") for v in (1, "200")],
@@ -101,7 +104,7 @@ def test_valid_edge_values_are_accepted(monitor: type) -> None:
     monitor(probe_batches=4, probe_dataloader=[torch.zeros(2)], loss_fn=hessian_loss)
 
 
-# -- Trainer-dependent misfits, at setup --------------------------------------------------------------
+# -- Trainer-dependent misfits, at setup -----------------------------------------------------------
 def test_no_logger_fails_at_setup(tmp_path: Path) -> None:
     trainer = make_trainer([HessianTraceMonitor(every_n_steps=1)], logger=False, max_steps=1)
     with pytest.raises(MisconfigurationException, match="no logger"):
@@ -145,7 +148,9 @@ def test_manual_optimization_with_a_loss_fn_works(tmp_path: Path) -> None:
 def test_sharded_strategies_fail_at_setup(tmp_path: Path, strategy: type, monitor: type) -> None:
     # FSDP needs a GPU to build a real Trainer; the check only reads `.strategy` and `.loggers`.
     trainer = SimpleNamespace(strategy=strategy(), loggers=[csv_logger(tmp_path)])
-    with pytest.raises(MisconfigurationException, match=f"sharded strategies .*{strategy.__name__}"):
+    with pytest.raises(
+        MisconfigurationException, match=f"sharded strategies .*{strategy.__name__}"
+    ):
         monitor(every_n_steps=1).setup(trainer, TanhRegressor(), stage="fit")
 
 
@@ -154,7 +159,7 @@ def test_setup_for_other_stages_checks_nothing() -> None:
     HessianTraceMonitor(every_n_steps=1).setup(trainer, TanhRegressor(), stage="validate")
 
 
-# -- quiet on bad luck ---------------------------------------------------------------------------------
+# -- quiet on bad luck -----------------------------------------------------------------------------
 def nan_at(bad_steps: set[int]):  # type: ignore[no-untyped-def]
     def loss_fn(module: pl.LightningModule, batch: Any) -> torch.Tensor:
         loss = hessian_loss(module, batch)
