@@ -337,13 +337,29 @@ class CurvatureMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
+        # Every argument that makes two monitors of one class measure different things:
+        # Lightning refuses two stateful callbacks with one key (e.g. k=1 and k=5, or a
+        # training and a held-out probe at the same cadence). Objects enter by a stable name.
+        loss_fn = self.loss_fn
         return self._generate_state_key(
             every_n_steps=self.schedule.every_n_steps,
             every_n_epochs=self.schedule.every_n_epochs,
+            on_train_end=self.schedule.on_train_end,
+            max_overhead=self.schedule.max_overhead,
             parameters=self.parameters,
             probe=self.probe,
+            probe_batches=self.probe_batches,
+            probe_dataloader=self.probe_dataloader is not None,
+            loss_fn=None if loss_fn is None else getattr(loss_fn, "__qualname__", repr(loss_fn)),
+            batch_norm=self.batch_norm,
+            backend=self.backend,
             seed=self.seed,
+            **self.state_key_fields(),
         )
+
+    def state_key_fields(self) -> dict[str, Any]:
+        """Subclass arguments (plain values) that tell two instances apart in a checkpoint."""
+        return {}
 
     @override
     def state_dict(self) -> dict[str, Any]:

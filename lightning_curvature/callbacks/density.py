@@ -70,6 +70,10 @@ class SpectralDensityMonitor(CurvatureMonitor):
         self.last_density: SpectralDensity | None = None
 
     @override
+    def state_key_fields(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "num_runs": self.num_runs}
+
+    @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> tuple[dict[str, float | torch.Tensor], int]:

@@ -234,6 +234,18 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             self._final_probe = False
 
     @override
+    def state_key_fields(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "stability": self.stability,
+            "smallest": self.smallest,
+            "per_layer": self.per_layer,
+            "warm_start": self.warm_start,
+        }
+
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"warm_start": {key: value.cpu() for key, value in self._warm.items()}}
 

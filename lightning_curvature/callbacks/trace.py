@@ -82,6 +82,10 @@ class HessianTraceMonitor(CurvatureMonitor):
         )
 
     @override
+    def state_key_fields(self) -> dict[str, Any]:
+        return {"num_hvps": self.num_hvps, "method": self.method, "per_layer": self.per_layer}
+
+    @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> tuple[dict[str, float | torch.Tensor], int]:
