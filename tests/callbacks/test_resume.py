@@ -118,3 +118,40 @@ def test_without_the_monitor_state_the_resumed_values_would_differ(
     values = [value for _, value in resumed["values"]["curvature/trace"]]
     assert len(values) == len(after)
     assert values != pytest.approx(after, rel=1e-6)
+
+
+def test_monitors_of_one_class_that_measure_different_things_checkpoint_side_by_side(
+    tmp_path: Path,
+) -> None:
+    """Lightning refuses two stateful callbacks with one state_key: the key must tell apart
+    monitors that differ in anything they measure, not only in their cadence."""
+    held_out = loader(regression_data(n=16, seed=3), batch_size=16)
+    eigen = [
+        HessianEigenvalueMonitor(k=1, every_n_steps=1),
+        HessianEigenvalueMonitor(k=2, every_n_steps=1),
+        HessianEigenvalueMonitor(k=1, every_n_steps=1, batch_norm="train"),
+        HessianEigenvalueMonitor(k=1, every_n_steps=1, probe_dataloader=held_out),
+    ]
+    others = [
+        HessianTraceMonitor(num_hvps=4, every_n_steps=1),
+        HessianTraceMonitor(num_hvps=8, every_n_steps=1),
+        SpectralDensityMonitor(num_steps=4, every_n_steps=1),
+        SpectralDensityMonitor(num_steps=6, every_n_steps=1),
+    ]
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(
+        [*eigen, *others, checkpoints],
+        logger=csv_logger(tmp_path),
+        max_steps=2,
+        enable_checkpointing=True,
+    )
+    trainer.fit(TanhRegressor(), loader(regression_data(n=32), batch_size=8))
+    (path,) = tmp_path.glob("*step=2.ckpt")
+    states = torch.load(path, weights_only=True)["callbacks"]
+    assert len({m.state_key for m in [*eigen, *others]}) == 8
+    assert states[eigen[0].state_key]["warm_start"]["full"].shape[0] == 1
+    assert states[eigen[1].state_key]["warm_start"]["full"].shape[0] == 2
+    # the held-out monitor measured another batch than the training-probe one
+    assert eigen[3].last_metrics["curvature/eigenvalue_1"] != pytest.approx(
+        eigen[0].last_metrics["curvature/eigenvalue_1"], rel=1e-3
+    )
