@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from lightning_curvature.functional.batches import ProbeBatches, split_batches
 from lightning_curvature.functional.parameters import (
@@ -147,6 +148,7 @@ class HessianOperator:
         self.backend: HVPBackend = backend
         self._may_fall_back = backend == "auto"
         self._fallback_reason: RuntimeError | None = None
+        self._graph_checked = False
         self.num_hvps = 0
         self._loss_fn = loss_fn
         self._probe: ProbeBatches = split_batches(batch, self.device)
@@ -213,8 +215,14 @@ class HessianOperator:
                     raise self._explain(err, "retained_graph") from err
                 self.backend, self._fallback_reason = "forward_over_reverse", err
         if self.backend != "retained_graph":
-            with torch.no_grad():
-                self._check_finite_loss(self._weighted_loss(self._leaves))
+            loss = self._weighted_loss(self._leaves)
+            if not self._graph_checked:
+                try:
+                    _check_twice_differentiable(loss, self._leaves)
+                except _FirstOrderOnly as err:
+                    raise self._explain(err, self.backend) from err
+                self._graph_checked = True
+            self._check_finite_loss(loss.detach())
 
     # -- loss and gradients ----------------------------------------------------------------
     def _loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
@@ -247,6 +255,9 @@ class HessianOperator:
         for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
             loss = self._loss(leaves, batch)
             loss_sum = loss_sum + weight * loss.detach()
+            if create_graph and not self._graph_checked:
+                _check_twice_differentiable(loss, leaves)
+                self._graph_checked = True
             grads = torch.autograd.grad(
                 loss, leaves, create_graph=create_graph, allow_unused=True, materialize_grads=True
             )
@@ -345,9 +356,64 @@ class HessianOperator:
         return _explain(err, backend, suspects, self._fallback_reason)
 
 
+class _FirstOrderOnly(RuntimeError):
+    """A custom ``autograd.Function`` on the path to the parameters is once differentiable."""
+
+
+# Every backward decorated with torch's @once_differentiable shares this wrapper's code.
+_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
+
+
+def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> None:
+    """Raise if a @once_differentiable custom Function lies between ``loss`` and ``leaves``.
+
+    Its backward runs without building a graph, so a second backward through it does not
+    fail: the gradient silently stops depending on the parameters and the Hessian terms
+    through it come out as zero (forward-over-reverse loses them too). Only Functions whose
+    inputs depend on a measured parameter count (the walk is iterative: graphs can be
+    deeper than Python's recursion limit).
+    """
+    targets = {id(leaf) for leaf in leaves}
+    reaches: dict[Any, bool] = {}  # keyed by node: keeps each Python wrapper alive
+    offenders: set[str] = set()
+    stack: list[tuple[Any, bool]] = [(loss.grad_fn, False)] if loss.grad_fn is not None else []
+    while stack:
+        node, children_done = stack.pop()
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not children_done:
+            if node in reaches:
+                continue
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in reaches)
+            continue
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        reached = id(variable) in targets or any(reaches.get(c, False) for c in children)
+        reaches[node] = reached
+        function = getattr(node, "_forward_cls", None)
+        backward = getattr(function, "backward", None)
+        if reached and getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+            offenders.add(getattr(function, "__qualname__", repr(function)))
+    if offenders:
+        raise _FirstOrderOnly(
+            f"custom autograd.Function {', '.join(sorted(offenders))} has a @once_differentiable "
+            "backward, which builds no graph: every backend would silently drop the second "
+            "derivative through it. Give it a differentiable backward, or leave the "
+            "parameters it depends on out with `parameters=`."
+        )
+
+
+_MISSING_DERIVATIVE = (
+    "not implemented",
+    "double backward",
+    "does not support",
+    "must implement either the backward",  # a custom Function in a backward has none
+)
+
+
 def _is_missing_derivative(err: RuntimeError) -> bool:
-    text = str(err)
-    return any(s in text for s in ("not implemented", "double backward", "does not support"))
+    if isinstance(err, _FirstOrderOnly):  # wrong with every backend: no fallback
+        return False
+    return any(s in str(err) for s in _MISSING_DERIVATIVE)
 
 
 def _explain(

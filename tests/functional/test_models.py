@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
 from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
@@ -243,3 +244,122 @@ def test_low_precision_parameters_are_probed_in_float32() -> None:
     assert product.dtype == torch.float32
     torch.testing.assert_close(product.double(), hessian @ vector.double(), atol=1e-5, rtol=1e-5)
     assert all(p.dtype == torch.bfloat16 and p.grad is None for p in half.parameters())
+
+
+class OnceDifferentiableCube(torch.autograd.Function):
+    """x³ whose backward is first-order only (as many fused kernels are)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * tangent
+
+
+class CubeGradient(torch.autograd.Function):
+    """``3x²·g`` with a forward-mode derivative but no backward."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return 3 * x**2 * grad
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: torch.Tensor, grad_tangent: torch.Tensor) -> torch.Tensor:
+        x, grad = ctx.saved_tensors
+        return 6 * x * grad * x_tangent + 3 * x**2 * grad_tangent
+
+
+class ForwardModeCube(OnceDifferentiableCube):
+    """x³ whose backward has no backward of its own, but a forward-mode derivative."""
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return CubeGradient.apply(x, grad)
+
+
+class CubeNet(nn.Module):
+    def __init__(self, cube: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 2)
+        self.head = nn.Linear(2, 1)
+        self.cube = cube
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.cube.apply(self.first(x)))
+
+
+class PlainCubeNet(CubeNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.first(x) ** 3)
+
+
+def _cube_net(cube: type[torch.autograd.Function]) -> tuple[nn.Module, Any]:
+    with seeded(12):
+        model = CubeNet(cube).to(DTYPE)
+        batch = (torch.randn(5, 3, dtype=DTYPE), torch.randn(5, 1, dtype=DTYPE))
+    return model, batch
+
+
+def _cube_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return (model(x) - y).pow(2).mean()
+
+
+def _cube_hessian(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Dense Hessian of the same network with an ordinary (twice differentiable) cube."""
+    plain = PlainCubeNet(OnceDifferentiableCube).to(DTYPE)
+    plain.load_state_dict(model.state_dict())
+    return dense_hessian(plain, _cube_loss, batch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_once_differentiable_function_is_an_error_not_a_zero(backend: str) -> None:
+    """Its backward builds no graph: double backward would silently return a Hessian
+    without the terms through it (forward-over-reverse too, here: zero rows for
+    ``first``), so every backend refuses."""
+    model, batch = _cube_net(OnceDifferentiableCube)
+    with pytest.raises(RuntimeError, match="OnceDifferentiableCube has a @once_differentiable"):
+        hessian_vector_product(model, _cube_loss, batch, _vector(11), backend=backend)
+
+
+def test_auto_falls_back_to_forward_over_reverse() -> None:
+    """No second backward through ForwardModeCube, but forward mode passes: auto switches."""
+    model, batch = _cube_net(ForwardModeCube)
+    hessian = _cube_hessian(model, batch)
+    vectors = torch.stack([_vector(hessian.shape[0], s) for s in range(2)])
+    with HessianOperator(model, _cube_loss, batch) as op:
+        products = torch.stack([op.matvec(v) for v in vectors])
+        assert op.backend == "forward_over_reverse"
+    torch.testing.assert_close(products, vectors @ hessian, atol=1e-10, rtol=0)
+    with pytest.raises(RuntimeError, match="backend='retained_graph' cannot pass"):
+        hessian_vector_product(model, _cube_loss, batch, vectors[0], backend="retained_graph")
+
+
+def test_once_differentiable_function_before_unmeasured_parameters_is_fine() -> None:
+    model, batch = _cube_net(OnceDifferentiableCube)
+    head = _cube_hessian(model, batch)[-3:, -3:]
+    vector = _vector(3)
+    for backend in BACKENDS:
+        product = hessian_vector_product(
+            model, _cube_loss, batch, vector, parameters="head.*", backend=backend
+        )
+        torch.testing.assert_close(product, head @ vector, atol=1e-12, rtol=0)
