@@ -13,12 +13,14 @@ Policies (``probe=``):
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import random
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_curvature.functional.batches import move_to_device
 
@@ -76,6 +78,21 @@ def isolated_rng(device: torch.device, extra: Iterable[torch.Generator] = ()) ->
             generator.set_state(state)
 
 
+def _without_persistent_workers(dataloader: Any) -> Any:
+    """``dataloader`` loading in this process if its workers persist across epochs.
+
+    Iterating a ``persistent_workers`` loader resets its cached iterator, which then skips
+    drawing the next epoch's worker seed from the global RNG: the training run that follows
+    would see other dropout masks and other worker seeds. A shallow copy with
+    ``num_workers=0`` shares dataset, sampler and collate function but not that iterator.
+    """
+    if isinstance(dataloader, DataLoader) and dataloader.persistent_workers:
+        view = copy.copy(dataloader)
+        view.num_workers = 0
+        return view
+    return dataloader
+
+
 def draw_batches(
     dataloader: Iterable[Any], count: int, device: torch.device, seed: int
 ) -> list[Any]:
@@ -94,9 +111,8 @@ def draw_batches(
         torch.manual_seed(seed)
         for generator in _sampler_generators(dataloader):
             generator.manual_seed(seed)
-        batches = [
-            move_to_device(batch, device) for batch in itertools.islice(iter(dataloader), count)
-        ]
+        source = _without_persistent_workers(dataloader)
+        batches = [move_to_device(batch, device) for batch in itertools.islice(iter(source), count)]
     if not batches:
         raise ValueError("the probe dataloader yielded no batch.")
     return batches
