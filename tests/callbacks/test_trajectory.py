@@ -23,10 +23,10 @@ from models import (
     assert_identical,
     classification_data,
     csv_logger,
-    loader,
     make_trainer,
     read_csv,
 )
+from torch.utils.data import DataLoader
 
 from lightning_curvature import (
     HessianEigenvalueMonitor,
@@ -69,7 +69,9 @@ class Modes(pl.Callback):
         self.seen.append([m.training for m in pl_module.modules()])
 
 
-def train(tmp_path: Path, optimizer: str, monitors: list[pl.Callback]) -> dict[str, Any]:
+def train(
+    tmp_path: Path, optimizer: str, monitors: list[pl.Callback], **loader_options: Any
+) -> dict[str, Any]:
     pl.seed_everything(1234, verbose=False)
     model = BNDropoutClassifier(optimizer)
     modes = Modes()
@@ -80,7 +82,8 @@ def train(tmp_path: Path, optimizer: str, monitors: list[pl.Callback]) -> dict[s
         max_steps=STEPS,
         accumulate_grad_batches=2,
     )
-    trainer.fit(model, loader(classification_data(), batch_size=8, shuffle=True))
+    data = DataLoader(classification_data(), batch_size=8, shuffle=True, **loader_options)
+    trainer.fit(model, data)
     assert trainer.global_step == STEPS
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},
@@ -166,3 +169,14 @@ def test_the_comparison_catches_a_probe_that_draws_from_the_global_rng(
 
     run = train(tmp_path, "sgd", [Leaky()])
     assert not torch.equal(run["state"]["net.0.weight"], baselines["sgd"]["state"]["net.0.weight"])
+
+
+def test_a_loader_with_persistent_workers_keeps_its_order_and_seeds(
+    tmp_path: Path, baselines: dict[str, dict[str, Any]]
+) -> None:
+    """Drawing the fixed probe must not reset a persistent worker iterator (which would skip
+    the next epoch's draw of worker seeds from the global RNG)."""
+    options = {"num_workers": 1, "persistent_workers": True}
+    without = train(tmp_path / "without", "sgd", [], **options)
+    monitors = [HessianTraceMonitor(num_hvps=2, every_n_steps=10)]
+    assert_same_run(train(tmp_path / "with", "sgd", monitors, **options), without)
