@@ -12,13 +12,20 @@ batches. The rule that tells them apart:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["BatchList", "ProbeBatches", "batch_size", "move_to_device", "split_batches"]
+__all__ = [
+    "BatchList",
+    "ProbeBatches",
+    "batch_size",
+    "map_tensors",
+    "move_to_device",
+    "split_batches",
+]
 
 
 class BatchList(list):  # type: ignore[type-arg]
@@ -41,6 +48,29 @@ def _is_single_batch(batch: Any) -> bool:
     return not isinstance(batch, Iterable) or isinstance(batch, (str, bytes))
 
 
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in ``batch``, keeping mappings, namedtuples and sequences.
+
+    Args:
+        batch: a tensor or nested containers holding tensors (other values pass through).
+        fn: the function applied to each tensor.
+
+    Example:
+        >>> doubled = map_tensors({"x": [torch.ones(2)], "n": 3}, lambda t: 2 * t)
+        >>> doubled["x"][0].tolist(), doubled["n"]
+        ([2.0, 2.0], 3)
+    """
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({key: map_tensors(value, fn) for key, value in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_tensors(item, fn) for item in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(item, fn) for item in batch)
+    return batch
+
+
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Return ``batch`` with every tensor in it moved to ``device`` (nested containers kept).
 
@@ -49,17 +79,10 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
         >>> moved["x"].device.type, moved["n"]
         ('cpu', 3)
     """
-    if isinstance(batch, torch.Tensor):
-        # Asynchronous only towards an accelerator: a non-blocking copy *to* the CPU may be
-        # read before it has landed.
-        return batch.to(device, non_blocking=device.type != "cpu")
-    if isinstance(batch, Mapping):
-        return type(batch)({key: move_to_device(value, device) for key, value in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_to_device(item, device) for item in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(item, device) for item in batch)
-    return batch
+    # Asynchronous only towards an accelerator: a non-blocking copy *to* the CPU may be read
+    # before it has landed.
+    non_blocking = device.type != "cpu"
+    return map_tensors(batch, lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:

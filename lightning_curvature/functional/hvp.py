@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from lightning_curvature.functional.batches import ProbeBatches, split_batches
+from lightning_curvature.functional.batches import ProbeBatches, map_tensors, split_batches
 from lightning_curvature.functional.parameters import (
     ParameterLayout,
     ParameterPatterns,
@@ -63,14 +63,13 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def _cast_floating(batch: Any, dtype: torch.dtype) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: _cast_floating(v, dtype) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_cast_floating(v, dtype) for v in batch)
-    return batch
+def _usable_input(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """An input autograd can record: inference tensors cloned, floats cast to ``dtype``."""
+    if tensor.is_inference():  # e.g. a probe batch kept from a validation step
+        tensor = tensor.clone()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor
 
 
 def _check_scalar_loss(loss: Any) -> torch.Tensor:
@@ -202,8 +201,9 @@ class HessianOperator:
             if low_precision
             else {}
         )
+        cast = self.dtype if low_precision else None
         self._inputs = [
-            _cast_floating(b, self.dtype) if low_precision else b for b in self._probe.batches
+            map_tensors(b, lambda t: _usable_input(t, cast)) for b in self._probe.batches
         ]
         self._module = _LossModule(self.model, self._loss_fn)
         if self.backend in ("auto", "retained_graph"):

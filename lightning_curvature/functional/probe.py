@@ -5,7 +5,8 @@ A probe must leave the model as it found it and must measure a *deterministic* o
 
 * forks the torch RNG (CPU and the model's CUDA device), so no random draw of the probe is
   seen by training;
-* turns autocast off (curvature is computed in fp32 whatever the trainer's precision);
+* turns autocast off (curvature is computed in fp32 whatever the trainer's precision) and
+  gradients on, also when called under ``torch.no_grad`` or ``torch.inference_mode``;
 * turns dropout off (``nn.Dropout*`` and the attention dropout of ``nn.MultiheadAttention``),
   so every Hessian-vector product sees the same function;
 * puts BatchNorm in the requested mode. In train mode BatchNorm normalises with the batch
@@ -142,6 +143,7 @@ def probe_context(
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
         stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+        stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(torch.compiler.set_stance("force_eager"))

@@ -4,6 +4,7 @@ non-differentiable parameters, low precision."""
 from __future__ import annotations
 
 import copy
+from collections import namedtuple
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from tests.functional.cases import (
 )
 
 BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")
+Pair = namedtuple("Pair", ["x", "y"])
 
 
 def _vector(size: int, seed: int = 0) -> torch.Tensor:
@@ -363,3 +365,33 @@ def test_once_differentiable_function_before_unmeasured_parameters_is_fine() -> 
             model, _cube_loss, batch, vector, parameters="head.*", backend=backend
         )
         torch.testing.assert_close(product, head @ vector, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_probe_runs_under_no_grad_and_inference_mode(mode: Any) -> None:
+    """Called from validation hooks, and on a batch kept from one (inference tensors)."""
+    model, loss_fn, batch = CASES_BY_NAME["mlp_tanh"].build()
+    hessian, exact = reference("mlp_tanh")
+    vector = _vector(hessian.shape[0])
+    with mode():
+        kept = tuple(t.clone() for t in batch)
+        product = hessian_vector_product(model, loss_fn, kept, vector)
+        top = hessian_eigenvalues(model, loss_fn, kept, tol=1e-10, max_iter=hessian.shape[0])
+    torch.testing.assert_close(product, hessian @ vector, atol=1e-10, rtol=0)
+    assert float(top.eigenvalues[0]) == pytest.approx(float(exact[0]), rel=1e-8)
+    product = hessian_vector_product(model, loss_fn, kept, vector)  # outside the mode too
+    torch.testing.assert_close(product, hessian @ vector, atol=1e-10, rtol=0)
+
+
+def test_low_precision_model_with_a_namedtuple_batch() -> None:
+    model, loss_fn, batch = CASES_BY_NAME["mlp_tanh"].build()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    pair = Pair(batch[0].to(torch.bfloat16), batch[1])
+    hessian = dense_hessian(copy.deepcopy(half).to(DTYPE), loss_fn, (pair.x.to(DTYPE), pair.y))
+    vector = _vector(hessian.shape[0])
+
+    def named_loss(m: nn.Module, b: Pair) -> torch.Tensor:
+        return loss_fn(m, (b.x, b.y))
+
+    product = hessian_vector_product(half, named_loss, pair, vector.float())
+    torch.testing.assert_close(product.double(), hessian @ vector, atol=1e-5, rtol=1e-5)
