@@ -63,6 +63,11 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _cast_floating(batch: Any, dtype: torch.dtype) -> Any:
+    """``batch`` with its floating tensors cast to ``dtype`` (per_example uses it too)."""
+    return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
 def _usable_input(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """An input autograd can record: inference tensors cloned, floats cast to ``dtype``."""
     if tensor.is_inference():  # e.g. a probe batch kept from a validation step
