@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# The first forward-mode product loads torch's jvp decompositions, which call the deprecated
+# torch.jit.script (a DeprecationWarning from inside torch 2.13). Load them once, quietly.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    torch.func.jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
 
 @pytest.fixture(autouse=True)
