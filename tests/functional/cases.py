@@ -3,7 +3,8 @@
 Every case builds the same model and batch each time (seeded, without touching the global
 RNG). The reference Hessian is computed here independently of the library: the loss is
 made a pure function of one flat parameter vector with ``torch.func.functional_call`` and
-differentiated twice by ``torch.func.hessian``. Parameters are those of
+differentiated twice by ``torch.func`` (``jacrev(grad(f))``, see :func:`dense_hessian` for
+why not ``torch.func.hessian``). Parameters are those of
 ``named_parameters()`` with ``requires_grad=True``, so shared (tied) parameters count once
 and frozen ones are left out, in the same order as the library's flat vectors.
 """
