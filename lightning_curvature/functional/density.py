@@ -54,7 +54,7 @@ def density_on_grid(
         >>> round(float(torch.trapezoid(density, grid)), 4)
         1.0
     """
-    if sigma is not None and not sigma > 0:
+    if sigma is not None and (isinstance(sigma, bool) or not sigma > 0):
         raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
     if num_points < 2:
         raise ValueError(f"`num_points` must be >= 2, got {num_points!r}.")
@@ -134,9 +134,9 @@ def spectral_density(
         >>> esd.nodes  # the three eigenvalues 2/3, 8/3 and 6, each of weight 1/3 on average
         tensor([[0.6667, 2.6667, 6.0000]], dtype=torch.float64)
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
+    if type(num_steps) is not int or num_steps < 1:
         raise ValueError(f"`num_steps` must be an integer >= 1, got {num_steps!r}.")
-    if not isinstance(num_runs, int) or num_runs < 1:
+    if type(num_runs) is not int or num_runs < 1:
         raise ValueError(f"`num_runs` must be an integer >= 1, got {num_runs!r}.")
     all_nodes, all_weights = [], []
     with HessianOperator(

@@ -48,13 +48,13 @@ class HessianEigenvalues:
 
 
 def _check_arguments(k: int, tol: float, max_iter: int | None, min_iter: int) -> None:
-    if not isinstance(k, int) or k < 1:
+    if type(k) is not int or k < 1:
         raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
-    if not tol > 0:
+    if isinstance(tol, bool) or not tol > 0:
         raise ValueError(f"`tol` must be > 0, got {tol!r}.")
-    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
+    if max_iter is not None and (type(max_iter) is not int or max_iter < k):
         raise ValueError(f"`max_iter` must be an integer >= k ({k}), got {max_iter!r}.")
-    if not isinstance(min_iter, int) or min_iter < 1:
+    if type(min_iter) is not int or min_iter < 1:
         raise ValueError(f"`min_iter` must be an integer >= 1, got {min_iter!r}.")
 
 

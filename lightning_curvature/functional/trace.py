@@ -92,7 +92,7 @@ def hessian_trace(
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
     minimum = 3 if method == "hutch++" else 2
-    if not isinstance(num_hvps, int) or num_hvps < minimum:
+    if type(num_hvps) is not int or num_hvps < minimum:
         raise ValueError(
             f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
         )

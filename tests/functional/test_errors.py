@@ -259,3 +259,22 @@ def test_empty_list_of_parameter_patterns(tiny: Any) -> None:
 def test_init_zero_or_not_finite(tiny: Any, fill: float) -> None:
     with pytest.raises(ValueError, match="`init` must be finite and not zero"):
         hessian_eigenvalues(*tiny, init=torch.full((43,), fill, dtype=DTYPE))
+
+
+@pytest.mark.parametrize(
+    ("argument", "call"),
+    [
+        ("k", lambda m, f, b: hessian_eigenvalues(m, f, b, k=True)),
+        ("tol", lambda m, f, b: hessian_eigenvalues(m, f, b, tol=True)),
+        ("max_iter", lambda m, f, b: hessian_eigenvalues(m, f, b, max_iter=True)),
+        ("min_iter", lambda m, f, b: hessian_eigenvalues(m, f, b, min_iter=True)),
+        ("num_hvps", lambda m, f, b: hessian_trace(m, f, b, num_hvps=True)),
+        ("num_steps", lambda m, f, b: spectral_density(m, f, b, num_steps=True)),
+        ("num_runs", lambda m, f, b: spectral_density(m, f, b, num_runs=True)),
+        ("sigma", lambda m, f, b: density_on_grid(torch.zeros(2), torch.ones(2) / 2, sigma=True)),
+    ],
+)
+def test_booleans_are_not_numbers(tiny: Any, argument: str, call: Any) -> None:
+    """True is an int to Python, but k=True or tol=True is a mistake, not 1."""
+    with pytest.raises(ValueError, match=rf"`{argument}` must be .*, got True"):
+        call(*tiny)
