@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
+from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns
 from lightning_curvature.callbacks.logging import tensorboard_writers
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
@@ -18,32 +18,7 @@ from lightning_curvature.functional.parameters import select_parameters
 from lightning_curvature.functional.probe import unwrap_model
 from lightning_curvature.functional.stability import stability_threshold
 
-__all__ = ["HessianEigenvalueMonitor", "layer_patterns"]
-
-LayerSpec = Sequence[str] | Mapping[str, str | Sequence[str]] | None
-
-
-def layer_patterns(per_layer: LayerSpec) -> dict[str, str | Sequence[str]]:
-    """Tag name to parameter pattern(s): ``["encoder.*"]`` gives ``{"encoder": "encoder.*"}``.
-
-    Raises:
-        MisconfigurationException: if ``per_layer`` is a plain string.
-
-    Example:
-        >>> layer_patterns(["0.*", "head*"])
-        {'0': '0.*', 'head': 'head*'}
-    """
-    if per_layer is None:
-        return {}
-    if isinstance(per_layer, str):
-        raise MisconfigurationException(
-            f"`per_layer` must be a list of patterns or a dict, got the string {per_layer!r}."
-        )
-    if isinstance(per_layer, Mapping):
-        return dict(per_layer)
-    return {
-        pattern.removesuffix("*").removesuffix(".") or pattern: pattern for pattern in per_layer
-    }
+__all__ = ["HessianEigenvalueMonitor"]
 
 
 class HessianEigenvalueMonitor(CurvatureMonitor):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.callbacks.eigenvalues import layer_patterns
+from lightning_curvature.callbacks.layers import LayerBlocks
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.trace import hessian_trace
 
@@ -68,46 +68,30 @@ class HessianTraceMonitor(CurvatureMonitor):
             raise MisconfigurationException(
                 f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
             )
-        if not isinstance(per_layer, bool) and not all(
-            isinstance(pattern, str)
-            for pattern in (per_layer.values() if isinstance(per_layer, Mapping) else per_layer)
-        ):
-            raise MisconfigurationException(
-                "`per_layer` must be True/False, a list of patterns or a dict of name to one "
-                f"pattern (a string each), got {per_layer!r}."
-            )
         self.num_hvps, self.method = num_hvps, method
-        self.per_layer: bool | dict[str, Any] = (
-            per_layer if isinstance(per_layer, bool) else layer_patterns(per_layer)
-        )
+        self.per_layer = LayerBlocks.of(per_layer)
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
-        return {"num_hvps": self.num_hvps, "method": self.method, "per_layer": self.per_layer}
+        return {"num_hvps": self.num_hvps, "method": self.method, "per_layer": self.per_layer.spec}
 
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> tuple[dict[str, float | torch.Tensor], int]:
-        patterns = (
-            self.per_layer if isinstance(self.per_layer, bool) else list(self.per_layer.values())
-        )
         result = hessian_trace(
             pl_module,
             self.probe_loss_fn(),
             BatchList(batches),
             self.num_hvps,
             self.method,
-            per_layer=patterns,
+            per_layer=self.per_layer.patterns,
             **self.probe_kwargs(trainer, pl_module),
-        )
-        names = (
-            {} if isinstance(self.per_layer, bool) else {v: k for k, v in self.per_layer.items()}
         )
         metrics: dict[str, float | torch.Tensor] = {
             "curvature/trace": result.estimate,
             "curvature/trace_std_error": result.std_error,
         }
         for block, value in result.per_layer.items():
-            metrics[f"curvature/trace/{names.get(block, block)}"] = value
+            metrics[f"curvature/trace/{self.per_layer.tag(block)}"] = value
         return metrics, result.num_hvps
