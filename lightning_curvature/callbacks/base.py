@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -215,7 +215,7 @@ class CurvatureMonitor(Callback):
     # -- what subclasses implement -----------------------------------------------------------
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> tuple[dict[str, float | torch.Tensor], int | None]:
         """Run the measurement; return the scalars to log and the number of HVPs used."""
         raise NotImplementedError
 
@@ -298,9 +298,14 @@ class CurvatureMonitor(Callback):
                 "Hessian-vector products need every parameter on every rank. Use DDP."
             )
 
+    @property
+    def uses_probe_data(self) -> bool:
+        """Whether this monitor measures on probe batches (else on training's own work)."""
+        return True
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe == "fixed":
+        if self.probe == "fixed" and self.uses_probe_data:
             source = (
                 self.probe_dataloader
                 if self.probe_dataloader is not None
@@ -381,19 +386,44 @@ class CurvatureMonitor(Callback):
 
     # -- the probe ---------------------------------------------------------------------------------
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        step = trainer.global_step
         batches = self._fixed_batches if self.probe == "fixed" else [batch]
         if batches is None or batches == [None]:
             return  # "current" probe at train end: no batch to probe
+        self.record_measurement(
+            trainer, pl_module, lambda: self.measure(trainer, pl_module, batches)
+        )
+
+    def record_measurement(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        measure: Callable[[], tuple[dict[str, float | torch.Tensor] | None, int | None]],
+        seconds_before: float = 0.0,
+    ) -> None:
+        """Run ``measure`` isolated, time it, reschedule, and log what it returns.
+
+        Every measurement of a monitor goes through here: RNG isolation, one warning per
+        kind of bad luck (a :class:`NonFiniteCurvatureError` skips the measurement), the
+        cost tags, the next probe step under ``max_overhead``, and the one logging path.
+
+        Args:
+            trainer: the trainer.
+            pl_module: the module.
+            measure: returns the scalars to log (``None``: nothing to log this time) and the
+                number of HVPs used (``None``: it uses none, no ``<prefix>hvps`` tag).
+            seconds_before: time already spent on this measurement (e.g. in training hooks).
+        """
+        step = trainer.global_step
         started = time.perf_counter()
         metrics: dict[str, float | torch.Tensor] | None = None
+        num_hvps: int | None = None
         failure: NonFiniteCurvatureError | None = None
         self._pending = []
         try:
             with warnings.catch_warnings(record=True) as caught, isolated_rng(pl_module.device):
                 warnings.simplefilter("always", CurvatureWarning)
                 try:
-                    metrics, num_hvps = self.measure(trainer, pl_module, batches)
+                    metrics, num_hvps = measure()
                 except NonFiniteCurvatureError as err:
                     failure = err
         finally:
@@ -414,15 +444,14 @@ class CurvatureMonitor(Callback):
             self.warn_once(
                 "nonfinite", f"skipped the probe at step {step}: {failure} Training goes on."
             )
-        seconds = time.perf_counter() - started
+        seconds = seconds_before + time.perf_counter() - started
         self._reschedule(trainer, step, seconds)
         if metrics is None:
             return
-        metrics = {
-            **metrics,
-            f"{self.cost_prefix}hvps": float(num_hvps),
-            f"{self.cost_prefix}seconds": seconds,
-        }
+        costs = {f"{self.cost_prefix}seconds": seconds}
+        if num_hvps is not None:
+            costs[f"{self.cost_prefix}hvps"] = float(num_hvps)
+        metrics = {**metrics, **costs}
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
         log_scalars(trainer, metrics, step)
         self.log_extras(trainer, step)
