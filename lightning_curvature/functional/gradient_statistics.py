@@ -391,12 +391,26 @@ class GradientSums:
         )
         return ratios.mean()
 
+    def squared_norms(self, vector: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``‖v‖²`` and each block's ``‖v_B‖²`` of a flat vector in this layout.
+
+        For scalar-only sums, ``v = Σ g_i`` gives :meth:`compute`'s ``sum_sq_norm`` and
+        ``block_sum_sq_norm`` (e.g. ``m`` times DDP's averaged gradient).
+
+        Example:
+            >>> sums = GradientSums.zeros(3, vectors=False, blocks={"a": [slice(0, 1)]})
+            >>> sums.squared_norms(torch.tensor([1.0, 2.0, 2.0]))
+            (tensor(9.), {'a': tensor(1.)})
+        """
+        squares = vector * vector
+        blocks = {name: _block_total(squares, slices) for name, slices in self.blocks.items()}
+        return squares.sum(), blocks
+
     def _per_layer(self, given: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         if self.block_sq_norm_sum is None:
             return {}
         if self.sum is not None:
-            squares = self.sum * self.sum
-            given = {name: _block_total(squares, slices) for name, slices in self.blocks.items()}
+            given = self.squared_norms(self.sum)[1]
         if given is None or set(given) != set(self.blocks):
             raise ValueError(f"`block_sum_sq_norm` must have the keys {sorted(self.blocks)}.")
         return {
