@@ -7,18 +7,21 @@ log them to TensorBoard and any other Lightning logger.
 from lightning_curvature.__about__ import __version__
 from lightning_curvature.callbacks import (
     CurvatureMonitor,
+    GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
     HessianTraceMonitor,
     SpectralDensityMonitor,
 )
 from lightning_curvature.functional import (
     CurvatureWarning,
+    GradientCoherence,
     HessianEigenvalues,
     HessianOperator,
     HessianTrace,
     NonFiniteCurvatureError,
     SpectralDensity,
     density_on_grid,
+    gradient_coherence,
     hessian_eigenvalues,
     hessian_trace,
     hessian_vector_product,
@@ -28,6 +31,8 @@ from lightning_curvature.functional import (
 __all__ = [
     "CurvatureMonitor",
     "CurvatureWarning",
+    "GradientCoherence",
+    "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",
     "HessianEigenvalues",
     "HessianOperator",
@@ -38,6 +43,7 @@ __all__ = [
     "SpectralDensityMonitor",
     "__version__",
     "density_on_grid",
+    "gradient_coherence",
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",

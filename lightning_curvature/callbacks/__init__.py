@@ -1,12 +1,14 @@
 """Lightning callbacks: when to measure, on what data, and how to log it."""
 
 from lightning_curvature.callbacks.base import CurvatureMonitor, training_step_loss
+from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.density import SpectralDensityMonitor
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
 from lightning_curvature.callbacks.trace import HessianTraceMonitor
 
 __all__ = [
     "CurvatureMonitor",
+    "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",
     "HessianTraceMonitor",
     "SpectralDensityMonitor",

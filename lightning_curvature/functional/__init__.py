@@ -11,6 +11,11 @@ from lightning_curvature.functional.density import (
     spectral_density,
 )
 from lightning_curvature.functional.eigenvalues import HessianEigenvalues, hessian_eigenvalues
+from lightning_curvature.functional.gradient_statistics import (
+    GradientCoherence,
+    GradientSums,
+    gradient_coherence,
+)
 from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
 from lightning_curvature.functional.lanczos import lanczos_eigenpairs, lanczos_quadrature
 from lightning_curvature.functional.parameters import ParameterLayout, select_parameters
@@ -21,6 +26,8 @@ from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteC
 
 __all__ = [
     "CurvatureWarning",
+    "GradientCoherence",
+    "GradientSums",
     "HessianEigenvalues",
     "HessianOperator",
     "HessianTrace",
@@ -28,6 +35,7 @@ __all__ = [
     "ParameterLayout",
     "SpectralDensity",
     "density_on_grid",
+    "gradient_coherence",
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",
