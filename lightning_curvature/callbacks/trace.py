@@ -69,11 +69,12 @@ class HessianTraceMonitor(CurvatureMonitor):
                 f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
             )
         self.num_hvps, self.method = num_hvps, method
-        self.per_layer = LayerBlocks.of(per_layer)
+        self._blocks = LayerBlocks.of(per_layer)
+        self.per_layer = self._blocks.spec  # as given: True/False or tag name to pattern
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
-        return {"num_hvps": self.num_hvps, "method": self.method, "per_layer": self.per_layer.spec}
+        return {"num_hvps": self.num_hvps, "method": self.method, "per_layer": self.per_layer}
 
     @override
     def measure(
@@ -85,7 +86,7 @@ class HessianTraceMonitor(CurvatureMonitor):
             BatchList(batches),
             self.num_hvps,
             self.method,
-            per_layer=self.per_layer.patterns,
+            per_layer=self._blocks.patterns,
             **self.probe_kwargs(trainer, pl_module),
         )
         metrics: dict[str, float | torch.Tensor] = {
@@ -93,5 +94,5 @@ class HessianTraceMonitor(CurvatureMonitor):
             "curvature/trace_std_error": result.std_error,
         }
         for block, value in result.per_layer.items():
-            metrics[f"curvature/trace/{self.per_layer.tag(block)}"] = value
+            metrics[f"curvature/trace/{self._blocks.tag(block)}"] = value
         return metrics, result.num_hvps

@@ -27,6 +27,7 @@ from models import (
 
 from lightning_curvature import (
     CurvatureWarning,
+    GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
     HessianTraceMonitor,
     SpectralDensityMonitor,
@@ -34,7 +35,12 @@ from lightning_curvature import (
 
 pytestmark = LIGHTNING_NOISE
 
-MONITORS = [HessianEigenvalueMonitor, HessianTraceMonitor, SpectralDensityMonitor]
+MONITORS = [
+    HessianEigenvalueMonitor,
+    HessianTraceMonitor,
+    SpectralDensityMonitor,
+    GradientCoherenceMonitor,
+]
 
 # (keyword arguments, the argument the message must name)
 COMMON_INVALID: list[tuple[dict[str, Any], str]] = [
@@ -100,7 +106,8 @@ def test_valid_edge_values_are_accepted(monitor: type) -> None:
     monitor(every_n_steps=None, on_train_end=True)
     monitor(every_n_steps=None, every_n_epochs=1)
     monitor(every_n_steps=1, max_overhead=0.999)
-    monitor(probe="current", batch_norm="train", backend="double_backward", seed=-3)
+    backend = {} if monitor is GradientCoherenceMonitor else {"backend": "double_backward"}
+    monitor(probe="current", batch_norm="train", seed=-3, **backend)
     monitor(probe_batches=4, probe_dataloader=[torch.zeros(2)], loss_fn=hessian_loss)
 
 
@@ -188,7 +195,9 @@ def test_nan_probe_loss_skips_that_probe_with_one_warning_and_training_goes_on(
     assert "not finite" in messages[0]
     assert trainer.global_step == 6
     logged = read_csv(logger)
-    tag = next(t for t in logged if t.startswith("curvature/") and not t.endswith("seconds"))
+    tag = next(
+        t for t in logged if t.startswith(("curvature/", "gradient/")) and not t.endswith("seconds")
+    )
     assert steps(logged[tag]) == [0, 1, 3, 5]
     assert all(math.isfinite(v) for _, v in logged[tag])
 

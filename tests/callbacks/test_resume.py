@@ -20,6 +20,7 @@ from models import (
 )
 
 from lightning_curvature import (
+    GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
     HessianTraceMonitor,
     SpectralDensityMonitor,
@@ -137,6 +138,8 @@ def test_monitors_of_one_class_that_measure_different_things_checkpoint_side_by_
         HessianTraceMonitor(num_hvps=8, every_n_steps=1),
         SpectralDensityMonitor(num_steps=4, every_n_steps=1),
         SpectralDensityMonitor(num_steps=6, every_n_steps=1),
+        GradientCoherenceMonitor(every_n_steps=1),
+        GradientCoherenceMonitor(every_n_steps=1, mode="micro_batch", micro_batch_size=2),
     ]
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
     trainer = make_trainer(
@@ -148,7 +151,7 @@ def test_monitors_of_one_class_that_measure_different_things_checkpoint_side_by_
     trainer.fit(TanhRegressor(), loader(regression_data(n=32), batch_size=8))
     (path,) = tmp_path.glob("*step=2.ckpt")
     states = torch.load(path, weights_only=True)["callbacks"]
-    assert len({m.state_key for m in [*eigen, *others]}) == 8
+    assert len({m.state_key for m in [*eigen, *others]}) == 10
     assert states[eigen[0].state_key]["warm_start"]["full"].shape[0] == 1
     assert states[eigen[1].state_key]["warm_start"]["full"].shape[0] == 2
     # the held-out monitor measured another batch than the training-probe one

@@ -29,6 +29,7 @@ from models import (
 from torch.utils.data import DataLoader
 
 from lightning_curvature import (
+    GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
     HessianTraceMonitor,
     SpectralDensityMonitor,
@@ -53,7 +54,14 @@ def all_monitors(**common: Any) -> list[pl.Callback]:
         ),
         HessianTraceMonitor(num_hvps=4, per_layer=True, every_n_steps=1, **common),
         SpectralDensityMonitor(num_steps=6, num_points=20, every_n_steps=1, **common),
+        # (micro-batches of 2 where BatchNorm in train mode couples the examples)
+        GradientCoherenceMonitor(per_layer=True, micro_batch_size=2, every_n_steps=1, **common),
     ]
+
+
+def free_monitors() -> list[pl.Callback]:
+    """The monitors that read training's own backward passes (here: 2 micro-batches a step)."""
+    return [GradientCoherenceMonitor(source="accumulation", per_layer=True, every_n_steps=1)]
 
 
 class Modes(pl.Callback):
@@ -123,12 +131,12 @@ def baselines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, A
 def test_all_monitors_every_step_leave_training_bit_identical(
     tmp_path: Path, optimizer: str, baselines: dict[str, dict[str, Any]]
 ) -> None:
-    monitors = all_monitors()
+    monitors = all_monitors() + free_monitors()
     run = train(tmp_path, optimizer, monitors)
     assert_same_run(run, baselines[optimizer])
 
     # ... and the monitors really measured at every step (so the comparison means something).
-    eigen, trace, density = monitors
+    eigen, trace, density, coherence, free = monitors
     assert eigen.schedule.last_step == STEPS  # the on_train_end probe
     assert trace.schedule.last_step == density.schedule.last_step == STEPS - 1
     names = set(eigen.last_metrics)
@@ -141,6 +149,10 @@ def test_all_monitors_every_step_leave_training_bit_identical(
         trace.last_metrics
     )
     assert density.last_density is not None
+    assert coherence.schedule.last_step == free.schedule.last_step == STEPS - 1
+    assert coherence.last_metrics["gradient/num_samples"] == 8  # per-example, BN in eval
+    assert free.last_metrics["gradient/num_samples"] == 2  # the step's two micro-batches
+    assert "gradient/coherence/net.1" in free.last_metrics
 
 
 @pytest.mark.parametrize(
