@@ -36,3 +36,21 @@ def test_edge_of_stability_sharpens_to_the_threshold_and_hovers(tmp_path: Path) 
     assert start < 0.7
     assert 0.85 <= low <= high <= 1.2
     assert list(tmp_path.glob("edge_of_stability/version_0/events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_coherence_separates_real_from_shuffled_labels(tmp_path: Path) -> None:
+    out = _run("coherence.py", tmp_path)
+    found = re.search(
+        r"mean coherence is ([\d.]+) with real labels and ([\d.]+) with shuffled labels: "
+        r"([\d.]+)x \(per probe ([\d.]+)x to ([\d.]+)x\)",
+        out,
+    )
+    assert found, out
+    real, shuffled, ratio, lowest, _ = (float(g) for g in found.groups())
+    assert ratio == pytest.approx(real / shuffled, rel=1e-2)
+    assert ratio >= 3.0  # the bar, over the first 300 steps
+    assert lowest >= 2.5  # and no probe comes close to equal
+    assert shuffled < 1.5  # shuffled labels: nearly orthogonal gradients
+    for run in ("real", "shuffled"):
+        assert list(tmp_path.glob(f"coherence/{run}/events.out.tfevents.*"))
