@@ -6,6 +6,7 @@ log them to TensorBoard and any other Lightning logger.
 
 from lightning_curvature.__about__ import __version__
 from lightning_curvature.callbacks import (
+    SAM,
     CurvatureMonitor,
     GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
@@ -19,16 +20,19 @@ from lightning_curvature.functional import (
     HessianOperator,
     HessianTrace,
     NonFiniteCurvatureError,
+    SAMGradient,
     SpectralDensity,
     density_on_grid,
     gradient_coherence,
     hessian_eigenvalues,
     hessian_trace,
     hessian_vector_product,
+    sam_gradient,
     spectral_density,
 )
 
 __all__ = [
+    "SAM",
     "CurvatureMonitor",
     "CurvatureWarning",
     "GradientCoherence",
@@ -39,6 +43,7 @@ __all__ = [
     "HessianTrace",
     "HessianTraceMonitor",
     "NonFiniteCurvatureError",
+    "SAMGradient",
     "SpectralDensity",
     "SpectralDensityMonitor",
     "__version__",
@@ -47,5 +52,6 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",
+    "sam_gradient",
     "spectral_density",
 ]

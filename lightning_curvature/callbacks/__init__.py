@@ -4,9 +4,11 @@ from lightning_curvature.callbacks.base import CurvatureMonitor, training_step_l
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.density import SpectralDensityMonitor
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.callbacks.trace import HessianTraceMonitor
 
 __all__ = [
+    "SAM",
     "CurvatureMonitor",
     "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",

@@ -152,6 +152,16 @@ class CurvatureMonitor(Callback):
         parameters: glob pattern(s) of the module's parameter names to measure.
         backend: Hessian-vector product strategy (see ``HessianOperator``).
         seed: seed of the monitor's own random generator and of the fixed probe draw.
+
+    Example:
+        A monitor of one's own gets the cadence, probe batch, isolation and logging for free:
+
+        >>> class ProbeLoss(CurvatureMonitor):
+        ...     def measure(self, trainer, pl_module, batches):
+        ...         with torch.no_grad():
+        ...             losses = [self.probe_loss_fn()(pl_module, b) for b in batches]
+        ...         return {"probe/loss": torch.stack(losses).mean()}, None  # no HVPs
+        >>> trainer = pl.Trainer(callbacks=[ProbeLoss(every_n_steps=10)], max_steps=1)
     """
 
     #: Prefix of the cost tags this monitor writes (``<prefix>hvps``, ``<prefix>seconds``).

@@ -20,6 +20,7 @@ from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_p
 from lightning_curvature.functional.lanczos import lanczos_eigenpairs, lanczos_quadrature
 from lightning_curvature.functional.parameters import ParameterLayout, select_parameters
 from lightning_curvature.functional.probe import probe_context, unwrap_model
+from lightning_curvature.functional.sam import SAMGradient, sam_gradient
 from lightning_curvature.functional.trace import HessianTrace, hessian_trace
 from lightning_curvature.functional.trace_estimators import hutch_plus_plus, hutchinson
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
@@ -33,6 +34,7 @@ __all__ = [
     "HessianTrace",
     "NonFiniteCurvatureError",
     "ParameterLayout",
+    "SAMGradient",
     "SpectralDensity",
     "density_on_grid",
     "gradient_coherence",
@@ -45,6 +47,7 @@ __all__ = [
     "lanczos_quadrature",
     "move_to_device",
     "probe_context",
+    "sam_gradient",
     "select_parameters",
     "spectral_density",
     "split_batches",

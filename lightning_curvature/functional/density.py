@@ -80,6 +80,13 @@ class SpectralDensity:
         weights: matching weights; each run's sum to 1 (padding nodes have weight 0).
         num_hvps: Hessian-vector products used.
         num_parameters: ``P``; ``weights * P`` estimates eigenvalue counts.
+
+    Example:
+        >>> net = nn.Linear(2, 1, bias=False)  # H = diag(9, 1)/2 as above: nodes 0.5 and 4.5
+        >>> X = torch.diag(torch.tensor([3.0, 1.0]))
+        >>> out = spectral_density(net, lambda m, x: 0.5 * m(x).pow(2).mean(), X, num_steps=2)
+        >>> out.nodes.round(decimals=4), round(out.weights.sum().item(), 12)
+        (tensor([[0.5000, 4.5000]], dtype=torch.float64), 1.0)
     """
 
     nodes: torch.Tensor

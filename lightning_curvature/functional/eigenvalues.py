@@ -35,6 +35,13 @@ class HessianEigenvalues:
             bound when ``smallest_converged`` is false (Ritz values interlace).
         smallest_converged: whether it passed the ``tol`` test.
         parameter_names: the measured parameters.
+
+    Example:
+        >>> net = nn.Linear(2, 1, bias=False)  # loss ½‖Xw‖²/n with X = diag(3, 1): H = diag(9, 1)/2
+        >>> X = torch.diag(torch.tensor([3.0, 1.0]))
+        >>> out = hessian_eigenvalues(net, lambda m, x: 0.5 * m(x).pow(2).mean(), X, k=2)
+        >>> out.eigenvalues, out.converged.tolist(), out.parameter_names
+        (tensor([4.5000, 0.5000]), [True, True], ('weight',))
     """
 
     eigenvalues: torch.Tensor

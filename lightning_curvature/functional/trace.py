@@ -33,6 +33,12 @@ class HessianTrace:
         per_layer: block name to trace estimate (empty unless requested).
         per_layer_std_error: block name to its standard error.
         num_parameters: ``P``, so that ``estimate / num_parameters`` is the mean curvature.
+
+    Example:
+        >>> net = nn.Linear(3, 1, bias=False)  # loss ½‖Xw‖²/n with X = I: H = I/3, trace 1
+        >>> out = hessian_trace(net, lambda m, x: 0.5 * m(x).pow(2).mean(), torch.eye(3), 8)
+        >>> out.estimate, out.std_error, out.num_parameters  # diagonal: Rademacher is exact
+        (tensor(1.), tensor(0.), 3)
     """
 
     estimate: torch.Tensor
