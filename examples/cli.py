@@ -2,6 +2,8 @@
 
     python examples/cli.py fit --config examples/curvature_config.yaml
     python examples/cli.py fit --config examples/curvature_config.yaml --trainer.max_steps=200
+    python examples/cli.py fit --config examples/curvature_config.yaml \
+        --trainer.callbacks+=lightning_curvature.SAM --trainer.callbacks.rho=0.02
 
 Every callback of ``lightning_curvature`` is an ordinary ``trainer.callbacks`` entry with
 ``class_path`` and ``init_args``; ``--print_config`` shows all their arguments.

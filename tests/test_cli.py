@@ -13,7 +13,12 @@ sys.path.insert(0, str(EXAMPLES))
 
 from cli import main  # noqa: E402
 
-from lightning_curvature import HessianEigenvalueMonitor, HessianTraceMonitor  # noqa: E402
+from lightning_curvature import (  # noqa: E402
+    SAM,
+    GradientCoherenceMonitor,
+    HessianEigenvalueMonitor,
+    HessianTraceMonitor,
+)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -26,6 +31,8 @@ def test_lightning_cli_runs_the_example_config_with_overrides(tmp_path: Path) ->
             "--trainer.max_steps=6",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.callbacks.init_args.every_n_steps=3",  # overrides the last callback
+            "--trainer.callbacks+=lightning_curvature.SAM",  # appends one from the command line
+            "--trainer.callbacks.rho=0.02",
             "--data.num_examples=100",
         ]
     )
@@ -34,8 +41,13 @@ def test_lightning_cli_runs_the_example_config_with_overrides(tmp_path: Path) ->
     assert eigen.k == 2
     assert eigen.schedule.every_n_steps == 25
     assert callbacks[HessianTraceMonitor].per_layer is True
+    assert callbacks[GradientCoherenceMonitor].per_layer is True
+    assert callbacks[SAM].rho == 0.02
+    assert callbacks[SAM].num_sam_steps == 6
     events = EventAccumulator(str(tmp_path / "cli" / "version_0"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("curvature/eigenvalue_2")] == [0]
     assert [e.step for e in events.Scalars("curvature/density_max")] == [0, 3]
     assert [e.step for e in events.Scalars("curvature/trace")] == [0]
+    assert [e.step for e in events.Scalars("gradient/coherence")] == [0]
+    assert [e.step for e in events.Scalars("gradient/coherence/net.0")] == [0]

@@ -24,6 +24,7 @@ DDP every process logs the statistics of the union of their samples.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,8 +54,12 @@ __all__ = ["CoherenceSource", "GradientCoherenceMonitor"]
 CoherenceSource = Literal["probe", "accumulation", "ddp"]
 _SOURCES = ("probe", "accumulation", "ddp")
 _MODES = ("auto", "per_example", "micro_batch")
-# Arguments of the base class that only mean something for probe batches.
+# Arguments of the base class that only mean something for probe batches, and its defaults.
 _PROBE_ONLY = ("probe", "probe_batches", "probe_dataloader", "loss_fn", "batch_norm")
+_BASE_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(CurvatureMonitor.__init__).parameters.items()
+}
 
 
 @dataclass
@@ -147,18 +152,23 @@ class GradientCoherenceMonitor(CurvatureMonitor):
     ) -> None:
         if source not in _SOURCES:
             raise MisconfigurationException(f"`source` must be one of {_SOURCES}, got {source!r}.")
-        if "backend" in kwargs:
+        if kwargs.get("backend", _BASE_DEFAULTS["backend"]) != _BASE_DEFAULTS["backend"]:
             raise MisconfigurationException(
                 "`backend` chooses how Hessian-vector products are computed; "
                 "GradientCoherenceMonitor computes none, so it takes no `backend`; got "
                 f"backend={kwargs['backend']!r}."
             )
-        given = [name for name in _PROBE_ONLY if name in kwargs]
-        if source != "probe" and (given or kwargs.get("on_train_end")):
+        # (LightningCLI passes every argument, defaults included: compare with the defaults.)
+        given = [
+            name
+            for name in (*_PROBE_ONLY, "on_train_end")
+            if name in kwargs and kwargs[name] != _BASE_DEFAULTS[name]
+        ]
+        if source != "probe" and given:
             raise MisconfigurationException(
                 f"source={source!r} reads the gradients training computes, so "
-                f"{', '.join(f'`{n}`' for n in given) or '`on_train_end`'} (probe-batch "
-                "options) do not apply; use source='probe' for them."
+                f"{', '.join(f'`{n}`' for n in given)} (probe-batch options) do not apply; "
+                f"got {', '.join(f'{n}={kwargs[n]!r}' for n in given)}. Use source='probe'."
             )
         super().__init__(**kwargs)
         if mode not in _MODES:

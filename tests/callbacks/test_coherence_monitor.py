@@ -374,6 +374,21 @@ def test_invalid_arguments_raise_at_construction_naming_them(
     assert "got" in str(raised.value) or "apply" in str(raised.value)
 
 
+def test_free_sources_accept_the_probe_options_at_their_defaults() -> None:
+    """LightningCLI passes every argument of the signature, defaults included."""
+    for source in ("accumulation", "ddp"):
+        GradientCoherenceMonitor(
+            source=source,  # type: ignore[arg-type]
+            probe="fixed",
+            probe_batches=1,
+            probe_dataloader=None,
+            loss_fn=None,
+            batch_norm="eval",
+            backend="auto",
+            on_train_end=False,
+        )
+
+
 @pytest.mark.parametrize(
     ("monitor", "trainer_options", "match"),
     [
