@@ -54,3 +54,19 @@ def test_coherence_separates_real_from_shuffled_labels(tmp_path: Path) -> None:
     assert shuffled < 1.5  # shuffled labels: nearly orthogonal gradients
     for run in ("real", "shuffled"):
         assert list(tmp_path.glob(f"coherence/{run}/events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_quickstart_logs_what_the_model_level_api_computes(tmp_path: Path) -> None:
+    out = _run("quickstart.py", tmp_path)
+    found = re.search(
+        r"final sharpness is ([\d.]+) in TensorBoard and ([\d.]+) from hessian_eigenvalues.*"
+        r"threshold \(2 \+ 2·0.9\)/lr is ([\d.]+)",
+        out,
+    )
+    assert found, out
+    logged, direct, threshold = (float(g) for g in found.groups())
+    assert logged == pytest.approx(direct, rel=1e-3)
+    assert threshold == pytest.approx(3.8 / 0.05)
+    for tag in ("curvature/trace/net.0", "gradient/coherence", "curvature/density_max"):
+        assert tag in out

@@ -37,6 +37,7 @@ from typing_extensions import override
 from lightning_curvature.callbacks.logging import log_scalars
 from lightning_curvature.callbacks.probe_data import ProbePolicy, draw_batches, isolated_rng
 from lightning_curvature.callbacks.schedule import ProbeSchedule
+from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
@@ -307,6 +308,15 @@ class CurvatureMonitor(Callback):
                 f"({type(trainer.strategy).__name__}): "
                 "Hessian-vector products need every parameter on every rank. Use DDP."
             )
+
+    @property
+    def fixed_probe(self) -> BatchList | None:
+        """The fixed probe's batches, on the trainer's device (``None`` before training).
+
+        What every probe of ``probe="fixed"`` measures: pass it to the model-level functions
+        to recompute a logged value by hand.
+        """
+        return None if self._fixed_batches is None else BatchList(self._fixed_batches)
 
     @property
     def uses_probe_data(self) -> bool:

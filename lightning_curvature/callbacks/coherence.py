@@ -96,7 +96,8 @@ class GradientCoherenceMonitor(CurvatureMonitor):
     * ``gradient/noise_scale``: ``B_simple = tr Σ / ‖G‖²`` in examples (McCandlish et al.
       2018): the batch size beyond which larger batches stop paying. Its parts are logged too,
       because near convergence ``‖G‖²`` is small next to its noise and the ratio is
-      meaningless (even negative): smooth the parts before dividing.
+      meaningless: it is not logged where the unbiased ``‖G‖²`` is ``≤ 0``. Smooth the parts
+      before dividing.
     * ``gradient/snr``: mean over coordinates of ``ḡ_j² / σ_j²`` (Liu et al. 2020).
 
     Args:
@@ -267,6 +268,10 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             )
             if name not in skip
         }
+        if "gradient/noise_scale" in metrics and not bool(result.grad_norm_sq > 0):
+            # ‖G‖² ≤ 0: the signal is below its noise (near convergence) and tr Σ/‖G‖² has no
+            # meaning; its parts are still logged.
+            del metrics["gradient/noise_scale"]
         metrics["gradient/num_samples"] = float(result.num_samples)
         metrics["gradient/sample_size"] = result.sample_size
         for block, value in result.per_layer.items():

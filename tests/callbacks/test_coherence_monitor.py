@@ -288,6 +288,34 @@ def test_a_batch_without_an_example_dimension_warns_and_logs_nothing(tmp_path: P
     assert trainer.global_step == 2
 
 
+def test_no_noise_scale_is_logged_where_the_signal_is_below_its_noise(tmp_path: Path) -> None:
+    """Two examples with opposite gradients: Σg = 0, so the unbiased ‖G‖² is negative and
+    tr Σ/‖G‖² meaningless; its parts are logged, the ratio is not."""
+
+    class Linear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(2, 1, bias=False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0]).mean()  # per-example gradient: the example itself
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    logger = csv_logger(tmp_path)
+    monitor = GradientCoherenceMonitor(every_n_steps=1)
+    x = torch.tensor([[1.0, 2.0], [-1.0, -2.0]])
+    make_trainer([monitor], logger=logger, max_steps=2).fit(
+        Linear(), DataLoader(TensorDataset(x), batch_size=2)
+    )
+    logged = read_csv(logger)
+    assert "gradient/noise_scale" not in logged
+    assert [v for _, v in logged["gradient/grad_norm_sq"]] == [-5.0, -5.0]  # -S₁/(m(m-1))
+    assert [v for _, v in logged["gradient/coherence"]] == [0.0, 0.0]
+    assert [v for _, v in logged["gradient/trace_sigma"]] == [10.0, 10.0]
+
+
 def test_event_file_has_every_tag_at_the_measured_steps(tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
     logger = tb_logger(tmp_path)
