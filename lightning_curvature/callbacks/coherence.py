@@ -70,9 +70,20 @@ class _StepSamples:
     sums: GradientSums
     local: torch.Tensor | None  # "ddp": this process's gradient of the step, summed so far
     local_size: float = 0.0
+    averaged: torch.Tensor | None = None  # "ddp": DDP's averaged .grad after the last backward
     micro_batch_size: int | None = None  # examples of the micro-batch being computed
     unknown_size: bool = False
     seconds: float = 0.0
+
+
+def _flat_grad(parameters: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``.grad`` of ``parameters`` as one flat vector (zeros where there is none)."""
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+            for p in parameters
+        ]
+    )
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:
@@ -237,10 +248,6 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             )
 
     # -- the statistics, from any source ---------------------------------------------------
-    def _layout(self, pl_module: pl.LightningModule) -> tuple[list[Any], ParameterLayout]:
-        named = select_parameters(unwrap_model(pl_module), self.parameters)
-        return named, ParameterLayout.from_named(named)
-
     def _summed_over_processes(self, sums: GradientSums) -> GradientSums:
         """``sums`` of every process (torchmetrics sums the states under DDP)."""
         layout = (set(sums.states()), sums.blocks, sums.size, sums.count.device)
@@ -321,7 +328,8 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             self._step.micro_batch_size = batch_size(batch)
 
     def _start_step(self, pl_module: pl.LightningModule) -> _StepSamples:
-        named, layout = self._layout(pl_module)
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        layout = ParameterLayout.from_named(named)
         params = [p for _, p in named]
         dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         blocks = layout.groups(self._blocks.patterns) if self._blocks.patterns else {}
@@ -360,6 +368,9 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         else:  # "ddp": the step's gradient is the mean of its micro-batches, as Lightning's
             step.local.add_(gradient, alpha=1.0 / scale)
             step.local_size += size
+            # After the step's last backward .grad is DDP's average of the steps' gradients;
+            # read here, before anything after the backward (a SAM pass) replaces it.
+            step.averaged = _flat_grad(step.gradients.parameters, step.local.dtype) / scale
         step.seconds += time.perf_counter() - started
 
     @override
@@ -374,12 +385,12 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         self.record_measurement(
             trainer,
             pl_module,
-            lambda: self._measure_step(trainer, pl_module, step),
+            lambda: self._measure_step(trainer, step),
             seconds_before=step.seconds,
         )
 
     def _measure_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: _StepSamples
+        self, trainer: pl.Trainer, step: _StepSamples
     ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
         sums = step.sums
         if step.local is not None and step.local_size > 0:
@@ -404,15 +415,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         if step.local is None:
             return self._metrics(total.compute()), None
         # "ddp": Σ_r g_r = world_size · (DDP's averaged gradient), which every process holds.
-        named, _ = self._layout(pl_module)
-        averaged = torch.cat(
-            [
-                (p.grad if p.grad is not None else torch.zeros_like(p))
-                .reshape(-1)
-                .to(sums.count.dtype)
-                for _, p in named
-            ]
-        )
+        averaged = step.averaged if step.averaged is not None else torch.zeros_like(step.local)
         s2, blocks = total.squared_norms(averaged * total.num_samples)
         result = total.compute(sum_sq_norm=s2, block_sum_sq_norm=blocks or None)
         return self._metrics(result, skip=("mean_cosine", "snr")), None

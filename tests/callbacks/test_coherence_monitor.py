@@ -37,7 +37,12 @@ from models import (
 )
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_curvature import CurvatureWarning, GradientCoherenceMonitor, gradient_coherence
+from lightning_curvature import (
+    SAM,
+    CurvatureWarning,
+    GradientCoherenceMonitor,
+    gradient_coherence,
+)
 from lightning_curvature.callbacks import training_step_loss
 from lightning_curvature.functional.batches import BatchList
 
@@ -75,6 +80,7 @@ def fit(
     double: bool = True,
     steps_: int = 4,
     batch_size: int = 8,
+    callbacks_after: list[pl.Callback] | None = None,
     **trainer_options: Any,
 ) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
@@ -86,7 +92,8 @@ def fit(
         model = model.double()
     recorder = Recorder()
     logger = csv_logger(tmp_path)
-    trainer = make_trainer([recorder, monitor], logger=logger, max_steps=steps_, **trainer_options)
+    callbacks = [recorder, monitor, *(callbacks_after or [])]
+    trainer = make_trainer(callbacks, logger=logger, max_steps=steps_, **trainer_options)
     trainer.fit(model, loader(data, batch_size=batch_size, shuffle=True))
     return {"model": model, "recorder": recorder, "logged": read_csv(logger), "trainer": trainer}
 
@@ -186,6 +193,26 @@ def test_accumulation_source_equals_the_statistics_of_the_steps_micro_batches(
         assert expected.num_samples == accumulate
         assert expected.sample_size == 8
         assert_logged_equals(logged, step, expected, rel=1e-9)
+
+
+def test_with_sam_the_samples_are_the_gradients_at_w_not_at_w_plus_eps(tmp_path: Path) -> None:
+    """SAM's second pass (at w + ε) replaces .grad after the backward; the free source reads
+    the backward passes at w, so its values are those of the same weights without SAM."""
+    monitor = GradientCoherenceMonitor(source="accumulation", every_n_steps=1)
+    sam = SAM(rho=0.5)
+    run = fit(tmp_path, monitor, accumulate_grad_batches=2, steps_=3, callbacks_after=[sam])
+    assert sam.num_sam_steps == 3
+    recorder = run["recorder"]
+    assert not torch.equal(recorder.weights[2]["net.0.weight"], recorder.weights[0]["net.0.weight"])
+    for step in (0, 1, 2):
+        expected = gradient_coherence(
+            recorder.model_at(step, run["model"]),
+            hessian_loss,
+            BatchList(recorder.batches[step]),
+            mode="micro_batch",
+            micro_batch_size=None,
+        )
+        assert_logged_equals(run["logged"], step, expected, rel=1e-9)
 
 
 def test_accumulation_source_in_float32_matches_to_rounding(tmp_path: Path) -> None:

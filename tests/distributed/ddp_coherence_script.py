@@ -1,8 +1,9 @@
 """Run by test_ddp_coherence.py: two-process DDP (gloo, CPU), accumulation 2, 3 steps.
 
-Usage: python ddp_coherence_script.py OUT_DIR MODE, MODE in {"monitors", "plain"}.
+Usage: python ddp_coherence_script.py OUT_DIR MODE, MODE in {"monitors", "plain", "sam"}.
 "monitors" trains with GradientCoherenceMonitor for each source, measuring at steps 0 and 2;
-"plain" trains without them. Each rank writes rank<r>.json (every monitor's values at step 2)
+"plain" trains without them; "sam" with the source="ddp" monitor and SAM, whose second pass
+replaces .grad after the backward. Each rank writes rank<r>.json (every monitor's values at step 2)
 and rank<r>.pt: its fixed probe batch, the weights before step 2, the micro-batches of step 2
 and the final weights.
 """
@@ -20,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_curvature import GradientCoherenceMonitor
+from lightning_curvature import SAM, GradientCoherenceMonitor
 
 MEASURED = 2
 
@@ -57,15 +58,17 @@ def main() -> None:
     x = torch.randn(96, 6, generator=g)
     y = (x[:, :3] + 0.5 * torch.randn(96, 3, generator=g)).argmax(1)
     loader = DataLoader(TensorDataset(x, y), batch_size=6, shuffle=True)
-    monitors = (
-        [
+    ddp = GradientCoherenceMonitor(source="ddp", every_n_steps=MEASURED, per_layer=True)
+    monitors = {
+        "monitors": [
             GradientCoherenceMonitor(every_n_steps=MEASURED, per_layer=True),
             GradientCoherenceMonitor(source="accumulation", every_n_steps=MEASURED, per_layer=True),
-            GradientCoherenceMonitor(source="ddp", every_n_steps=MEASURED, per_layer=True),
-        ]
-        if mode == "monitors"
-        else []
-    )
+            ddp,
+        ],
+        "plain": [],
+        "sam": [ddp],
+    }[mode]
+    others = [SAM(rho=0.5)] if mode == "sam" else []
     capture = Capture()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -73,7 +76,7 @@ def main() -> None:
         strategy="ddp",
         max_steps=MEASURED + 1,
         accumulate_grad_batches=2,
-        callbacks=[capture, *monitors],
+        callbacks=[capture, *monitors, *others],
         logger=CSVLogger(out),
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -87,7 +90,7 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({"values": values, "last_step": steps}))
     torch.save(
         {
-            "probe": monitors[0]._fixed_batches if monitors else None,
+            "probe": list(monitors[0].fixed_probe or []) if mode == "monitors" else None,
             "weights": capture.weights,
             "micro_batches": capture.micro_batches,
             "final": model.state_dict(),

@@ -107,22 +107,43 @@ def test_accumulation_source_pools_every_ranks_micro_batches(ddp_run: dict[str, 
     _assert_logged(ddp_run["ranks"][0]["values"]["accumulation"], expected, STATISTICS)
 
 
-def test_ddp_source_takes_one_sample_per_rank(ddp_run: dict[str, Any]) -> None:
-    per_rank = [_cat(s["micro_batches"]) for s in ddp_run["saved"]]  # 12 examples each
-    expected = gradient_coherence(
-        ddp_run["model"],
+def _ddp_source_expected(saved: list[dict[str, Any]], model: torch.nn.Module) -> Any:
+    per_rank = [_cat(s["micro_batches"]) for s in saved]  # 12 examples each
+    return gradient_coherence(
+        model,
         _loss,
         BatchList(per_rank),
         mode="micro_batch",
         micro_batch_size=None,
         per_layer=True,
     )
+
+
+DDP_SOURCE = ("coherence", "noise_scale", "grad_norm_sq", "trace_sigma")
+
+
+def test_ddp_source_takes_one_sample_per_rank(ddp_run: dict[str, Any]) -> None:
+    expected = _ddp_source_expected(ddp_run["saved"], ddp_run["model"])
     assert expected.num_samples == 2
     assert expected.sample_size == pytest.approx(12)
     logged = ddp_run["ranks"][0]["values"]["ddp"]
-    _assert_logged(logged, expected, ("coherence", "noise_scale", "grad_norm_sq", "trace_sigma"))
+    _assert_logged(logged, expected, DDP_SOURCE)
     assert "gradient/mean_cosine" not in logged  # would need gradient-sized all-reduces
     assert "gradient/snr" not in logged
+
+
+def test_ddp_source_under_sam_reads_the_gradients_at_w(tmp_path: Path) -> None:
+    """SAM replaces .grad with the gradient at w + ε after the backward; the source must
+    take DDP's averaged gradient of the backward pass, at w, like its samples."""
+    ranks, saved = _run(tmp_path, "sam")
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ddp_coherence_script import Classifier
+
+    model = Classifier()
+    model.load_state_dict(saved[0]["weights"])
+    expected = _ddp_source_expected(saved, model)
+    for rank in ranks:
+        _assert_logged(rank["values"]["ddp"], expected, DDP_SOURCE)
 
 
 def test_training_with_the_monitors_is_training_without_them(
