@@ -19,25 +19,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits import mlp, read_scalars, standardized_digits
 
 from lightning_curvature import GradientCoherenceMonitor
 
 
 def digits(num_examples: int, shuffle_labels: bool) -> TensorDataset:
     """Standardised digits images and their labels (a fixed random permutation of them)."""
-    data = load_digits()
-    x = torch.tensor(data.data[:num_examples], dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(data.target[:num_examples])
+    x, y = standardized_digits(num_examples)
     if shuffle_labels:
         y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
     return TensorDataset(x, y)
@@ -49,13 +48,7 @@ class DigitsClassifier(pl.LightningModule):
     def __init__(self, lr: float = 0.05, width: int = 128) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(
-            nn.Linear(64, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Linear(width, 10),
-        )
+        self.net = mlp(width)
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -92,17 +85,12 @@ def train(name: str, shuffle_labels: bool, args: argparse.Namespace) -> str:
     return logger.log_dir
 
 
-def read(log_dir: str, tag: str) -> list[tuple[int, float]]:
-    """``(step, value)`` of one scalar, read back from the event file."""
-    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
-
-
 def summarize(runs: dict[str, str], probe_size: int) -> None:
     """Print both coherence curves and the verdict, from the event files."""
-    curves = {name: read(log_dir, "gradient/coherence") for name, log_dir in runs.items()}
-    cosines = {name: read(log_dir, "gradient/mean_cosine") for name, log_dir in runs.items()}
+    curves = {name: read_scalars(log_dir, "gradient/coherence") for name, log_dir in runs.items()}
+    cosines = {
+        name: read_scalars(log_dir, "gradient/mean_cosine") for name, log_dir in runs.items()
+    }
     print(
         f"m-coherence of {probe_size} per-example gradients (1 = orthogonal, {probe_size} = equal)"
     )

@@ -15,14 +15,17 @@ Open the "Custom Scalars" tab: eigenvalue_1 climbs to the stability_threshold li
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits import mlp, read_scalars, standardized_digits
 
 from lightning_curvature import (
     HessianEigenvalueMonitor,
@@ -33,11 +36,8 @@ from lightning_curvature import (
 
 def digits_dataset(num_examples: int) -> TensorDataset:
     """Standardised digits images with one-hot targets (the MSE setting of Cohen et al.)."""
-    data = load_digits()
-    x = torch.tensor(data.data[:num_examples], dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = nn.functional.one_hot(torch.tensor(data.target[:num_examples]), 10).float()
-    return TensorDataset(x, y)
+    x, labels = standardized_digits(num_examples)
+    return TensorDataset(x, nn.functional.one_hot(labels, 10).float())
 
 
 class DigitsRegressor(pl.LightningModule):
@@ -46,13 +46,7 @@ class DigitsRegressor(pl.LightningModule):
     def __init__(self, lr: float, width: int = 64) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(
-            nn.Linear(64, width),
-            nn.Tanh(),
-            nn.Linear(width, width),
-            nn.Tanh(),
-            nn.Linear(width, 10),
-        )
+        self.net = mlp(width, nn.Tanh)
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -99,9 +93,7 @@ def main() -> None:
 
 def summarize(log_dir: str, threshold: float) -> None:
     """Read the sharpness ratio back from the TensorBoard event file and print the verdict."""
-    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    history = [(e.step, e.value) for e in events.Scalars("curvature/sharpness_ratio")]
+    history = read_scalars(log_dir, "curvature/sharpness_ratio")
     ratios = torch.tensor([ratio for _, ratio in history])
     print(f"probes: {len(history)}  stability threshold 2/lr = {threshold:.2f}")
     print(" step  sharpness_ratio")

@@ -13,14 +13,18 @@ on the same probe batch, to show that the two agree:
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits import mlp, standardized_digits
 
 from lightning_curvature import (
     GradientCoherenceMonitor,
@@ -36,7 +40,7 @@ class Digits(pl.LightningModule):
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+        self.net = mlp(64, nn.Tanh, hidden_layers=1)
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -57,9 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pl.seed_everything(0)
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    loader = DataLoader(TensorDataset(x, torch.tensor(data.target)), batch_size=64, shuffle=True)
+    loader = DataLoader(TensorDataset(*standardized_digits()), batch_size=64, shuffle=True)
     eigen = HessianEigenvalueMonitor(k=3, every_n_steps=50, on_train_end=True)
     callbacks = [
         eigen,

@@ -18,7 +18,9 @@ comparable. The sharpness monitor logs the same quantity along the way, to Tenso
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +29,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits import mlp
 
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
 from lightning_curvature.callbacks.sam import SAM
@@ -56,13 +61,7 @@ class DigitsMLP(pl.LightningModule):
     def __init__(self, lr: float, width: int = 128) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(
-            nn.Linear(64, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Linear(width, 10),
-        )
+        self.net = mlp(width)
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int

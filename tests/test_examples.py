@@ -60,8 +60,8 @@ def test_coherence_separates_real_from_shuffled_labels(tmp_path: Path) -> None:
 def test_quickstart_logs_what_the_model_level_api_computes(tmp_path: Path) -> None:
     out = _run("quickstart.py", tmp_path)
     found = re.search(
-        r"final sharpness is ([\d.]+) in TensorBoard and ([\d.]+) from hessian_eigenvalues.*"
-        r"threshold \(2 \+ 2·0.9\)/lr is ([\d.]+)",
+        r"final sharpness is (\d+\.\d+) in TensorBoard and (\d+\.\d+) from hessian_eigenvalues.*"
+        r"threshold \(2 \+ 2·0.9\)/lr is (\d+\.\d+)",
         out,
     )
     assert found, out

@@ -98,6 +98,19 @@ def fit(
     return {"model": model, "recorder": recorder, "logged": read_csv(logger), "trainer": trainer}
 
 
+def micro_batch_reference(run: dict[str, Any], step: int, **kwargs: Any) -> Any:
+    """gradient_coherence on the weights and micro-batches of ``step``, one sample each."""
+    recorder = run["recorder"]
+    return gradient_coherence(
+        recorder.model_at(step, run["model"]),
+        hessian_loss,
+        BatchList(recorder.batches[step]),
+        mode="micro_batch",
+        micro_batch_size=None,
+        **kwargs,
+    )
+
+
 def assert_logged_equals(
     logged: dict[str, list[tuple[int, float]]],
     step: int,
@@ -180,16 +193,8 @@ def test_accumulation_source_equals_the_statistics_of_the_steps_micro_batches(
     logged, recorder = run["logged"], run["recorder"]
     assert steps(logged["gradient/coherence"]) == [0, 1, 2]
     for step in (0, 1, 2):
-        micro_batches = recorder.batches[step]
-        assert len(micro_batches) == accumulate
-        expected = gradient_coherence(
-            recorder.model_at(step, run["model"]),
-            hessian_loss,
-            BatchList(micro_batches),
-            mode="micro_batch",
-            micro_batch_size=None,  # one sample per micro-batch
-            per_layer=True,
-        )
+        assert len(recorder.batches[step]) == accumulate
+        expected = micro_batch_reference(run, step, per_layer=True)
         assert expected.num_samples == accumulate
         assert expected.sample_size == 8
         assert_logged_equals(logged, step, expected, rel=1e-9)
@@ -205,28 +210,15 @@ def test_with_sam_the_samples_are_the_gradients_at_w_not_at_w_plus_eps(tmp_path:
     recorder = run["recorder"]
     assert not torch.equal(recorder.weights[2]["net.0.weight"], recorder.weights[0]["net.0.weight"])
     for step in (0, 1, 2):
-        expected = gradient_coherence(
-            recorder.model_at(step, run["model"]),
-            hessian_loss,
-            BatchList(recorder.batches[step]),
-            mode="micro_batch",
-            micro_batch_size=None,
-        )
+        expected = micro_batch_reference(run, step)
         assert_logged_equals(run["logged"], step, expected, rel=1e-9)
 
 
 def test_accumulation_source_in_float32_matches_to_rounding(tmp_path: Path) -> None:
     monitor = GradientCoherenceMonitor(source="accumulation", every_n_steps=2)
     run = fit(tmp_path, monitor, double=False, accumulate_grad_batches=4, steps_=3)
-    recorder = run["recorder"]
     for step in (0, 2):
-        expected = gradient_coherence(
-            recorder.model_at(step, run["model"]),
-            hessian_loss,
-            BatchList(recorder.batches[step]),
-            mode="micro_batch",
-            micro_batch_size=None,
-        )
+        expected = micro_batch_reference(run, step)
         assert_logged_equals(run["logged"], step, expected, rel=1e-4)
 
 
@@ -243,13 +235,7 @@ def test_accumulation_source_undoes_the_grad_scalers_scale(tmp_path: Path) -> No
     logged_steps = steps(run["logged"]["gradient/coherence"])
     assert 0 < len(logged_steps) < 6  # some steps overflowed, the others were measured
     for step in logged_steps:
-        expected = gradient_coherence(
-            run["recorder"].model_at(step, run["model"]),
-            hessian_loss,
-            BatchList(run["recorder"].batches[step]),
-            mode="micro_batch",
-            micro_batch_size=None,
-        )
+        expected = micro_batch_reference(run, step)
         # fp16 autocast changes the gradients by ~1e-3 relative; the scale would be 2**16.
         assert_logged_equals(
             run["logged"], step, expected, rel=2e-2, names=("coherence", "grad_norm_sq")
