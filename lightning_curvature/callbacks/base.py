@@ -137,7 +137,8 @@ class CurvatureMonitor(Callback):
 
     Args:
         every_n_steps: probe when ``trainer.global_step`` (optimizer steps) is a multiple
-            of it, step 0 included (the weights before training).
+            of it, step 0 included (the weights before training). Each monitor sets its own
+            default from its cost.
         every_n_epochs: probe at the first step of every n-th epoch.
         on_train_end: also probe the final weights.
         max_overhead: instead of a fixed cadence, keep probe time under this fraction of

@@ -123,6 +123,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             ``chunk_size × P``); default about 16 MiB of gradients on CPU.
         per_layer: ``True`` for one coherence per module, or parameter-name patterns (list,
             or dict of tag name to pattern) for one per block.
+        every_n_steps: measure every this many optimizer steps (default 500).
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``
             (the probe-data arguments apply to ``source="probe"`` only; ``backend`` does not
             apply: no Hessian-vector products are computed).
@@ -160,6 +161,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         micro_batch_size: int | None = 8,
         chunk_size: int | None = None,
         per_layer: bool | Sequence[str] | Mapping[str, str] = False,
+        every_n_steps: int | None = 500,
         **kwargs: Any,
     ) -> None:
         if source not in _SOURCES:
@@ -182,7 +184,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
                 f"{', '.join(f'`{n}`' for n in given)} (probe-batch options) do not apply; "
                 f"got {', '.join(f'{n}={kwargs[n]!r}' for n in given)}. Use source='probe'."
             )
-        super().__init__(**kwargs)
+        super().__init__(every_n_steps=every_n_steps, **kwargs)
         if mode not in _MODES:
             raise MisconfigurationException(f"`mode` must be one of {_MODES}, got {mode!r}.")
         for name, value in (("micro_batch_size", micro_batch_size), ("chunk_size", chunk_size)):

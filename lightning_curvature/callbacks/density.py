@@ -31,6 +31,8 @@ class SpectralDensityMonitor(CurvatureMonitor):
         num_steps: Lanczos steps per run.
         num_runs: independent runs averaged.
         num_points: grid points of the smoothed density.
+        every_n_steps: probe every this many optimizer steps (default 2000: the density
+            costs ``num_steps × num_runs`` products, so it is meant to be taken rarely).
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
 
     Logged metrics:
@@ -54,9 +56,15 @@ class SpectralDensityMonitor(CurvatureMonitor):
     cost_prefix = "curvature/density_"
 
     def __init__(
-        self, num_steps: int = 80, num_runs: int = 1, *, num_points: int = 200, **kwargs: Any
+        self,
+        num_steps: int = 80,
+        num_runs: int = 1,
+        *,
+        num_points: int = 200,
+        every_n_steps: int | None = 2000,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(every_n_steps=every_n_steps, **kwargs)
         for name, value, low in (
             ("num_steps", num_steps, 2),
             ("num_runs", num_runs, 1),

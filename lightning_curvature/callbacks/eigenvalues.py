@@ -42,6 +42,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             gets its own block's top eigenvalue under ``curvature/eigenvalue_1/<name>``.
         warm_start: start each Lanczos run from the previous eigenvectors.
         prog_bar: show ``eigenvalue_1`` in the progress bar.
+        every_n_steps: probe every this many optimizer steps (default 200: about 5 warm
+            Hessian-vector products, under 1% of training where a step is one gradient of a
+            batch like the probe's).
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
 
     Logged metrics:
@@ -75,9 +78,10 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         per_layer: LayerSpec = None,
         warm_start: bool = True,
         prog_bar: bool = False,
+        every_n_steps: int | None = 200,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(every_n_steps=every_n_steps, **kwargs)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise MisconfigurationException(f"`k` must be an integer >= 1, got {k!r}.")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
