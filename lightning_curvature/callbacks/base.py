@@ -142,7 +142,9 @@ class CurvatureMonitor(Callback):
         every_n_epochs: probe at the first step of every n-th epoch.
         on_train_end: also probe the final weights.
         max_overhead: instead of a fixed cadence, keep probe time under this fraction of
-            wall time (``every_n_steps`` is then the shortest interval).
+            training time (``every_n_steps`` is then the shortest interval). The budget is
+            shared: the N monitors of a Trainer that have one each keep to a 1/N share of
+            it, so several monitors at ``max_overhead=0.05`` take 5% together.
         probe: ``"fixed"`` (default: batches drawn once, comparable over time) or
             ``"current"`` (the batch of the probed step).
         probe_batches: number of batches in the fixed probe (averaged by size).
@@ -222,7 +224,10 @@ class CurvatureMonitor(Callback):
         self._generator_state: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: list[str] | None = None  # warn_once's messages during a probe
-        self._timer: tuple[float, int] | None = None  # (end of last probe, its step)
+        #: Seconds this monitor has spent measuring in this fit (for the shared budget).
+        self.probe_seconds = 0.0
+        # End of the last probe, its step, and every monitor's probe seconds by then.
+        self._timer: tuple[float, int, float] | None = None
 
     # -- what subclasses implement -----------------------------------------------------------
     def measure(
@@ -346,6 +351,7 @@ class CurvatureMonitor(Callback):
                     for b in drawn
                 ]
         self._timer = None
+        self.probe_seconds = 0.0
 
     @override
     def on_train_batch_start(
@@ -478,14 +484,34 @@ class CurvatureMonitor(Callback):
         self.log_extras(trainer, step)
 
     def _reschedule(self, trainer: pl.Trainer, step: int, seconds: float) -> None:
+        self.probe_seconds += seconds
         interval = None
         if self.schedule.max_overhead is not None:
-            now = time.perf_counter()
+            # Training time since this monitor's last probe: the wall time less the probes of
+            # every monitor of the trainer (this one's included), so that no monitor counts
+            # another's probes as training it may spend a share of.
+            now, spent = time.perf_counter(), _probe_seconds(trainer)
             step_seconds = 0.0
             if self._timer is not None and step > self._timer[1]:
-                step_seconds = (now - seconds - self._timer[0]) / (step - self._timer[1])
+                last_end, last_step, last_spent = self._timer
+                step_seconds = (now - last_end - (spent - last_spent)) / (step - last_step)
+            share = self.schedule.max_overhead / _budgeted_monitors(trainer)
             interval = trainer.strategy.broadcast(
-                self.schedule.next_interval(seconds, step_seconds), src=0
+                self.schedule.next_interval(seconds, step_seconds, share), src=0
             )
-            self._timer = (now, step)
+            self._timer = (now, step, spent)
         self.schedule.record(step, interval)
+
+
+def _monitors(trainer: pl.Trainer) -> list[CurvatureMonitor]:
+    return [c for c in trainer.callbacks if isinstance(c, CurvatureMonitor)]  # type: ignore[attr-defined]
+
+
+def _probe_seconds(trainer: pl.Trainer) -> float:
+    """Seconds spent in the probes of every monitor of ``trainer`` so far."""
+    return sum(monitor.probe_seconds for monitor in _monitors(trainer))
+
+
+def _budgeted_monitors(trainer: pl.Trainer) -> int:
+    """How many monitors of ``trainer`` share the overhead budget (at least 1)."""
+    return max(1, sum(m.schedule.max_overhead is not None for m in _monitors(trainer)))

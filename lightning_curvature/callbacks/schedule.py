@@ -4,8 +4,9 @@ Steps are *optimizer* steps (``trainer.global_step``), so gradient accumulation 
 probe per step. With ``max_overhead`` the interval adapts after every probe so that probe
 time stays under that fraction of the wall time: after a probe of ``c`` seconds with training
 steps of ``s`` seconds, the next comes ``c (1 - f) / (f s)`` steps later (never sooner than
-``every_n_steps``). The decision is computed on rank zero and broadcast, so every process
-probes at the same steps (a mismatch would deadlock the all-reduced products).
+``every_n_steps``); monitors that share one budget each use a share ``f`` of it. The
+decision is computed on rank zero and broadcast, so every process probes at the same steps
+(a mismatch would deadlock the all-reduced products).
 """
 
 from __future__ import annotations
@@ -90,13 +91,22 @@ class ProbeSchedule:
             epoch_start and self.every_n_epochs is not None and epoch % self.every_n_epochs == 0
         )
 
-    def next_interval(self, probe_seconds: float, step_seconds: float) -> int:
-        """Steps until the next probe under ``max_overhead`` (rank zero computes it)."""
+    def next_interval(
+        self, probe_seconds: float, step_seconds: float, budget: float | None = None
+    ) -> int:
+        """Steps until the next probe under the budget (rank zero computes it).
+
+        Args:
+            probe_seconds: what the last probe took.
+            step_seconds: a training step's time (without any probe).
+            budget: the fraction of time the probes may take (default ``max_overhead``; a
+                share of it when several monitors split one budget).
+        """
         assert self.max_overhead is not None
         shortest = self.every_n_steps or 1
         if not step_seconds > 0 or not math.isfinite(probe_seconds):
             return shortest
-        f = self.max_overhead
+        f = self.max_overhead if budget is None else budget
         return max(shortest, math.ceil(probe_seconds * (1 - f) / (f * step_seconds)))
 
     def record(self, global_step: int, interval: int | None = None) -> None:

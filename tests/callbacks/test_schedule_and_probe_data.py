@@ -130,6 +130,27 @@ def test_max_overhead_spaces_probes_by_measured_probe_and_step_times(
     assert 4 / (4 + 60 * 0.125) < 0.35
 
 
+def test_monitors_share_one_budget_and_never_count_each_others_probes_as_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two monitors at max_overhead=0.25 keep to 0.125 each (0.25 together), and the 1 s
+    probe of one is not training time for the other: after step 1 both measure 0.125 s
+    steps, so 1 s × 0.875 / (0.125 × 0.125 s) = 56 steps pass before the next probe.
+    (Counting the other's probe as a step, the interval would have been 3.)"""
+    clock = Clock()
+    monkeypatch.setattr(base, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monitors = [
+        CostlyMonitor(clock, every_n_steps=1, max_overhead=0.25, seed=seed) for seed in (0, 1)
+    ]
+    logger = csv_logger(tmp_path)
+    trainer = make_trainer([*monitors, StepTime(clock)], logger=logger, max_steps=60)
+    trainer.fit(TanhRegressor(), loader(regression_data(n=64), batch_size=8))
+    for monitor in monitors:
+        assert monitor.schedule.next_step == 57 + 56
+        assert monitor.probe_seconds == 3.0  # steps 0, 1 and 57
+    assert steps(read_csv(logger)["probe/value"]) == [0, 0, 1, 1, 57, 57]
+
+
 def test_max_overhead_in_a_real_fit_probes_less_often_than_every_step(
     tmp_path: Path, record_property: Any
 ) -> None:
