@@ -154,3 +154,23 @@ def test_quadrature_is_gauss_quadrature_of_the_spectral_measure(steps: int) -> N
     for power in range(2 * steps):
         moment = u @ torch.linalg.matrix_power(a, power) @ u
         assert float((weights * nodes**power).sum()) == pytest.approx(float(moment), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_top_eigenvalue_the_start_vector_barely_sees_is_not_missed(seed: int) -> None:
+    """A start vector almost along the *second* eigenvector (a warm start after the top
+    direction changed): θ₁ converges to λ₂ first with a small residual. The stopping test
+    must not accept it (it used to, after 3 products, flagged converged)."""
+    n = 1000
+    spectrum = torch.cat([torch.tensor([2.0, 1.0]), torch.linspace(0.0, 0.5, n - 2)]).to(D)
+    start = torch.zeros(n, dtype=D)
+    start[1] = 1.0
+    start += 1e-3 * torch.nn.functional.normalize(_random_start(n, seed), dim=0)
+    out = lanczos_eigenpairs(
+        lambda v: spectrum * v,
+        start,
+        tol=1e-3,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    assert out.converged.all()
+    assert abs(float(out.eigenvalues[0]) - 2.0) <= 1e-3 * 2.0
