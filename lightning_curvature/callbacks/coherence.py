@@ -44,6 +44,7 @@ from lightning_curvature.functional.gradient_statistics import (
     CoherenceMode,
     GradientCoherence,
     GradientSums,
+    check_coherence_arguments,
     gradient_sums,
 )
 from lightning_curvature.functional.parameters import ParameterLayout, select_parameters
@@ -53,7 +54,6 @@ __all__ = ["CoherenceSource", "GradientCoherenceMonitor"]
 
 CoherenceSource = Literal["probe", "accumulation", "ddp"]
 _SOURCES = ("probe", "accumulation", "ddp")
-_MODES = ("auto", "per_example", "micro_batch")
 # Arguments of the base class that only mean something for probe batches, and its defaults.
 _PROBE_ONLY = ("probe", "probe_batches", "probe_dataloader", "loss_fn", "batch_norm")
 _BASE_DEFAULTS = {
@@ -185,15 +185,10 @@ class GradientCoherenceMonitor(CurvatureMonitor):
                 f"got {', '.join(f'{n}={kwargs[n]!r}' for n in given)}. Use source='probe'."
             )
         super().__init__(every_n_steps=every_n_steps, **kwargs)
-        if mode not in _MODES:
-            raise MisconfigurationException(f"`mode` must be one of {_MODES}, got {mode!r}.")
-        for name, value in (("micro_batch_size", micro_batch_size), ("chunk_size", chunk_size)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise MisconfigurationException(
-                    f"`{name}` must be a positive integer or None, got {value!r}."
-                )
+        try:
+            check_coherence_arguments(mode, micro_batch_size, chunk_size)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
         if source != "probe" and (mode != "auto" or chunk_size is not None):
             raise MisconfigurationException(
                 f"`mode` and `chunk_size` apply to source='probe' only; with source={source!r} "

@@ -79,6 +79,7 @@ __all__ = [
     "CoherenceMode",
     "GradientCoherence",
     "GradientSums",
+    "check_coherence_arguments",
     "default_chunk_size",
     "gradient_coherence",
     "gradient_sums",
@@ -457,9 +458,20 @@ def _block_total(values: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
 
 
 # -- model level -------------------------------------------------------------------------
-def _check_arguments(
-    mode: str, micro_batch_size: int | None, chunk_size: int | None, per_layer: object
+def check_coherence_arguments(
+    mode: str, micro_batch_size: int | None, chunk_size: int | None, per_layer: object = False
 ) -> None:
+    """Raise on an invalid argument of :func:`gradient_coherence`, naming it.
+
+    Raises:
+        ValueError: naming the argument, the allowed values and the value given.
+
+    Example:
+        >>> check_coherence_arguments("vmap", 8, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: `mode` must be one of ('auto', 'per_example', 'micro_batch'), got 'vmap'.
+    """
     if mode not in _MODES:
         raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
     for name, value in (("micro_batch_size", micro_batch_size), ("chunk_size", chunk_size)):
@@ -557,7 +569,7 @@ def gradient_sums(
         >>> sums.mode, sums.num_samples, sums.sq_norm_sum.item()
         ('per_example', 2, 2.0)
     """
-    _check_arguments(mode, micro_batch_size, chunk_size, per_layer)
+    check_coherence_arguments(mode, micro_batch_size, chunk_size, per_layer)
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
     model = unwrap_model(model)
