@@ -224,10 +224,12 @@ class CurvatureMonitor(Callback):
         self._generator_state: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: list[str] | None = None  # warn_once's messages during a probe
+        self._state_key: str | None = None
         #: Seconds this monitor has spent measuring in this fit (for the shared budget).
         self.probe_seconds = 0.0
         # End of the last probe, its step, and every monitor's probe seconds by then.
         self._timer: tuple[float, int, float] | None = None
+        self._unbudgeted: float | None = None  # cost of a probe made before any step time
 
     # -- what subclasses implement -----------------------------------------------------------
     def measure(
@@ -350,16 +352,27 @@ class CurvatureMonitor(Callback):
                     trainer.strategy.batch_to_device(_before_transfer(trainer, pl_module, b))
                     for b in drawn
                 ]
-        self._timer = None
+        self._timer, self._unbudgeted = None, None
         self.probe_seconds = 0.0
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
-        if self.schedule.is_due(step, epoch, epoch_start=batch_idx == 0):
+        if self.is_due(trainer, batch_idx):
             self._probe(trainer, pl_module, batch)
+
+    def is_due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        """Whether to measure at this training batch (call from ``on_train_batch_start``).
+
+        Under ``max_overhead`` the first probe has no step time to be budgeted against; the
+        next step measures one and fixes the interval then (instead of probing again).
+        """
+        step = trainer.global_step
+        if self._unbudgeted is not None and step > self.schedule.last_step:
+            self._budget(trainer, self.schedule.last_step, step, self._unbudgeted)
+            self._unbudgeted = None
+        return self.schedule.is_due(step, trainer.current_epoch, epoch_start=batch_idx == 0)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -372,6 +385,12 @@ class CurvatureMonitor(Callback):
         # Every argument that makes two monitors of one class measure different things:
         # Lightning refuses two stateful callbacks with one key (e.g. k=1 and k=5, or a
         # training and a held-out probe at the same cadence). Objects enter by a stable name.
+        # Built once: Lightning reads it at every hook call (its profiler's action name).
+        if self._state_key is None:
+            self._state_key = self._build_state_key()
+        return self._state_key
+
+    def _build_state_key(self) -> str:
         loss_fn = self.loss_fn
         return self._generate_state_key(
             every_n_steps=self.schedule.every_n_steps,
@@ -485,22 +504,33 @@ class CurvatureMonitor(Callback):
 
     def _reschedule(self, trainer: pl.Trainer, step: int, seconds: float) -> None:
         self.probe_seconds += seconds
-        interval = None
-        if self.schedule.max_overhead is not None:
-            # Training time since this monitor's last probe: the wall time less the probes of
-            # every monitor of the trainer (this one's included), so that no monitor counts
-            # another's probes as training it may spend a share of.
-            now, spent = time.perf_counter(), _probe_seconds(trainer)
-            step_seconds = 0.0
-            if self._timer is not None and step > self._timer[1]:
-                last_end, last_step, last_spent = self._timer
-                step_seconds = (now - last_end - (spent - last_spent)) / (step - last_step)
-            share = self.schedule.max_overhead / _budgeted_monitors(trainer)
-            interval = trainer.strategy.broadcast(
-                self.schedule.next_interval(seconds, step_seconds, share), src=0
-            )
-            self._timer = (now, step, spent)
-        self.schedule.record(step, interval)
+        if self.schedule.max_overhead is None:
+            self.schedule.record(step)
+            return
+        if self._timer is None:  # no training step timed yet: budget this probe at the next
+            self._unbudgeted = seconds
+            self.schedule.record(step, 1)
+        else:
+            self._budget(trainer, step, step, seconds)
+        self._timer = (time.perf_counter(), step, _probe_seconds(trainer))
+
+    def _budget(self, trainer: pl.Trainer, probe_step: int, step: int, seconds: float) -> None:
+        """Space the probe after the one at ``probe_step`` (``seconds`` long) to the budget.
+
+        The training time per step comes from the last timed probe up to now (``step``): the
+        wall time less the probes of every monitor of the trainer (this one's included), so
+        no monitor counts another's probes as training it may spend a share of.
+        """
+        assert self._timer is not None
+        assert self.schedule.max_overhead is not None
+        last_end, last_step, last_spent = self._timer
+        elapsed = time.perf_counter() - last_end - (_probe_seconds(trainer) - last_spent)
+        step_seconds = elapsed / max(step - last_step, 1)
+        share = self.schedule.max_overhead / _budgeted_monitors(trainer)
+        interval = trainer.strategy.broadcast(
+            self.schedule.next_interval(seconds, step_seconds, share), src=0
+        )
+        self.schedule.record(probe_step, interval)
 
 
 def _monitors(trainer: pl.Trainer) -> list[CurvatureMonitor]:

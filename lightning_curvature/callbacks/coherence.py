@@ -318,8 +318,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         if self.source == "probe":
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
             return
-        step, epoch = trainer.global_step, trainer.current_epoch
-        if self._step is None and self.schedule.is_due(step, epoch, epoch_start=batch_idx == 0):
+        if self._step is None and self.is_due(trainer, batch_idx):
             self._step = self._start_step(pl_module)
         if self._step is not None:
             self._step.micro_batch_size = batch_size(batch)

@@ -393,10 +393,9 @@ class GradientSums:
         second = m * self.sq_sum
         variance_num = second - self.sum * self.sum  # (m - 1)·H·σ_j²
         valid = variance_num > m * torch.finfo(second.dtype).eps * second
-        ratios = (
-            (self.sum[valid] / m) ** 2 * ((m - 1) * self.inverse_size_sum) / variance_num[valid]
-        )
-        return ratios.mean()
+        # where, not boolean indexing: no host sync and no gather of a P-long vector
+        ratios = (self.sum / m) ** 2 * ((m - 1) * self.inverse_size_sum) / variance_num
+        return torch.where(valid, ratios, 0.0).sum() / valid.sum()
 
     def squared_norms(self, vector: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``‖v‖²`` and each block's ``‖v_B‖²`` of a flat vector in this layout.
