@@ -30,8 +30,8 @@ class HessianTraceMonitor(CurvatureMonitor):
             probes) or ``"hutch++"``.
         per_layer: ``True`` for one trace per module, or parameter-name patterns (list, or
             dict of tag name to pattern) for one per block.
-        every_n_steps: probe every this many optimizer steps (default 500: ``num_hvps``
-            products every 500 steps, under 2% of training at the defaults).
+        every_n_steps: probe every this many optimizer steps (default 1000: ``num_hvps``
+            products, some 40-60 gradients, every 1000 steps).
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
 
     Logged metrics:
@@ -58,7 +58,7 @@ class HessianTraceMonitor(CurvatureMonitor):
         method: Literal["hutchinson", "hutch++"] = "hutchinson",
         *,
         per_layer: bool | Sequence[str] | dict[str, str] = False,
-        every_n_steps: int | None = 500,
+        every_n_steps: int | None = 1000,
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, **kwargs)
