@@ -27,11 +27,12 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
     Lanczos with full reorthogonalisation, warm-started from the previous probe's
     eigenvectors (6-13 Hessian-vector products per probe once warm, 7-16 cold, for
     ``tol=1e-3``; the run goes on until the eigenvalue below the top k has converged too,
-    so that an eigenvalue the start vector barely saw is not missed). The threshold is read from the first optimizer at the probe's step:
-    ``2/lr`` for SGD, ``(2 + 2β)/lr`` with heavy-ball momentum β, ``(2 + 2β)/((1 + 2β) lr)``
-    with Nesterov momentum, plus coupled weight decay; for Adam/AdamW the preconditioned
-    sharpness ``λ₁(P⁻¹H)`` (one more Lanczos run) is compared with
-    ``(2 + 2β₁)/((1 − β₁) lr)`` = 38/lr (Cohen et al. 2021, 2022).
+    so that an eigenvalue the start vector barely saw is not missed). The threshold is read
+    from the first optimizer at the probe's step: ``2/lr`` for SGD, ``(2 + 2β)/lr`` with
+    heavy-ball momentum β, ``(2 + 2β)/((1 + 2β) lr)`` with Nesterov momentum, plus coupled
+    weight decay; for Adam/AdamW the preconditioned sharpness ``λ₁(P⁻¹H)`` (one more
+    Lanczos run) is compared with ``(2 + 2β₁)/((1 − β₁) lr)`` = 38/lr (Cohen et al. 2021,
+    2022).
 
     Args:
         k: number of top eigenvalues.
