@@ -24,7 +24,16 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from common import Timings, loss_fn, make_cnn, num_parameters, synthetic_images, timed
+from common import (
+    Timings,
+    load_average,
+    loss_fn,
+    machine,
+    make_cnn,
+    num_parameters,
+    synthetic_images,
+    timed,
+)
 
 from lightning_curvature.functional.gradient_statistics import (
     default_chunk_size,
@@ -69,6 +78,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    load = load_average()
+    print(f"Machine: {machine('lightning')}")
     model = make_cnn().eval()
     batch = synthetic_images(args.batch_size)
     calls = cases(model, batch)
@@ -101,6 +112,7 @@ def main() -> None:
         f"values: coherence {out.coherence.item():.3f}, mean cosine {out.mean_cosine.item():.4f}, "
         f"noise scale {out.noise_scale.item():.1f}, snr {out.snr.item():.4f} ({out.mode})"
     )
+    print(f"load average (1, 5, 15 min) {load} at start, {load_average()} at end")
 
 
 if __name__ == "__main__":

@@ -1,51 +1,146 @@
 """Wall-time overhead of the monitors on the edge-of-stability example's training.
 
-Trains the example's network (full-batch gradient descent on digits) three ways, interleaved
-and repeated: without monitors, with `HessianEigenvalueMonitor` + `HessianTraceMonitor` at
-their default cadence (every 100 steps), and with `max_overhead=0.05`. Prints the minimum
-wall time of each and the overhead relative to the plain run.
+Trains the example's network (full-batch gradient descent on 1000 digits, one batch per
+epoch) in several configurations, interleaved (in rotating order) and repeated:
 
-    python benchmarks/bench_monitor_overhead.py --steps 2000 --repeats 3
+* ``none``: no monitors (the unit);
+* ``default``: ``HessianEigenvalueMonitor`` + ``HessianTraceMonitor`` at their default
+  cadence (every 500 and every 1000 steps, step 0 included);
+* ``all four, default``: the same plus ``GradientCoherenceMonitor`` (every 500 steps,
+  ``source="probe"``) and ``SpectralDensityMonitor`` (every 2000), all at their defaults;
+* ``max_overhead=0.05``: eigenvalue + trace monitors, both with ``max_overhead=0.05`` and
+  ``every_n_steps=1`` (the adaptive cadence, every step at the shortest); the monitors of a
+  Trainer share that budget, so each keeps to 2.5%;
+* ``eigenvalue only, max_overhead=0.05`` and ``trace only, max_overhead=0.05``: one monitor
+  alone, with the whole 5% to itself;
+* ``eigenvalue only, step 0 only``: one monitor that probes once (``every_n_steps=10**9``),
+  the cost of its presence: set-up, its hooks on every step, one probe.
+
+Prints the minimum wall time of ``trainer.fit`` for each, its overhead relative to the
+minimum plain run, the overhead of the medians, the number of probes per run and monitor and
+the share of the run spent inside the probes (timed around each monitor's
+``record_measurement``: measurement, rescheduling and logging), which is what
+``max_overhead`` budgets; the rest of the overhead is outside the probes (set-up, hooks, the
+steps right after a probe). An untimed 20-step run first takes the one-time costs (imports,
+the first ``Trainer``).
+
+    python benchmarks/bench_monitor_overhead.py --steps 2000 --repeats 3  # ~5 min, 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import statistics
 import sys
 import tempfile
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from common import Timings, load_average, machine, summary
 from edge_of_stability import DigitsRegressor, digits_dataset
 
-from lightning_curvature import HessianEigenvalueMonitor, HessianTraceMonitor
+from lightning_curvature import (
+    CurvatureMonitor,
+    GradientCoherenceMonitor,
+    HessianEigenvalueMonitor,
+    HessianTraceMonitor,
+    SpectralDensityMonitor,
+)
+
+BUDGET = 0.05
+MODES = (
+    "none",
+    "default",
+    "all four, default",
+    f"max_overhead={BUDGET}",
+    f"eigenvalue only, max_overhead={BUDGET}",
+    f"trace only, max_overhead={BUDGET}",
+    "eigenvalue only, step 0 only",
+)
 
 
-def monitors(mode: str) -> list[pl.Callback]:
+def monitors(mode: str) -> list[CurvatureMonitor]:
     """The callbacks of one configuration."""
     if mode == "none":
         return []
     if mode == "default":
         return [HessianEigenvalueMonitor(), HessianTraceMonitor()]
-    return [
-        HessianEigenvalueMonitor(every_n_steps=1, max_overhead=0.05),
-        HessianTraceMonitor(every_n_steps=1, max_overhead=0.05),
-    ]
+    if mode == "all four, default":
+        return [
+            HessianEigenvalueMonitor(),
+            HessianTraceMonitor(),
+            GradientCoherenceMonitor(),
+            SpectralDensityMonitor(),
+        ]
+    if mode == "eigenvalue only, step 0 only":
+        return [HessianEigenvalueMonitor(every_n_steps=10**9)]
+    adaptive = {"every_n_steps": 1, "max_overhead": BUDGET}
+    chosen: list[CurvatureMonitor] = []
+    if not mode.startswith("trace only"):
+        chosen.append(HessianEigenvalueMonitor(**adaptive))
+    if not mode.startswith("eigenvalue only"):
+        chosen.append(HessianTraceMonitor(**adaptive))
+    return chosen
 
 
-def train_seconds(mode: str, steps: int) -> float:
-    """Wall time of one training run."""
+@dataclass
+class Run:
+    """One training run: its wall time and, per monitor, the step and seconds of each probe."""
+
+    seconds: float
+    probes: list[list[tuple[int, float]]]
+
+    @property
+    def counts(self) -> str:
+        """Probes per monitor, e.g. ``"20+20"``."""
+        return "+".join(str(len(p)) for p in self.probes) or "0"
+
+    @property
+    def probe_seconds(self) -> float:
+        """Time inside the monitors' probes (measurement and logging), all monitors."""
+        return sum(seconds for probes in self.probes for _, seconds in probes)
+
+
+def timing_probes(callbacks: list[CurvatureMonitor]) -> list[list[tuple[int, float]]]:
+    """Time every ``record_measurement`` (one probe: measure, reschedule, log) of each monitor."""
+    probes: list[list[tuple[int, float]]] = []
+    for callback in callbacks:
+        seen: list[tuple[int, float]] = []
+        original = callback.record_measurement
+
+        def timed_probe(
+            trainer: pl.Trainer, *args: Any, _original: Any = original, _seen: Any = seen
+        ) -> None:
+            started = time.perf_counter()
+            _original(trainer, *args)
+            _seen.append((trainer.global_step, time.perf_counter() - started))
+
+        callback.record_measurement = timed_probe  # type: ignore[method-assign]
+        probes.append(seen)
+    return probes
+
+
+def train(mode: str, steps: int) -> Run:
+    """One training run of ``mode``."""
     pl.seed_everything(0, verbose=False)
     dataset = digits_dataset(1000)
+    callbacks = monitors(mode)
+    probes = timing_probes(callbacks)
     with tempfile.TemporaryDirectory() as log_dir:
         trainer = pl.Trainer(
             max_steps=steps,
-            callbacks=monitors(mode),
+            callbacks=list(callbacks),
             logger=TensorBoardLogger(log_dir),
             log_every_n_steps=25,
             enable_checkpointing=False,
@@ -54,25 +149,70 @@ def train_seconds(mode: str, steps: int) -> float:
         )
         started = time.perf_counter()
         trainer.fit(DigitsRegressor(0.2), DataLoader(dataset, batch_size=len(dataset)))
-        return time.perf_counter() - started
+        return Run(time.perf_counter() - started, probes)
+
+
+def quiet() -> None:
+    """Silence Lightning's banners and the warnings a one-batch epoch triggers."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+    warnings.filterwarnings("ignore", message=".*does not have many workers")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch's default; with 2 on a shared 2-core machine single runs "
+        "took up to 5x longer)",
+    )
     args = parser.parse_args()
-    modes = ("none", "default", "max_overhead=0.05")
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(args.repeats):
-        for mode in modes:
-            times[mode].append(train_seconds(mode, args.steps))
-    base = min(times["none"])
-    print(f"| monitors ({args.steps} steps) | min wall time (s) | overhead |")
-    print("|---|---|---|")
-    for mode in modes:
-        best = min(times[mode])
-        print(f"| {mode} | {best:.2f} | {100 * (best / base - 1):+.1f}% |")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet()
+    started, load = time.perf_counter(), load_average()
+    print(f"Machine: {machine('lightning')}", flush=True)
+    train(f"max_overhead={BUDGET}", 20)  # untimed warm-up: imports, first Trainer, caches
+    times, shares = Timings(), Timings()
+    counts: dict[str, set[str]] = {mode: set() for mode in MODES}
+    for repeat in range(args.repeats):
+        for mode in MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]:
+            run = train(mode, args.steps)
+            times.add(mode, run.seconds)
+            shares.add(mode, run.probe_seconds / run.seconds)
+            counts[mode].add(run.counts)
+            print(
+                f"[repeat {repeat}] {mode}: {run.seconds:.2f} s, probes {run.counts} "
+                f"taking {run.probe_seconds:.2f} s",
+                flush=True,
+            )
+    base = times.best("none")
+    base_median = statistics.median(times.seconds["none"])
+    print(
+        f"\n### Monitor overhead ({args.steps} steps, {torch.get_num_threads()} threads, "
+        f"{args.repeats} interleaved runs per mode)\n"
+    )
+    print(
+        "| monitors | min wall time (s) | overhead (min / min none) | overhead (median / "
+        "median none) | spread (max/min) | probes per run (per monitor) | time in probes "
+        "(share of the run, median) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mode in MODES:
+        best, median = times.best(mode), statistics.median(times.seconds[mode])
+        print(
+            f"| {mode} | {best:.2f} | {100 * (best / base - 1):+.1f}% | "
+            f"{100 * (median / base_median - 1):+.1f}% | {times.spread(mode):.2f} | "
+            f"{', '.join(sorted(counts[mode]))} | "
+            f"{100 * statistics.median(shares.seconds[mode]):.1f}% |"
+        )
+    print(f"\n{summary(started, load)}")
 
 
 if __name__ == "__main__":
