@@ -11,13 +11,13 @@ Training with the monitors is bit-for-bit training without them.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from launch import run_script
 
 from lightning_curvature import gradient_coherence
 from lightning_curvature.functional.batches import BatchList
@@ -28,13 +28,7 @@ STATISTICS = ("coherence", "mean_cosine", "noise_scale", "snr", "grad_norm_sq", 
 
 
 def _run(tmp_path: Path, mode: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), mode],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SCRIPT, tmp_path, mode)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     return ranks, saved

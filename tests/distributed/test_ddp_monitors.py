@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from launch import run_script
 
 from lightning_curvature import hessian_eigenvalues, hessian_trace, spectral_density
 from lightning_curvature.functional.sampling import make_generator
@@ -26,13 +26,7 @@ def _without_timing(values: dict) -> dict:
 
 
 def _run(tmp_path: Path, mode: str) -> list[dict]:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), mode],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SCRIPT, tmp_path, mode)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
