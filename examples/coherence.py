@@ -25,11 +25,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import mlp, read_scalars, standardized_digits
+from digits import DigitsClassifier, mlp, read_scalars, standardized_digits
 
 from lightning_curvature import GradientCoherenceMonitor
 
@@ -40,26 +39,6 @@ def digits(num_examples: int, shuffle_labels: bool) -> TensorDataset:
     if shuffle_labels:
         y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
     return TensorDataset(x, y)
-
-
-class DigitsClassifier(pl.LightningModule):
-    """A ReLU MLP trained with SGD on the cross-entropy loss."""
-
-    def __init__(self, lr: float = 0.05, width: int = 128) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = mlp(width)
-
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 def train(name: str, shuffle_labels: bool, args: argparse.Namespace) -> str:
@@ -81,7 +60,7 @@ def train(name: str, shuffle_labels: bool, args: argparse.Namespace) -> str:
         enable_model_summary=False,
     )
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
-    trainer.fit(DigitsClassifier(args.lr), loader)
+    trainer.fit(DigitsClassifier(mlp(128), args.lr), loader)
     return logger.log_dir
 
 

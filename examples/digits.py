@@ -1,10 +1,11 @@
-"""What the examples share: scikit-learn's bundled digits, a small MLP, and reading back.
+"""What the examples share: the bundled digits, a small MLP, a classifier, reading back.
 
 The digits (1797 8x8 images, 10 classes) ship inside scikit-learn, so nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -26,6 +27,25 @@ def mlp(width: int, activation: type[nn.Module] = nn.ReLU, hidden_layers: int = 
         layers += [nn.Linear(size, width), activation()]
         size = width
     return nn.Sequential(*layers, nn.Linear(size, 10))
+
+
+class DigitsClassifier(pl.LightningModule):
+    """``net`` trained on the cross-entropy loss with SGD (and momentum)."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05, momentum: float = 0.0) -> None:
+        super().__init__()
+        self.net, self.lr, self.momentum = net, lr, momentum
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 def read_scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:

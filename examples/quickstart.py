@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import mlp, standardized_digits
+from digits import DigitsClassifier, mlp, standardized_digits
 
 from lightning_curvature import (
     GradientCoherenceMonitor,
@@ -34,24 +33,6 @@ from lightning_curvature import (
     hessian_eigenvalues,
 )
 from lightning_curvature.callbacks import training_step_loss
-
-
-class Digits(pl.LightningModule):
-    def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = mlp(64, nn.Tanh, hidden_layers=1)
-
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
 def main() -> None:
@@ -78,7 +59,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = Digits()
+    model = DigitsClassifier(mlp(64, nn.Tanh, hidden_layers=1), lr=0.05, momentum=0.9)
     trainer.fit(model, loader)
 
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
