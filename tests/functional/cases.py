@@ -314,12 +314,16 @@ class Snapshot:
 
 
 def snapshot(model: nn.Module) -> Snapshot:
-    """Copy parameters, buffers, modes, BatchNorm flags, grads and the global RNG state."""
+    """Copy parameters, buffers, modes, attributes, grads and the global RNG state."""
     return Snapshot(
         state={k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
         modes={name: m.training for name, m in model.named_modules()},
         attributes={
-            name: (getattr(m, "track_running_stats", None), getattr(m, "momentum", None))
+            name: (
+                getattr(m, "track_running_stats", None),
+                getattr(m, "momentum", None),
+                sorted(vars(m)),  # e.g. no instance ``forward`` left behind
+            )
             for name, m in model.named_modules()
         },
         grads={

@@ -1,0 +1,137 @@
+"""``probe_context`` writes a BatchNorm on running statistics out as its per-channel map.
+
+The map ``x·s + t`` is the same function as ``batch_norm`` in eval mode, with a cheaper
+double backward; these tests hold it to the native output and Hessian-vector product, check
+which modules get it, and that nothing of it is left after the probe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_curvature.functional.hvp import hessian_vector_product
+from lightning_curvature.functional.probe import probe_context
+from tests.functional.cases import assert_unchanged, seeded, snapshot
+
+
+def _with_statistics(module: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
+    with seeded(3), torch.no_grad():
+        module.running_mean.normal_()  # type: ignore[union-attr]
+        module.running_var.uniform_(0.3, 3.0)  # type: ignore[union-attr]
+        if module.weight is not None:
+            module.weight.normal_()
+            module.bias.normal_()  # type: ignore[union-attr]
+    return module.to(torch.float64).eval()
+
+
+NORMS: dict[str, tuple[Any, tuple[int, ...]]] = {
+    "bn1d_2d_input": (lambda: nn.BatchNorm1d(3), (5, 3)),
+    "bn1d_3d_input": (lambda: nn.BatchNorm1d(3), (5, 3, 4)),
+    "bn2d": (lambda: nn.BatchNorm2d(3), (5, 3, 4, 4)),
+    "bn3d": (lambda: nn.BatchNorm3d(3), (2, 3, 2, 3, 2)),
+    "bn2d_no_affine": (lambda: nn.BatchNorm2d(3, affine=False), (5, 3, 4, 4)),
+    "sync_bn_eval": (lambda: nn.SyncBatchNorm(3), (5, 3, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_the_map_equals_batch_norm_on_running_statistics(name: str) -> None:
+    build, shape = NORMS[name]
+    norm = _with_statistics(build())
+    with seeded(4):
+        x = torch.randn(shape, dtype=torch.float64)
+    native = norm(x)
+    with probe_context(norm):
+        assert "forward" in vars(norm)
+        written_out = norm(x)
+    assert "forward" not in vars(norm)
+    torch.testing.assert_close(written_out, native, rtol=1e-13, atol=1e-13)
+
+
+def _conv_bn(batch_norm_mode: str) -> tuple[nn.Module, Any, Any]:
+    with seeded(0):
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(3 * 4 * 4, 2),
+        ).to(torch.float64)
+        batch = (torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 2, (6,)))
+    _with_statistics(model[1])
+    model.train() if batch_norm_mode == "train" else model.eval()
+
+    def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1])
+
+    return model, loss_fn, batch
+
+
+def _native_hvp(model: nn.Module, loss_fn: Any, batch: Any, vector: torch.Tensor) -> torch.Tensor:
+    """The Hessian-vector product through ``batch_norm`` itself (no probe context)."""
+    params = [p for p in model.parameters()]
+    with torch.random.fork_rng():
+        grads = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
+        pieces = vector.split([p.numel() for p in params])
+        hv = torch.autograd.grad(
+            grads, params, [v.view_as(p) for v, p in zip(pieces, params, strict=True)]
+        )
+    return torch.cat([h.flatten() for h in hv])
+
+
+@pytest.mark.parametrize("backend", ["retained_graph", "double_backward", "forward_over_reverse"])
+def test_products_through_the_map_equal_those_through_batch_norm(backend: str) -> None:
+    model, loss_fn, batch = _conv_bn("eval")
+    size = sum(p.numel() for p in model.parameters())
+    with seeded(5):
+        vector = torch.randn(size, dtype=torch.float64)
+    before = snapshot(model)
+    product = hessian_vector_product(model, loss_fn, batch, vector, backend=backend)
+    assert_unchanged(model, before)
+    torch.testing.assert_close(
+        product, _native_hvp(model, loss_fn, batch, vector), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_only_batch_norms_on_running_statistics_are_written_out() -> None:
+    class CustomNorm(nn.BatchNorm1d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    on_running = nn.BatchNorm1d(3).eval()
+    on_batch = nn.BatchNorm1d(3).train()
+    untracked = nn.BatchNorm1d(3, track_running_stats=False).eval()  # batch statistics
+    custom = CustomNorm(3).eval()
+    model = nn.Sequential(on_running, on_batch, untracked, custom)
+    with probe_context(model):
+        written = [name for name, m in model.named_modules() if "forward" in vars(m)]
+    assert written == ["0"]
+    with probe_context(model, batch_norm="eval"):
+        written = [name for name, m in model.named_modules() if "forward" in vars(m)]
+    assert written == ["0", "1"]  # train-mode BatchNorm told to use its running statistics
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_hooks_run_and_a_bad_input_is_refused_as_by_batch_norm() -> None:
+    norm = _with_statistics(nn.BatchNorm1d(3))
+    seen: list[torch.Size] = []
+    norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with probe_context(norm):
+        norm(torch.ones(4, 3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="expected 2D or 3D input"):
+            norm(torch.ones(4, 3, 2, 2, dtype=torch.float64))
+    assert seen == [torch.Size([4, 3])]
+
+
+def test_a_user_instance_forward_is_kept() -> None:
+    norm = _with_statistics(nn.BatchNorm1d(3))
+    own = norm.forward
+    vars(norm)["forward"] = own
+    with probe_context(norm):
+        assert vars(norm)["forward"] is own
+    assert vars(norm)["forward"] is own
