@@ -2,9 +2,10 @@
 
 Steps are *optimizer* steps (``trainer.global_step``), so gradient accumulation gives one
 probe per step. With ``max_overhead`` the interval adapts after every probe so that probe
-time stays under that fraction of the wall time: after a probe of ``c`` seconds with training
-steps of ``s`` seconds, the next comes ``c (1 - f) / (f s)`` steps later (never sooner than
-``every_n_steps``); monitors that share one budget each use a share ``f`` of it. The
+time stays under that fraction of the training time (what the probes add to a run without
+them): after a probe of ``c`` seconds with training steps of ``s`` seconds, the next comes
+``c / (f s)`` steps later (never sooner than ``every_n_steps``); monitors that share one
+budget each use a share ``f`` of it. The
 decision is computed on rank zero and broadcast, so every process probes at the same steps
 (a mismatch would deadlock the all-reduced products).
 """
@@ -34,8 +35,9 @@ class ProbeSchedule:
         every_n_steps: act when ``global_step`` is a multiple of it (step 0 included).
         every_n_epochs: act at the first step of every n-th epoch (epoch 0 included).
         on_train_end: also act once when training ends.
-        max_overhead: fraction of wall time the probes may take (e.g. ``0.05``); the
-            interval then adapts, with ``every_n_steps`` (default 1) as the shortest one.
+        max_overhead: time the probes may add, as a fraction of the training time (e.g.
+            ``0.05``); the interval then adapts, with ``every_n_steps`` (default 1) as the
+            shortest one.
 
     Raises:
         MisconfigurationException: on invalid values, or when no trigger is given.
@@ -107,7 +109,7 @@ class ProbeSchedule:
         if not step_seconds > 0 or not math.isfinite(probe_seconds):
             return shortest
         f = self.max_overhead if budget is None else budget
-        return max(shortest, math.ceil(probe_seconds * (1 - f) / (f * step_seconds)))
+        return max(shortest, math.ceil(probe_seconds / (f * step_seconds)))
 
     def record(self, global_step: int, interval: int | None = None) -> None:
         """Note that the callback acted at ``global_step`` (and the adaptive interval)."""
