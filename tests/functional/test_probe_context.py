@@ -7,6 +7,7 @@ which modules get it, and that nothing of it is left after the probe.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -135,3 +136,18 @@ def test_a_user_instance_forward_is_kept() -> None:
     with probe_context(norm):
         assert vars(norm)["forward"] is own
     assert vars(norm)["forward"] is own
+
+
+def test_bfloat16_batch_norm_is_written_out_in_float32() -> None:
+    """bf16 running statistics reach the map as the operator's float32 copies."""
+    model, loss_fn, batch = _conv_bn("eval")
+    half = model.to(torch.bfloat16)
+    half_batch = (batch[0].to(torch.bfloat16), batch[1])
+    exact = copy.deepcopy(half).to(torch.float64)
+    size = sum(p.numel() for p in half.parameters())
+    with seeded(6):
+        vector = torch.randn(size, dtype=torch.float64)
+    product = hessian_vector_product(half, loss_fn, half_batch, vector.float())
+    assert product.dtype == torch.float32
+    expected = _native_hvp(exact, loss_fn, (half_batch[0].to(torch.float64), batch[1]), vector)
+    torch.testing.assert_close(product.double(), expected, rtol=1e-5, atol=1e-5)
