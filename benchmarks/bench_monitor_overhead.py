@@ -17,14 +17,15 @@ epoch) in several configurations, interleaved (in rotating order) and repeated:
   the cost of its presence: set-up, its hooks on every step, one probe.
 
 Prints the minimum wall time of ``trainer.fit`` for each, its overhead relative to the
-minimum plain run, the overhead of the medians, the number of probes per run and monitor and
-the share of the run spent inside the probes (timed around each monitor's
-``record_measurement``: measurement, rescheduling and logging), which is what
+minimum plain run, the overhead of the medians (of wall time, and of the process's CPU time,
+which other work on a shared machine disturbs less), the number of probes per run and
+monitor and the time inside the probes (timed around each monitor's ``record_measurement``:
+measurement, rescheduling and logging) over the rest of the run, which is what
 ``max_overhead`` budgets; the rest of the overhead is outside the probes (set-up, hooks, the
 steps right after a probe). An untimed 20-step run first takes the one-time costs (imports,
 the first ``Trainer``).
 
-    python benchmarks/bench_monitor_overhead.py --steps 2000 --repeats 3  # ~5 min, 2 cores
+    python benchmarks/bench_monitor_overhead.py --steps 2000 --repeats 5  # ~8 min, 2 cores
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ def monitors(mode: str) -> list[CurvatureMonitor]:
 
 @dataclass
 class Run:
-    """One training run: its wall time and, per monitor, the step and seconds of each probe."""
+    """One training run: its wall and CPU time and, per monitor, each probe's step and seconds."""
 
     seconds: float
+    cpu_seconds: float
     probes: list[list[tuple[int, float]]]
 
     @property
@@ -147,9 +149,9 @@ def train(mode: str, steps: int) -> Run:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         trainer.fit(DigitsRegressor(0.2), DataLoader(dataset, batch_size=len(dataset)))
-        return Run(time.perf_counter() - started, probes)
+        return Run(time.perf_counter() - started, time.process_time() - cpu_started, probes)
 
 
 def quiet() -> None:
@@ -179,13 +181,14 @@ def main() -> None:
     started, load = time.perf_counter(), load_average()
     print(f"Machine: {machine('lightning')}", flush=True)
     train(f"max_overhead={BUDGET}", 20)  # untimed warm-up: imports, first Trainer, caches
-    times, shares = Timings(), Timings()
+    times, cpu_times, shares = Timings(), Timings(), Timings()
     counts: dict[str, set[str]] = {mode: set() for mode in MODES}
     for repeat in range(args.repeats):
         for mode in MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]:
             run = train(mode, args.steps)
             times.add(mode, run.seconds)
-            shares.add(mode, run.probe_seconds / run.seconds)
+            cpu_times.add(mode, run.cpu_seconds)
+            shares.add(mode, run.probe_seconds / (run.seconds - run.probe_seconds))
             counts[mode].add(run.counts)
             print(
                 f"[repeat {repeat}] {mode}: {run.seconds:.2f} s, probes {run.counts} "
@@ -198,18 +201,20 @@ def main() -> None:
         f"\n### Monitor overhead ({args.steps} steps, {torch.get_num_threads()} threads, "
         f"{args.repeats} interleaved runs per mode)\n"
     )
+    cpu_base = statistics.median(cpu_times.seconds["none"])
     print(
         "| monitors | min wall time (s) | overhead (min / min none) | overhead (median / "
-        "median none) | spread (max/min) | probes per run (per monitor) | time in probes "
-        "(share of the run, median) |"
+        "median none) | CPU-time overhead (median / median none) | spread (max/min) | probes "
+        "per run (per monitor) | probe time / the rest of the run (median) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for mode in MODES:
         best, median = times.best(mode), statistics.median(times.seconds[mode])
+        cpu = statistics.median(cpu_times.seconds[mode])
         print(
             f"| {mode} | {best:.2f} | {100 * (best / base - 1):+.1f}% | "
-            f"{100 * (median / base_median - 1):+.1f}% | {times.spread(mode):.2f} | "
-            f"{', '.join(sorted(counts[mode]))} | "
+            f"{100 * (median / base_median - 1):+.1f}% | {100 * (cpu / cpu_base - 1):+.1f}% | "
+            f"{times.spread(mode):.2f} | {', '.join(sorted(counts[mode]))} | "
             f"{100 * statistics.median(shares.seconds[mode]):.1f}% |"
         )
     print(f"\n{summary(started, load)}")
