@@ -24,15 +24,15 @@ __all__ = ["HessianEigenvalueMonitor"]
 class HessianEigenvalueMonitor(CurvatureMonitor):
     """Top-k Hessian eigenvalues (sharpness) next to the optimizer's stability threshold.
 
-    Lanczos with full reorthogonalisation, warm-started from the previous probe's
-    eigenvectors (6-13 Hessian-vector products per probe once warm, 7-16 cold, for
-    ``tol=1e-3``; the run goes on until the eigenvalue below the top k has converged too,
-    so that an eigenvalue the start vector barely saw is not missed). The threshold is read
-    from the first optimizer at the probe's step: ``2/lr`` for SGD, ``(2 + 2β)/lr`` with
-    heavy-ball momentum β, ``(2 + 2β)/((1 + 2β) lr)`` with Nesterov momentum, plus coupled
-    weight decay; for Adam/AdamW the preconditioned sharpness ``λ₁(P⁻¹H)`` (one more
-    Lanczos run) is compared with ``(2 + 2β₁)/((1 − β₁) lr)`` = 38/lr (Cohen et al. 2021,
-    2022).
+    Lanczos with full reorthogonalisation, warm-started from the previous probe's top
+    ``k + 1`` Ritz vectors (about 6-9 Hessian-vector products per probe once warm, 7-16
+    cold, for ``tol=1e-3``; the run goes on until the eigenvalue below the top k has
+    converged too, so that an eigenvalue the start vector barely saw is not missed). The
+    threshold is read from the first optimizer at the probe's step: ``2/lr`` for SGD,
+    ``(2 + 2β)/lr`` with heavy-ball momentum β, ``(2 + 2β)/((1 + 2β) lr)`` with Nesterov
+    momentum, plus coupled weight decay; for Adam/AdamW the preconditioned sharpness
+    ``λ₁(P⁻¹H)`` (one more Lanczos run) is compared with ``(2 + 2β₁)/((1 − β₁) lr)`` =
+    38/lr (Cohen et al. 2021, 2022).
 
     Args:
         k: number of top eigenvalues.
@@ -42,11 +42,12 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         smallest: also log the smallest (most negative) eigenvalue.
         per_layer: parameter-name patterns (list, or dict of tag name to patterns); each
             gets its own block's top eigenvalue under ``curvature/eigenvalue_1/<name>``.
-        warm_start: start each Lanczos run from the previous eigenvectors.
+        warm_start: start each Lanczos run from the previous run's top ``k + 1`` Ritz
+            vectors (``HessianEigenvalues.warm_start``).
         prog_bar: show ``eigenvalue_1`` in the progress bar.
         every_n_steps: probe every this many optimizer steps (default 500: a warm probe
-            takes about 6-13 Hessian-vector products, some 10-25 gradients of the probe
-            batch, so about 2-5% of training where a step is one such gradient).
+            takes about 6-9 Hessian-vector products, some 10-20 gradients of the probe
+            batch, so about 2-4% of training where a step is one such gradient).
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
 
     Logged metrics:
@@ -131,8 +132,8 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             return_eigenvectors=self.warm_start,
             **kwargs,
         )
-        if self.warm_start and result.eigenvectors is not None:
-            self._warm[key] = result.eigenvectors.detach()
+        if self.warm_start and result.warm_start is not None:
+            self._warm[key] = result.warm_start.detach()
         return result
 
     @override

