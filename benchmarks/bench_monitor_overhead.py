@@ -133,8 +133,8 @@ def timing_probes(callbacks: list[CurvatureMonitor]) -> list[list[tuple[int, flo
     return probes
 
 
-def train(mode: str, steps: int) -> Run:
-    """One training run of ``mode``."""
+def train(mode: str, steps: int, first: tuple[pl.Callback, ...] = ()) -> Run:
+    """One training run of ``mode`` (``first``: callbacks placed before the monitors)."""
     pl.seed_everything(0, verbose=False)
     dataset = digits_dataset(1000)
     callbacks = monitors(mode)
@@ -142,7 +142,7 @@ def train(mode: str, steps: int) -> Run:
     with tempfile.TemporaryDirectory() as log_dir:
         trainer = pl.Trainer(
             max_steps=steps,
-            callbacks=list(callbacks),
+            callbacks=[*first, *callbacks],
             logger=TensorBoardLogger(log_dir),
             log_every_n_steps=25,
             enable_checkpointing=False,
