@@ -23,17 +23,15 @@ median), the spread over repeats, and the time the monitor itself measured (its
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import lightning.pytorch as pl
 import torch
-from common import Timings, load_average, machine, make_cnn, summary, synthetic_images
+from common import Timings, load_average, machine, make_cnn, quiet, summary, synthetic_images
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -126,15 +124,6 @@ def ddp_time(config: str, steps: int) -> tuple[float, float]:
     line = next(line for line in done.stdout.splitlines() if line.startswith("ELAPSED"))
     elapsed, monitor_seconds = line.split()[1:]
     return float(elapsed), float(monitor_seconds)
-
-
-def quiet() -> None:
-    """Silence Lightning's banners and the warnings of a small CPU run."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
 
 
 def main() -> None:

@@ -31,12 +31,10 @@ the first ``Trainer``).
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from common import Timings, load_average, machine, summary
+from common import Timings, load_average, machine, quiet, summary
 from edge_of_stability import DigitsRegressor, digits_dataset
 
 from lightning_curvature import (
@@ -152,15 +150,6 @@ def train(mode: str, steps: int, first: tuple[pl.Callback, ...] = ()) -> Run:
         started, cpu_started = time.perf_counter(), time.process_time()
         trainer.fit(DigitsRegressor(0.2), DataLoader(dataset, batch_size=len(dataset)))
         return Run(time.perf_counter() - started, time.process_time() - cpu_started, probes)
-
-
-def quiet() -> None:
-    """Silence Lightning's banners and the warnings a one-batch epoch triggers."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
-    warnings.filterwarnings("ignore", message=".*does not have many workers")
 
 
 def main() -> None:

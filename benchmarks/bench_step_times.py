@@ -27,8 +27,8 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_monitor_overhead import BUDGET, quiet, train
-from common import load_average, machine, summary
+from bench_monitor_overhead import BUDGET, train
+from common import load_average, machine, quiet, summary
 
 MODES = ("none", f"eigenvalue only, max_overhead={BUDGET}", f"max_overhead={BUDGET}")
 

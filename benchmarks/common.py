@@ -10,10 +10,12 @@ import contextlib
 import copy
 import gc
 import importlib.metadata
+import logging
 import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,3 +226,12 @@ def fmt_range(values: Sequence[float], spec: str = ".0f") -> str:
     if format(low, spec) == format(high, spec):
         return format(mid, spec)
     return f"{format(mid, spec)} [{format(low, spec)}–{format(high, spec)}]"
+
+
+def quiet() -> None:
+    """Silence Lightning's banners and the warnings of small one-batch-epoch CPU runs."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+    warnings.filterwarnings("ignore", message=".*does not have many workers")
