@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
-from lightning_curvature.functional.lanczos import lanczos_eigenpairs
+from lightning_curvature.functional.lanczos import LanczosResult, lanczos_eigenpairs
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
 from lightning_curvature.functional.sampling import check_generator
 from lightning_curvature.functional.warnings import CurvatureWarning
 
-__all__ = ["HessianEigenvalues", "hessian_eigenvalues"]
+__all__ = ["HessianEigenvalues", "hessian_eigenvalues", "uncertified_message"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,62 @@ def _start_vector(
     unit_noise = noise.div(torch.linalg.vector_norm(noise))
     mixed: torch.Tensor = start.div(torch.linalg.vector_norm(start)).add(unit_noise, alpha=1e-3)
     return mixed
+
+
+def _why(value: float, bound: float, resolution: float, tol: float, guarded: bool) -> str:
+    wanted = tol * abs(value)
+    if resolution > wanted:
+        return (
+            f"tol={tol} asks for an error below {wanted:.2g}, finer than its products resolve "
+            f"({resolution:.2g}: rounding of the dtype)"
+        )
+    if bound + resolution > wanted:
+        return f"error bound {bound:.2g} ({bound / max(abs(value), 1e-300):.2g} relative)"
+    assert not guarded
+    return (
+        "not yet checked against eigenvalues the Krylov space may still miss (the Ritz value "
+        "below the top k, or the block after a near-breakdown, has not converged)"
+    )
+
+
+def uncertified_message(
+    found: LanczosResult, tol: float, num_hvps: int, max_iter: int
+) -> str | None:
+    """Which estimates of a Lanczos run are not certified, and why; ``None`` if all are.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+        >>> start = torch.ones(10, dtype=torch.float64)
+        >>> found = lanczos_eigenpairs(lambda v: A @ v, start, k=2, max_steps=2)
+        >>> print(uncertified_message(found, 1e-3, 2, 2))  # doctest: +ELLIPSIS
+        Lanczos did not certify λ1, λ2 to tol=0.001 within 2 Hessian-vector products ...
+    """
+    assert found.bounds is not None
+    assert found.resolution is not None
+    failed = []
+    for i, ok in enumerate(found.converged.tolist()):
+        if not ok:
+            reason = _why(
+                float(found.eigenvalues[i]),
+                float(found.bounds[i]),
+                float(found.resolution[i]),
+                tol,
+                found.guarded,
+            )
+            failed.append((f"λ{i + 1}", reason))
+    low = found.smallest
+    if low is not None and not low.converged:
+        failed.append(("λ_min", _why(low.value, low.bound, low.resolution, tol, False)))
+    if not failed:
+        return None
+    names = ", ".join(name for name, _ in failed)
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in failed)
+    budget = f" (all of max_iter={max_iter})" if num_hvps >= max_iter else ""
+    advice = "raise `tol` or measure in float64" if "resolve" in reasons else "raise `max_iter`"
+    return (
+        f"Lanczos did not certify {names} to tol={tol} within {num_hvps} Hessian-vector "
+        f"products{budget}: {reasons}. They are returned with converged=False; {advice}."
+    )
 
 
 def hessian_eigenvalues(
@@ -207,14 +263,9 @@ def hessian_eigenvalues(
             generator=generator,
         )
         num_hvps = operator.num_hvps
-    if not bool(found.converged.all()) or (found.smallest is not None and not found.smallest[2]):
-        warnings.warn(
-            f"Lanczos did not reach tol={tol} within {num_hvps} Hessian-vector products "
-            f"(relative residuals {(found.residuals / found.eigenvalues.abs()).tolist()}); the "
-            "estimates are returned with converged=False. Raise `max_iter` or `tol`.",
-            CurvatureWarning,
-            stacklevel=2,
-        )
+    message = uncertified_message(found, tol, num_hvps, steps)
+    if message is not None:
+        warnings.warn(message, CurvatureWarning, stacklevel=2)
     device, dtype = operator.device, operator.dtype
 
     def as_model(values: torch.Tensor) -> torch.Tensor:

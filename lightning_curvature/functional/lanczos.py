@@ -1,41 +1,62 @@
-"""Lanczos with full reorthogonalisation over any symmetric ``matvec``.
+"""Lanczos with full reorthogonalisation over any symmetric ``matvec``, honest in float32.
 
 :class:`LanczosProcess` builds the orthonormal Krylov basis ``Q`` and the tridiagonal
 ``T = Qᵀ A Q`` one product at a time, reorthogonalising every new vector against the whole
-basis twice ("twice is enough", Parlett 1998). On breakdown (an invariant subspace was found)
-it can restart from a fresh random vector orthogonal to the basis, which is how repeated
-eigenvalues are found: one Krylov space holds a single copy of each eigenvalue, so after a
-(near) breakdown the stopping test also waits for the block that explores the orthogonal
-complement (see :func:`lanczos_eigenpairs`).
+basis twice ("twice is enough", Parlett 1998). Inner products and norms are accumulated in
+float64 (:mod:`~lightning_curvature.functional.reductions`), so a float32 run over 10⁸
+parameters keeps the accuracy its flags promise.
 
-:func:`lanczos_eigenpairs` runs it until the top-k Ritz values (and the bottom one on request)
-pass the a-posteriori test ``min(r, r²/δ) / |θ| < tol`` (Parlett 1998, §11.7; r is the free
-residual ``|β_j s_{j,i}|`` and δ the distance to the nearest other Ritz value less r), so the
-stopping rule bounds the error of each eigenvalue instead of watching it stall, and the Ritz
-value just below them passes it too (relative to ``|θ₁|``): a bound cannot see an eigenvalue
-the Krylov space has not found yet, and the extra steps give a hidden one time to appear.
-:func:`lanczos_quadrature` gives the Gauss quadrature nodes and weights used by stochastic
-Lanczos quadrature.
+Breakdown is declared only when nothing but rounding is left of the new residual
+(``β ≤ 16·eps·‖T‖``): a small residual is not an invariant subspace. In float32 the residual
+of a bulk of eigenvalues 10⁻⁴ below an outlier is exactly that small, and treating it as a
+breakdown threw the bulk away (the run returned wrong eigenvalues marked converged). After a
+true breakdown the run may restart from a fresh random vector orthogonal to the basis, which
+is how repeated eigenvalues are found; the residual dropped there still enters the error
+bound of every Ritz value (``Σ β_b |s_{b,i}|``), so a restart never certifies anything.
+
+:func:`lanczos_eigenpairs` runs until the top-k Ritz values (and the bottom one on request)
+are certified: the a-posteriori bound ``min(r, r²/δ)`` (Parlett 1998, §11.7; ``r`` the
+residual, ``δ`` the distance to the nearest other Ritz value less ``r``) plus the rounding
+floor of the products (``16·eps·|θ|`` plus the rounding measured along the way) is at most
+``tol·|θ|``. The Ritz value just below the top k must pass too (relative to ``|θ₁|``): a
+bound cannot see an eigenvalue the Krylov space has not found yet, and the extra steps give
+a hidden one time to appear. A budget that runs out first certifies nothing it has not
+checked. :func:`lanczos_quadrature` gives the Gauss
+quadrature nodes and weights used by stochastic Lanczos quadrature.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["LanczosProcess", "LanczosResult", "lanczos_eigenpairs", "lanczos_quadrature"]
+from lightning_curvature.functional.reductions import inner_products, norm
+
+__all__ = [
+    "LanczosProcess",
+    "LanczosResult",
+    "RitzEstimate",
+    "lanczos_eigenpairs",
+    "lanczos_quadrature",
+]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
-# A residual this small relative to ‖T‖ means span(Q) is invariant up to rounding (in
-# float64 rounding alone leaves 1e-6 after twenty steps on a 25-wide spectrum); in float32
-# the breakdown threshold 1e3·eps is already of this size.
+# A residual below this many eps·‖T‖ is rounding alone: the Krylov space is invariant.
+_BREAKDOWN = 16.0
+# A residual below this fraction of ‖A q_j‖ starts a new block for the complement test (the
+# space is nearly invariant: a second copy of a repeated eigenvalue may lie beyond it). Not
+# of ‖T‖: below an outlier, every residual of a bulk 10⁻⁴ as large would start a block.
 _NEARLY_INVARIANT = 1e-4
-
-
-def _unit(vector: torch.Tensor) -> torch.Tensor:
-    return vector.div(torch.linalg.vector_norm(vector))
+# The smallest eigenvalue error a run can certify: a relative part, in eps·|θ| (a float32
+# least-squares Hessian put λ₁ 2.4·eps·λ₁ off), plus a multiple of the rounding measured
+# along the explored directions (4 to 10⁵ times the bulk eigenvalues' errors on the stiff
+# least squares, a tanh/GELU MLP and a tanh CNN in float32).
+_RELATIVE_ROUNDING = 16.0
+_MEASURED_ROUNDING = 4.0
+_FIRST_ROWS = 8  # basis rows allocated at first; doubled when full (memory follows the run)
 
 
 class LanczosProcess:
@@ -46,6 +67,11 @@ class LanczosProcess:
         start: starting vector (normalised here).
         max_steps: most products this process may take (bounds the basis memory).
         generator: random source for restarts after a breakdown; ``None`` stops there.
+
+    Attributes:
+        spanned: the basis spans the whole space (``T``'s eigenvalues are ``A``'s).
+        restarts: ``(row, β)`` for each restart: the last row of the block that broke down
+            and the residual norm dropped there (it stays in every error bound).
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
@@ -64,15 +90,19 @@ class LanczosProcess:
         generator: torch.Generator | None = None,
     ) -> None:
         self.matvec = matvec
-        self.max_steps = min(max_steps, start.numel())
-        self.basis = torch.zeros(
-            self.max_steps + 1, start.numel(), dtype=start.dtype, device=start.device
-        )
-        self.basis[0] = _unit(start)
+        self.size = start.numel()
+        self.max_steps = min(max_steps, self.size)
+        rows = min(self.max_steps + 1, _FIRST_ROWS)
+        self._rows = start.new_zeros(rows, self.size)
+        self._rows[0] = start / norm(start)
+        self._stored = 1
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
         self.residual_norm = float("nan")  # norm of the last residual before normalisation
         self.block_starts = [0]  # where each block begins: after a (near) breakdown
+        self.restarts: list[tuple[int, float]] = []
+        self.spanned = False
+        self.rounding = 0.0  # largest deviation of Qᵀ A q_j from its exact value so far
         self.generator = generator
 
     @property
@@ -80,44 +110,93 @@ class LanczosProcess:
         """Products taken so far (the order of ``T``)."""
         return len(self.alphas)
 
-    def _orthogonalise(self, vector: torch.Tensor, count: int) -> torch.Tensor:
-        basis = self.basis[:count]
+    @property
+    def basis(self) -> torch.Tensor:
+        """The orthonormal vectors found so far, one a row (the next start included)."""
+        return self._rows[: self._stored]
+
+    @property
+    def scale(self) -> float:
+        """An estimate of ``‖T‖`` (≤ ``‖A‖``): the largest α plus the largest β."""
+        return max((abs(a) for a in self.alphas), default=0.0) + max(self.betas, default=0.0)
+
+    def resolution(self, values: torch.Tensor) -> torch.Tensor:
+        """The smallest error certifiable for each Ritz value, given the run's rounding.
+
+        ``16·eps·|θ| + 4·ρ`` with ``ρ`` the largest deviation of ``Qᵀ A q_j`` from its exact
+        value seen so far (see :meth:`_record_rounding`).
+        """
+        eps = torch.finfo(self._rows.dtype).eps
+        return _RELATIVE_ROUNDING * eps * values.abs() + _MEASURED_ROUNDING * self.rounding
+
+    def _store(self, vector: torch.Tensor) -> None:
+        if self._stored == self._rows.shape[0]:
+            grown = self._rows.new_zeros(
+                min(2 * self._rows.shape[0], self.max_steps + 1), self.size
+            )
+            grown[: self._stored] = self._rows
+            self._rows = grown
+        self._rows[self._stored] = vector
+        self._stored += 1
+
+    def _orthogonalise(self, vector: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vector`` less its projection on the first ``count`` rows, and that projection."""
+        basis = self._rows[:count]
+        first = inner_products(basis, vector)
+        coefficients = first
         for _ in range(2):
-            vector = vector - basis.T @ (basis @ vector)
-        return vector
+            vector = vector - basis.T @ coefficients.to(vector.dtype)
+            coefficients = inner_products(basis, vector)
+        return vector, first
+
+    def _record_rounding(self, coefficients: torch.Tensor) -> None:
+        """Note how far ``Qᵀ A q_j`` is from the exact ``(0, …, 0, β_{j-1}, α_j)``.
+
+        For an exactly symmetric operator in exact arithmetic the coefficients of ``A q_j``
+        on the older basis vectors vanish and the one on ``q_{j-1}`` equals ``β_{j-1}``; what
+        is left measures the rounding of the products along the explored directions, the
+        same kind of quantity (``uᵀ E v``) as the first-order eigenvalue error ``yᵀ E y``.
+        """
+        j = coefficients.numel() - 1
+        if j == 0:
+            return
+        deviations = coefficients[:j].abs()
+        deviations[j - 1] = (coefficients[j - 1] - self.betas[j - 1]).abs()
+        self.rounding = max(self.rounding, float(deviations.max()))
 
     def step(self) -> bool:
         """Take one product; return ``False`` once no further step is possible."""
         j = self.num_steps
-        if j >= self.max_steps:
+        if j >= self.max_steps or self._stored <= j:
             return False
-        q = self.basis[j]
+        q = self._rows[j]
         w = self.matvec(q)
-        alpha = float(torch.dot(q, w))
-        w = self._orthogonalise(w, j + 1)
-        beta = float(torch.linalg.vector_norm(w))
+        image = norm(w)
+        w, coefficients = self._orthogonalise(w, j + 1)
+        alpha = float(coefficients[j])
+        self._record_rounding(coefficients)
+        beta = norm(w)
         self.alphas.append(alpha)
         self.residual_norm = beta
-        scale = max(abs(a) for a in self.alphas) + max(self.betas, default=0.0)
-        if j + 1 >= self.basis.shape[1]:  # the whole space is spanned: T is exact
-            self.residual_norm = 0.0
+        if j + 1 >= self.size:  # the whole space is spanned: T is exact up to rounding
+            self.spanned = True
             return False
-        eps = torch.finfo(w.dtype).eps
-        if beta > 1e3 * eps * max(scale, 1e-30):
-            if beta <= _NEARLY_INVARIANT * scale:  # w is mostly rounding: a new block
+        if j + 1 >= self.max_steps:
+            return False
+        scale = max(self.scale, 1e-30)
+        if beta > _BREAKDOWN * torch.finfo(w.dtype).eps * scale:
+            if beta <= _NEARLY_INVARIANT * image:
                 self.block_starts.append(j + 1)
             self.betas.append(beta)
-            self.basis[j + 1] = w / beta
+            self._store(w / beta)
             return True
-        # Breakdown: span(Q) is invariant. Restart orthogonally to it, or stop.
-        self.residual_norm = 0.0
-        if self.generator is None:
-            return False
-        fresh = self._fresh_direction(j + 1)
+        # Breakdown: span(Q) is invariant up to rounding. Restart orthogonally, or stop.
+        fresh = None if self.generator is None else self._fresh_direction(j + 1)
         if fresh is None:
             return False
+        self.restarts.append((j, beta))
         self.betas.append(0.0)
-        self.basis[j + 1] = fresh
+        self._store(fresh)
         self.block_starts.append(j + 1)
         return True
 
@@ -129,7 +208,7 @@ class LanczosProcess:
         seeded like the start vector redraws the start vector itself).
         """
         assert self.generator is not None
-        template = self.basis[0]
+        template = self._rows[0]
         for _ in range(attempts):
             fresh = torch.randn(
                 template.shape,
@@ -137,9 +216,10 @@ class LanczosProcess:
                 device=template.device,
                 dtype=template.dtype,
             )
-            kept = self._orthogonalise(fresh, count)
-            if torch.linalg.vector_norm(kept) > 1e-6 * torch.linalg.vector_norm(fresh):
-                return _unit(self._orthogonalise(_unit(kept), count))
+            kept, _ = self._orthogonalise(fresh, count)
+            if norm(kept) > 1e-3 * norm(fresh):
+                kept, _ = self._orthogonalise(kept / norm(kept), count)
+                return kept / norm(kept)
         return None
 
     def tridiagonal(self) -> torch.Tensor:
@@ -150,10 +230,26 @@ class LanczosProcess:
         return t + torch.diag(off, 1) + torch.diag(off, -1)
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ritz values (ascending), eigenvectors of ``T``, and the free residual norms."""
+        """Ritz values (ascending), eigenvectors of ``T``, and bounds on their residuals.
+
+        ``‖A Q s_i − θ_i Q s_i‖ ≤ β |s_{m,i}| + Σ_b β_b |s_{b,i}|``: the last residual and
+        every residual a restart dropped (``A Q = Q T + Σ r e_rowᵀ``).
+        """
         values, vectors = torch.linalg.eigh(self.tridiagonal())
         residuals = (self.residual_norm * vectors[-1, :]).abs()
+        for row, dropped in self.restarts:
+            residuals = residuals + dropped * vectors[row, :].abs()
         return values, vectors, residuals
+
+
+class RitzEstimate(NamedTuple):
+    """One extreme eigenvalue estimate: its value, residual, certificate and error bound."""
+
+    value: float
+    residual: float
+    converged: bool
+    bound: float
+    resolution: float
 
 
 @dataclass(frozen=True)
@@ -162,47 +258,52 @@ class LanczosResult:
 
     Attributes:
         eigenvalues: the top-k Ritz values, largest first.
-        residuals: ``‖A y_i − θ_i y_i‖`` for each.
-        converged: whether each passed the stopping test.
+        residuals: bounds on ``‖A y_i − θ_i y_i‖`` for each.
+        converged: whether each is certified: ``bound + resolution ≤ tol·|θ|``, with the
+            Ritz value below the top k converged too.
         eigenvectors: ``(k, n)`` unit Ritz vectors on the operator's device, or ``None``.
-        smallest: ``(value, residual, converged)`` of the bottom Ritz value, or ``None``.
+        smallest: the bottom Ritz value (:class:`RitzEstimate`), or ``None``.
         num_steps: products used.
         warm_start: with the eigenvectors, the top ``k + 1`` Ritz vectors (the last is the
             one the stopping test also converged), the best start of a later run.
+        bounds: the absolute error bound ``min(r, r²/δ)`` of each top eigenvalue.
+        resolution: the smallest error certifiable for each top eigenvalue, given the
+            rounding of the products (:meth:`LanczosProcess.resolution`).
+        guarded: whether the top k were checked against eigenvalues the Krylov space may
+            still miss: the Ritz value below them converged, and so did the block after
+            any (near) breakdown; or the space was spanned.
     """
 
     eigenvalues: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
     eigenvectors: torch.Tensor | None
-    smallest: tuple[float, float, bool] | None
+    smallest: RitzEstimate | None
     num_steps: int
     warm_start: torch.Tensor | None = None
+    bounds: torch.Tensor | None = None
+    resolution: torch.Tensor | None = None
+    guarded: bool = True
 
 
 def _absolute_bounds(values: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
-    """A-posteriori error bound ``min(r, r²/δ)`` of every Ritz value."""
+    """A-posteriori error bound ``min(r, r²/δ)`` of every Ritz value.
+
+    A lone Ritz value knows no gap to the rest of the spectrum: its bound is ``r``.
+    """
     n = values.numel()
     if n == 1:
-        gaps = torch.full_like(values, float("inf"))
-    else:
-        distance = (values[:, None] - values[None, :]).abs() + torch.diag(
-            torch.full((n,), float("inf"), dtype=values.dtype)
-        )
-        gaps = distance.min(dim=1).values - residuals
+        return residuals.clone()
+    distance = (values[:, None] - values[None, :]).abs() + torch.diag(
+        torch.full((n,), float("inf"), dtype=values.dtype)
+    )
+    gaps = distance.min(dim=1).values - residuals
     return torch.where(gaps > 0, torch.minimum(residuals, residuals**2 / gaps), residuals)
 
 
-def _error_bounds(
-    values: torch.Tensor, residuals: torch.Tensor, floor: float = 0.0
-) -> torch.Tensor:
-    """Relative a-posteriori error bound ``min(r, r²/δ)/max(|θ|, floor)`` of every Ritz value."""
-    scale = values.abs().max().clamp_min(1e-300)
-    bound = _absolute_bounds(values, residuals)
-    return bound / values.abs().clamp_min(max(floor, float(1e-12 * scale)))
-
-
-def _next_one_converged(values: torch.Tensor, residuals: torch.Tensor, k: int, tol: float) -> bool:
+def _next_one_converged(
+    run: LanczosProcess, values: torch.Tensor, residuals: torch.Tensor, k: int, tol: float
+) -> bool:
     """Whether the Ritz value just below the top k has converged too (relative to ``|θ₁|``).
 
     The bound of a Ritz value measures its distance to *some* eigenvalue; one the Krylov
@@ -212,17 +313,22 @@ def _next_one_converged(values: torch.Tensor, residuals: torch.Tensor, k: int, t
     Hessian this took the runs that stopped more than ``tol`` off from 11/30 cold and 10/30
     warm to 2/30 and 0/30 (``benchmarks/bench_lanczos_stopping.py``).
     """
+    if run.spanned:
+        return True
     if values.numel() <= k:
-        return values.numel() == k  # not a step more is possible: the space is spanned
+        return False  # nothing below the top k yet: nothing checked
     below = values.numel() - 1 - k
-    top = float(values[-1].abs().clamp_min(1e-300))
-    return float(_absolute_bounds(values, residuals)[below]) <= tol * top
+    top = float(values[-1].abs())
+    reach = max(tol * top, float(run.resolution(values[below])))
+    return float(_absolute_bounds(values, residuals)[below]) <= reach
 
 
 def _complement_explored(
-    run: LanczosProcess, values: torch.Tensor, k: int, tol: float, smallest: bool
-) -> bool:
+    run: LanczosProcess, values: torch.Tensor, k: int, tol: float
+) -> tuple[bool, bool]:
     """Whether the blocks after a (near) breakdown rule out eigenvalues missing from ``T``.
+
+    Returns the answer for the top k and for the smallest eigenvalue.
 
     A Krylov space that became invariant holds one copy of each eigenvalue it saw: a second
     copy of a repeated eigenvalue, or anything the start vector missed, lives in the
@@ -232,21 +338,28 @@ def _complement_explored(
     and only if its largest one belongs in the top k can further copies of it still matter.
     """
     starts = run.block_starts
-    if len(starts) == 1:
-        return True
+    if len(starts) == 1 or run.spanned:
+        return True, True
     t = run.tridiagonal()
+    kth = float(values[max(values.numel() - k, 0)])
     if run.num_steps == starts[-1]:  # a block just ended and the next has no product yet
         if len(starts) == 2:
-            return False
+            return False, False
         block = torch.linalg.eigvalsh(t[starts[-2] : starts[-1], starts[-2] : starts[-1]])
-        kth = float(values[max(values.numel() - k, 0)])
-        margin = tol * max(abs(kth), 1e-12 * float(values.abs().max()))
-        return float(block[-1]) <= kth + margin
+        margin = max(tol * abs(kth), float(run.resolution(block[-1])))
+        ran_out = float(block[-1]) <= kth + margin
+        return ran_out, ran_out
     block_values, block_vectors = torch.linalg.eigh(t[starts[-1] :, starts[-1] :])
     block_residuals = (run.residual_norm * block_vectors[-1, :]).abs()
+    bounds = _absolute_bounds(block_values, block_residuals)
     floor = float(values[max(values.numel() - k, 0) :].abs().min())
-    bounds = _error_bounds(block_values, block_residuals, floor)
-    return bool(bounds[-1] <= tol) and (not smallest or bool(bounds[0] <= tol))
+
+    def settled(index: int) -> bool:
+        reach = tol * max(abs(float(block_values[index])), floor)
+        rounding = float(run.resolution(block_values[index]))
+        return float(bounds[index]) <= max(reach, rounding)
+
+    return settled(-1), settled(0)
 
 
 def lanczos_eigenpairs(
@@ -263,6 +376,12 @@ def lanczos_eigenpairs(
 ) -> LanczosResult:
     """Top-k (and optionally the smallest) eigenpairs of a symmetric operator.
 
+    An estimate is ``converged`` only when certified: its error bound plus the dtype's
+    rounding floor is at most ``tol·|θ|``, and the Ritz value below the top k converged too.
+    The run stops once every estimate is certified or has reached the rounding floor (a
+    ``tol`` finer than the dtype resolves is then reported as not converged), or when
+    ``max_steps`` products are spent.
+
     Args:
         matvec: the symmetric linear map on vectors shaped like ``start``.
         start: starting vector (a warm start, or random).
@@ -278,8 +397,12 @@ def lanczos_eigenpairs(
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
         >>> out = lanczos_eigenpairs(lambda v: A @ v, torch.ones(10, dtype=torch.float64), k=2,
         ...                          tol=1e-10, max_steps=10)
-        >>> out.eigenvalues.round(decimals=10)
-        tensor([10.,  9.], dtype=torch.float64)
+        >>> out.eigenvalues.round(decimals=10), out.converged.tolist()
+        (tensor([10.,  9.], dtype=torch.float64), [True, True])
+        >>> starved = lanczos_eigenpairs(lambda v: A @ v, torch.ones(10, dtype=torch.float64),
+        ...                              max_steps=1)
+        >>> starved.converged.tolist()  # one product certifies nothing
+        [False]
     """
     run = LanczosProcess(matvec, start, max_steps, generator=generator)
     need = max(min_steps, k + 1 + int(smallest))
@@ -288,12 +411,16 @@ def lanczos_eigenpairs(
         if run.num_steps < min(need, run.max_steps) and more:
             continue
         values, vectors, residuals = run.ritz()
-        bounds = _error_bounds(values, residuals)
+        bounds = _absolute_bounds(values, residuals)
+        floor = run.resolution(values)
+        reach = tol * values.abs()
+        certified = bounds + floor <= reach
+        settled = certified | (bounds <= floor)
         top = torch.arange(values.numel() - 1, max(values.numel() - 1 - k, -1), -1)
-        explored = _complement_explored(run, values, k, tol, smallest)
-        guarded = explored and (not more or _next_one_converged(values, residuals, k, tol))
-        passed = (bounds[top] <= tol) & guarded
-        done = bool(passed.all()) and (not smallest or bool(bounds[0] <= tol))
+        explored, bottom_explored = _complement_explored(run, values, k, tol)
+        guarded = explored and _next_one_converged(run, values, residuals, k, tol)
+        bottom_done = bottom_explored and bool(settled[0])
+        done = guarded and bool(settled[top].all()) and (not smallest or bottom_done)
         if done or not more:
             break
     eigenvectors = warm_start = None
@@ -308,13 +435,22 @@ def lanczos_eigenpairs(
     return LanczosResult(
         eigenvalues=values[top],
         residuals=residuals[top],
-        converged=passed,
+        converged=certified[top] & guarded,
         eigenvectors=eigenvectors,
-        smallest=(float(values[0]), float(residuals[0]), bool(bounds[0] <= tol) and guarded)
+        smallest=RitzEstimate(
+            float(values[0]),
+            float(residuals[0]),
+            bool(certified[0]) and bottom_explored,
+            float(bounds[0]),
+            float(floor[0]),
+        )
         if smallest
         else None,
         num_steps=run.num_steps,
         warm_start=warm_start,
+        bounds=bounds[top],
+        resolution=floor[top],
+        guarded=guarded,
     )
 
 
