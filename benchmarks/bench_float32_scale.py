@@ -77,8 +77,10 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, 1 thread; diagonal operator, top {SPECTRUM_TOP} + U[0, 1]")
     print()
-    print("| P | reductions | seed | λ₁..λ_k max rel. error | converged | HVPs | seconds "
-          "| extra peak RSS (MiB) | one vector (MiB) |")
+    print(
+        "| P | reductions | seed | λ₁..λ_k max rel. error | converged | HVPs | seconds "
+        "| extra peak RSS (MiB) | one vector (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         for mode in ("float64-accumulated", "float32-accumulated"):

@@ -56,7 +56,7 @@ _NEARLY_INVARIANT = 1e-4
 # least squares, a tanh/GELU MLP and a tanh CNN in float32).
 _RELATIVE_ROUNDING = 16.0
 _MEASURED_ROUNDING = 4.0
-_FIRST_ROWS = 8  # basis rows allocated at first; doubled when full (memory follows the run)
+_BLOCK = 8  # basis rows allocated at a time: memory follows the run, nothing is ever copied
 
 
 class LanczosProcess:
@@ -92,10 +92,10 @@ class LanczosProcess:
         self.matvec = matvec
         self.size = start.numel()
         self.max_steps = min(max_steps, self.size)
-        rows = min(self.max_steps + 1, _FIRST_ROWS)
-        self._rows = start.new_zeros(rows, self.size)
-        self._rows[0] = start / norm(start)
-        self._stored = 1
+        self._blocks: list[torch.Tensor] = []
+        self._stored = 0
+        self._template = start
+        self._store(start / norm(start))
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
         self.residual_norm = float("nan")  # norm of the last residual before normalisation
@@ -113,7 +113,22 @@ class LanczosProcess:
     @property
     def basis(self) -> torch.Tensor:
         """The orthonormal vectors found so far, one a row (the next start included)."""
-        return self._rows[: self._stored]
+        return torch.cat(self._blocks)[: self._stored]
+
+    def _row(self, index: int) -> torch.Tensor:
+        return self._blocks[index // _BLOCK][index % _BLOCK]
+
+    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``coefficientsᵀ Q``: vectors from their coordinates in the first rows of the basis.
+
+        Args:
+            coefficients: ``(m, c)``, one column per vector, ``m`` at most the rows stored.
+        """
+        total = coefficients.new_zeros(coefficients.shape[1], self.size)
+        for first in range(0, coefficients.shape[0], _BLOCK):
+            block = self._blocks[first // _BLOCK][: coefficients.shape[0] - first]
+            total += coefficients[first : first + _BLOCK].T @ block
+        return total
 
     @property
     def scale(self) -> float:
@@ -126,27 +141,32 @@ class LanczosProcess:
         ``16·eps·|θ| + 4·ρ`` with ``ρ`` the largest deviation of ``Qᵀ A q_j`` from its exact
         value seen so far (see :meth:`_record_rounding`).
         """
-        eps = torch.finfo(self._rows.dtype).eps
+        eps = torch.finfo(self._template.dtype).eps
         return _RELATIVE_ROUNDING * eps * values.abs() + _MEASURED_ROUNDING * self.rounding
 
     def _store(self, vector: torch.Tensor) -> None:
-        if self._stored == self._rows.shape[0]:
-            grown = self._rows.new_zeros(
-                min(2 * self._rows.shape[0], self.max_steps + 1), self.size
-            )
-            grown[: self._stored] = self._rows
-            self._rows = grown
-        self._rows[self._stored] = vector
+        if self._stored % _BLOCK == 0:
+            rows = min(_BLOCK, self.max_steps + 1 - self._stored)
+            self._blocks.append(self._template.new_zeros(rows, self.size))
+        self._row(self._stored).copy_(vector)
         self._stored += 1
 
     def _orthogonalise(self, vector: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``vector`` less its projection on the first ``count`` rows, and that projection."""
-        basis = self._rows[:count]
-        first = inner_products(basis, vector)
-        coefficients = first
+        blocks = [
+            block[: count - first]
+            for first, block in zip(range(0, count, _BLOCK), self._blocks, strict=False)
+        ]
+
+        def project(vector: torch.Tensor) -> torch.Tensor:
+            return torch.cat([inner_products(block, vector) for block in blocks])
+
+        first = coefficients = project(vector)
         for _ in range(2):
-            vector = vector - basis.T @ coefficients.to(vector.dtype)
-            coefficients = inner_products(basis, vector)
+            for start, block in zip(range(0, count, _BLOCK), blocks, strict=False):
+                part = coefficients[start : start + _BLOCK].to(vector.dtype)
+                vector = vector - block.T @ part
+            coefficients = project(vector)
         return vector, first
 
     def _record_rounding(self, coefficients: torch.Tensor) -> None:
@@ -169,7 +189,7 @@ class LanczosProcess:
         j = self.num_steps
         if j >= self.max_steps or self._stored <= j:
             return False
-        q = self._rows[j]
+        q = self._row(j)
         w = self.matvec(q)
         image = norm(w)
         w, coefficients = self._orthogonalise(w, j + 1)
@@ -208,7 +228,7 @@ class LanczosProcess:
         seeded like the start vector redraws the start vector itself).
         """
         assert self.generator is not None
-        template = self._rows[0]
+        template = self._template
         for _ in range(attempts):
             fresh = torch.randn(
                 template.shape,
@@ -428,9 +448,8 @@ def lanczos_eigenpairs(
         # The top k and the guarded Ritz vector below them: starting a later run from all
         # k + 1 converges that one sooner too (edge-of-stability probes: 12 -> 9 HVPs, median).
         kept = torch.arange(values.numel() - 1, max(values.numel() - 2 - k, -1), -1)
-        basis = run.basis[: run.num_steps]
-        coefficients = vectors[:, kept].to(dtype=basis.dtype, device=basis.device)
-        warm_start = coefficients.T @ basis
+        coefficients = vectors[:, kept].to(dtype=start.dtype, device=start.device)
+        warm_start = run.combine(coefficients)
         eigenvectors = warm_start[:k]
     return LanczosResult(
         eigenvalues=values[top],
