@@ -377,21 +377,54 @@ def test_auto_uses_per_example_gradients_with_batch_norm_in_eval_mode() -> None:
     assert_matches(out, reference(loop_gradients(twin, cross_entropy, examples(batch))))
 
 
-def test_auto_falls_back_to_micro_batches_with_one_warning_when_vmap_fails() -> None:
+def test_auto_loops_over_examples_when_vmap_fails_keeping_the_per_example_meaning() -> None:
     model, batch = ItemModel(), classification(n=16)
-    with pytest.warns(CurvatureWarning, match=r"vmap.*item\(\).*micro-batches of 4") as caught:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gradient_coherence(model, cross_entropy, batch, micro_batch_size=4, chunk_size=5)
+    assert not caught
+    assert (out.mode, out.num_samples, out.sample_size) == ("per_example", 16, 1.0)
+    assert out.fallback.startswith("a loop over single examples instead of vmap")
+    assert "item()" in out.fallback
+    assert_matches(out, reference(loop_gradients(model, cross_entropy, examples(batch))))
+    explicit = gradient_coherence(model, cross_entropy, batch, mode="per_example")
+    assert_same(out, explicit)
+    assert gradient_coherence(mlp(), cross_entropy, batch).fallback == ""
+
+
+class NeedsPairs(nn.Module):
+    """A set model that compares examples within its batch: undefined on a single example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < 2:
+            raise RuntimeError("NeedsPairs needs at least 2 examples per batch")
+        return self.body(x)
+
+
+def test_auto_falls_back_to_micro_batches_with_one_loud_warning_where_no_example_runs() -> None:
+    model, batch = NeedsPairs(), classification(n=16)
+    with pytest.warns(
+        CurvatureWarning, match=r"micro-batches of 4 examples instead of per-example.*NeedsPairs"
+    ) as caught:
         out = gradient_coherence(model, cross_entropy, batch, micro_batch_size=4)
     assert len(caught) == 1
-    assert out.mode == "micro_batch"
+    assert "not single examples" in str(caught[0].message)
+    assert (out.mode, out.num_samples, out.sample_size) == ("micro_batch", 4, 4.0)
+    assert out.fallback.startswith("micro-batches of 4 examples instead of per-example")
     explicit = gradient_coherence(
         model, cross_entropy, batch, mode="micro_batch", micro_batch_size=4
     )
     assert_same(out, explicit)
+    assert explicit.fallback == ""
 
 
 def test_explicit_per_example_mode_does_not_fall_back() -> None:
-    with pytest.raises(RuntimeError, match=r"item\(\)"):
-        gradient_coherence(ItemModel(), cross_entropy, classification(), mode="per_example")
+    with pytest.raises(RuntimeError, match="NeedsPairs needs at least 2 examples"):
+        gradient_coherence(NeedsPairs(), cross_entropy, classification(), mode="per_example")
     with pytest.raises(ValueError, match="mode='per_example' needs BatchNorm in eval mode"):
         gradient_coherence(bn_model().train(), cross_entropy, classification(), mode="per_example")
 
@@ -434,10 +467,12 @@ def test_model_is_untouched(batch_norm: str) -> None:
     assert model[4].weight.grad is None
 
 
-def test_model_is_untouched_after_a_vmap_failure() -> None:
-    model = ItemModel()
+@pytest.mark.parametrize("model_class", [ItemModel, NeedsPairs])
+def test_model_is_untouched_after_a_vmap_failure(model_class: type[nn.Module]) -> None:
+    model = model_class()
     before = snapshot(model)
-    with pytest.warns(CurvatureWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CurvatureWarning)  # NeedsPairs: micro-batches, warned
         gradient_coherence(model, cross_entropy, classification())
     assert_untouched(model, before)
 
