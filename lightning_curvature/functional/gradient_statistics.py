@@ -536,7 +536,8 @@ def _accumulate(
 
 
 def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _warn_micro_batches(err: Exception, sampler: GradientSampler, size: int | None) -> str:

@@ -30,6 +30,7 @@ passed whole to each piece.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ Samples = tuple[list[torch.Tensor], float]
 # What vmap raises on a model it cannot trace (functorch's errors are RuntimeErrors; some
 # batching rules are missing as NotImplementedError).
 _VMAP_ERRORS = (RuntimeError, NotImplementedError)
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching"
 
 
 @dataclass(frozen=True)
@@ -179,9 +181,13 @@ class GradientSampler:
 
         tensors = splitter.example_tensors(index)
         in_dims = (None,) + (0,) * len(tensors)
-        grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=in_dims)(
-            self._model.primals, *tensors
-        )
+        with warnings.catch_warnings():
+            # vmap's own loop for ops without a batching rule (nn.LSTM on CPU): the values are
+            # right; how fast is this package's concern, not the user's.
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
+            grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=in_dims)(
+                self._model.primals, *tensors
+            )
         return [g.detach() for g in grads]
 
     def _looped(self, splitter: ExampleSplitter, index: slice) -> list[torch.Tensor]:
