@@ -34,8 +34,12 @@ of micro-batches of ``b_i`` examples each — of a loss that is a *mean* over ex
   ``σ_j² = (m·Σ_i g_ij² − (Σ_i g_ij)²) / ((m − 1)·H)`` the unbiased per-*example* variance
   of coordinate ``j`` (the sample variance of the ``g_ij`` times ``b`` for equal sizes; the
   ``σ_j²`` sum to ``tr Σ``). Coordinates of zero variance (up to rounding: below ``m·ε``
-  of their second moment) are left out; it is NaN when none is left. The numerator is the
-  plain squared sample mean, as in Liu et al., so pure noise gives about ``1/(m·b)``.
+  of their second moment) are left out, and so are coordinates whose gradient is zero up to
+  rounding (second moment ``Σ_i g_ij²`` below ``(100·ε)²`` times its mean over coordinates,
+  so below what the dtype resolves next to the other coordinates): their ratio is 0/0 made
+  of rounding noise, e.g. the key biases of attention, which do not change the softmax. It
+  is NaN when none is left. The numerator is the plain squared sample mean,
+  as in Liu et al., so pure noise gives about ``1/(m·b)``.
 
 Every statistic is a function of sums over samples, so samples can be added one chunk at a
 time (memory ``O(P)``) and sums from several processes or steps simply added:
@@ -101,6 +105,10 @@ _VECTOR_STATES = ("sum", "unit_sum", "sq_sum")
 # 2-core CPU, squares of 128 × 95k floats: 28 ms in one pass, 3 ms in blocks of 22 rows,
 # 8 ms in blocks of 5 rows.
 _ROW_BLOCK = 2**21
+# SNR coordinates whose root-mean-square gradient is below this many ε of the mean one are
+# zero up to rounding. Attention key biases (zero gradient in exact arithmetic): 1e-18 of the
+# mean in float64, about 1e-9 in float32 (Hugging Face GPT-2 and BERT).
+_RESOLVED = 100.0
 
 
 @dataclass(frozen=True)
@@ -403,7 +411,9 @@ class GradientSums:
         m = self.count
         second = m * self.sq_sum
         variance_num = second - self.sum * self.sum  # (m - 1)·H·σ_j²
-        valid = variance_num > m * torch.finfo(second.dtype).eps * second
+        eps = torch.finfo(second.dtype).eps
+        resolved = self.sq_sum > (_RESOLVED * eps) ** 2 * self.sq_sum.mean()
+        valid = (variance_num > m * eps * second) & resolved
         # where, not boolean indexing: no host sync and no gather of a P-long vector
         ratios = (self.sum / m) ** 2 * ((m - 1) * self.inverse_size_sum) / variance_num
         return torch.where(valid, ratios, 0.0).sum() / valid.sum()
