@@ -131,11 +131,13 @@ class FunctionalModel:
         primals: detached measured parameters in the probe dtype (aliases where no cast).
 
     Raises:
-        ValueError: if a measured parameter is complex (naming every such parameter).
+        ValueError: if a measured parameter is complex (naming every such parameter), or a
+            name is not that parameter's name in ``model.named_parameters()``.
 
     Example:
+        >>> from lightning_curvature.functional.parameters import select_parameters
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).to(torch.bfloat16)
-        >>> fm = FunctionalModel(net, lambda m, b: m(b).sum(), list(net[1].named_parameters()))
+        >>> fm = FunctionalModel(net, lambda m, b: m(b).sum(), select_parameters(net, "1.*"))
         >>> fm.dtype, [p.dtype for p in fm.primals]
         (torch.float32, [torch.float32, torch.float32])
         >>> fm.loss(fm.primals, fm.inputs(torch.ones(3, 2, dtype=torch.bfloat16))).dtype
@@ -146,6 +148,13 @@ class FunctionalModel:
         self, model: nn.Module, loss_fn: LossFn, named: Sequence[tuple[str, torch.Tensor]]
     ) -> None:
         check_measurable(named)
+        own = dict(model.named_parameters())
+        unknown = [name for name, p in named if own.get(name) is not p]
+        if unknown:  # functional_call would silently leave them out
+            raise ValueError(
+                f"`named` must pair parameters of `model` with their names in "
+                f"model.named_parameters(); not so for {unknown}."
+            )
         self.dtype = probe_dtype([p for _, p in named])
         self.names = tuple(name for name, _ in named)
         self.primals = tuple(_promoted(p.detach(), self.dtype) for _, p in named)

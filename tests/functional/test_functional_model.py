@@ -190,7 +190,7 @@ def test_float64_model_promotes_its_float32_and_bf16_parts() -> None:
 def test_wider_frozen_parts_are_not_narrowed() -> None:
     model = mlp()
     model[0].double().requires_grad_(False)
-    fm = FunctionalModel(model, cross_entropy, list(model[2].named_parameters()))
+    fm = FunctionalModel(model, cross_entropy, select_parameters(model, "2.*"))
     assert fm.dtype == torch.float32
     assert fm._fixed["model.0.weight"].dtype == torch.float64
     assert fm._fixed["model.0.weight"].data_ptr() == model[0].weight.data_ptr()  # no copy
@@ -272,3 +272,9 @@ def test_complex_parameters_left_out_and_complex_buffers_are_used_as_they_are() 
     assert_products_match(frozen, cross_entropy, batch, None, torch.float32)
     assert torch.equal(model.filter, filter_before)
     assert not math.isnan(gradient_coherence(frozen, cross_entropy, batch).coherence.item())
+
+
+def test_names_must_be_the_models_own() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match=r"model.named_parameters\(\); not so for \['weight'"):
+        FunctionalModel(model, cross_entropy, list(model[2].named_parameters()))
