@@ -25,6 +25,7 @@ from lightning_curvature.functional.gradient_statistics import (
     GradientCoherence,
     GradientSums,
     gradient_coherence,
+    gradient_sums,
 )
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
@@ -669,3 +670,18 @@ def test_invalid_accumulator_use() -> None:
     scalar.add(torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"`block_sum_sq_norm` must have the keys \['a'\]"):
         scalar.compute(sum_sq_norm=torch.tensor(4.0))
+
+
+def test_one_example_per_process_is_enough_once_pooled() -> None:
+    """Fewer than 2 samples is checked after the all-reduce (DDP ranks with one example)."""
+    model, (x, y) = mlp(), classification(n=2)
+    theirs = gradient_sums(model, cross_entropy, (x[1:], y[1:]))
+    assert theirs.num_samples == 1
+    flat = torch.cat([value.reshape(-1) for value in theirs.states().values()])
+    out = gradient_coherence(
+        model, cross_entropy, (x[:1], y[:1]), all_reduce_sum=lambda t: t + flat
+    )
+    assert out.num_samples == 2
+    assert_matches(out, reference(loop_gradients(model, cross_entropy, examples((x, y)))))
+    with pytest.raises(ValueError, match=r"at least 2 samples, got 1: the batch gives 1"):
+        gradient_coherence(model, cross_entropy, (x[:1], y[:1]))

@@ -178,3 +178,27 @@ def test_model_is_untouched_and_training_mode_kept() -> None:
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert [m.training for m in model.modules()] == modes
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_hvp_of_a_bf16_bert_equals_float64_double_backward() -> None:
+    """Every parameter, buffer and input of a bf16 BertModel promoted: the probe is float32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lightning_curvature.functional.hvp import HessianOperator
+
+    model, loss_fn, batch = bert()
+    model, batch = as_dtype(model, batch, torch.bfloat16)
+    twin, batch64 = as_dtype(model, batch, torch.float64)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    vector = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    sizes = [p.numel() for p in params]
+    pieces = [v.view_as(p) for v, p in zip(vector.double().split(sizes), params, strict=True)]
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
+        grads = torch.autograd.grad(loss_fn(twin, batch64), params, create_graph=True)
+        expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, pieces)])
+    with HessianOperator(model, loss_fn, batch) as operator:
+        assert operator.dtype == torch.float32
+        product = operator.matvec(vector).double()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(product, expected, rtol=0, atol=1e-5 * scale)
+    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in model.parameters())
