@@ -2,13 +2,14 @@
 
 Where ``torch.func.vmap`` cannot trace a model (Hugging Face attention masks, packed LSTMs,
 ``.item()``), ``GradientSampler.per_example`` computes the same gradients one example at a
-time. This times both on models where ``vmap`` works, so the cost of the fallback is known:
-the 2.1k-parameter digits MLP of ``common.py`` (batch 64), a tiny GPT-2 from
-``transformers`` (2 layers, width 32, 8 tokens, batch 16) and a 2-layer LSTM language model
-(Lightning's ``SimpleLSTM``, width 32, 8 tokens, batch 16; vmap has no batching rule for
-``mkldnn_rnn_layer`` and runs its own loop). Each row: the minimum over repeats of the time
-to turn the batch into per-example gradient sums (``gradient_sums`` internals: sampler and
-``GradientSums.add``), in seconds, one intra-op thread, and the loop's time over vmap's.
+time. This times, per model: ``vmap`` (where it runs), the loop, and the old fallback
+(gradients of micro-batches of 8, which changed what the statistics mean), on the
+2.1k-parameter digits MLP of ``common.py`` (batch 64), a tiny GPT-2 from ``transformers``
+(2 layers, width 32, 8 tokens, batch 16), a tiny ``BertModel`` with a padding mask (same
+sizes; vmap fails on it) and a 2-layer LSTM language model (Lightning's ``SimpleLSTM``,
+width 32, 8 tokens, batch 16; vmap has no batching rule for ``mkldnn_rnn_layer`` and runs
+its own loop). Each entry: the minimum over repeats of the seconds to turn the batch into
+gradient sums (sampler and ``GradientSums.add``), one intra-op thread.
 
     python benchmarks/bench_per_example_loop.py --repeats 5  # ~1 min on 2 cores
 """
@@ -16,6 +17,7 @@ to turn the batch into per-example gradient sums (``gradient_sums`` internals: s
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +54,26 @@ def gpt2_case() -> Case:
     return model, lambda m, b: m(input_ids=b, labels=b).loss, ids
 
 
+def bert_case() -> Case:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[::2, 5:] = 0
+
+    def loss_fn(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return m(input_ids=b[0], attention_mask=b[1]).pooler_output.pow(2).mean()
+
+    return transformers.BertModel(config), loss_fn, (ids, mask)
+
+
 def lstm_case() -> Case:
     from lightning.pytorch.demos import SimpleLSTM
 
@@ -66,18 +88,24 @@ def lstm_case() -> Case:
     return model, loss_fn, ids
 
 
-def per_example_sums(case: Case, loop: bool, chunk: int) -> tuple[float, GradientSums]:
+def timed_sums(case: Case, how: str, chunk: int) -> tuple[float, GradientSums]:
+    """Seconds to sum the batch's gradient samples ``how``: vmap, loop or micro-batches of 8."""
     model, loss_fn, batch = case
     named = select_parameters(model)
     size = ParameterLayout.from_named(named).size
     started = time.perf_counter()
     with probe_context(model):
         sampler = GradientSampler(model, loss_fn, named)
-        if loop:
+        if how == "loop":
             sampler.vmap_error = RuntimeError("benchmark: the loop over examples")
+        samples = (
+            sampler.micro_batches(batch, 8) if how == "mb8" else sampler.per_example(batch, chunk)
+        )
         sums = GradientSums.zeros(size, dtype=sampler.dtype)
-        for grads, sample_size in sampler.per_example(batch, chunk):
+        for grads, sample_size in samples:
             sums.add(grads, sample_size)
+    if how == "vmap" and sampler.vmap_error is not None:
+        return math.nan, sums
     return time.perf_counter() - started, sums
 
 
@@ -89,25 +117,32 @@ def main() -> None:
     torch.set_num_threads(1)
     load, started = load_average(), time.perf_counter()
     print(machine("transformers"))
-    cases = {"digits MLP": mlp_case, "GPT-2 (sdpa)": gpt2_case, "SimpleLSTM": lstm_case}
-    print(f"{'model':<14} {'params':>7} {'batch':>5} {'vmap s':>8} {'loop s':>8} {'loop/vmap':>9}")
+    cases = {
+        "digits MLP": mlp_case,
+        "GPT-2 (sdpa)": gpt2_case,
+        "BERT + mask": bert_case,
+        "SimpleLSTM": lstm_case,
+    }
+    ways = ("vmap", "loop", "mb8")
+    header = ("model", "params", "batch", "vmap s", "loop s", "mb8 s", "loop/vmap")
+    print(f"{header[0]:<13}" + "".join(f" {h:>8}" for h in header[1:]))
     for name, build in cases.items():
         case = build()
-        times: dict[bool, list[float]] = {False: [], True: []}
+        times: dict[str, list[float]] = {how: [] for how in ways}
         results = {}
-        for _ in range(args.repeats):  # interleaved, so drift hits both alike
-            for loop in (False, True):
-                seconds, results[loop] = per_example_sums(case, loop, args.chunk)
-                times[loop].append(seconds)
-        assert results[False].num_samples == results[True].num_samples
-        torch.testing.assert_close(results[False].sum, results[True].sum, rtol=1e-4, atol=1e-6)
-        vmap_s, loop_s = min(times[False]), min(times[True])
-        params = results[False].size
-        samples = results[False].num_samples
+        for _ in range(args.repeats):  # interleaved, so drift hits every way alike
+            for how in ways:
+                seconds, results[how] = timed_sums(case, how, args.chunk)
+                times[how].append(seconds)
+        assert results["vmap"].num_samples == results["loop"].num_samples
+        torch.testing.assert_close(results["vmap"].sum, results["loop"].sum, rtol=1e-4, atol=1e-6)
+        best = {how: min(times[how]) for how in ways}
+        params, samples = results["loop"].size, results["loop"].num_samples
         print(
-            f"{name:<14} {params:>7} {samples:>5} {vmap_s:>8.4f} {loop_s:>8.4f} "
-            f"{loop_s / vmap_s:>8.2f}x"
+            f"{name:<13} {params:>8} {samples:>8} {best['vmap']:>8.4f} {best['loop']:>8.4f} "
+            f"{best['mb8']:>8.4f} {best['loop'] / best['vmap']:>8.2f}x"
         )
+    print("vmap s = nan: vmap cannot trace the model (the loop is what runs).")
     print(summary(started, load))
 
 
