@@ -44,9 +44,11 @@ from lightning_curvature.functional.functional_model import FunctionalModel, Los
 __all__ = ["ExampleSplitter", "GradientSampler"]
 
 Samples = tuple[list[torch.Tensor], float]
-# What vmap raises on a model it cannot trace (functorch's errors are RuntimeErrors; some
-# batching rules are missing as NotImplementedError).
-_VMAP_ERRORS = (RuntimeError, NotImplementedError)
+# What vmap raises on a model it cannot trace: functorch's own errors are RuntimeErrors, but
+# model code reacts to batched tensors in its own ways (IndexError, ValueError, ...). Any of
+# them is safe to catch: the loop then runs the model plainly, and a real model error comes
+# back from it unchanged.
+_VMAP_ERRORS = (Exception,)
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching"
 
 
