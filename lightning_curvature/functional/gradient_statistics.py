@@ -682,8 +682,8 @@ def gradient_coherence(
         mode: ``"auto"``, ``"per_example"`` or ``"micro_batch"`` (see above).
         micro_batch_size: examples per micro-batch (the last of a batch may be smaller), or
             ``None`` for one sample per batch of ``batch`` (e.g. training micro-batches).
-        chunk_size: examples per ``vmap`` call (memory ``chunk_size · P``); by default
-            :func:`default_chunk_size`.
+        chunk_size: examples per ``vmap`` call, or per chunk of the loop that replaces it
+            (memory ``chunk_size · P``); by default :func:`default_chunk_size`.
         per_layer: ``True`` for one coherence per module, or glob pattern(s) for one per pattern.
         parameters: glob pattern(s) selecting the measured parameters.
         batch_norm: BatchNorm mode during the probe (running statistics never change).
