@@ -34,8 +34,12 @@ of micro-batches of ``b_i`` examples each — of a loss that is a *mean* over ex
   ``σ_j² = (m·Σ_i g_ij² − (Σ_i g_ij)²) / ((m − 1)·H)`` the unbiased per-*example* variance
   of coordinate ``j`` (the sample variance of the ``g_ij`` times ``b`` for equal sizes; the
   ``σ_j²`` sum to ``tr Σ``). Coordinates of zero variance (up to rounding: below ``m·ε``
-  of their second moment) are left out; it is NaN when none is left. The numerator is the
-  plain squared sample mean, as in Liu et al., so pure noise gives about ``1/(m·b)``.
+  of their second moment) are left out, and so are coordinates whose gradient is zero up to
+  rounding (second moment ``Σ_i g_ij²`` below ``(100·ε)²`` times its mean over coordinates,
+  so below what the dtype resolves next to the other coordinates): their ratio is 0/0 made
+  of rounding noise, e.g. the key biases of attention, which do not change the softmax. It
+  is NaN when none is left. The numerator is the plain squared sample mean,
+  as in Liu et al., so pure noise gives about ``1/(m·b)``.
 
 Every statistic is a function of sums over samples, so samples can be added one chunk at a
 time (memory ``O(P)``) and sums from several processes or steps simply added:
@@ -101,6 +105,10 @@ _VECTOR_STATES = ("sum", "unit_sum", "sq_sum")
 # 2-core CPU, squares of 128 × 95k floats: 28 ms in one pass, 3 ms in blocks of 22 rows,
 # 8 ms in blocks of 5 rows.
 _ROW_BLOCK = 2**21
+# SNR coordinates whose root-mean-square gradient is below this many ε of the mean one are
+# zero up to rounding. Attention key biases (zero gradient in exact arithmetic): 1e-18 of the
+# mean in float64, about 1e-9 in float32 (Hugging Face GPT-2 and BERT).
+_RESOLVED = 100.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,9 @@ class GradientCoherence:
         sample_size: examples per sample ``b`` (the harmonic mean when sizes differ).
         mode: where the samples came from (``"per_example"``, ``"micro_batch"``, ...).
         per_layer: block name to the m-coherence of that block (empty unless requested).
+        fallback: empty when the samples were made as asked; otherwise how they were made
+            instead and why (a loop over examples where ``vmap`` fails: same meaning; or
+            micro-batches where even that fails: a different meaning, also warned).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)  # per-example gradient = the example
@@ -138,6 +149,7 @@ class GradientCoherence:
     sample_size: float
     mode: str
     per_layer: dict[str, torch.Tensor] = field(default_factory=dict)
+    fallback: str = ""
 
 
 @dataclass
@@ -160,6 +172,7 @@ class GradientSums:
         blocks: block name to its slices of the flat gradient.
         size: ``P``, the length of a gradient sample.
         mode: a label for where the samples come from.
+        fallback: how the samples were made instead of as asked, and why (empty if as asked).
 
     Example:
         >>> sums = GradientSums.zeros(2, dtype=torch.float64)
@@ -181,6 +194,7 @@ class GradientSums:
     blocks: dict[str, list[slice]] = field(default_factory=dict)
     size: int = 0
     mode: str = "samples"
+    fallback: str = ""
 
     @classmethod
     def zeros(
@@ -353,8 +367,12 @@ class GradientSums:
             NonFiniteCurvatureError: if a sum is NaN or infinite.
         """
         m = self.num_samples
-        if m < 2:
-            raise ValueError(f"gradient statistics need at least 2 samples, got {m}.")
+        if m < 2:  # checked here, after any all-reduce: one process may hold a single sample
+            raise ValueError(
+                f"gradient statistics need at least 2 samples, got {m}: the batch gives {m} "
+                f"gradient sample(s) in mode {self.mode!r} (a larger batch, or a smaller "
+                "`micro_batch_size`, gives more)."
+            )
         given = sum_sq_norm is not None or block_sum_sq_norm is not None
         if (self.sum is None and sum_sq_norm is None) or (self.sum is not None and given):
             raise ValueError(
@@ -379,6 +397,7 @@ class GradientSums:
             sample_size=m / self.inverse_size_sum.item(),
             mode=self.mode,
             per_layer=self._per_layer(block_sum_sq_norm),
+            fallback=self.fallback,
         )
 
     def _mean_cosine(self) -> torch.Tensor:
@@ -392,7 +411,9 @@ class GradientSums:
         m = self.count
         second = m * self.sq_sum
         variance_num = second - self.sum * self.sum  # (m - 1)·H·σ_j²
-        valid = variance_num > m * torch.finfo(second.dtype).eps * second
+        eps = torch.finfo(second.dtype).eps
+        resolved = self.sq_sum > (_RESOLVED * eps) ** 2 * self.sq_sum.mean()
+        valid = (variance_num > m * eps * second) & resolved
         # where, not boolean indexing: no host sync and no gather of a P-long vector
         ratios = (self.sum / m) ** 2 * ((m - 1) * self.inverse_size_sum) / variance_num
         return torch.where(valid, ratios, 0.0).sum() / valid.sum()
@@ -521,24 +542,31 @@ def _accumulate(
 ) -> GradientSums:
     for gradients, size in samples:
         sums.add(gradients, size)
-    if sums.num_samples < 2:
-        raise ValueError(
-            f"`batch` gives {sums.num_samples} gradient sample(s) in mode {sums.mode!r}; at least "
-            "2 are needed (a larger batch or a smaller `micro_batch_size`)."
-        )
     return sums
 
 
-def _warn_fallback(err: Exception, micro_batch_size: int | None) -> None:
-    reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-    pieces = f"micro-batches of {micro_batch_size} examples" if micro_batch_size else "batches"
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _warn_micro_batches(err: Exception, sampler: GradientSampler, size: int | None) -> str:
+    """Warn that the samples change meaning; return the result's ``fallback`` note."""
+    vmap = f"vmap ({_first_line(sampler.vmap_error)}) nor " if sampler.vmap_error else ""
+    pieces = f"micro-batches of {size} examples" if size else "whole batches"
+    note = (
+        f"{pieces} instead of per-example gradients: neither {vmap}a loop over single "
+        f"examples ({_first_line(err)}) runs on this model"
+    )
     warnings.warn(
-        f"per-example gradients (torch.func.vmap) cannot pass through this model ({reason}); "
-        f"using gradients of {pieces} instead. Pass mode='micro_batch' to choose this without "
-        "a warning.",
+        f"gradient statistics from {note}. Coherence, mean cosine and SNR now describe samples "
+        f"of {size or 'a batch of'} examples, not single examples (the noise scale keeps its "
+        "meaning; see result.mode and result.sample_size). Pass mode='micro_batch' to choose "
+        "this without a warning.",
         CurvatureWarning,
         stacklevel=3,
     )
+    return note
 
 
 def gradient_sums(
@@ -556,11 +584,12 @@ def gradient_sums(
     """The :class:`GradientSums` of the gradient samples of ``loss_fn`` on ``batch``.
 
     Arguments as for :func:`gradient_coherence` (which is this, an optional all-reduce and
-    :meth:`GradientSums.compute`); the mode actually used is the result's ``mode``.
+    :meth:`GradientSums.compute`); the mode actually used is the result's ``mode``, and
+    ``fallback`` says how the samples were made where not as asked. Fewer than 2 samples are
+    not an error here (the sums of several processes may still be enough): ``compute`` checks.
 
     Raises:
-        ValueError: on invalid arguments, a batch that cannot be cut into examples, or fewer
-            than 2 samples.
+        ValueError: on invalid arguments, or a batch that cannot be cut into examples.
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)
@@ -577,6 +606,7 @@ def gradient_sums(
     blocks = layout.groups(per_layer) if per_layer is not False else {}
     batches = split_batches(batch, named[0][1].device).batches
     device = named[0][1].device
+    fallback = ""
     with probe_context(model, batch_norm=batch_norm):
         chosen = _choose_mode(mode, model)
         sampler = GradientSampler(model, loss_fn, named)
@@ -590,13 +620,22 @@ def gradient_sums(
             chunk = chunk_size or default_chunk_size(layout.size, device)
             try:
                 samples = (s for b in batches for s in sampler.per_example(b, chunk))
-                return _accumulate(new_sums("per_example"), samples)
+                sums = _accumulate(new_sums("per_example"), samples)
             except (RuntimeError, NotImplementedError) as err:
                 if mode != "auto":
                     raise
-                _warn_fallback(err, micro_batch_size)
+                fallback = _warn_micro_batches(err, sampler, micro_batch_size)
+            else:
+                if sampler.vmap_error is not None:
+                    sums.fallback = (
+                        "a loop over single examples instead of vmap (same samples), which "
+                        f"cannot trace this model: {_first_line(sampler.vmap_error)}"
+                    )
+                return sums
         samples = (s for b in batches for s in sampler.micro_batches(b, micro_batch_size))
-        return _accumulate(new_sums("micro_batch"), samples)
+        sums = _accumulate(new_sums("micro_batch"), samples)
+        sums.fallback = fallback
+        return sums
 
 
 def gradient_coherence(
@@ -624,12 +663,16 @@ def gradient_coherence(
     * with BatchNorm in train mode (after ``batch_norm`` is applied) it uses micro-batches
       silently: the examples are coupled through the batch statistics, so per-example
       gradients are undefined, and micro-batch gradients are the meaningful samples;
-    * if ``vmap`` cannot trace the model (``.item()`` or data-dependent control flow, backward
-      hooks, custom autograd functions without ``setup_context``), it warns once with a
-      :class:`~lightning_curvature.functional.warnings.CurvatureWarning` naming the error and
-      uses micro-batches. The values then describe samples of ``b`` examples
-      (``result.sample_size``): coherence and cosine change meaning, the noise scale and its
-      parts do not.
+    * if ``vmap`` cannot trace the model (``.item()`` or data-dependent control flow as in
+      Hugging Face attention masks, ``nn.LSTM``, backward hooks, custom autograd functions
+      without ``setup_context``), the per-example gradients come from a loop over the
+      examples instead: the same samples, slower, no warning (``result.fallback`` says so;
+      ``mode="per_example"`` does the same);
+    * if even a batch of one example fails, it warns once with a
+      :class:`~lightning_curvature.functional.warnings.CurvatureWarning` naming the errors
+      and uses micro-batches. The values then describe samples of ``b`` examples
+      (``result.mode``, ``result.sample_size``, ``result.fallback``): coherence and cosine
+      change meaning, the noise scale and its parts do not.
 
     Args:
         model: the module (``torch.compile`` and DDP wrappers are looked through); it is left
@@ -639,8 +682,8 @@ def gradient_coherence(
         mode: ``"auto"``, ``"per_example"`` or ``"micro_batch"`` (see above).
         micro_batch_size: examples per micro-batch (the last of a batch may be smaller), or
             ``None`` for one sample per batch of ``batch`` (e.g. training micro-batches).
-        chunk_size: examples per ``vmap`` call (memory ``chunk_size · P``); by default
-            :func:`default_chunk_size`.
+        chunk_size: examples per ``vmap`` call, or per chunk of the loop that replaces it
+            (memory ``chunk_size · P``); by default :func:`default_chunk_size`.
         per_layer: ``True`` for one coherence per module, or glob pattern(s) for one per pattern.
         parameters: glob pattern(s) selecting the measured parameters.
         batch_norm: BatchNorm mode during the probe (running statistics never change).

@@ -16,10 +16,13 @@ Backends (``backend=``):
 * ``"auto"`` (default): ``"retained_graph"``; if the model has no double backward, it falls
   back to ``"forward_over_reverse"``.
 
-The model is called through ``torch.func.functional_call`` with detached copies of the
-parameters' *storage* (no data is copied for fp32/fp64 models), so autograd never touches the
-user's parameters or their ``.grad``. Parameters of low precision (bf16/fp16) are promoted to
-fp32 copies, with buffers and floating inputs promoted alongside.
+The model is called through the one functional adapter of the package,
+:class:`~lightning_curvature.functional.functional_model.FunctionalModel`: detached aliases of
+the parameters' storage (no data is copied for fp32/fp64 models), so autograd never touches
+the user's parameters or their ``.grad``, and one dtype policy (every floating parameter,
+buffer and input narrower than the probe dtype is promoted to it: fp32 for a bf16/fp16
+model). Errors the model raises in its forward pass through unchanged; errors raised while
+differentiating are explained as a missing second derivative only where they are one.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from lightning_curvature.functional.batches import ProbeBatches, map_tensors, split_batches
+from lightning_curvature.functional.batches import ProbeBatches, split_batches
+from lightning_curvature.functional.functional_model import (
+    FunctionalModel,
+    LossFn,
+    check_measurable,
+    probe_dtype,
+)
 from lightning_curvature.functional.parameters import (
     ParameterLayout,
     ParameterPatterns,
@@ -44,47 +53,10 @@ from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 
 __all__ = ["HVPBackend", "HessianOperator", "LossFn", "hessian_vector_product"]
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 HVPBackend = Literal["auto", "retained_graph", "double_backward", "forward_over_reverse"]
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 _BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")
 _NO_SECOND_DERIVATIVE = (nn.EmbeddingBag,)  # their backward has no derivative in torch
-
-
-class _LossModule(nn.Module):
-    """Makes ``loss_fn(model, batch)`` the forward of a module, for ``functional_call``."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
-
-
-def _cast_floating(batch: Any, dtype: torch.dtype) -> Any:
-    """``batch`` with its floating tensors cast to ``dtype`` (per_example uses it too)."""
-    return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
-
-
-def _usable_input(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """An input autograd can record: inference tensors cloned, floats cast to ``dtype``."""
-    if tensor.is_inference():  # e.g. a probe batch kept from a validation step
-        tensor = tensor.clone()
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return tensor
-
-
-def _check_scalar_loss(loss: Any) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(
-            f"`loss_fn` must return a scalar tensor (one element); it returned {shape}. "
-            "Reduce the loss (e.g. with .mean()) inside loss_fn."
-        )
-    return loss.reshape(())
 
 
 class HessianOperator:
@@ -108,8 +80,8 @@ class HessianOperator:
             operator.
 
     Raises:
-        ValueError: on an unknown ``backend``, no trainable parameters, an empty batch
-            iterable, or a loss that is not a scalar.
+        ValueError: on an unknown ``backend``, no trainable parameters, complex measured
+            parameters, an empty batch iterable, or a loss that is not a scalar.
         NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
 
     Example:
@@ -140,15 +112,12 @@ class HessianOperator:
                 f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}."
             )
         self.model = unwrap_model(model)
-        named = select_parameters(self.model, parameters)
-        self.layout = ParameterLayout.from_named(named)
-        self._parameters = [p for _, p in named]
+        self._named = select_parameters(self.model, parameters)
+        check_measurable(self._named)
+        self.layout = ParameterLayout.from_named(self._named)
+        self._parameters = [p for _, p in self._named]
         self.device = self._parameters[0].device
-        self.dtype = (
-            torch.float64
-            if all(p.dtype == torch.float64 for p in self._parameters)
-            else torch.float32
-        )
+        self.dtype = probe_dtype(self._parameters)
         self.backend: HVPBackend = backend
         self._may_fall_back = backend == "auto"
         self._fallback_reason: RuntimeError | None = None
@@ -160,7 +129,9 @@ class HessianOperator:
         self._dropout = dropout
         self._all_reduce = all_reduce
         self._stack: contextlib.ExitStack | None = None
+        self._functional: FunctionalModel | None = None
         self._leaves: list[torch.Tensor] = []
+        self._inputs: list[Any] = []
         self._retained: list[torch.Tensor] | None = None
         self.loss: torch.Tensor | None = None
 
@@ -191,51 +162,33 @@ class HessianOperator:
     ) -> None:
         self._retained = None
         self._leaves = []
+        self._inputs = []
+        self._functional = None
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
 
     def _prepare(self) -> None:
-        self._leaves = [p.detach().to(self.dtype).requires_grad_(True) for p in self._parameters]
-        low_precision = any(p.dtype != self.dtype for p in self._parameters)
-        self._buffers = (
-            {
-                n: b.to(self.dtype) if b.is_floating_point() else b
-                for n, b in self.model.named_buffers()
-            }
-            if low_precision
-            else {}
-        )
-        cast = self.dtype if low_precision else None
-        self._inputs = [
-            map_tensors(b, lambda t: _usable_input(t, cast)) for b in self._probe.batches
-        ]
-        self._module = _LossModule(self.model, self._loss_fn)
+        self._functional = FunctionalModel(self.model, self._loss_fn, self._named)
+        self._leaves = [p.requires_grad_(True) for p in self._functional.primals]
+        self._inputs = [self._functional.inputs(b) for b in self._probe.batches]
         if self.backend in ("auto", "retained_graph"):
             try:
-                self._retained = self._weighted_gradient(self._leaves, create_graph=True)
+                self._retained = self._weighted_gradient(self._leaves)
                 self.backend = "retained_graph"
-            except RuntimeError as err:
-                if self.backend == "retained_graph" or not _is_missing_derivative(err):
-                    raise self._explain(err, "retained_graph") from err
-                self.backend, self._fallback_reason = "forward_over_reverse", err
+            except _FallBack as fallback:
+                self.backend, self._fallback_reason = "forward_over_reverse", fallback.reason
         if self.backend != "retained_graph":
             loss = self._weighted_loss(self._leaves)
-            if not self._graph_checked:
-                try:
-                    _check_twice_differentiable(loss, self._leaves)
-                except _FirstOrderOnly as err:
-                    raise self._explain(err, self.backend) from err
-                self._graph_checked = True
+            self._check_graph(loss)
             self._check_finite_loss(loss.detach())
 
     # -- loss and gradients ----------------------------------------------------------------
+    # The model's own errors (in the forward) pass through as they are; only errors raised
+    # while differentiating are explained, and only as a missing derivative where they are one.
     def _loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
-        params = {
-            f"model.{name}": leaf for name, leaf in zip(self.layout.names, leaves, strict=True)
-        }
-        params.update({f"model.{name}": buf for name, buf in self._buffers.items()})
-        return _check_scalar_loss(torch.func.functional_call(self._module, params, (batch,)))
+        assert self._functional is not None
+        return self._functional.loss(leaves, batch)
 
     def _weighted_loss(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         total = sum(
@@ -243,6 +196,16 @@ class HessianOperator:
             for b, w in zip(self._inputs, self._probe.weights, strict=True)
         )
         return total  # type: ignore[return-value]
+
+    def _check_graph(self, loss: torch.Tensor) -> None:
+        if self._graph_checked:
+            return
+        try:
+            _check_twice_differentiable(loss, self._leaves)
+        except _FirstOrderOnly as err:
+            backend = "retained_graph" if self.backend == "auto" else self.backend
+            raise self._explain(err, backend) from err
+        self._graph_checked = True
 
     def _check_finite_loss(self, loss: torch.Tensor) -> None:
         self.loss = loss.detach()
@@ -252,21 +215,27 @@ class HessianOperator:
         if bad.item() > 0:
             raise NonFiniteCurvatureError(f"the probe loss is not finite ({self.loss.item()}).")
 
-    def _weighted_gradient(
-        self, leaves: list[torch.Tensor], create_graph: bool
-    ) -> list[torch.Tensor]:
+    def _first_backward(self, loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The gradient of ``loss`` with its graph (``create_graph=True``)."""
+        try:
+            return torch.autograd.grad(
+                loss, self._leaves, create_graph=True, allow_unused=True, materialize_grads=True
+            )
+        except RuntimeError as err:
+            if not _is_missing_derivative(err):
+                raise
+            if self.backend == "auto":  # building the retained graph: try forward mode
+                raise _FallBack(err) from err
+            raise self._explain(err, self.backend) from err
+
+    def _weighted_gradient(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         total: list[torch.Tensor] | None = None
         loss_sum = torch.zeros((), dtype=self.dtype, device=self.device)
         for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
             loss = self._loss(leaves, batch)
             loss_sum = loss_sum + weight * loss.detach()
-            if create_graph and not self._graph_checked:
-                _check_twice_differentiable(loss, leaves)
-                self._graph_checked = True
-            grads = torch.autograd.grad(
-                loss, leaves, create_graph=create_graph, allow_unused=True, materialize_grads=True
-            )
-            scaled = [weight * g for g in grads]
+            self._check_graph(loss)
+            scaled = [weight * g for g in self._first_backward(loss)]
             total = scaled if total is None else [t + s for t, s in zip(total, scaled, strict=True)]
         self._check_finite_loss(loss_sum)
         assert total is not None
@@ -290,7 +259,9 @@ class HessianOperator:
             try:
                 hv = self._backward_through(self._retained, vs)
             except RuntimeError as err:
-                if not (self._may_fall_back and self.num_hvps == 0 and _is_missing_derivative(err)):
+                if not _is_missing_derivative(err):
+                    raise
+                if not (self._may_fall_back and self.num_hvps == 0):
                     raise self._explain(err, "retained_graph") from err
                 self.backend, self._retained = "forward_over_reverse", None
                 self._fallback_reason = err
@@ -327,10 +298,12 @@ class HessianOperator:
         )
 
     def _double_backward(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = self._weighted_gradient(self._leaves)
         try:
-            grads = self._weighted_gradient(self._leaves, create_graph=True)
             return self._backward_through(grads, vs)
         except RuntimeError as err:
+            if not _is_missing_derivative(err):
+                raise
             raise self._explain(err, "double_backward") from err
 
     def _forward_over_reverse(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -359,6 +332,14 @@ class HessianOperator:
             and any(id(p) in measured for p in module.parameters(recurse=False))
         ]
         return _explain(err, backend, suspects, self._fallback_reason)
+
+
+class _FallBack(Exception):
+    """Internal: ``backend="auto"`` found no double backward; use forward-over-reverse."""
+
+    def __init__(self, reason: RuntimeError) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
 
 
 class _FirstOrderOnly(RuntimeError):

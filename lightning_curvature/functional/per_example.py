@@ -8,16 +8,19 @@ with the number of examples each sample averages:
 
 * **per example** (:meth:`GradientSampler.per_example`): ``torch.func.vmap`` of
   ``torch.func.grad`` of the loss on a batch of *one* example, over chunks of examples, so
-  memory is ``O(chunk_size · P)`` and never ``O(m · P)``;
+  memory is ``O(chunk_size · P)`` and never ``O(m · P)``. Where ``vmap`` cannot trace the
+  model (``.item()`` or data-dependent control flow, as in Hugging Face attention masks;
+  ``nn.LSTM``; backward hooks) the same gradients come from a loop, one
+  ``torch.autograd.grad`` per example on a batch of that one example, in chunks of the same
+  size: same samples, same meaning, only slower (:attr:`GradientSampler.vmap_error` says why);
 * **per micro-batch** (:meth:`GradientSampler.micro_batches`): one
   ``torch.autograd.grad`` per consecutive slice of ``b`` examples. It runs on any model
-  (BatchNorm in train mode, backward hooks, data-dependent control flow), and with ``b = 1``
-  it is the Python loop over examples.
+  (BatchNorm in train mode, backward hooks, data-dependent control flow).
 
-The model is called through ``torch.func.functional_call`` with detached aliases of its
-parameters (the adapter of :mod:`~lightning_curvature.functional.hvp`), so its ``.grad``
-and parameters are never written. Callers run the sampler inside
-:func:`~lightning_curvature.functional.probe.probe_context`.
+The model is called through the package's one functional adapter,
+:class:`~lightning_curvature.functional.functional_model.FunctionalModel` (detached aliases
+of the parameters, one dtype policy), so its ``.grad`` and parameters are never written.
+Callers run the sampler inside :func:`~lightning_curvature.functional.probe.probe_context`.
 
 How a batch is cut into examples: a batch is a tensor or a (nested) tuple, list or mapping
 of them; every tensor whose leading dimension equals the batch size (the leading dimension
@@ -27,41 +30,26 @@ passed whole to each piece.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_curvature.functional.batches import batch_size
-from lightning_curvature.functional.hvp import (
-    LossFn,
-    _cast_floating,
-    _check_scalar_loss,
-    _LossModule,
-)
+from lightning_curvature.functional.batches import batch_size, map_tensors
+from lightning_curvature.functional.functional_model import FunctionalModel, LossFn
 
 __all__ = ["ExampleSplitter", "GradientSampler"]
 
 Samples = tuple[list[torch.Tensor], float]
-
-
-def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``batch`` with every tensor replaced by ``fn(tensor)``, containers kept.
-
-    It walks containers in the same order as
-    :func:`~lightning_curvature.functional.batches.move_to_device`.
-    """
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _map_tensors(v, fn) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_map_tensors(item, fn) for item in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_map_tensors(item, fn) for item in batch)
-    return batch
+# What vmap raises on a model it cannot trace: functorch's own errors are RuntimeErrors, but
+# model code reacts to batched tensors in its own ways (IndexError, ValueError, ...). Any of
+# them is safe to catch: the loop then runs the model plainly, and a real model error comes
+# back from it unchanged.
+_VMAP_ERRORS = (Exception,)
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching"
 
 
 @dataclass(frozen=True)
@@ -102,12 +90,18 @@ class ExampleSplitter:
 
     def take(self, index: slice) -> Any:
         """The batch of the examples in ``index`` (a slice along the example dimension)."""
-        return _map_tensors(self.batch, lambda t: t[index] if self._splits(t) else t)
+        return map_tensors(self.batch, lambda t: t[index] if self._splits(t) else t)
 
     def example_tensors(self, index: slice) -> list[torch.Tensor]:
         """The split tensors restricted to ``index``, in walk order (what ``vmap`` maps over)."""
         found: list[torch.Tensor] = []
-        _map_tensors(self.batch, lambda t: found.append(t[index]) if self._splits(t) else None)
+
+        def collect(tensor: torch.Tensor) -> torch.Tensor:
+            if self._splits(tensor):
+                found.append(tensor[index])
+            return tensor
+
+        map_tensors(self.batch, collect)
         return found
 
     def one_example(self, tensors: Sequence[torch.Tensor]) -> Any:
@@ -117,9 +111,7 @@ class ExampleSplitter:
         size 1) is put back.
         """
         items = iter(tensors)
-        return _map_tensors(
-            self.batch, lambda t: next(items).unsqueeze(0) if self._splits(t) else t
-        )
+        return map_tensors(self.batch, lambda t: next(items).unsqueeze(0) if self._splits(t) else t)
 
 
 class GradientSampler:
@@ -129,6 +121,14 @@ class GradientSampler:
         model: the (unwrapped) module.
         loss_fn: ``loss_fn(model, batch) -> scalar``, the *mean* loss over the batch.
         named: the measured ``(name, parameter)`` pairs.
+
+    Attributes:
+        dtype: the probe dtype the gradients are computed in.
+        vmap_error: ``None`` while ``vmap`` works on the model; else the error that made
+            :meth:`per_example` switch to its loop over examples (for good: it is not retried).
+
+    Raises:
+        ValueError: if a measured parameter is complex.
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)
@@ -142,61 +142,64 @@ class GradientSampler:
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, named: Sequence[tuple[str, torch.Tensor]]
     ) -> None:
-        self._module = _LossModule(model, loss_fn)
-        params = [p for _, p in named]
-        self.dtype = (
-            torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
-        )
-        self._names = tuple(f"model.{name}" for name, _ in named)
-        self._primals = tuple(p.detach().to(self.dtype) for p in params)
-        self._low_precision = any(p.dtype != self.dtype for p in params)
-        self._buffers = (
-            {
-                f"model.{n}": b.to(self.dtype) if b.is_floating_point() else b
-                for n, b in model.named_buffers()
-            }
-            if self._low_precision
-            else {}
-        )
+        self._model = FunctionalModel(model, loss_fn, named)
+        self.dtype = self._model.dtype
+        self.vmap_error: Exception | None = None
 
     def prepare(self, batch: Any) -> Any:
-        """``batch`` with floating tensors promoted to the sampler's dtype.
-
-        Only for a low-precision model (bf16/fp16 parameters, promoted to fp32 copies).
-        """
-        return _cast_floating(batch, self.dtype) if self._low_precision else batch
+        """``batch`` as the model is fed in the probe (floating tensors in the probe dtype)."""
+        return self._model.inputs(batch)
 
     def loss(self, primals: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
         """The loss at parameters ``primals`` (one tensor per measured parameter)."""
-        params = dict(zip(self._names, primals, strict=True))
-        params.update(self._buffers)
-        return _check_scalar_loss(torch.func.functional_call(self._module, params, (batch,)))
+        return self._model.loss(primals, batch)
 
     def per_example(self, batch: Any, chunk_size: int) -> Iterator[Samples]:
         """Per-example gradients of ``batch`` in chunks of at most ``chunk_size`` rows.
+
+        By ``vmap``; from the first chunk ``vmap`` fails on, by a loop over the examples
+        (the same gradients, see the module docstring).
 
         Yields:
             ``(gradients, 1.0)`` with ``gradients`` one ``(k, *shape)`` tensor per parameter.
 
         Raises:
-            RuntimeError: whatever ``vmap`` raises on a model it cannot trace.
+            RuntimeError: whatever the model raises on a batch of one example.
         """
         splitter = ExampleSplitter.of(self.prepare(batch))
+        for start in range(0, splitter.num_examples, chunk_size):
+            index = slice(start, start + chunk_size)
+            grads = None
+            if self.vmap_error is None:
+                try:
+                    grads = self._vmapped(splitter, index)
+                except _VMAP_ERRORS as err:
+                    self.vmap_error = err
+            yield grads if grads is not None else self._looped(splitter, index), 1.0
 
+    def _vmapped(self, splitter: ExampleSplitter, index: slice) -> list[torch.Tensor]:
         def example_loss(primals: tuple[torch.Tensor, ...], *tensors: torch.Tensor) -> torch.Tensor:
             return self.loss(primals, splitter.one_example(tensors))
 
-        for start in range(0, splitter.num_examples, chunk_size):
-            tensors = splitter.example_tensors(slice(start, start + chunk_size))
-            in_dims = (None,) + (0,) * len(tensors)
+        tensors = splitter.example_tensors(index)
+        in_dims = (None,) + (0,) * len(tensors)
+        with warnings.catch_warnings():
+            # vmap's own loop for ops without a batching rule (nn.LSTM on CPU): the values are
+            # right; how fast is this package's concern, not the user's.
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
             grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=in_dims)(
-                self._primals, *tensors
+                self._model.primals, *tensors
             )
-            yield [g.detach() for g in grads], 1.0
+        return [g.detach() for g in grads]
+
+    def _looped(self, splitter: ExampleSplitter, index: slice) -> list[torch.Tensor]:
+        start, stop, _ = index.indices(splitter.num_examples)
+        rows = [self.whole(splitter.take(slice(i, i + 1))) for i in range(start, stop)]
+        return [torch.cat(parts) for parts in zip(*rows, strict=True)]
 
     def whole(self, batch: Any) -> list[torch.Tensor]:
         """The gradient of the loss on the whole of ``batch``, one ``(1, *shape)`` per parameter."""
-        leaves = [p.detach().requires_grad_(True) for p in self._primals]
+        leaves = [p.detach().requires_grad_(True) for p in self._model.primals]
         grads = torch.autograd.grad(
             self.loss(leaves, batch), leaves, allow_unused=True, materialize_grads=True
         )

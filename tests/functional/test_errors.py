@@ -278,3 +278,43 @@ def test_booleans_are_not_numbers(tiny: Any, argument: str, call: Any) -> None:
     """True is an int to Python, but k=True or tol=True is a mistake, not 1."""
     with pytest.raises(ValueError, match=rf"`{argument}` must be .*, got True"):
         call(*tiny)
+
+
+class HardCodedHalf(nn.Module):
+    """A forward that casts to fp16 itself: wrong for a float64 model, whatever the probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3).to(DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.half())
+
+
+class InPlaceOnSaved(nn.Module):
+    """Modifies in place a tensor autograd saved: the first backward fails, for any order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3).to(DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear(x)).mul_(2.0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "retained_graph", "double_backward"])
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (HardCodedHalf, "same dtype"),
+        (InPlaceOnSaved, "modified by an inplace operation"),
+    ],
+)
+def test_model_errors_are_not_explained_as_missing_second_derivatives(
+    model: type[nn.Module], message: str, backend: str
+) -> None:
+    batch = (torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,)))
+    with pytest.raises(RuntimeError, match=message) as info:
+        hessian_eigenvalues(model(), lambda m, b: m(b[0]).sum(), batch, backend=backend)
+    assert "cannot pass through this model" not in str(info.value)
+    assert "second derivative" not in str(info.value)

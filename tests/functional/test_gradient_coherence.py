@@ -25,6 +25,7 @@ from lightning_curvature.functional.gradient_statistics import (
     GradientCoherence,
     GradientSums,
     gradient_coherence,
+    gradient_sums,
 )
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
@@ -77,7 +78,12 @@ def examples(batch: tuple[torch.Tensor, ...], size: int = 1) -> list[tuple[torch
     return [tuple(t[i : i + size] for t in batch) for i in range(0, n, size)]
 
 
-def reference(g: torch.Tensor, b: int = 1) -> dict[str, float]:
+def reference(
+    g: torch.Tensor, b: int = 1, eps: float = torch.finfo(torch.float64).eps
+) -> dict[str, float]:
+    """Every statistic from its definition; the SNR over coordinates that vary and are resolved
+    (root-mean-square above ``100·eps`` of the mean one: not zero up to rounding in the dtype
+    of ``eps``)."""
     m = g.shape[0]
     total = g.sum(0)
     norms = g.norm(dim=1)
@@ -85,7 +91,8 @@ def reference(g: torch.Tensor, b: int = 1) -> dict[str, float]:
     off_diagonal = ~torch.eye(m, dtype=torch.bool)
     grad_norm_sq = (g @ g.T)[off_diagonal].mean()
     trace_sigma = b * ((g - g.mean(0)) ** 2).sum() / (m - 1)
-    varying = ~(g == g[0]).all(0)
+    second = (g * g).sum(0)
+    varying = ~(g == g[0]).all(0) & (second > (100 * eps) ** 2 * second.mean())
     per_example_var = b * g.var(0, unbiased=True)
     snr = (g.mean(0)[varying] ** 2 / per_example_var[varying]).mean()
     return {
@@ -377,21 +384,54 @@ def test_auto_uses_per_example_gradients_with_batch_norm_in_eval_mode() -> None:
     assert_matches(out, reference(loop_gradients(twin, cross_entropy, examples(batch))))
 
 
-def test_auto_falls_back_to_micro_batches_with_one_warning_when_vmap_fails() -> None:
+def test_auto_loops_over_examples_when_vmap_fails_keeping_the_per_example_meaning() -> None:
     model, batch = ItemModel(), classification(n=16)
-    with pytest.warns(CurvatureWarning, match=r"vmap.*item\(\).*micro-batches of 4") as caught:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gradient_coherence(model, cross_entropy, batch, micro_batch_size=4, chunk_size=5)
+    assert not caught
+    assert (out.mode, out.num_samples, out.sample_size) == ("per_example", 16, 1.0)
+    assert out.fallback.startswith("a loop over single examples instead of vmap")
+    assert "item()" in out.fallback
+    assert_matches(out, reference(loop_gradients(model, cross_entropy, examples(batch))))
+    explicit = gradient_coherence(model, cross_entropy, batch, mode="per_example")
+    assert_same(out, explicit)
+    assert gradient_coherence(mlp(), cross_entropy, batch).fallback == ""
+
+
+class NeedsPairs(nn.Module):
+    """A set model that compares examples within its batch: undefined on a single example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < 2:
+            raise RuntimeError("NeedsPairs needs at least 2 examples per batch")
+        return self.body(x)
+
+
+def test_auto_falls_back_to_micro_batches_with_one_loud_warning_where_no_example_runs() -> None:
+    model, batch = NeedsPairs(), classification(n=16)
+    with pytest.warns(
+        CurvatureWarning, match=r"micro-batches of 4 examples instead of per-example.*NeedsPairs"
+    ) as caught:
         out = gradient_coherence(model, cross_entropy, batch, micro_batch_size=4)
     assert len(caught) == 1
-    assert out.mode == "micro_batch"
+    assert "not single examples" in str(caught[0].message)
+    assert (out.mode, out.num_samples, out.sample_size) == ("micro_batch", 4, 4.0)
+    assert out.fallback.startswith("micro-batches of 4 examples instead of per-example")
     explicit = gradient_coherence(
         model, cross_entropy, batch, mode="micro_batch", micro_batch_size=4
     )
     assert_same(out, explicit)
+    assert explicit.fallback == ""
 
 
 def test_explicit_per_example_mode_does_not_fall_back() -> None:
-    with pytest.raises(RuntimeError, match=r"item\(\)"):
-        gradient_coherence(ItemModel(), cross_entropy, classification(), mode="per_example")
+    with pytest.raises(RuntimeError, match="NeedsPairs needs at least 2 examples"):
+        gradient_coherence(NeedsPairs(), cross_entropy, classification(), mode="per_example")
     with pytest.raises(ValueError, match="mode='per_example' needs BatchNorm in eval mode"):
         gradient_coherence(bn_model().train(), cross_entropy, classification(), mode="per_example")
 
@@ -434,10 +474,12 @@ def test_model_is_untouched(batch_norm: str) -> None:
     assert model[4].weight.grad is None
 
 
-def test_model_is_untouched_after_a_vmap_failure() -> None:
-    model = ItemModel()
+@pytest.mark.parametrize("model_class", [ItemModel, NeedsPairs])
+def test_model_is_untouched_after_a_vmap_failure(model_class: type[nn.Module]) -> None:
+    model = model_class()
     before = snapshot(model)
-    with pytest.warns(CurvatureWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CurvatureWarning)  # NeedsPairs: micro-batches, warned
         gradient_coherence(model, cross_entropy, classification())
     assert_untouched(model, before)
 
@@ -628,3 +670,18 @@ def test_invalid_accumulator_use() -> None:
     scalar.add(torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"`block_sum_sq_norm` must have the keys \['a'\]"):
         scalar.compute(sum_sq_norm=torch.tensor(4.0))
+
+
+def test_one_example_per_process_is_enough_once_pooled() -> None:
+    """Fewer than 2 samples is checked after the all-reduce (DDP ranks with one example)."""
+    model, (x, y) = mlp(), classification(n=2)
+    theirs = gradient_sums(model, cross_entropy, (x[1:], y[1:]))
+    assert theirs.num_samples == 1
+    flat = torch.cat([value.reshape(-1) for value in theirs.states().values()])
+    out = gradient_coherence(
+        model, cross_entropy, (x[:1], y[:1]), all_reduce_sum=lambda t: t + flat
+    )
+    assert out.num_samples == 2
+    assert_matches(out, reference(loop_gradients(model, cross_entropy, examples((x, y)))))
+    with pytest.raises(ValueError, match=r"at least 2 samples, got 1: the batch gives 1"):
+        gradient_coherence(model, cross_entropy, (x[:1], y[:1]))
