@@ -13,6 +13,15 @@ Backends (``backend=``):
   a gradient), memory of one double graph at a time per batch.
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad`` (3.5-4.3x on CPU).
   It cannot run through recurrent layers or ops without forward-mode derivatives.
+* ``"finite_difference"``: the central difference ``(∇L(w + εv) − ∇L(w − εv)) / 2ε`` of
+  two ordinary gradients (about 2x a gradient, the memory of training): it runs wherever
+  training runs, also through kernels without a second derivative (fused attention, custom
+  kernels). Its error is the truncation ``O(ε²‖∇³L‖)`` plus the rounding
+  ``O(eps·‖∇L‖/ε)``; ``ε‖v‖ = eps^{1/3}·max(‖w‖, 1)`` balances the two (4.9e-3·‖w‖ in
+  float32). On smooth models (tanh, GELU, softmax, LayerNorm) that is 1e-4 relative in
+  float32 and 1e-8 in float64; a piecewise-linear model (ReLU, max-pooling) has kinks the
+  perturbation crosses, so its products do not converge to autograd's Hessian at all, and
+  the backend refuses such a model.
 * ``"auto"`` (default): ``"retained_graph"``; if the model has no double backward, it falls
   back to ``"forward_over_reverse"``.
 
@@ -51,12 +60,38 @@ from lightning_curvature.functional.parameters import (
 from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
 from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 
-__all__ = ["HVPBackend", "HessianOperator", "LossFn", "hessian_vector_product"]
+__all__ = ["BACKENDS", "HVPBackend", "HessianOperator", "LossFn", "hessian_vector_product"]
 
-HVPBackend = Literal["auto", "retained_graph", "double_backward", "forward_over_reverse"]
+HVPBackend = Literal[
+    "auto", "retained_graph", "double_backward", "forward_over_reverse", "finite_difference"
+]
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
-_BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")
+BACKENDS = (
+    "auto",
+    "retained_graph",
+    "double_backward",
+    "forward_over_reverse",
+    "finite_difference",
+)
 _NO_SECOND_DERIVATIVE = (nn.EmbeddingBag,)  # their backward has no derivative in torch
+# Modules whose kinks a finite difference crosses (its products are then not the Hessian).
+_PIECEWISE_LINEAR = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.Hardtanh,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Threshold,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 
 
 class HessianOperator:
@@ -105,8 +140,8 @@ class HessianOperator:
         dropout: bool = False,
         all_reduce: AllReduce | None = None,
     ) -> None:
-        if backend not in _BACKENDS:
-            raise ValueError(f"`backend` must be one of {_BACKENDS}, got {backend!r}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
         if not callable(loss_fn):
             raise TypeError(
                 f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}."
@@ -118,6 +153,8 @@ class HessianOperator:
         self._parameters = [p for _, p in self._named]
         self.device = self._parameters[0].device
         self.dtype = probe_dtype(self._parameters)
+        if backend == "finite_difference":
+            _check_smooth(self.model)
         self.backend: HVPBackend = backend
         self._may_fall_back = backend == "auto"
         self._fallback_reason: RuntimeError | None = None
@@ -178,7 +215,9 @@ class HessianOperator:
                 self.backend = "retained_graph"
             except _FallBack as fallback:
                 self.backend, self._fallback_reason = "forward_over_reverse", fallback.reason
-        if self.backend != "retained_graph":
+        if self.backend == "finite_difference":
+            self._check_finite_loss(self._weighted_loss(self._leaves).detach())
+        elif self.backend != "retained_graph":
             loss = self._weighted_loss(self._leaves)
             self._check_graph(loss)
             self._check_finite_loss(loss.detach())
@@ -268,6 +307,8 @@ class HessianOperator:
                 hv = self._forward_over_reverse(vs)
         elif self.backend == "double_backward":
             hv = self._double_backward(vs)
+        elif self.backend == "finite_difference":
+            hv = self._finite_difference(vs)
         else:
             hv = self._forward_over_reverse(vs)
         self.num_hvps += 1
@@ -306,6 +347,30 @@ class HessianOperator:
                 raise
             raise self._explain(err, "double_backward") from err
 
+    def _gradient_at(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The plain (first-order) gradient of the weighted loss at other weights."""
+        total: list[torch.Tensor] | None = None
+        for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
+            loss = self._loss(leaves, batch)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            scaled = [weight * g for g in grads]
+            total = scaled if total is None else [t + s for t, s in zip(total, scaled, strict=True)]
+        assert total is not None
+        return total
+
+    def _finite_difference(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``(∇L(w + εv) − ∇L(w − εv)) / 2ε`` at fresh copies of the weights (never in place)."""
+        primals = [leaf.detach() for leaf in self._leaves]
+        length = float(sum(float(v.double().square().sum()) for v in vs)) ** 0.5
+        if length == 0.0:
+            return [torch.zeros_like(v) for v in vs]
+        weights = float(sum(float(p.double().square().sum()) for p in primals)) ** 0.5
+        step = torch.finfo(self.dtype).eps ** (1 / 3) * max(weights, 1.0) / length
+        plus = [(p + step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
+        minus = [(p - step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
+        upper, lower = self._gradient_at(plus), self._gradient_at(minus)
+        return [(u - d) / (2 * step) for u, d in zip(upper, lower, strict=True)]
+
     def _forward_over_reverse(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         primals = tuple(leaf.detach() for leaf in self._leaves)
         total: list[torch.Tensor] | None = None
@@ -332,6 +397,22 @@ class HessianOperator:
             and any(id(p) in measured for p in module.parameters(recurse=False))
         ]
         return _explain(err, backend, suspects, self._fallback_reason)
+
+
+def _check_smooth(model: nn.Module) -> None:
+    """Refuse finite differences through piecewise-linear modules (named in the message)."""
+    kinked = [
+        f"{name or type(model).__name__!r} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, _PIECEWISE_LINEAR)
+    ]
+    if kinked:
+        raise ValueError(
+            "backend='finite_difference' needs a smooth model: a finite difference crosses "
+            "the kinks of piecewise-linear modules, and its products then differ from the "
+            f"Hessian autograd defines (by several times its size); found {', '.join(kinked)}. "
+            "Use another `backend`, or smooth activations (GELU, SiLU, tanh)."
+        )
 
 
 class _FallBack(Exception):
