@@ -143,7 +143,7 @@ def litgpt_gpt(n_layer: int = 1, n_embd: int = 8, n_head: int = 2, vocab: int = 
     return ZooCase(model, _litgpt_loss, batch)
 
 
-def _demo_transformer_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+def demo_transformer_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
     inputs, target = batch
     return F.nll_loss(model(inputs, target), target.reshape(-1))
 
@@ -156,7 +156,7 @@ def demo_transformer(dropout: float = 0.0) -> ZooCase:
             vocab_size=VOCAB, ninp=4, nhead=2, nhid=8, nlayers=1, dropout=dropout
         ).train()
         tokens = _tokens(generator, LENGTH + 1)
-    return ZooCase(model, _demo_transformer_loss, (tokens[:, :-1], tokens[:, 1:]))
+    return ZooCase(model, demo_transformer_loss, (tokens[:, :-1], tokens[:, 1:]))
 
 
 def _demo_lstm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
