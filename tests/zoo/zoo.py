@@ -65,7 +65,7 @@ def _hf_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def gpt2(attn_implementation: str = "eager", dropout: float = 0.0) -> ZooCase:
-    """transformers GPT-2 LM with tied input/output embeddings: 1,032 parameters."""
+    """transformers GPT-2 LM with tied input/output embeddings: 1,040 parameters."""
     transformers = require("transformers")
     config = transformers.GPT2Config(
         vocab_size=VOCAB,
@@ -91,7 +91,7 @@ def _bert_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def bert(dropout: float = 0.0) -> ZooCase:
-    """transformers BERT sequence classifier (sdpa attention, a padded batch): 931 params."""
+    """transformers BERT sequence classifier (sdpa attention, a padded batch): 883 params."""
     transformers = require("transformers")
     config = transformers.BertConfig(
         vocab_size=VOCAB,
@@ -108,8 +108,9 @@ def bert(dropout: float = 0.0) -> ZooCase:
         model = transformers.BertForSequenceClassification(config).train()
         mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
         mask[1, 4:] = mask[3, 3:] = 0
-        # Real tokens are never the pad token: torch gives its embedding row (padding_idx)
-        # no gradient, so it must not reach the loss, and here it is only where masked.
+        # The pad token only where masked, as a tokenizer pads: torch gives its embedding row
+        # (padding_idx) no gradient, so double backward measures the Hessian with that row
+        # frozen, while finite differences would move it (they differ where it is unmasked).
         ids = torch.randint(1, VOCAB, (BATCH, LENGTH), generator=generator)
         ids[mask == 0] = config.pad_token_id
         batch = {
@@ -125,7 +126,7 @@ def _litgpt_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def litgpt_gpt(n_layer: int = 1, n_embd: int = 8, n_head: int = 2, vocab: int = VOCAB) -> ZooCase:
-    """A litgpt GPT (rotary, LayerNorm, GPT-NeoX MLP): 1,064 parameters by default."""
+    """A litgpt GPT (rotary, LayerNorm, GPT-NeoX MLP): 1,096 parameters by default."""
     litgpt = require("litgpt")
     config = litgpt.Config(
         block_size=16,
@@ -149,7 +150,7 @@ def demo_transformer_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Ten
 
 
 def demo_transformer(dropout: float = 0.0) -> ZooCase:
-    """``lightning.pytorch.demos.Transformer`` (nn.Transformer, encoder and decoder)."""
+    """``lightning.pytorch.demos.Transformer`` (nn.Transformer, encoder and decoder): 565."""
     demos = require("lightning.pytorch.demos")
     with seeded(4) as generator:
         model = demos.Transformer(
@@ -166,7 +167,7 @@ def _demo_lstm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) 
 
 
 def demo_lstm(dropout: float = 0.0) -> ZooCase:
-    """``lightning.pytorch.demos.SimpleLSTM`` (LightningLSTM's network), two layers."""
+    """``lightning.pytorch.demos.SimpleLSTM`` (LightningLSTM's network), two layers: 841."""
     demos = require("lightning.pytorch.demos")
     with seeded(5) as generator:
         model = demos.SimpleLSTM(vocab_size=VOCAB, ninp=6, nhid=6, nlayers=2, dropout=dropout)
