@@ -66,7 +66,7 @@ class HessianTraceMonitor(CurvatureMonitor):
             raise MisconfigurationException(
                 f"`method` must be one of ('hutchinson', 'hutch++'), got {method!r}."
             )
-        minimum = 3 if method == "hutch++" else 2
+        minimum = 4 if method == "hutch++" else 2  # trace_estimators.MIN_MATVECS
         if isinstance(num_hvps, bool) or not isinstance(num_hvps, int) or num_hvps < minimum:
             raise MisconfigurationException(
                 f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."

@@ -1,13 +1,26 @@
 """Batches: one batch or many, moved to the model's device, with their sizes.
 
 Every model-level function takes ``batch``, which is either *one* batch or an iterable of
-batches. The rule that tells them apart:
+batches. The rule that tells them apart never splits what a ``DataLoader`` yields:
 
-* a tensor, a ``tuple``, a mapping (``dict``) or a ``list`` whose items are all tensors
-  (what ``default_collate`` makes of a ``TensorDataset``) is **one** batch;
-* any other ``list`` (of tuples, dicts, ...), a :class:`BatchList`, a ``DataLoader``, a
-  generator or any other iterable is **several** batches, whose losses are averaged weighted
-  by their size.
+* a tensor, a ``tuple`` (also a namedtuple) or a mapping (``dict``, a tokenizer's
+  ``BatchEncoding``) is **one** batch;
+* a ``list`` is **several** batches only if none of its items is a *field* (a tensor, a
+  string, a number, ``None``, or a list or tuple of those) and all its items have the same
+  structure: the same container types, lengths and keys, and tensors of the same dtype and
+  number of dimensions in the same places (their sizes may differ: the last batch is
+  smaller, padding lengths vary). Any other list is **one** batch. ``default_collate``
+  turns a sample ``(ids, mask, label, text)`` into ``[ids, mask, labels, [text, ...]]``,
+  whose items are fields: one batch. A list of batches from one loader, ``[(x1, y1), (x2,
+  y2)]`` or ``list(loader)``, has items of one structure that are not fields: several;
+* a :class:`BatchList`, a ``DataLoader``, a generator or any other iterable is **several**
+  batches.
+
+Several batches' losses are averaged weighted by their size. The one ambiguous case is a
+single batch whose every field is itself a container of one structure (``default_collate``
+of samples ``((x1, x2), (y1, y2))`` with matching dtypes, or of two dicts with the same
+keys): pass it as a ``tuple`` to make it one batch, and pass a :class:`BatchList` whenever a
+list must be several batches.
 """
 
 from __future__ import annotations
@@ -38,13 +51,42 @@ class BatchList(list):  # type: ignore[type-arg]
     """
 
 
+_PLAIN = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _is_field(item: Any) -> bool:
+    """A tensor, a plain value, or a list or tuple of plain values: part of one batch."""
+    if isinstance(item, (torch.Tensor, *_PLAIN)):
+        return True
+    return isinstance(item, (list, tuple)) and all(isinstance(v, _PLAIN) for v in item)
+
+
+def _structure(item: Any) -> Any:
+    """What two batches of one loader share: containers, keys, tensor dtypes and ranks."""
+    if isinstance(item, torch.Tensor):
+        return (torch.Tensor, item.dtype, item.dim())
+    if isinstance(item, Mapping):
+        keys = sorted(item, key=repr)
+        return (type(item), tuple((repr(key), _structure(item[key])) for key in keys))
+    if isinstance(item, (list, tuple)) and not _is_field(item):
+        return (type(item), tuple(_structure(value) for value in item))
+    if _is_field(item):  # a plain value or a list of them (its length is the batch size)
+        return "value"
+    return type(item)
+
+
 def _is_single_batch(batch: Any) -> bool:
     if isinstance(batch, BatchList):
         return False
     if isinstance(batch, (torch.Tensor, tuple, Mapping)):
         return True
     if isinstance(batch, list):  # an empty list holds no batch: it is an empty iterable
-        return bool(batch) and all(isinstance(item, torch.Tensor) for item in batch)
+        if not batch:
+            return False
+        if any(_is_field(item) for item in batch):
+            return True
+        first = _structure(batch[0])
+        return any(_structure(item) != first for item in batch[1:])
     return not isinstance(batch, Iterable) or isinstance(batch, (str, bytes))
 
 

@@ -13,7 +13,11 @@ from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBa
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
 from lightning_curvature.functional.sampling import check_generator
-from lightning_curvature.functional.trace_estimators import hutch_plus_plus, hutchinson
+from lightning_curvature.functional.trace_estimators import (
+    MIN_MATVECS,
+    hutch_plus_plus,
+    hutchinson,
+)
 
 __all__ = ["HessianTrace", "TraceMethod", "hessian_trace"]
 
@@ -75,7 +79,8 @@ def hessian_trace(
         model: the module; its trainable parameters are measured.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         batch: one batch or an iterable of batches.
-        num_hvps: Hessian-vector products (probes); at least 2 (3 for Hutch++).
+        num_hvps: Hessian-vector products (probes); at least 2 (4 for Hutch++, whose
+            standard error needs two deflated samples besides its sketch and exact part).
         method: ``"hutchinson"`` or ``"hutch++"``.
         per_layer: ``True`` for one trace per module, or glob patterns for one per pattern.
         parameters: glob pattern(s) selecting the measured parameters.
@@ -97,7 +102,7 @@ def hessian_trace(
     """
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
-    minimum = 3 if method == "hutch++" else 2
+    minimum = MIN_MATVECS[method]
     if type(num_hvps) is not int or num_hvps < minimum:
         raise ValueError(
             f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."

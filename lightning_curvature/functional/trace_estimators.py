@@ -22,7 +22,12 @@ import torch
 
 from lightning_curvature.functional.sampling import rademacher
 
-__all__ = ["TraceSamples", "hutch_plus_plus", "hutchinson"]
+__all__ = ["MIN_MATVECS", "TraceSamples", "hutch_plus_plus", "hutchinson"]
+
+#: Fewest products that give a finite standard error: two samples for Hutchinson; for
+#: Hutch++ a sketch of one column, its exact part, and two deflated samples (with 3 products
+#: the deflated part would have one sample and its standard error would be infinite).
+MIN_MATVECS = {"hutchinson": 2, "hutch++": 4}
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 Blocks = Mapping[str, Sequence[slice]]
@@ -125,10 +130,13 @@ def hutch_plus_plus(
     device: torch.device | None = None,
     blocks: Blocks | None = None,
 ) -> TraceSamples:
-    """Hutch++ with ``num_matvecs`` products (at least 3).
+    """Hutch++ with ``num_matvecs`` products (at least 4, see :data:`MIN_MATVECS`).
+
+    ``m // 3`` products sketch ``Q``, ``m // 3`` give ``tr(QᵀAQ)`` and the remaining
+    ``m − 2·(m // 3)`` (at least 2) are the deflated Hutchinson samples.
 
     Raises:
-        ValueError: if ``num_matvecs < 3``.
+        ValueError: if ``num_matvecs < 4``.
 
     Example:
         >>> u = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -138,8 +146,11 @@ def hutch_plus_plus(
         >>> abs(out.estimate - float(A.trace())) < 1e-9
         True
     """
-    if num_matvecs < 3:
-        raise ValueError(f"Hutch++ needs `num_hvps` >= 3, got {num_matvecs}.")
+    if num_matvecs < MIN_MATVECS["hutch++"]:
+        raise ValueError(
+            f"Hutch++ needs `num_hvps` >= {MIN_MATVECS['hutch++']} (a standard error needs two "
+            f"deflated samples besides the sketch and its exact part), got {num_matvecs}."
+        )
     device = device or torch.device("cpu")
     blocks = blocks or {}
     sketch = num_matvecs // 3

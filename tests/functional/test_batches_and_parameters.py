@@ -127,7 +127,7 @@ def test_move_to_device_keeps_structure_and_moves_every_tensor() -> None:
 
 def test_split_batches_moves_to_the_given_device() -> None:
     x, y = _data()
-    probe = split_batches([(x[:3], y[:3]), {"x": x[3:], "y": y[3:]}], META)
+    probe = split_batches(BatchList([(x[:3], y[:3]), {"x": x[3:], "y": y[3:]}]), META)
     assert probe.batches[0][0].device == META
     assert probe.batches[1]["y"].device == META
 

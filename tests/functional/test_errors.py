@@ -135,7 +135,7 @@ def test_unknown_batch_norm_in_probe_context() -> None:
 
 @pytest.mark.parametrize(
     ("method", "num_hvps", "minimum"),
-    [("hutchinson", 1, 2), ("hutch++", 2, 3), ("hutchinson", 4.0, 2)],
+    [("hutchinson", 1, 2), ("hutch++", 3, 4), ("hutchinson", 4.0, 2)],
 )
 def test_num_hvps_too_small(tiny: Any, method: str, num_hvps: Any, minimum: int) -> None:
     expected = f"`num_hvps` must be an integer >= {minimum} for '{method}', got {num_hvps}"
@@ -143,9 +143,9 @@ def test_num_hvps_too_small(tiny: Any, method: str, num_hvps: Any, minimum: int)
         hessian_trace(*tiny, num_hvps=num_hvps, method=method)
 
 
-def test_hutch_plus_plus_needs_three_products() -> None:
-    with pytest.raises(ValueError, match="Hutch\\+\\+ needs `num_hvps` >= 3, got 2"):
-        hutch_plus_plus(lambda v: v, 4, 2, make_generator(CPU))
+def test_hutch_plus_plus_needs_four_products() -> None:
+    with pytest.raises(ValueError, match=r"Hutch\+\+ needs `num_hvps` >= 4 .*, got 3"):
+        hutch_plus_plus(lambda v: v, 4, 3, make_generator(CPU))
 
 
 def test_parameters_pattern_matching_nothing(tiny: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,11 @@ from torch import nn
 from lightning_curvature.functional.parameters import ParameterLayout
 from lightning_curvature.functional.sampling import make_generator, rademacher
 from lightning_curvature.functional.trace import hessian_trace
-from lightning_curvature.functional.trace_estimators import hutch_plus_plus, hutchinson
+from lightning_curvature.functional.trace_estimators import (
+    MIN_MATVECS,
+    hutch_plus_plus,
+    hutchinson,
+)
 from tests.functional.cases import CASES_BY_NAME, mse, reference, seeded, trainable
 
 CPU = torch.device("cpu")
@@ -175,3 +181,20 @@ def test_result_fields() -> None:
     assert out.method == "hutchinson"
     assert out.estimate.dtype == torch.float64
     assert out.per_layer == {}
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_smallest_allowed_num_hvps_gives_a_finite_standard_error(method: str) -> None:
+    """Issue 10: Hutch++ with 3 products had one deflated sample and logged ``inf``; the
+    smallest budget each method accepts now gives a finite error, one less is refused."""
+    with seeded(4):
+        x = torch.randn(20, 6, dtype=D)
+        y = torch.randn(20, 1, dtype=D)
+        model = nn.Linear(6, 1).to(D)
+    minimum = MIN_MATVECS[method]
+    for num_hvps in range(minimum, minimum + 4):
+        out = hessian_trace(model, mse, (x, y), num_hvps=num_hvps, method=method)
+        assert math.isfinite(float(out.std_error)), (method, num_hvps)
+        assert out.num_hvps == num_hvps
+    with pytest.raises(ValueError, match=rf"`num_hvps` must be an integer >= {minimum} for"):
+        hessian_trace(model, mse, (x, y), num_hvps=minimum - 1, method=method)
