@@ -126,21 +126,9 @@ def brute_force_coherence(model: zoo.ZooCase) -> float:
 # Per-example gradients need uncoupled examples: ResNet's train-mode BatchNorm couples them
 # (gradient_coherence then uses micro-batches by design); litgpt_eigsh adds nothing here.
 COHERENCE_MODELS = [name for name in MODELS if name not in ("litgpt_eigsh", "torchvision_resnet18")]
-_FALLBACK = (
-    "adapter: vmap fails on BertModel ('.item()'), the fallback uses micro-batches of 8 and"
-    " warns, so 1 sample is reported where 4 per-example ones were asked for"
-)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=_FALLBACK))
-        if name == "bert"
-        else name
-        for name in COHERENCE_MODELS
-    ],
-)
+@pytest.mark.parametrize("name", COHERENCE_MODELS)
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # LSTM in vmap
 def test_coherence_against_a_per_example_loop(name: str) -> None:
     model = zoo.BUILDERS[name]()  # its own copy, referenced first: see the next test
@@ -151,12 +139,6 @@ def test_coherence_against_a_per_example_loop(name: str) -> None:
     assert float(out.coherence) == pytest.approx(exact, rel=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapter/isolation: a tensor the model caches in its first forward (the demo's"
-    " positional table `pe`, `src_mask`) is created inside vmap and left in the model as a"
-    " dead functorch wrapper; deepcopy (EMA, SWA) then fails",
-)
 def test_per_example_gradients_leave_no_functorch_tensor_in_the_model() -> None:
     """The demo Transformer builds its positional table lazily, in its first forward; a
     coherence probe at step 0 runs before any training forward."""
