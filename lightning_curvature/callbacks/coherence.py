@@ -296,7 +296,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int | None]:
+    ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
         sums = gradient_sums(
             pl_module,
             self.probe_loss_fn(),
@@ -307,8 +307,12 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             per_layer=self._blocks.patterns,
             parameters=self.parameters,
             batch_norm=self.batch_norm,
+            min_samples=0,  # decided on the samples of every process
         )
-        return self._metrics(self._summed_over_processes(sums).compute()), None
+        total = self._summed_over_processes(sums)
+        if not self._enough(total, trainer.global_step):
+            return None, None
+        return self._metrics(total.compute()), None
 
     # -- the free sources: samples read from training's backward passes ---------------------
     @override

@@ -517,11 +517,11 @@ def _choose_mode(mode: str, model: nn.Module) -> str:
 
 
 def _accumulate(
-    sums: GradientSums, samples: Iterable[tuple[list[torch.Tensor], float]]
+    sums: GradientSums, samples: Iterable[tuple[list[torch.Tensor], float]], min_samples: int
 ) -> GradientSums:
     for gradients, size in samples:
         sums.add(gradients, size)
-    if sums.num_samples < 2:
+    if sums.num_samples < min_samples:
         raise ValueError(
             f"`batch` gives {sums.num_samples} gradient sample(s) in mode {sums.mode!r}; at least "
             "2 are needed (a larger batch or a smaller `micro_batch_size`)."
@@ -552,11 +552,14 @@ def gradient_sums(
     per_layer: bool | str | Sequence[str] = False,
     parameters: ParameterPatterns = None,
     batch_norm: BatchNormMode = "as_is",
+    min_samples: int = 2,
 ) -> GradientSums:
     """The :class:`GradientSums` of the gradient samples of ``loss_fn`` on ``batch``.
 
     Arguments as for :func:`gradient_coherence` (which is this, an optional all-reduce and
     :meth:`GradientSums.compute`); the mode actually used is the result's ``mode``.
+    ``min_samples``: fewer samples raise (give 0 when the sums of several processes are
+    pooled before the count is checked).
 
     Raises:
         ValueError: on invalid arguments, a batch that cannot be cut into examples, or fewer
@@ -590,13 +593,13 @@ def gradient_sums(
             chunk = chunk_size or default_chunk_size(layout.size, device)
             try:
                 samples = (s for b in batches for s in sampler.per_example(b, chunk))
-                return _accumulate(new_sums("per_example"), samples)
+                return _accumulate(new_sums("per_example"), samples, min_samples)
             except (RuntimeError, NotImplementedError) as err:
                 if mode != "auto":
                     raise
                 _warn_fallback(err, micro_batch_size)
         samples = (s for b in batches for s in sampler.micro_batches(b, micro_batch_size))
-        return _accumulate(new_sums("micro_batch"), samples)
+        return _accumulate(new_sums("micro_batch"), samples, min_samples)
 
 
 def gradient_coherence(
