@@ -13,7 +13,8 @@ no trace on what the user trains, and is the only place that knows how:
   The model-level functions then put BatchNorm in the monitor's ``batch_norm`` mode on top;
 * **attributes**: every entry of every submodule's ``__dict__`` (the ``training`` flags,
   ``self.hidden`` kept between steps by a recurrent ``training_step``, counters) is put back
-  as it was, and entries the call adds are removed. A plain attribute changed *in place*
+  as it was, and entries the call adds are removed (:func:`training_step_loss` does so after
+  each of its calls too). A plain attribute changed *in place*
   (``self.cache.append(...)``) is not seen; buffers and metric states are:
 * **buffers** (BatchNorm statistics, a ``spectral_norm``'s ``_u``/``_v``) are restored by
   value, and buffer objects replaced by the call are put back;
@@ -288,7 +289,9 @@ def _not_finite_loss(module: nn.Module) -> torch.Tensor:
 def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> torch.Tensor:
     """The module's own ``training_step`` loss, with its ``self.log`` calls silenced.
 
-    This is the default ``loss_fn`` of every monitor. ``training_step`` is called with
+    This is the default ``loss_fn`` of every monitor. Attributes ``training_step`` sets on
+    the module (``self.hidden = ...``) are put back after each call, so every call sees the
+    module as training left it. ``training_step`` is called with
     ``batch_idx`` if its signature has one: a probe passes the training batch's index for
     ``probe="current"`` and 0 for the fixed probe (whose batches were drawn like the first
     batch of an epoch). A dict output's ``"loss"`` is used.
@@ -311,7 +314,10 @@ def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int = 
         >>> training_step_loss(Tiny(), torch.tensor([1.0, 3.0]))
         tensor(20., grad_fn=<MeanBackward0>)
     """
-    with silenced_logging(module):
+    # Attributes put back after every call, not only after the probe: each call of a probe
+    # then sees the same module (a recurrent ``self.hidden`` as training left it), so the
+    # operator does not change between products, and what a vmap'd call stores is dropped.
+    with _restored_attributes(module), silenced_logging(module):
         output = call_training_step(module, batch, batch_idx)
     if isinstance(output, Mapping) and "loss" in output:
         output = output["loss"]
