@@ -41,10 +41,8 @@ def layer_patterns(per_layer: LayerSpec) -> dict[str, str | Sequence[str]]:
     if isinstance(per_layer, str) or not isinstance(values, (list, tuple)):
         _refuse(per_layer)
     for value in values:
-        patterns = [value] if isinstance(value, str) else value
-        if isinstance(per_layer, Mapping) and not isinstance(patterns, (list, tuple)):
-            _refuse(per_layer)
-        if not all(isinstance(p, str) for p in patterns) or not patterns:
+        several = isinstance(per_layer, Mapping) and isinstance(value, (list, tuple)) and value
+        if not (isinstance(value, str) or (several and all(isinstance(p, str) for p in value))):
             _refuse(per_layer)
     if isinstance(per_layer, Mapping):
         return dict(per_layer)
