@@ -131,7 +131,9 @@ class CurvatureMonitor(Callback):
         probe_batches: number of batches in the fixed probe (averaged by size).
         probe_dataloader: where the fixed probe is drawn from (default: the training data).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's
-            ``training_step`` with its logging silenced (see :func:`training_step_loss`).
+            ``training_step`` with its logging silenced (see :func:`training_step_loss`:
+            ``batch_idx`` is the training batch's for ``probe="current"``, 0 for the fixed
+            probe; a ``training_step(self, batch)`` gets none).
         batch_norm: ``"eval"`` (default: running statistics, the inference-time landscape)
             or ``"train"`` (batch statistics); running statistics are never changed.
         parameters: glob pattern(s) of the module's parameter names to measure.

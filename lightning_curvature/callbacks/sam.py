@@ -24,14 +24,18 @@ Lightning then, once and on ``g_SAM``: unscales (``16-mixed``), calls
 ``on_before_optimizer_step``, clips, and steps the optimizer (``GradScaler.step`` skips the
 step if ``g_SAM`` is not finite); lr schedulers are untouched.
 
-The second pass is harmless:
+The second pass is harmless: it runs in the isolation context every monitor's probe runs in
+(:func:`~lightning_curvature.callbacks.isolation.isolated`, here with the modules' modes
+kept), so
 
+* **buffers** are put back by value: a ``spectral_norm``'s power iteration (``_u``, ``_v``)
+  advances once per step, in the first pass, as without SAM;
 * **BatchNorm** normalises with the batch statistics but writes no running statistics
   (:func:`~lightning_curvature.functional.probe.frozen_running_stats`), so they come from
   the first pass only;
 * **logging**: ``self.log``/``self.log_dict`` are silenced, and the states of torchmetrics
-  ``Metric`` modules are put back afterwards, so logged values (and metric objects updated
-  in ``training_step``) see every step once;
+  ``Metric`` modules are put back afterwards (in place), so logged values (and metric
+  objects updated in ``training_step``) see every step once;
 * **randomness** (``dropout="reuse"``, the default): the global RNG states (torch CPU and the
   module's CUDA device, python, numpy) captured when each micro-batch reached
   ``on_train_batch_start`` are replayed, so dropout masks and any other draw of
@@ -42,7 +46,10 @@ The second pass is harmless:
 
 Requirements: ``training_step`` must not change its batch in place, and everything but its
 random draws must be deterministic between the two calls; other side effects of
-``training_step`` (counters, caches) happen twice. No ``on_before_backward`` /
+``training_step`` on plain attributes (counters, caches, a recurrent ``self.hidden``) happen
+twice (the monitors' probes undo those too; SAM's second pass is a second training-mode
+evaluation, documented as such). ``training_step(self, batch)`` without ``batch_idx`` is
+called that way. No ``on_before_backward`` /
 ``on_after_backward`` hooks run for the second pass.
 """
 
