@@ -300,6 +300,14 @@ class CurvatureMonitor(Callback):
             return self.loss_fn
         return functools.partial(training_step_loss, batch_idx=self._batch_idx)  # type: ignore[return-value]
 
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        """At ``setup``: refuse arguments that do not fit the model.
+
+        Raise a ``MisconfigurationException``, or a ``ValueError`` (raised on as one, naming
+        the monitor).
+        """
+        self.measured_size(pl_module)
+
     def measured_size(self, pl_module: pl.LightningModule) -> int:
         """Number of parameters the monitor measures (``parameters=`` of the module)."""
         named = select_parameters(unwrap_model(pl_module), self.parameters)
@@ -329,7 +337,7 @@ class CurvatureMonitor(Callback):
                 "probe batch: pass `loss_fn=`."
             )
         try:
-            self.measured_size(pl_module)
+            self.check_model(pl_module)
         except ValueError as err:
             raise MisconfigurationException(f"`{name}`: {err}") from None
         from lightning.pytorch.strategies import (

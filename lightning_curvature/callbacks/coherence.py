@@ -210,6 +210,12 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         return self.source == "probe"
 
     @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        super().check_model(pl_module)
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        self._blocks.check([name for name, _ in named])
+
+    @override
     def state_key_fields(self) -> dict[str, Any]:
         return {
             "source": self.source,

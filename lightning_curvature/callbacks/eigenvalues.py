@@ -172,10 +172,8 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             trainer.lightning_module.log("curvature/eigenvalue_1", top, prog_bar=True, logger=False)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
+    @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
         size = self.measured_size(pl_module)
         if self.k > size:
             raise MisconfigurationException(

@@ -12,6 +12,7 @@ Two kinds of monitors take it:
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -118,6 +119,27 @@ class LayerBlocks:
     def spec(self) -> bool | dict[str, str]:
         """A plain value for ``state_key``."""
         return self.everything or dict(self.tags)
+
+    def check(self, names: Sequence[str]) -> None:
+        """Refuse patterns that match none of the measured parameter ``names``.
+
+        Raises:
+            MisconfigurationException: naming the pattern and the measured names.
+
+        Example:
+            >>> LayerBlocks.of(["body.*"]).check(["body.weight"])  # fine
+            >>> try:
+            ...     LayerBlocks.of(["head.*"]).check(["body.weight"])
+            ... except MisconfigurationException as err:
+            ...     print(err)
+            `per_layer` pattern 'head.*' matches none of the measured parameters ['body.weight'].
+        """
+        for pattern in self.tags.values():
+            if not fnmatch.filter(names, pattern):
+                raise MisconfigurationException(
+                    f"`per_layer` pattern {pattern!r} matches none of the measured parameters "
+                    f"{list(names)}."
+                )
 
     def tag(self, block: str) -> str:
         """The tag name of a block the model-level function reported."""

@@ -92,10 +92,12 @@ def test_a_parameters_pattern_matching_nothing_fails_at_setup(
         trainer.fit(TanhRegressor(), loader(regression_data(), 8))
 
 
-def test_an_eigenvalue_per_layer_pattern_matching_nothing_fails_at_setup(tmp_path: Path) -> None:
-    monitor = HessianEigenvalueMonitor(per_layer=["encoder.*"])
-    trainer = make_trainer([monitor], logger=csv_logger(tmp_path), max_steps=1)
-    with pytest.raises(MisconfigurationException, match=r"`per_layer`: .*'encoder\.\*'"):
+@pytest.mark.parametrize("monitor", PER_LAYER, ids=lambda m: m.__name__)
+def test_a_per_layer_pattern_matching_nothing_fails_at_setup(tmp_path: Path, monitor: type) -> None:
+    trainer = make_trainer(
+        [monitor(per_layer=["net.0.*", "encoder.*"])], logger=csv_logger(tmp_path), max_steps=1
+    )
+    with pytest.raises(MisconfigurationException, match=r"`per_layer`.*'encoder\.\*'"):
         trainer.fit(TanhRegressor(), loader(regression_data(), 8))
 
 

@@ -44,6 +44,7 @@ from lightning_curvature.callbacks.base import CurvatureMonitor
 pytestmark = [
     *LIGHTNING_NOISE,
     pytest.mark.filterwarnings("ignore:.*`training_step` returned `None`.*"),
+    pytest.mark.filterwarnings("ignore:.*torch.jit.script.* is deprecated.*"),  # LSTM demo
 ]
 
 
