@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -274,9 +275,15 @@ def call_training_step(module: pl.LightningModule, batch: Any, batch_idx: int) -
         >>> call_training_step(NoIndex(), torch.tensor(1.0), batch_idx=3)
         tensor(2.)
     """
-    if is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2):
-        return module.training_step(batch, batch_idx)
-    return module.training_step(batch)
+    step = module.training_step
+    key = getattr(step, "__func__", step)
+    takes = _TAKES_BATCH_IDX.get(key)
+    if takes is None:  # (inspecting a signature costs about a forward of a tiny MLP: cache it)
+        takes = _TAKES_BATCH_IDX[key] = is_param_in_hook_signature(step, "batch_idx", min_args=2)
+    return step(batch, batch_idx) if takes else step(batch)
+
+
+_TAKES_BATCH_IDX: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _not_finite_loss(module: nn.Module) -> torch.Tensor:
