@@ -7,23 +7,29 @@ which loss, runs it so that nothing the user trains changes, and writes the resu
 Rules kept here for every monitor (``../shared/DESIGN.md``):
 
 * **Harmless**: the probe runs on the unwrapped LightningModule through the model-level API
-  (which never writes parameters, buffers or ``.grad``), inside :func:`isolated_rng`
-  (torch CPU/CUDA, numpy and python RNGs restored), with BatchNorm running statistics and
-  every module mode restored. It never touches the optimizer.
+  (which never writes parameters or ``.grad``), inside the one isolation context of the
+  callbacks, :func:`~lightning_curvature.callbacks.isolation.isolated`: every RNG, module
+  mode, module attribute, buffer and torchmetrics state restored, the whole module in eval
+  mode, ``self.log`` silenced. It never touches the optimizer.
 * **fp32 on the trainer's device**: autocast off, whatever the Trainer's precision.
 * **Distributed**: every rank probes at the same steps on its own probe data, Hessian-vector
   products are averaged across ranks, so every rank computes the same numbers; rank zero
   writes. A non-finite loss on any rank skips the probe on all.
 * **Loud on bad input, quiet on bad luck**: arguments are checked at construction, Trainer
-  misfits at ``setup``; a non-finite probe or a non-converged estimate gives one warning.
+  and model misfits at ``setup``. A probe that cannot run (a ``training_step`` returning
+  ``None``, a non-finite loss or product, a backend that fails, too few samples) is skipped
+  with one warning per reason, naming it and the step; non-finite values are not logged;
+  training goes on.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import inspect
+import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,85 +38,30 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
+from lightning_curvature.callbacks.isolation import (
+    isolated,
+    recording_skip_reasons,
+    silenced_logging,
+    training_step_loss,
+)
 from lightning_curvature.callbacks.logging import log_scalars
-from lightning_curvature.callbacks.probe_data import ProbePolicy, draw_batches, isolated_rng
+from lightning_curvature.callbacks.probe_data import ProbePolicy, draw_batches
 from lightning_curvature.callbacks.schedule import ProbeSchedule
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
-from lightning_curvature.functional.parameters import ParameterPatterns
-from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.functional.parameters import ParameterPatterns, select_parameters
+from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.sampling import make_generator
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
-__all__ = ["CurvatureMonitor", "silenced_logging", "training_step_loss"]
+__all__ = ["CurvatureMonitor", "log_step", "silenced_logging", "training_step_loss"]
 
 _PROBES = ("fixed", "current")
 _BATCH_NORM = ("eval", "train")
 _BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """Stands in for ``LightningModule.log`` while a probe calls ``training_step``."""
-
-
-@contextlib.contextmanager
-def silenced_logging(module: pl.LightningModule) -> Iterator[None]:
-    """``module.log`` and ``module.log_dict`` do nothing inside the block.
-
-    Used whenever a callback calls ``training_step`` itself (curvature probes, SAM's second
-    pass), so the user's logged values appear once per step.
-
-    Example:
-        >>> module = pl.LightningModule()
-        >>> with silenced_logging(module):
-        ...     module.log("loss", 1.0)  # no trainer needed: nothing happens
-        >>> "log" in vars(module)
-        False
-    """
-    names = ("log", "log_dict")
-    saved = {name: vars(module)[name] for name in names if name in vars(module)}  # nesting
-    module.log, module.log_dict = _silent, _silent  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for name in names:
-            if name in saved:
-                setattr(module, name, saved[name])
-            else:
-                delattr(module, name)
-
-
-def training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
-    """The module's own ``training_step`` loss, with its ``self.log`` calls silenced.
-
-    A dict output's ``"loss"`` is used. This is the default ``loss_fn`` of every monitor.
-
-    Raises:
-        ValueError: if ``training_step`` returns neither a tensor nor a dict with ``"loss"``.
-
-    Example:
-        >>> class Tiny(pl.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.w = torch.nn.Parameter(torch.tensor(2.0))
-        ...     def training_step(self, batch, batch_idx):
-        ...         self.log("loss", self.w)  # silenced during a probe
-        ...         return {"loss": (self.w * batch).pow(2).mean()}
-        >>> training_step_loss(Tiny(), torch.tensor([1.0, 3.0]))
-        tensor(20., grad_fn=<MeanBackward0>)
-    """
-    with silenced_logging(module):
-        output = module.training_step(batch, 0)
-    if isinstance(output, Mapping) and "loss" in output:
-        output = output["loss"]
-    if not isinstance(output, torch.Tensor):
-        raise ValueError(
-            "the module's training_step returned neither a tensor nor a dict with 'loss' "
-            f"(got {type(output).__name__}); pass `loss_fn=` to the monitor."
-        )
-    return output
 
 
 def _before_transfer(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
@@ -132,6 +83,36 @@ def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise MisconfigurationException(f"`{name}` must be one of {allowed}, got {value!r}.")
 
 
+def _check_patterns(parameters: Any) -> None:
+    """``parameters`` is None, a glob pattern, or a non-empty list of them."""
+    if parameters is None or isinstance(parameters, str):
+        return
+    if (
+        not isinstance(parameters, (list, tuple))
+        or not parameters
+        or not all(isinstance(p, str) for p in parameters)
+    ):
+        raise MisconfigurationException(
+            "`parameters` must be None (every trainable parameter), a glob pattern of "
+            f"parameter names or a non-empty list of them, got {parameters!r}."
+        )
+
+
+def log_step(trainer: pl.Trainer) -> int:
+    """The step ``self.log`` writes at now: optimizer steps of the loop, once per batch.
+
+    Equal to ``trainer.global_step`` under automatic optimization; with manual optimization
+    and several optimizers ``global_step`` counts every optimizer's steps, while loggers and
+    ``self.log`` (and Lightning's own ``LearningRateMonitor``) count batches that stepped.
+
+    Example:
+        >>> log_step(pl.Trainer(logger=False, enable_progress_bar=False))
+        0
+    """
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
 class CurvatureMonitor(Callback):
     """Base of the periodic monitors; subclasses implement :meth:`measure`.
 
@@ -150,7 +131,9 @@ class CurvatureMonitor(Callback):
         probe_batches: number of batches in the fixed probe (averaged by size).
         probe_dataloader: where the fixed probe is drawn from (default: the training data).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's
-            ``training_step`` with its logging silenced (see :func:`training_step_loss`).
+            ``training_step`` with its logging silenced (see :func:`training_step_loss`:
+            ``batch_idx`` is the training batch's for ``probe="current"``, 0 for the fixed
+            probe; a ``training_step(self, batch)`` gets none).
         batch_norm: ``"eval"`` (default: running statistics, the inference-time landscape)
             or ``"train"`` (batch statistics); running statistics are never changed.
         parameters: glob pattern(s) of the module's parameter names to measure.
@@ -186,7 +169,10 @@ class CurvatureMonitor(Callback):
         parameters: ParameterPatterns = None,
         backend: HVPBackend = "auto",
         seed: int = 0,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            self._refuse_unknown(unknown)
         self.schedule = ProbeSchedule(every_n_steps, every_n_epochs, on_train_end, max_overhead)
         _check_choice("probe", probe, _PROBES)
         _check_choice("batch_norm", batch_norm, _BATCH_NORM)
@@ -210,6 +196,7 @@ class CurvatureMonitor(Callback):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
+        _check_patterns(parameters)
         self.probe = probe
         self.probe_batches = probe_batches
         self.probe_dataloader = probe_dataloader
@@ -224,6 +211,7 @@ class CurvatureMonitor(Callback):
         self._generator_state: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._pending: list[str] | None = None  # warn_once's messages during a probe
+        self._batch_idx = 0  # what the probe passes as training_step's batch_idx
         self._state_key: str | None = None
         #: Seconds this monitor has spent measuring in this fit (for the shared budget).
         self.probe_seconds = 0.0
@@ -231,11 +219,29 @@ class CurvatureMonitor(Callback):
         self._timer: tuple[float, int, float] | None = None
         self._unbudgeted: float | None = None  # cost of a probe made before any step time
 
+    def _refuse_unknown(self, unknown: dict[str, Any]) -> None:
+        """A misspelt argument names the monitor the user built and what it takes."""
+        allowed: list[str] = []
+        for cls in type(self).__mro__:
+            if cls is Callback:
+                break
+            for name, param in inspect.signature(cls.__init__).parameters.items():  # type: ignore[misc]
+                variadic = param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL)
+                if name != "self" and not variadic and name not in allowed:
+                    allowed.append(name)
+        raise MisconfigurationException(
+            f"`{type(self).__name__}` got unexpected argument(s) "
+            f"{', '.join(f'`{n}`' for n in unknown)}; it takes {', '.join(allowed)}."
+        )
+
     # -- what subclasses implement -----------------------------------------------------------
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int | None]:
-        """Run the measurement; return the scalars to log and the number of HVPs used."""
+    ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
+        """Run the measurement; return the scalars to log and the number of HVPs used.
+
+        ``None`` for the scalars: nothing to log this time; for the HVPs: it uses none.
+        """
         raise NotImplementedError
 
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
@@ -285,8 +291,27 @@ class CurvatureMonitor(Callback):
                 rank_zero_warn(text, category=CurvatureWarning)
 
     def probe_loss_fn(self) -> LossFn:
-        """The loss used by probes."""
-        return self.loss_fn or training_step_loss  # type: ignore[return-value]
+        """The loss used by probes.
+
+        ``loss_fn``, or :func:`training_step_loss` with the probe's ``batch_idx`` (the
+        training batch's for ``probe="current"``, else 0).
+        """
+        if self.loss_fn is not None:
+            return self.loss_fn
+        return functools.partial(training_step_loss, batch_idx=self._batch_idx)  # type: ignore[return-value]
+
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        """At ``setup``: refuse arguments that do not fit the model.
+
+        Raise a ``MisconfigurationException``, or a ``ValueError`` (raised on as one, naming
+        the monitor).
+        """
+        self.measured_size(pl_module)
+
+    def measured_size(self, pl_module: pl.LightningModule) -> int:
+        """Number of parameters the monitor measures (``parameters=`` of the module)."""
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        return sum(p.numel() for _, p in named)
 
     # -- Lightning hooks -------------------------------------------------------------------------
     @override
@@ -304,6 +329,17 @@ class CurvatureMonitor(Callback):
                 "manual-optimization "
                 "training_step would step the optimizer."
             )
+        if self.loss_fn is None and is_param_in_hook_signature(
+            pl_module.training_step, "dataloader_iter", explicit=True
+        ):
+            raise MisconfigurationException(
+                f"`{name}` cannot call a `training_step` that takes `dataloader_iter` on a "
+                "probe batch: pass `loss_fn=`."
+            )
+        try:
+            self.check_model(pl_module)
+        except ValueError as err:
+            raise MisconfigurationException(f"`{name}`: {err}") from None
         from lightning.pytorch.strategies import (
             DeepSpeedStrategy,
             FSDPStrategy,
@@ -346,7 +382,7 @@ class CurvatureMonitor(Callback):
             drawn = draw_batches(source, self.probe_batches, torch.device("cpu"), self.seed)
             # Through the batch-transfer hooks, as every training batch goes: the probe must
             # see what training_step sees (e.g. a dict unpacked, or normalisation on device).
-            with isolated_rng(pl_module.device):
+            with isolated(pl_module, eval_mode=False):
                 torch.manual_seed(self.seed)
                 self._fixed_batches = [
                     trainer.strategy.batch_to_device(_before_transfer(trainer, pl_module, b))
@@ -360,7 +396,7 @@ class CurvatureMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.is_due(trainer, batch_idx):
-            self._probe(trainer, pl_module, batch)
+            self._probe(trainer, pl_module, batch, batch_idx)
 
     def is_due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
         """Whether to measure at this training batch (call from ``on_train_batch_start``).
@@ -377,7 +413,7 @@ class CurvatureMonitor(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.on_train_end and self.schedule.last_step != trainer.global_step:
-            self._probe(trainer, pl_module, None)
+            self._probe(trainer, pl_module, None, 0)
 
     @property
     @override
@@ -431,10 +467,13 @@ class CurvatureMonitor(Callback):
         self.load_extra_state(state_dict)
 
     # -- the probe ---------------------------------------------------------------------------------
-    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _probe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         batches = self._fixed_batches if self.probe == "fixed" else [batch]
         if batches is None or batches == [None]:
             return  # "current" probe at train end: no batch to probe
+        self._batch_idx = batch_idx if self.probe == "current" else 0
         self.record_measurement(
             trainer, pl_module, lambda: self.measure(trainer, pl_module, batches)
         )
@@ -448,9 +487,12 @@ class CurvatureMonitor(Callback):
     ) -> None:
         """Run ``measure`` isolated, time it, reschedule, and log what it returns.
 
-        Every measurement of a monitor goes through here: RNG isolation, one warning per
-        kind of bad luck (a :class:`NonFiniteCurvatureError` skips the measurement), the
-        cost tags, the next probe step under ``max_overhead``, and the one logging path.
+        Every measurement of a monitor goes through here: the isolation context
+        (:func:`~lightning_curvature.callbacks.isolation.isolated`), one warning per kind of
+        bad luck, naming it and the step (a :class:`NonFiniteCurvatureError`, a
+        ``training_step`` returning ``None`` or a ``RuntimeError`` of a backend skips the
+        measurement; non-finite values are left out), the cost tags, the next probe step
+        under ``max_overhead``, and the one logging path.
 
         Args:
             trainer: the trainer.
@@ -463,14 +505,18 @@ class CurvatureMonitor(Callback):
         started = time.perf_counter()
         metrics: dict[str, float | torch.Tensor] | None = None
         num_hvps: int | None = None
-        failure: NonFiniteCurvatureError | None = None
+        failure: Exception | None = None
         self._pending = []
         try:
-            with warnings.catch_warnings(record=True) as caught, isolated_rng(pl_module.device):
+            with (
+                warnings.catch_warnings(record=True) as caught,
+                recording_skip_reasons() as reasons,
+                isolated(pl_module),
+            ):
                 warnings.simplefilter("always", CurvatureWarning)
                 try:
                     metrics, num_hvps = measure()
-                except NonFiniteCurvatureError as err:
+                except (NonFiniteCurvatureError, RuntimeError) as err:
                     failure = err
         finally:
             pending, self._pending = self._pending, None
@@ -487,20 +533,43 @@ class CurvatureMonitor(Callback):
         for text in pending:  # warn_once calls made by measure(), already deduplicated
             rank_zero_warn(text, category=CurvatureWarning)
         if failure is not None:
-            self.warn_once(
-                "nonfinite", f"skipped the probe at step {step}: {failure} Training goes on."
-            )
+            self._warn_skipped(step, failure, reasons)
+            metrics = None
         seconds = seconds_before + time.perf_counter() - started
         self._reschedule(trainer, step, seconds)
         if metrics is None:
             return
+        metrics = self._finite(metrics, step)
         costs = {f"{self.cost_prefix}seconds": seconds}
         if num_hvps is not None:
             costs[f"{self.cost_prefix}hvps"] = float(num_hvps)
         metrics = {**metrics, **costs}
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
-        log_scalars(trainer, metrics, step)
+        log_scalars(trainer, metrics, log_step(trainer))
         self.log_extras(trainer, step)
+
+    def _warn_skipped(self, step: int, failure: Exception, reasons: list[str]) -> None:
+        """One warning per reason a probe could not run."""
+        if reasons:  # what training_step ran into explains the non-finite loss
+            key, why = "none_loss", "; ".join(dict.fromkeys(reasons))
+        elif isinstance(failure, NonFiniteCurvatureError):
+            key, why = "nonfinite", str(failure)
+        else:
+            key, why = "runtime", f"{type(failure).__name__}: {failure}"
+        why = why.strip().rstrip(".")
+        self.warn_once(key, f"skipped the probe at step {step} ({why}); training goes on.")
+
+    def _finite(
+        self, metrics: dict[str, float | torch.Tensor], step: int
+    ) -> dict[str, float | torch.Tensor]:
+        """``metrics`` without its non-finite values (one warning names them)."""
+        bad = [name for name, value in metrics.items() if not math.isfinite(float(value))]
+        if bad:
+            self.warn_once(
+                "nonfinite_values",
+                f"left the non-finite value(s) of {', '.join(bad)} out at step {step}.",
+            )
+        return {name: value for name, value in metrics.items() if name not in bad}
 
     def _reschedule(self, trainer: pl.Trainer, step: int, seconds: float) -> None:
         self.probe_seconds += seconds

@@ -210,6 +210,12 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         return self.source == "probe"
 
     @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        super().check_model(pl_module)
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        self._blocks.check([name for name, _ in named])
+
+    @override
     def state_key_fields(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -296,7 +302,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int | None]:
+    ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
         sums = gradient_sums(
             pl_module,
             self.probe_loss_fn(),
@@ -308,7 +314,10 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             parameters=self.parameters,
             batch_norm=self.batch_norm,
         )
-        return self._metrics(self._summed_over_processes(sums).compute()), None
+        total = self._summed_over_processes(sums)
+        if not self._enough(total, trainer.global_step):
+            return None, None
+        return self._metrics(total.compute()), None
 
     # -- the free sources: samples read from training's backward passes ---------------------
     @override

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns
+from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns, module_blocks
 from lightning_curvature.callbacks.logging import tensorboard_writers
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
@@ -40,8 +41,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         max_iter: most Hessian-vector products per Lanczos run (default ``max(30, 20+4k)``).
         stability: log the stability threshold and the sharpness ratio.
         smallest: also log the smallest (most negative) eigenvalue.
-        per_layer: parameter-name patterns (list, or dict of tag name to patterns); each
-            gets its own block's top eigenvalue under ``curvature/eigenvalue_1/<name>``.
+        per_layer: ``True`` for one block per module, or parameter-name patterns (list, or
+            dict of tag name to patterns); each block gets its own top eigenvalue (one more
+            Lanczos run each) under ``curvature/eigenvalue_1/<name>``.
         warm_start: start each Lanczos run from the previous run's top ``k + 1`` Ritz
             vectors (``HessianEigenvalues.warm_start``).
         prog_bar: show ``eigenvalue_1`` in the progress bar.
@@ -53,7 +55,8 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
     Logged metrics:
         - ``curvature/eigenvalue_1`` … ``curvature/eigenvalue_k``
         - ``curvature/stability_threshold`` and ``curvature/sharpness_ratio``
-          (``eigenvalue_1 / stability_threshold``, ≈ 1 at the edge of stability)
+          (``eigenvalue_1 / stability_threshold``, ≈ 1 at the edge of stability); not at a
+          step whose learning rate is 0 (a warmup's first step: no threshold, one warning)
         - ``curvature/preconditioned_eigenvalue_1`` (Adam/AdamW)
         - ``curvature/eigenvalue_min`` (with ``smallest=True``)
         - ``curvature/eigenvalue_1/<name>`` (with ``per_layer``)
@@ -61,8 +64,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
-            logger, under a sharded strategy, or with manual optimization and no
-            ``loss_fn`` (at setup).
+            logger, under a sharded strategy, with manual optimization and no ``loss_fn``,
+            or with ``k`` above the number of measured parameters or a ``parameters`` or
+            ``per_layer`` pattern that matches no trainable parameter (at setup).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -78,7 +82,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         *,
         stability: bool = True,
         smallest: bool = False,
-        per_layer: LayerSpec = None,
+        per_layer: bool | LayerSpec = None,
         warm_start: bool = True,
         prog_bar: bool = False,
         every_n_steps: int | None = 500,
@@ -102,7 +106,8 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             warm_start,
             prog_bar,
         )
-        self.per_layer = layer_patterns(per_layer)
+        self._per_module = per_layer is True
+        self.per_layer = {} if isinstance(per_layer, bool) else layer_patterns(per_layer)
         self._warm: dict[str, torch.Tensor] = {}
         self._final_probe = False  # Lightning forbids self.log in on_train_end
 
@@ -157,11 +162,32 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             )
             metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
             hvps += block.num_hvps
-        if self.prog_bar and not self._final_probe:
-            pl_module.log(
-                "curvature/eigenvalue_1", float(result.eigenvalues[0]), prog_bar=True, logger=False
-            )
         return metrics, hvps
+
+    @override
+    def log_extras(self, trainer: pl.Trainer, step: int) -> None:
+        top = self.last_metrics.get("curvature/eigenvalue_1")
+        if self.prog_bar and not self._final_probe and top is not None:
+            # (after the probe: its isolation silences the module's log)
+            trainer.lightning_module.log("curvature/eigenvalue_1", top, prog_bar=True, logger=False)
+
+    @override
+    @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        size = self.measured_size(pl_module)
+        if self.k > size:
+            raise MisconfigurationException(
+                f"`k` must be at most the number of measured parameters ({size}) of "
+                f"{type(pl_module).__name__}, got k={self.k}."
+            )
+        if self._per_module:
+            named = select_parameters(unwrap_model(pl_module), self.parameters)
+            self.per_layer = dict(module_blocks([name for name, _ in named]))
+        for patterns in self.per_layer.values():
+            try:
+                select_parameters(unwrap_model(pl_module), patterns)
+            except ValueError as err:
+                raise MisconfigurationException(f"`per_layer`: {err}") from None
 
     def _stability(
         self,
@@ -177,6 +203,14 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             self.warn_once(
                 "optimizer",
                 f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.",
+            )
+            return 0
+        if math.isinf(found.threshold):
+            self.warn_once(
+                "zero_lr",
+                f"the learning rate is 0 at step {trainer.global_step}, so the stability "
+                "threshold is infinite; the eigenvalues are logged, the threshold and the "
+                "sharpness ratio are not.",
             )
             return 0
         metrics["curvature/stability_threshold"] = found.threshold
@@ -223,7 +257,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             "max_iter": self.max_iter,
             "stability": self.stability,
             "smallest": self.smallest,
-            "per_layer": self.per_layer,
+            "per_layer": True if self._per_module else self.per_layer,
             "warm_start": self.warm_start,
         }
 

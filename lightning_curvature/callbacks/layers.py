@@ -3,7 +3,8 @@
 Two kinds of monitors take it:
 
 * those that run one measurement per block (``HessianEigenvalueMonitor``): ``per_layer`` is
-  a list of patterns or a dict of tag name to pattern(s), see :func:`layer_patterns`;
+  ``True`` (one block per module, :func:`module_blocks`), a list of patterns or a dict of
+  tag name to pattern(s), see :func:`layer_patterns`;
 * those whose blocks come for free from one measurement over all parameters (traces,
   gradient coherence): ``per_layer`` may also be ``True`` (one block per module), see
   :class:`LayerBlocks`.
@@ -11,12 +12,14 @@ Two kinds of monitors take it:
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["LayerBlocks", "LayerSpec", "layer_patterns"]
+__all__ = ["LayerBlocks", "LayerSpec", "layer_patterns", "module_blocks"]
 
 LayerSpec = Sequence[str] | Mapping[str, str | Sequence[str]] | None
 BlockSpec = bool | Sequence[str] | Mapping[str, str]
@@ -26,7 +29,8 @@ def layer_patterns(per_layer: LayerSpec) -> dict[str, str | Sequence[str]]:
     """Tag name to parameter pattern(s): ``["encoder.*"]`` gives ``{"encoder": "encoder.*"}``.
 
     Raises:
-        MisconfigurationException: if ``per_layer`` is a plain string.
+        MisconfigurationException: unless ``per_layer`` is ``None``, a list of patterns or a
+            dict of tag name to one pattern or a list of them (strings each).
 
     Example:
         >>> layer_patterns(["0.*", "head*"])
@@ -34,15 +38,38 @@ def layer_patterns(per_layer: LayerSpec) -> dict[str, str | Sequence[str]]:
     """
     if per_layer is None:
         return {}
-    if isinstance(per_layer, str):
-        raise MisconfigurationException(
-            f"`per_layer` must be a list of patterns or a dict, got the string {per_layer!r}."
-        )
+    values = list(per_layer.values()) if isinstance(per_layer, Mapping) else per_layer
+    if isinstance(per_layer, str) or not isinstance(values, (list, tuple)):
+        _refuse(per_layer)
+    for value in values:
+        several = isinstance(per_layer, Mapping) and isinstance(value, (list, tuple)) and value
+        if not (isinstance(value, str) or (several and all(isinstance(p, str) for p in value))):
+            _refuse(per_layer)
     if isinstance(per_layer, Mapping):
         return dict(per_layer)
     return {
         pattern.removesuffix("*").removesuffix(".") or pattern: pattern for pattern in per_layer
     }
+
+
+def _refuse(per_layer: object) -> NoReturn:
+    raise MisconfigurationException(
+        "`per_layer` must be True/False, a list of parameter-name patterns or a dict of tag "
+        f"name to pattern(s) (strings each), got {per_layer!r}."
+    )
+
+
+def module_blocks(names: Sequence[str]) -> dict[str, list[str]]:
+    """One block per module: parameter names grouped by the module that holds them.
+
+    Example:
+        >>> module_blocks(["0.weight", "0.bias", "2.weight"])
+        {'0': ['0.weight', '0.bias'], '2': ['2.weight']}
+    """
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        blocks.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -75,11 +102,12 @@ class LayerBlocks:
         if isinstance(per_layer, bool):
             return cls(everything=per_layer)
         values = per_layer.values() if isinstance(per_layer, Mapping) else per_layer
-        if isinstance(per_layer, str) or not all(isinstance(p, str) for p in values):
-            raise MisconfigurationException(
-                "`per_layer` must be True/False, a list of patterns or a dict of name to one "
-                f"pattern (a string each), got {per_layer!r}."
-            )
+        if (
+            isinstance(per_layer, str)
+            or not isinstance(per_layer, (list, tuple, Mapping))
+            or not all(isinstance(p, str) for p in values)
+        ):
+            _refuse(per_layer)
         return cls(tags={name: str(p) for name, p in layer_patterns(per_layer).items()})
 
     @property
@@ -91,6 +119,27 @@ class LayerBlocks:
     def spec(self) -> bool | dict[str, str]:
         """A plain value for ``state_key``."""
         return self.everything or dict(self.tags)
+
+    def check(self, names: Sequence[str]) -> None:
+        """Refuse patterns that match none of the measured parameter ``names``.
+
+        Raises:
+            MisconfigurationException: naming the pattern and the measured names.
+
+        Example:
+            >>> LayerBlocks.of(["body.*"]).check(["body.weight"])  # fine
+            >>> try:
+            ...     LayerBlocks.of(["head.*"]).check(["body.weight"])
+            ... except MisconfigurationException as err:
+            ...     print(err)
+            `per_layer` pattern 'head.*' matches none of the measured parameters ['body.weight'].
+        """
+        for pattern in self.tags.values():
+            if not fnmatch.filter(names, pattern):
+                raise MisconfigurationException(
+                    f"`per_layer` pattern {pattern!r} matches none of the measured parameters "
+                    f"{list(names)}."
+                )
 
     def tag(self, block: str) -> str:
         """The tag name of a block the model-level function reported."""

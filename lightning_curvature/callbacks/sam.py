@@ -24,14 +24,18 @@ Lightning then, once and on ``g_SAM``: unscales (``16-mixed``), calls
 ``on_before_optimizer_step``, clips, and steps the optimizer (``GradScaler.step`` skips the
 step if ``g_SAM`` is not finite); lr schedulers are untouched.
 
-The second pass is harmless:
+The second pass is harmless: it runs in the isolation context every monitor's probe runs in
+(:func:`~lightning_curvature.callbacks.isolation.isolated`, here with the modules' modes
+kept), so
 
+* **buffers** are put back by value: a ``spectral_norm``'s power iteration (``_u``, ``_v``)
+  advances once per step, in the first pass, as without SAM;
 * **BatchNorm** normalises with the batch statistics but writes no running statistics
   (:func:`~lightning_curvature.functional.probe.frozen_running_stats`), so they come from
   the first pass only;
 * **logging**: ``self.log``/``self.log_dict`` are silenced, and the states of torchmetrics
-  ``Metric`` modules are put back afterwards, so logged values (and metric objects updated
-  in ``training_step``) see every step once;
+  ``Metric`` modules are put back afterwards (in place), so logged values (and metric
+  objects updated in ``training_step``) see every step once;
 * **randomness** (``dropout="reuse"``, the default): the global RNG states (torch CPU and the
   module's CUDA device, python, numpy) captured when each micro-batch reached
   ``on_train_batch_start`` are replayed, so dropout masks and any other draw of
@@ -42,7 +46,10 @@ The second pass is harmless:
 
 Requirements: ``training_step`` must not change its batch in place, and everything but its
 random draws must be deterministic between the two calls; other side effects of
-``training_step`` (counters, caches) happen twice. No ``on_before_backward`` /
+``training_step`` on plain attributes (counters, caches, a recurrent ``self.hidden``) happen
+twice (the monitors' probes undo those too; SAM's second pass is a second training-mode
+evaluation, documented as such). ``training_step(self, batch)`` without ``batch_idx`` is
+called that way. No ``on_before_backward`` /
 ``on_after_backward`` hooks run for the second pass.
 """
 
@@ -64,7 +71,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import silenced_logging
+from lightning_curvature.callbacks.base import log_step
+from lightning_curvature.callbacks.isolation import call_training_step, isolated
 from lightning_curvature.callbacks.logging import log_scalars
 from lightning_curvature.functional.probe import frozen_running_stats
 from lightning_curvature.functional.sam import (
@@ -101,54 +109,21 @@ def _loss_of(output: Any) -> torch.Tensor | None:
     return output if isinstance(output, torch.Tensor) else None
 
 
-def _optimized_parameters(optimizer: Any) -> list[torch.Tensor]:
-    """Parameters of ``optimizer`` that have a gradient now, each once."""
+def _optimized_parameters(optimizer: Any, with_grad_only: bool = True) -> list[torch.Tensor]:
+    """Parameters of ``optimizer`` that require grad (and, by default, have one now), once each.
+
+    Without ``with_grad_only`` the list is fixed by the optimizer alone, so it is the same
+    on every process whatever parameters each one's loss reached.
+    """
     seen: set[int] = set()
     found: list[torch.Tensor] = []
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if id(p) not in seen and p.requires_grad and p.grad is not None:
+            usable = p.requires_grad and (p.grad is not None or not with_grad_only)
+            if id(p) not in seen and usable:
                 seen.add(id(p))
                 found.append(p)
     return found
-
-
-@contextlib.contextmanager
-def _restored_metric_states(module: torch.nn.Module) -> Iterator[None]:
-    """Put back the state of every torchmetrics ``Metric`` in ``module`` on exit.
-
-    Each state object is restored in place and reattached, so states that several metrics
-    share (a ``MetricCollection``'s compute groups) stay shared.
-    """
-    from torchmetrics import Metric
-
-    saved: list[tuple[Metric, dict[str, tuple[Any, Any]], dict[str, Any]]] = []
-    for metric in module.modules():
-        if isinstance(metric, Metric):
-            states: dict[str, tuple[Any, Any]] = {
-                name: (value, value.clone() if isinstance(value, torch.Tensor) else list(value))
-                for name, value in metric.metric_state.items()
-            }
-            # counters and caches torchmetrics keeps beside the states
-            extra: dict[str, Any] = {
-                name: vars(metric)[name]
-                for name in ("_update_count", "_computed", "_forward_cache")
-                if name in vars(metric)
-            }
-            saved.append((metric, states, extra))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for metric, states, extra in saved:
-                for name, (original, copy_) in states.items():
-                    if isinstance(original, torch.Tensor):
-                        original.copy_(copy_)
-                    else:
-                        original[:] = copy_
-                    setattr(metric, name, original)
-                for name, value in extra.items():
-                    setattr(metric, name, value)
 
 
 def _all_reduce_mean(trainer: pl.Trainer, tensors: Sequence[torch.Tensor]) -> None:
@@ -163,6 +138,28 @@ def _all_reduce_mean(trainer: pl.Trainer, tensors: Sequence[torch.Tensor]) -> No
         for t in group:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def _average_gradients(
+    trainer: pl.Trainer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+) -> None:
+    """``.grad`` of each parameter := the mean over processes of their ``grads``.
+
+    A process without a gradient for a parameter contributes zeros, as DDP's reducer does for
+    unused parameters; a parameter with a gradient on no process keeps ``.grad = None``.
+    The tensors all-reduced are the same on every process (one per parameter, and one flag
+    each), whichever parameters each process reached.
+    """
+    present = torch.tensor(
+        [float(g is not None) for g in grads], dtype=torch.float32, device=params[0].device
+    )
+    tensors = [
+        g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)
+    ]
+    _all_reduce_mean(trainer, [*tensors, present])
+    for p, tensor, reached in zip(params, tensors, present.tolist(), strict=True):
+        if reached > 0 and p.grad is not tensor:
+            p.grad = tensor
 
 
 class _SAMOptimizerStep:
@@ -453,11 +450,14 @@ class SAM(Callback):
         if loss is None:  # training_step returned None: Lightning skips backward
             return loss
 
-        params = _optimized_parameters(optimizer)
+        # Per replica, each rank may leave other parameters unused (MoE, find_unused_parameters):
+        # one list fixed by the optimizer, so every rank all-reduces the same tensors.
+        params = _optimized_parameters(optimizer, with_grad_only=not per_replica)
         if not params:  # the loss does not reach any optimized parameter: nothing to perturb
             return loss
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         perturbation = sam_perturbation(
-            params, [p.grad for p in params], self.rho, adaptive=self.adaptive, eta=self.eta
+            params, grads, self.rho, adaptive=self.adaptive, eta=self.eta
         )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if not perturbation.is_finite():
@@ -476,14 +476,18 @@ class SAM(Callback):
             trainer, module, window, params, perturbation, scaler, perturbed_losses
         )
         with torch.no_grad():
+            final: list[torch.Tensor | None] = []
             for p, g in zip(params, sam_grads, strict=True):
-                assert p.grad is not None
+                if p.grad is None:  # per replica: not reached on this rank at w
+                    final.append(g)
+                    continue
                 if g is None:
                     p.grad.zero_()
                 else:
                     p.grad.copy_(g)
+                final.append(p.grad)
             if trainer.world_size > 1:
-                _all_reduce_mean(trainer, [p.grad for p in params if p.grad is not None])
+                _average_gradients(trainer, params, final)
         self.num_sam_steps += 1
         self._maybe_log(trainer, step, perturbation, [*first_losses, loss], perturbed_losses)
         return loss
@@ -500,16 +504,13 @@ class SAM(Callback):
     ) -> list[torch.Tensor | None]:
         """``Σ_j ∇(scale · L_j(w + ε) / k)`` over the step's micro-batches, ``.grad`` untouched."""
         accumulate = trainer.accumulate_grad_batches
-        with_batch_idx = is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2)
-        after_first = RNGState.capture(module.device) if self.dropout == "reuse" else None
 
         def losses() -> Iterator[torch.Tensor | None]:
             for micro in window:
                 if micro.rng is not None:
                     micro.rng.restore()
                 with trainer.precision_plugin.train_step_context():
-                    args = (micro.batch, micro.batch_idx) if with_batch_idx else (micro.batch,)
-                    loss = _loss_of(module.training_step(*args))
+                    loss = _loss_of(call_training_step(module, micro.batch, micro.batch_idx))
                 if loss is None:
                     yield None
                     continue
@@ -517,18 +518,14 @@ class SAM(Callback):
                 perturbed_losses.append(loss.detach())
                 yield scaler.scale(loss) if scaler is not None else loss
 
-        try:
-            with (
-                perturbed_parameters(params, perturbation),
-                frozen_running_stats(module),
-                silenced_logging(module),
-                _restored_metric_states(module),
-                torch.enable_grad(),
-            ):
-                return gradient_sum(params, losses())
-        finally:
-            if after_first is not None:
-                after_first.restore()
+        # With dropout="reuse" the RNG streams are put back to where the first pass left them.
+        with (
+            isolated(module, eval_mode=False, rng=self.dropout == "reuse", attributes=False),
+            perturbed_parameters(params, perturbation),
+            frozen_running_stats(module),
+            torch.enable_grad(),
+        ):
+            return gradient_sum(params, losses())
 
     def _skip(self, step: int, scaler: Any) -> None:
         self.num_skipped_steps += 1
@@ -562,4 +559,4 @@ class SAM(Callback):
         self._last_log_step = step
         metrics = {"sam/perturbation_norm": values[0], "sam/sharpness": values[1]}
         self.last_metrics = {name: float(value) for name, value in metrics.items()}
-        log_scalars(trainer, metrics, step)
+        log_scalars(trainer, metrics, log_step(trainer))

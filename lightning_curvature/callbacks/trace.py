@@ -13,6 +13,8 @@ from typing_extensions import override
 from lightning_curvature.callbacks.base import CurvatureMonitor
 from lightning_curvature.callbacks.layers import LayerBlocks
 from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.functional.parameters import select_parameters
+from lightning_curvature.functional.probe import unwrap_model
 from lightning_curvature.functional.trace import hessian_trace
 
 __all__ = ["HessianTraceMonitor"]
@@ -74,6 +76,12 @@ class HessianTraceMonitor(CurvatureMonitor):
         self.num_hvps, self.method = num_hvps, method
         self._blocks = LayerBlocks.of(per_layer)
         self.per_layer = self._blocks.spec  # as given: True/False or tag name to pattern
+
+    @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        super().check_model(pl_module)
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        self._blocks.check([name for name, _ in named])
 
     @override
     def state_key_fields(self) -> dict[str, Any]:

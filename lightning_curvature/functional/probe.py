@@ -7,10 +7,13 @@ A probe must leave the model as it found it and must measure a *deterministic* o
   seen by training;
 * turns autocast off (curvature is computed in fp32 whatever the trainer's precision) and
   gradients on, also when called under ``torch.no_grad`` or ``torch.inference_mode``;
-* turns dropout off (``nn.Dropout*`` and the attention dropout of ``nn.MultiheadAttention``),
-  so every Hessian-vector product sees the same function;
-* puts BatchNorm in the requested mode. In train mode BatchNorm normalises with the batch
-  statistics but is told not to track running statistics, so ``running_mean``,
+* puts every submodule in eval mode (its ``training`` flag ``False``), so every stochastic
+  layer is off whatever its form (``nn.Dropout*``, a DropPath, ``F.dropout(x,
+  training=self.training)``, attention's ``dropout_p=p if self.training else 0``) and a
+  ``spectral_norm`` runs no power iteration: every Hessian-vector product sees the same
+  function;
+* then puts BatchNorm in the requested mode on top. In train mode BatchNorm normalises with
+  the batch statistics but is told not to track running statistics, so ``running_mean``,
   ``running_var`` and ``num_batches_tracked`` are never written (the exact train-mode
   Hessian, buffers untouched). A BatchNorm that normalises with its running statistics is
   the fixed per-channel map ``x·s + t``; it is written out as that map, whose double
@@ -85,9 +88,7 @@ def _restored_attributes(model: nn.Module, batch_norm: str, dropout: bool) -> It
                     set_attr(module, "training", True)
                 if module.training:
                     set_attr(module, "track_running_stats", False)
-            elif not dropout and isinstance(
-                module, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)
-            ):
+            elif not dropout and module.training:
                 set_attr(module, "training", False)
         yield
     finally:
@@ -176,8 +177,10 @@ def probe_context(
         batch_norm: ``"as_is"`` keeps each BatchNorm's current mode, ``"eval"`` normalises
             with the running statistics, ``"train"`` with the batch statistics. In every
             case the running statistics are left untouched.
-        dropout: keep dropout active (``True``) or turn it off (``False``, the default:
-            random masks would make every Hessian-vector product a different operator).
+        dropout: keep every module's mode (``True``: dropout and any other train-mode
+            behaviour stay active) or put every module but BatchNorm in eval mode (``False``,
+            the default: random masks would make every Hessian-vector product a different
+            operator).
 
     Raises:
         ValueError: if ``batch_norm`` is not one of the allowed values.

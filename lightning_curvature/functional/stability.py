@@ -15,6 +15,7 @@ Lanczos run on the operator ``v -> D ⊙ H (D ⊙ v)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,8 @@ def stability_threshold(
     """Threshold of ``optimizer`` for the measured ``parameters``; ``None`` if unknown.
 
     For several parameter groups with different learning rates the largest is used (the
-    tightest threshold). Unknown optimizers give ``None``.
+    tightest threshold). A learning rate of 0 (the first step of a warmup) gives an infinite
+    threshold: no curvature makes a step of size 0 unstable. Unknown optimizers give ``None``.
 
     Args:
         optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (subclasses included).
@@ -67,9 +69,22 @@ def stability_threshold(
         >>> sgd = torch.optim.SGD([w], lr=0.5, momentum=0.5, nesterov=True)
         >>> stability_threshold(sgd, [w]).threshold  # (2 + 2β) / (η (1 + 2β))
         3.0
+        >>> stability_threshold(torch.optim.AdamW([w], lr=0.0), [w]).threshold
+        inf
     """
     groups = optimizer.param_groups
     lr = _shared([float(g["lr"]) for g in groups], "lr")
+    kind = (
+        "sgd"
+        if isinstance(optimizer, torch.optim.SGD)
+        else "adam"
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        else None
+    )
+    if kind is None:
+        return None
+    if not lr > 0:  # e.g. the first step of a warmup from 0: no step, no instability
+        return StabilityThreshold(math.inf, kind)
     if isinstance(optimizer, torch.optim.SGD):
         momentum = float(groups[0].get("momentum", 0.0))
         dampening = float(groups[0].get("dampening", 0.0)) if momentum > 0 else 0.0
@@ -78,13 +93,11 @@ def stability_threshold(
         nesterov = 1.0 + 2.0 * momentum if groups[0].get("nesterov", False) else 1.0
         threshold = (2.0 + 2.0 * momentum) / (lr * (1.0 - dampening) * nesterov)
         return StabilityThreshold(threshold, "sgd", float(groups[0].get("weight_decay", 0.0)))
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        beta1, _ = groups[0]["betas"]
-        threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
-        return StabilityThreshold(
-            threshold, "adam", 0.0, _adam_preconditioner(optimizer, parameters, lr)
-        )
-    return None
+    beta1, _ = groups[0]["betas"]
+    threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
+    return StabilityThreshold(
+        threshold, "adam", 0.0, _adam_preconditioner(optimizer, parameters, lr)
+    )
 
 
 def _adam_preconditioner(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_curvature.functional.hvp import hessian_vector_product
+from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
 from lightning_curvature.functional.probe import probe_context
 from tests.functional.cases import assert_unchanged, seeded, snapshot
 
@@ -151,3 +151,81 @@ def test_bfloat16_batch_norm_is_written_out_in_float32() -> None:
     assert product.dtype == torch.float32
     expected = _native_hvp(exact, loss_fn, (half_batch[0].to(torch.float64), batch[1]), vector)
     torch.testing.assert_close(product.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- the whole model in eval: every form of dropout off, and no power iteration ---------------
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training:
+        return x
+    keep = (torch.rand(x.shape[0], 1, 1, dtype=x.dtype) >= p).to(x.dtype)
+    return x * keep / (1 - p)
+
+
+class Stochastic(nn.Module):
+    """Dropout in every form no isinstance check finds, and a spectral_norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6, dtype=torch.float64)
+        self.mixed = nn.utils.parametrizations.spectral_norm(nn.Linear(6, 6, dtype=torch.float64))
+        self.out = nn.Linear(6, 1, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))  # (B, T, 6)
+        q = h.unsqueeze(1)
+        attended = F.scaled_dot_product_attention(
+            q, q, q, dropout_p=0.5 if self.training else 0.0
+        ).squeeze(1)
+        h = h + _drop_path(self.mixed(attended), 0.5, self.training)
+        return self.out(F.dropout(h, 0.5, training=self.training)).squeeze(-1)
+
+
+def _stochastic_case() -> tuple[nn.Module, Any, Any]:
+    with seeded(0):
+        model = Stochastic().train()
+        batch = (torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))
+
+    def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
+        return F.mse_loss(m(b[0]), b[1])
+
+    return model, loss_fn, batch
+
+
+def test_probes_of_a_train_mode_model_are_deterministic_and_those_of_its_eval_mode() -> None:
+    """Recomputed products (double backward) see one function: the eval-mode one."""
+    model, loss_fn, batch = _stochastic_case()
+    vector = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters())).double()
+    before = snapshot(model)
+    products = [
+        hessian_vector_product(model, loss_fn, batch, vector, backend="double_backward")
+        for _ in range(3)
+    ]
+    assert_unchanged(model, before)  # modes (train), spectral_norm's _u/_v, RNG
+    assert all(torch.equal(products[0], p) for p in products[1:])
+    reference = copy.deepcopy(model).eval()
+    expected = hessian_vector_product(reference, loss_fn, batch, vector, backend="double_backward")
+    torch.testing.assert_close(products[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_comparison_sees_a_stochastic_operator_when_modes_are_kept() -> None:
+    """The test above can fail: with every module's mode kept (``dropout=True``) the
+    recomputed products differ from call to call."""
+    model, loss_fn, batch = _stochastic_case()
+    vector = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters())).double()
+    with HessianOperator(
+        model, loss_fn, batch, backend="double_backward", dropout=True
+    ) as operator:
+        first, second = operator.matvec(vector), operator.matvec(vector)
+    assert not torch.equal(first, second)
+
+
+def test_batch_norm_mode_goes_on_top_of_the_eval_mode() -> None:
+    net = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.BatchNorm1d(3)).train()
+    with probe_context(net, batch_norm="train"):
+        assert [m.training for m in net] == [False, False, True]
+    with probe_context(net, batch_norm="as_is"):
+        assert [m.training for m in net] == [False, False, True]
+    net[2].eval()
+    with probe_context(net, batch_norm="as_is"):
+        assert [m.training for m in net] == [False, False, False]
+    assert [m.training for m in net] == [True, True, False]

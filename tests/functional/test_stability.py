@@ -227,3 +227,21 @@ def test_preconditioned_sharpness_is_the_top_eigenvalue_of_dense_p_inverse_h() -
     assert float(result.eigenvalues[0]) == pytest.approx(expected, rel=1e-6)
     # ... and it is not λ₁(H): the preconditioner matters.
     assert abs(expected - float(torch.linalg.eigvalsh(hessian)[-1])) > 0.1 * abs(expected)
+
+
+@pytest.mark.parametrize(
+    "make", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW], ids=lambda m: m.__name__
+)
+def test_lr_0_has_an_infinite_threshold_and_no_preconditioner(
+    make: type[torch.optim.Optimizer],
+) -> None:
+    """The first step of a warmup from 0: no curvature makes a step of size 0 unstable."""
+    w = nn.Parameter(torch.ones(3))
+    optimizer = make([w], lr=0.0)
+    w.grad = torch.ones(3)
+    optimizer.step()  # Adam has state now; lr 0 still gives no threshold to divide by
+    found = stability_threshold(optimizer, [w])
+    assert found is not None
+    assert found.threshold == math.inf
+    assert found.preconditioner is None
+    assert torch.equal(w.detach(), torch.ones(3))  # lr 0 really did not move it
