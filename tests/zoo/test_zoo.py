@@ -175,22 +175,9 @@ DROPOUT_CASES = {
     "demo_lstm": lambda: zoo.demo_lstm(dropout=0.2),
     "timm_vit": lambda: zoo.timm_vit(drop_path=0.1),
 }
-_DROPOUT_ON = (
-    "isolation: the probe turns off nn.Dropout* and nn.MultiheadAttention only; sdpa's"
-    " dropout_p (read from the attention module's training flag), nn.LSTM's inter-layer"
-    " dropout and timm's DropPath stay on"
-)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=_DROPOUT_ON))
-        if name in ("gpt2_sdpa", "bert", "demo_lstm", "timm_vit")
-        else name
-        for name in DROPOUT_CASES
-    ],
-)
+@pytest.mark.parametrize("name", list(DROPOUT_CASES))
 def test_probes_see_the_model_without_dropout(name: str) -> None:
     """A train-mode model with dropout: the probe's product is the eval-mode Hessian's."""
     model = DROPOUT_CASES[name]()
