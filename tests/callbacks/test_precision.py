@@ -38,6 +38,7 @@ from lightning_curvature.callbacks import training_step_loss
 from lightning_curvature.callbacks.probe_data import draw_batches
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.warnings import CurvatureWarning
 
 pytestmark = [
     *LIGHTNING_NOISE,
@@ -59,7 +60,7 @@ def _run(tmp_path: Path, precision: str) -> dict[str, Any]:
     dataset = regression_data(n=64)
     train_loader = loader(dataset, batch_size=16, shuffle=True)
     monitors = [
-        HessianEigenvalueMonitor(k=2, tol=1e-6, every_n_steps=None, on_train_end=True),
+        HessianEigenvalueMonitor(k=2, tol=1e-5, every_n_steps=None, on_train_end=True),
         HessianTraceMonitor(num_hvps=8, every_n_steps=None, on_train_end=True),
         SpectralDensityMonitor(num_steps=8, every_n_steps=None, on_train_end=True),
     ]
@@ -76,7 +77,7 @@ def _reference(model: torch.nn.Module, batches: list[Any], **overrides: Any) -> 
     common: dict[str, Any] = {"batch_norm": "eval", **overrides}
     loss_fn = common.pop("loss_fn", training_step_loss)
     eig = hessian_eigenvalues(
-        fp32, loss_fn, BatchList(batches), 2, 1e-6, generator=make_generator(CPU, 0), **common
+        fp32, loss_fn, BatchList(batches), 2, 1e-5, generator=make_generator(CPU, 0), **common
     )
     trace = hessian_trace(
         fp32, loss_fn, BatchList(batches), 8, generator=make_generator(CPU, 0), **common
@@ -130,6 +131,8 @@ def test_a_probe_with_autocast_on_would_be_caught(tmp_path: Path, dtype: torch.d
     run = _run(tmp_path, "bf16-mixed")
     probe = draw_batches(run["loader"], 1, CPU, seed=0)
     fp32 = _reference(run["model"], probe)
-    low = _reference(run["model"], probe, loss_fn=autocast_loss(dtype))
+    # The rounding Lanczos measures along the way sees the low-precision products too.
+    with pytest.warns(CurvatureWarning, match="finer than its products resolve"):
+        low = _reference(run["model"], probe, loss_fn=autocast_loss(dtype))
     gap = max(abs(low[tag] - fp32[tag]) / abs(fp32[tag]) for tag in fp32)
     assert gap > 1e-5
