@@ -115,9 +115,11 @@ def _why(value: float, bound: float, resolution: float, tol: float, guarded: boo
 
 
 def uncertified_message(
-    found: LanczosResult, tol: float, num_hvps: int, max_iter: int
+    found: LanczosResult, tol: float, num_hvps: int, max_iter: int | None
 ) -> str | None:
     """Which estimates of a Lanczos run are not certified, and why; ``None`` if all are.
+
+    ``max_iter`` is the budget that bounded the run (``None``: it could span the space).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -146,7 +148,8 @@ def uncertified_message(
         return None
     names = ", ".join(name for name, _ in failed)
     reasons = "; ".join(f"{name}: {reason}" for name, reason in failed)
-    budget = f" (all of max_iter={max_iter})" if num_hvps >= max_iter else ""
+    spent = max_iter is not None and num_hvps >= max_iter
+    budget = f" (all of max_iter={max_iter})" if spent else ""
     advice = "raise `tol` or measure in float64" if "resolve" in reasons else "raise `max_iter`"
     return (
         f"Lanczos did not certify {names} to tol={tol} within {num_hvps} Hessian-vector "
@@ -265,7 +268,9 @@ def hessian_eigenvalues(
             generator=generator,
         )
         num_hvps = operator.num_hvps
-    message = uncertified_message(found, tol, num_hvps, steps)
+    # A run that spanned the whole space was not cut short by the budget.
+    budget = steps if steps < operator.size else None
+    message = uncertified_message(found, tol, num_hvps, budget)
     if message is not None:
         warnings.warn(message, CurvatureWarning, stacklevel=2)
     device, dtype = operator.device, operator.dtype

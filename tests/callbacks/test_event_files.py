@@ -158,7 +158,7 @@ def least_squares_run(
     logger = tb_logger(tmp_path)
     # the final probe sees the optimizer state the test can read after fit
     eigen = HessianEigenvalueMonitor(
-        k=2, tol=1e-6, smallest=True, every_n_steps=1, on_train_end=True
+        k=2, tol=1e-4, smallest=True, every_n_steps=1, on_train_end=True
     )
     monitors = [
         eigen,

@@ -48,7 +48,7 @@ def test_every_rank_logs_the_values_of_the_union_batch(tmp_path: Path) -> None:
 
     logged = ranks[0]["values"]
     eig = hessian_eigenvalues(
-        model, loss_fn, union, k=2, tol=1e-6, generator=make_generator(torch.device("cpu"))
+        model, loss_fn, union, k=2, tol=1e-5, generator=make_generator(torch.device("cpu"))
     )
     eig_logged = logged["HessianEigenvalueMonitor"]
     for i in range(2):
