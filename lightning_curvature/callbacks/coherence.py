@@ -36,7 +36,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.callbacks.dashboard import Charts, exact, family, layout, multiline
+from lightning_curvature.callbacks.dashboard import (
+    COST_CATEGORY,
+    Charts,
+    exact,
+    family,
+    layout,
+    multiline,
+)
 from lightning_curvature.callbacks.gradient_capture import BackwardGradients
 from lightning_curvature.callbacks.gradient_sums_metric import GradientSumsMetric
 from lightning_curvature.callbacks.layers import LayerBlocks
@@ -224,7 +231,14 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             science["gradient coherence per block"] = multiline(
                 family(self.tag("gradient/coherence/"), ".+")
             )
-        return layout([{self.category("gradient"): science}, super().charts(trainer, pl_module)])
+        samples = {"gradient samples m, examples per sample b": chart("num_samples", "sample_size")}
+        return layout(
+            [
+                {self.category("gradient"): science},
+                super().charts(trainer, pl_module),
+                {COST_CATEGORY: samples},
+            ]
+        )
 
     @property
     @override

@@ -11,7 +11,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.callbacks.dashboard import Charts, family, layout, margin, multiline
+from lightning_curvature.callbacks.dashboard import (
+    Charts,
+    exact,
+    family,
+    layout,
+    margin,
+    multiline,
+)
 from lightning_curvature.callbacks.layers import LayerBlocks
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
@@ -88,7 +95,10 @@ class HessianTraceMonitor(CurvatureMonitor):
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
         bounds = ("curvature/trace", "curvature_band/trace_lower", "curvature_band/trace_upper")
         trace = [self.tag(tag) for tag in bounds]
-        science = {"Hessian trace ± 2 standard errors": margin(*trace)}
+        science = {
+            "Hessian trace ± 2 standard errors": margin(*trace),
+            "standard error of the trace": multiline(exact(self.tag("curvature/trace_std_error"))),
+        }
         if self._blocks.patterns:
             science["Hessian trace per block"] = multiline(
                 family(self.tag("curvature/trace/"), ".+")
