@@ -187,7 +187,7 @@ class CurvatureMonitor(Callback):
     """
 
     #: Prefix of the cost tags this monitor writes (``<prefix>hvps``, ``<prefix>seconds``).
-    cost_prefix = "curvature_cost/"
+    cost_prefix = "probe_cost/"
     #: Whether the cost tags include ``<prefix>hvps`` (monitors that compute no HVP: no).
     counts_hvps = True
     #: The step cadence of ``every_n_steps="auto"``.

@@ -145,7 +145,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         - ``gradient/num_samples`` and ``gradient/sample_size``: ``m`` and ``b`` (examples
           per sample; 1 for per-example gradients)
         - ``gradient/coherence/<name>`` (with ``per_layer``)
-        - ``gradient_cost/seconds``: cost of the measurement
+        - ``probe_cost/coherence_seconds``: cost of the measurement
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -160,7 +160,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[free], accumulate_grad_batches=4, max_steps=1)
     """
 
-    cost_prefix = "gradient_cost/"
+    cost_prefix = "probe_cost/coherence_"
     counts_hvps = False
     default_every_n_steps = 500
 

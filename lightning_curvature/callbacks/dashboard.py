@@ -82,8 +82,8 @@ def margin(value: str, lower: str, upper: str) -> list[Any]:
     """A line with a shaded band: the three tags (exact names, not regexes).
 
     Example:
-        >>> margin("curvature/trace", "curvature_band/trace_lower", "curvature_band/trace_upper")
-        ['Margin', ['curvature/trace', 'curvature_band/trace_lower', 'curvature_band/trace_upper']]
+        >>> margin("curvature/trace", "curvature/trace_lower", "curvature/trace_upper")
+        ['Margin', ['curvature/trace', 'curvature/trace_lower', 'curvature/trace_upper']]
     """
     return ["Margin", [value, lower, upper]]
 

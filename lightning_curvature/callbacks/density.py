@@ -49,7 +49,7 @@ class SpectralDensityMonitor(CurvatureMonitor):
     Logged metrics:
         - ``curvature/density_max`` and ``curvature/density_min``: extreme quadrature nodes
           (``λ_max`` and ``λ_min`` estimates)
-        - ``curvature_cost/density_hvps`` and ``curvature_cost/density_seconds``: cost of the
+        - ``probe_cost/density_hvps`` and ``probe_cost/density_seconds``: cost of the
           probe
         - TensorBoard only: histogram ``curvature/spectral_density`` and image
           ``curvature/spectral_density_image`` (one tag each: TensorBoard keys data by tag)
@@ -65,7 +65,7 @@ class SpectralDensityMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "curvature_cost/density_"
+    cost_prefix = "probe_cost/density_"
     default_every_n_steps = 2000
 
     def __init__(

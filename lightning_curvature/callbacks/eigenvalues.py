@@ -73,7 +73,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         - ``curvature/preconditioned_eigenvalue_1`` (Adam/AdamW)
         - ``curvature/eigenvalue_min`` (with ``smallest=True``)
         - ``curvature/eigenvalue_1/<name>`` (with ``per_layer``)
-        - ``curvature_cost/hvps`` and ``curvature_cost/seconds``: cost of the probe
+        - ``probe_cost/eigenvalue_hvps`` and ``probe_cost/eigenvalue_seconds``: cost of the probe
         - with ``name=``: every tag as ``<group>/<name>/…``
 
     Raises:
@@ -87,6 +87,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
+    cost_prefix = "probe_cost/eigenvalue_"
     default_every_n_steps = 500
 
     def __init__(

@@ -54,7 +54,7 @@ def density_image(
     nodes: torch.Tensor | None = None,
     markers: Mapping[str, float] | None = None,
     title: str = "Hessian eigenvalue density",
-    size: tuple[int, int] = (640, 300),
+    size: tuple[int, int] = (720, 340),
     floor: float = 1e-7,
 ) -> torch.Tensor:
     """Draw ``density`` over ``grid`` on a log scale as a ``(3, H, W)`` float image in [0, 1].
@@ -75,14 +75,14 @@ def density_image(
         >>> density = torch.exp(-grid**2 / 0.02) + 1e-4 * torch.exp(-(grid - 10)**2 / 0.02)
         >>> image = density_image(grid, density, markers={"lambda_max": 10.0, "threshold": 20.0})
         >>> image.shape, float(image.min()) >= 0, float(image.max()) <= 1
-        (torch.Size([3, 300, 640]), True, True)
+        (torch.Size([3, 340, 720]), True, True)
     """
     width, height = size
-    left, right, top, bottom = 64, 16, 30, 44
+    left, right, top, bottom = 78, 18, 36, 52
     plot_w, plot_h = width - left - right, height - top - bottom
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=12)
+    font = ImageFont.load_default(size=15)
     x = grid.detach().to(torch.float64).cpu()
     y = density.detach().to(torch.float64).cpu().clamp_min(0)
     x_low, x_high = float(x[0]), float(x[-1])
@@ -119,7 +119,7 @@ def density_image(
     for i, (label, value) in enumerate((markers or {}).items()):
         color = _MARKERS[i % len(_MARKERS)]
         text = f"{label} = {_number(value)}"
-        row = top + 4 + 15 * i
+        row = top + 4 + 18 * i
         if value > x_high:
             draw.text((left + plot_w - 2, row), f"{text} ->", fill=color, font=font, anchor="ra")
             continue
@@ -133,13 +133,13 @@ def density_image(
         draw.text((col - 4 if anchor == "ra" else col + 4, row), text, fill=color, font=font,
                   anchor=anchor)  # fmt: skip
     draw.rectangle([left, top, left + plot_w, base], outline=_TEXT)
-    draw.text((left, 8), title, fill=_TEXT, font=font)
+    draw.text((left, 10), title, fill=_TEXT, font=font)
     draw.text(
         (left + plot_w / 2, height - 6), "Hessian eigenvalue", fill=_TEXT, font=font, anchor="md"
     )
-    axis = Image.new("RGB", (plot_h, 16), "white")
+    axis = Image.new("RGB", (plot_h, 20), "white")
     ImageDraw.Draw(axis).text(
-        (plot_h / 2, 8), "density (log scale)", fill=_TEXT, font=font, anchor="mm"
+        (plot_h / 2, 10), "density (log scale)", fill=_TEXT, font=font, anchor="mm"
     )
     image.paste(axis.rotate(90, expand=True), (2, top))
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)

@@ -45,10 +45,10 @@ class HessianTraceMonitor(CurvatureMonitor):
 
     Logged metrics:
         - ``curvature/trace`` and ``curvature/trace_std_error``
-        - ``curvature_band/trace_lower`` and ``curvature_band/trace_upper``: trace ∓ 2 standard
+        - ``curvature/trace_lower`` and ``curvature/trace_upper``: trace ∓ 2 standard
           errors (the band of the custom-scalars chart)
         - ``curvature/trace/<name>`` (with ``per_layer``)
-        - ``curvature_cost/trace_hvps`` and ``curvature_cost/trace_seconds``: cost of the probe
+        - ``probe_cost/trace_hvps`` and ``probe_cost/trace_seconds``: cost of the probe
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -61,7 +61,7 @@ class HessianTraceMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "curvature_cost/trace_"
+    cost_prefix = "probe_cost/trace_"
     default_every_n_steps = 1000
 
     def __init__(
@@ -93,7 +93,7 @@ class HessianTraceMonitor(CurvatureMonitor):
 
     @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
-        bounds = ("curvature/trace", "curvature_band/trace_lower", "curvature_band/trace_upper")
+        bounds = ("curvature/trace", "curvature/trace_lower", "curvature/trace_upper")
         trace = [self.tag(tag) for tag in bounds]
         science = {
             "Hessian trace ± 2 standard errors": margin(*trace),
@@ -121,8 +121,8 @@ class HessianTraceMonitor(CurvatureMonitor):
         metrics: dict[str, float | torch.Tensor] = {
             "curvature/trace": result.estimate,
             "curvature/trace_std_error": result.std_error,
-            "curvature_band/trace_lower": result.estimate - 2 * result.std_error,
-            "curvature_band/trace_upper": result.estimate + 2 * result.std_error,
+            "curvature/trace_lower": result.estimate - 2 * result.std_error,
+            "curvature/trace_upper": result.estimate + 2 * result.std_error,
         }
         for block, value in result.per_layer.items():
             metrics[f"curvature/trace/{self._blocks.tag(block)}"] = value

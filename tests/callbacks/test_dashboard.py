@@ -158,19 +158,19 @@ def test_every_chart_shows_exactly_its_tags_and_the_threshold_chart_its_quantity
         },
         "cost of the probes": {
             "seconds per probe": {
-                "curvature_cost/seconds",
-                "curvature_cost/trace_seconds",
-                "curvature_cost/density_seconds",
-                "gradient_cost/seconds",
+                "probe_cost/eigenvalue_seconds",
+                "probe_cost/trace_seconds",
+                "probe_cost/density_seconds",
+                "probe_cost/coherence_seconds",
             },
             "gradient samples m, examples per sample b": {
                 "gradient/num_samples",
                 "gradient/sample_size",
             },
             "Hessian-vector products per probe": {
-                "curvature_cost/hvps",
-                "curvature_cost/trace_hvps",
-                "curvature_cost/density_hvps",
+                "probe_cost/eigenvalue_hvps",
+                "probe_cost/trace_hvps",
+                "probe_cost/density_hvps",
             },
         },
     }
@@ -188,7 +188,7 @@ def test_every_chart_shows_exactly_its_tags_and_the_threshold_chart_its_quantity
             assert matched(regexes, tags) == intended, title
     kind, band = layout["curvature"][margin_title]
     assert kind == "margin"
-    assert band == ("curvature/trace", "curvature_band/trace_lower", "curvature_band/trace_upper")
+    assert band == ("curvature/trace", "curvature/trace_lower", "curvature/trace_upper")
     assert set(band) <= tags
     # Every scalar the monitors wrote is on some chart (the user's own loss excepted).
     shown = set(band)
@@ -242,10 +242,10 @@ def test_named_monitors_write_apart_and_a_held_out_probe_measures_the_held_out_d
     # Each series has one writer: the steps of its own monitor only, no zigzag.
     assert steps(scalars["curvature/eigenvalue_1"]) == [0, 2, 4]
     assert steps(scalars["curvature/heldout/eigenvalue_1"]) == [0, 2, 4]
-    assert steps(scalars["curvature_cost/heldout/hvps"]) == [0, 2, 4]
+    assert steps(scalars["probe_cost/heldout/eigenvalue_hvps"]) == [0, 2, 4]
     assert steps(scalars["gradient/coherence"]) == [0, 2]  # no probe at the end
     assert steps(scalars["gradient/free/coherence"]) == [0, 3]
-    assert steps(scalars["gradient_cost/free/seconds"]) == [0, 3]
+    assert steps(scalars["probe_cost/free/coherence_seconds"]) == [0, 3]
     # The held-out monitor measured the held-out data: its final value is the sharpness of
     # the final weights on those 16 examples, not on the training probe.
     model = trainer.lightning_module
@@ -391,7 +391,7 @@ def test_density_image_marks_lambda_max_and_threshold_and_shows_the_outlier() ->
             mask &= pixels[channel] == value
         return set(mask.nonzero()[:, 1].tolist())
 
-    left, plot_w = 64, 640 - 64 - 16
+    left, plot_w = 78, 720 - 78 - 18
     at = {x: round(left + (x + 1.0) / 13.0 * plot_w) for x in (0.0, 10.0, 11.0)}
     assert any(abs(c - at[10.0]) <= 1 for c in columns_of((200, 30, 30)))  # λ_max, red
     assert any(abs(c - at[11.0]) <= 1 for c in columns_of((230, 120, 0)))  # threshold

@@ -59,23 +59,23 @@ def test_every_tag_of_the_design_is_written_at_exactly_the_probe_steps(
         "curvature/eigenvalue_1/net.0",
         "curvature/stability_threshold",
         "curvature/sharpness_ratio",
-        "curvature_cost/hvps",
-        "curvature_cost/seconds",
+        "probe_cost/eigenvalue_hvps",
+        "probe_cost/eigenvalue_seconds",
     ]
     trace_tags = [
         "curvature/trace",
         "curvature/trace_std_error",
-        "curvature_band/trace_lower",
-        "curvature_band/trace_upper",
+        "curvature/trace_lower",
+        "curvature/trace_upper",
         "curvature/trace/net.0",
-        "curvature_cost/trace_hvps",
-        "curvature_cost/trace_seconds",
+        "probe_cost/trace_hvps",
+        "probe_cost/trace_seconds",
     ]
     density_tags = [
         "curvature/density_max",
         "curvature/density_min",
-        "curvature_cost/density_hvps",
-        "curvature_cost/density_seconds",
+        "probe_cost/density_hvps",
+        "probe_cost/density_seconds",
     ]
     for tag in eigen_tags:  # every_n_steps=3 over 10 steps, plus the final weights
         assert steps(scalars[tag]) == [0, 3, 6, 9, 10], tag
@@ -104,12 +104,12 @@ def test_the_event_file_holds_the_values_the_monitors_computed(tanh_run: dict[st
     )
     assert trace.last_metrics["curvature/trace_std_error"] > 0
     for bound, sign in (("lower", -1), ("upper", 1)):  # the band of the margin chart
-        assert trace.last_metrics[f"curvature_band/trace_{bound}"] == pytest.approx(
+        assert trace.last_metrics[f"curvature/trace_{bound}"] == pytest.approx(
             trace.last_metrics["curvature/trace"]
             + sign * 2 * trace.last_metrics["curvature/trace_std_error"]
         )
-    assert trace.last_metrics["curvature_cost/trace_hvps"] == 4
-    assert density.last_metrics["curvature_cost/density_hvps"] == 8
+    assert trace.last_metrics["probe_cost/trace_hvps"] == 4
+    assert density.last_metrics["probe_cost/density_hvps"] == 8
 
 
 def test_density_histogram_and_image_at_the_density_probe_steps(tanh_run: dict[str, Any]) -> None:
@@ -133,7 +133,7 @@ def test_density_histogram_and_image_at_the_density_probe_steps(tanh_run: dict[s
     assert density.last_density is not None
     images = events.Images("curvature/spectral_density_image")
     assert [i.step for i in images] == [4, 8, 10]
-    assert (images[0].width, images[0].height) == (640, 300)
+    assert (images[0].width, images[0].height) == (720, 340)
 
 
 # -- closed form on linear least squares -----------------------------------------------------------
