@@ -40,7 +40,7 @@ CHROMIUM_FLAGS = [
 PAGES = {
     "custom_scalars": (1400, 2000, 1),
     "scalars": (1400, 1500, 1),
-    "images": (900, 560, 2),
+    "images": (1000, 560, 2),
 }
 
 

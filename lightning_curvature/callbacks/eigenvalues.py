@@ -242,7 +242,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         spectrum = [family(self.tag("curvature/eigenvalue_"), r"\d+")]
         if self.smallest:
             spectrum.append(exact(self.tag("curvature/eigenvalue_min")))
-        science[f"Hessian eigenvalues λ₁…λ{self.k} (raw H){note}"] = multiline(*spectrum)
+        top = "top Hessian eigenvalue λ₁" if self.k == 1 else f"top {self.k} Hessian eigenvalues"
+        smallest = " and the smallest" if self.smallest else ""
+        science[f"{top}{smallest} (raw H){note}"] = multiline(*spectrum)
         if self.per_layer:
             science["top eigenvalue per block"] = multiline(
                 family(self.tag("curvature/eigenvalue_1/"), ".+")

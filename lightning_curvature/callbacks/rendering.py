@@ -44,7 +44,7 @@ def nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
 
 
 def _number(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
 
 
 def density_image(

@@ -132,7 +132,7 @@ def test_every_chart_shows_exactly_its_tags_and_the_threshold_chart_its_quantity
         "curvature": {
             threshold_title: {compared, "curvature/stability_threshold"},
             ratio_title: {"curvature/sharpness_ratio"},
-            "Hessian eigenvalues λ₁…λ2 (raw H)": {
+            "top 2 Hessian eigenvalues and the smallest (raw H)": {
                 "curvature/eigenvalue_1",
                 "curvature/eigenvalue_2",
                 "curvature/eigenvalue_min",
