@@ -98,10 +98,15 @@ def main() -> None:
     parser.add_argument("--chromium", default="chromium")
     parser.add_argument("--max-steps", type=int, help="default: the example's own")
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"])
+    parser.add_argument(
+        "--logs", type=Path, help="serve these logs of one run of --optimizers instead of training"
+    )
     args = parser.parse_args()
     for optimizer in args.optimizers:
-        with tempfile.TemporaryDirectory() as log_dir:
-            run_example(optimizer, log_dir, args.max_steps)
+        with tempfile.TemporaryDirectory() as scratch:
+            log_dir = str(args.logs) if args.logs is not None else scratch
+            if args.logs is None:
+                run_example(optimizer, log_dir, args.max_steps)
             port = free_port()
             server = subprocess.Popen(
                 [sys.executable, "-m", "tensorboard.main", "--logdir", log_dir,

@@ -83,16 +83,21 @@ def main() -> None:
     args = parser.parse_args()
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     max_steps = args.max_steps or DEFAULT_STEPS[args.optimizer]
+    every = args.every_n_steps
 
     pl.seed_everything(0)
     dataset = digits_dataset(args.num_examples)
     full_batch = DataLoader(dataset, batch_size=len(dataset))  # gradient descent, not SGD
     callbacks = [
-        HessianEigenvalueMonitor(every_n_steps=args.every_n_steps),
-        # 10 traces, 4 densities and 15 coherences per run, whatever its length
-        HessianTraceMonitor(num_hvps=16, every_n_steps=max(1, max_steps // 10)),
-        SpectralDensityMonitor(num_steps=40, every_n_steps=max(1, max_steps // 4)),
-        GradientCoherenceMonitor(every_n_steps=max(1, max_steps // 15)),
+        HessianEigenvalueMonitor(every_n_steps=every),
+        # about 10 traces, 4 densities and 15 coherences per run, whatever its length
+        HessianTraceMonitor(num_hvps=16, every_n_steps=max(every, max_steps // 10)),
+        SpectralDensityMonitor(num_steps=40, every_n_steps=max(every, max_steps // 4)),
+        # per-example gradients of 128 of the examples (all 1000 would cost 8x as much)
+        GradientCoherenceMonitor(
+            every_n_steps=max(every, max_steps // 15),
+            probe_dataloader=DataLoader(dataset, batch_size=128, shuffle=True),
+        ),
     ]
     name = "edge_of_stability" + ("" if args.optimizer == "sgd" else f"_{args.optimizer}")
     logger = TensorBoardLogger(args.log_dir, name=name)

@@ -79,10 +79,11 @@ def test_tensorboard_serves_scalars_layout_histogram_and_image(tmp_path: Path) -
             "lower": "curvature/trace_lower",
             "upper": "curvature/trace_upper",
         }
-        assert [c["title"] for c in layout["category"][-1]["chart"]] == [
+        assert {c["title"] for c in layout["category"][-1]["chart"]} == {
             "seconds per probe",
             "Hessian-vector products per probe",
-        ]  # the cost, last
+            "gradient samples m, examples per sample b",
+        }  # the bookkeeping, last
         assert "curvature/spectral_density" in _get(f"{base}/histograms/tags")[run]
         assert "curvature/spectral_density_image" in _get(f"{base}/images/tags")[run]
     finally:
