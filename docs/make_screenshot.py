@@ -1,10 +1,12 @@
-"""Regenerate ``docs/dashboard.png``: the TensorBoard dashboard of the main example.
+"""Regenerate the dashboard pictures under ``docs/``: an SGD run and an AdamW run in TensorBoard.
 
-Runs ``examples/edge_of_stability.py``, serves its logs with TensorBoard on 127.0.0.1 and
-takes a screenshot of the Custom Scalars tab in headless Chromium (Debian package
-``chromium``):
+Runs ``examples/edge_of_stability.py`` twice (``--optimizer sgd`` and ``--optimizer adamw``),
+serves each run's logs with TensorBoard on 127.0.0.1 only, and takes screenshots of the
+Custom Scalars, Scalars and Images tabs in headless Chromium (Debian package ``chromium``):
 
-    python docs/make_screenshot.py
+    python docs/make_screenshot.py  # docs/{sgd,adamw}_{custom_scalars,scalars,images}.png
+
+The pictures are palette PNGs (a few hundred KB each).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from urllib.error import URLError
 
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = [
     "--headless",
@@ -31,6 +35,13 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--hide-scrollbars",
 ]
+# tab -> window size and device scale (the Custom Scalars page is long: every chart of the
+# layout; TensorBoard shows an image at half its width, so that page is taken at 2x)
+PAGES = {
+    "custom_scalars": (1400, 2000, 1),
+    "scalars": (1400, 1500, 1),
+    "images": (1000, 560, 2),
+}
 
 
 def free_port() -> int:
@@ -54,43 +65,62 @@ def wait_for(url: str, seconds: float = 90) -> None:
     raise TimeoutError(url)
 
 
-def main() -> None:
-    """Run the example, serve it, and save the screenshot."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "dashboard.png")
-    parser.add_argument("--chromium", default="chromium")
-    parser.add_argument("--max-steps", type=int, default=3000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as log_dir:
-        example = ROOT / "examples" / "edge_of_stability.py"
-        command = [
-            sys.executable,
-            str(example),
-            "--log-dir",
-            log_dir,
-            "--max-steps",
-            str(args.max_steps),
-        ]
-        subprocess.run(command, check=True, capture_output=True)
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", log_dir, "--host", "127.0.0.1",
-             "--port", str(port), "--load_fast=false"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def run_example(optimizer: str, log_dir: str, max_steps: int | None) -> None:
+    """Train the example with ``optimizer``, logging under ``log_dir``."""
+    command = [sys.executable, str(ROOT / "examples" / "edge_of_stability.py"),
+               "--optimizer", optimizer, "--log-dir", log_dir]  # fmt: skip
+    if max_steps is not None:
+        command += ["--max-steps", str(max_steps)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    print(next(line for line in done.stdout.splitlines() if line.startswith("CONCLUSION")))
+
+
+def screenshot(chromium: str, url: str, size: tuple[int, int, int], output: Path) -> None:
+    """Save a headless-Chromium screenshot of ``url``, quantized to a small palette PNG."""
+    with tempfile.TemporaryDirectory() as profile:
+        raw = Path(profile) / "shot.png"
+        subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+             f"--window-size={size[0]},{size[1]}", f"--force-device-scale-factor={size[2]}",
+             "--virtual-time-budget=30000",
+             f"--screenshot={raw}", url],
+            check=True, capture_output=True, timeout=240,
         )  # fmt: skip
-        try:
-            wait_for(f"http://127.0.0.1:{port}/data/plugin/custom_scalars/layout")
-            with tempfile.TemporaryDirectory() as profile:
-                subprocess.run(
-                    [args.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                     "--window-size=1400,1000", "--virtual-time-budget=30000",
-                     f"--screenshot={args.output}", f"http://127.0.0.1:{port}/#custom_scalars"],
-                    check=True, capture_output=True, timeout=180,
-                )  # fmt: skip
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    print(f"wrote {args.output}")
+        with Image.open(raw) as image:
+            image.convert("RGB").quantize(colors=128).save(output, optimize=True)
+    print(f"wrote {output} ({output.stat().st_size // 1024} KB)")
+
+
+def main() -> None:
+    """Run both examples, serve each, and save the screenshots."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "docs")
+    parser.add_argument("--chromium", default="chromium")
+    parser.add_argument("--max-steps", type=int, help="default: the example's own")
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"])
+    parser.add_argument(
+        "--logs", type=Path, help="serve these logs of one run of --optimizers instead of training"
+    )
+    args = parser.parse_args()
+    for optimizer in args.optimizers:
+        with tempfile.TemporaryDirectory() as scratch:
+            log_dir = str(args.logs) if args.logs is not None else scratch
+            if args.logs is None:
+                run_example(optimizer, log_dir, args.max_steps)
+            port = free_port()
+            server = subprocess.Popen(
+                [sys.executable, "-m", "tensorboard.main", "--logdir", log_dir,
+                 "--host", "127.0.0.1", "--port", str(port), "--load_fast=false"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                wait_for(f"http://127.0.0.1:{port}/data/plugin/custom_scalars/layout")
+                for page, size in PAGES.items():
+                    output = args.output_dir / f"{optimizer}_{page}.png"
+                    screenshot(args.chromium, f"http://127.0.0.1:{port}/#{page}", size, output)
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
 
 
 if __name__ == "__main__":

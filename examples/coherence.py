@@ -10,7 +10,7 @@ m-coherence of the per-example gradients of a fixed probe batch of 256 training 
 (1 = orthogonal, 256 = identical), the mean cosine and the noise scale, to TensorBoard:
 
     python examples/coherence.py
-    tensorboard --logdir lightning_logs   # runs coherence/real and coherence/shuffled
+    python -m tensorboard.main --logdir lightning_logs  # coherence/real, coherence/shuffled
 
 It ends by reading the event files back and printing the coherence of both runs.
 """
@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import DigitsClassifier, mlp, read_scalars, standardized_digits
+from digits import DigitsClassifier, mlp, read_scalars, standardized_digits, tensorboard_hint
 
 from lightning_curvature import GradientCoherenceMonitor
 
@@ -88,7 +88,7 @@ def summarize(runs: dict[str, str], probe_size: int) -> None:
         f"labels: {mean_real / mean_shuffled:.2f}x (per probe {min(ratios):.2f}x to "
         f"{max(ratios):.2f}x); mean cosine {cosine_real:.4f} vs {cosine_shuffled:.4f}."
     )
-    print(f"TensorBoard logs: tensorboard --logdir {Path(runs['real']).parent}")
+    print(f"TensorBoard logs: {tensorboard_hint(str(Path(runs['real']).parent))}")
 
 
 def main() -> None:

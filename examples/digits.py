@@ -5,6 +5,9 @@ The digits (1797 8x8 images, 10 classes) ship inside scikit-learn, so nothing is
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
@@ -46,6 +49,11 @@ class DigitsClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def tensorboard_hint(log_dir: str) -> str:
+    """The command that serves ``log_dir``, runnable as printed (no ``tensorboard`` on PATH)."""
+    return f"{shlex.quote(sys.executable)} -m tensorboard.main --logdir {shlex.quote(str(log_dir))}"
 
 
 def read_scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:

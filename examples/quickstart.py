@@ -7,7 +7,7 @@ from the TensorBoard event file and recomputes the final sharpness with the mode
 on the same probe batch, to show that the two agree:
 
     python examples/quickstart.py
-    tensorboard --logdir lightning_logs
+    python -m tensorboard.main --logdir lightning_logs
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import DigitsClassifier, mlp, standardized_digits
+from digits import DigitsClassifier, mlp, standardized_digits, tensorboard_hint
 
 from lightning_curvature import (
     GradientCoherenceMonitor,
@@ -80,6 +80,7 @@ def main() -> None:
         f"probe batch; its stability threshold (2 + 2·0.9)/lr is "
         f"{events.Scalars('curvature/stability_threshold')[-1].value:.1f}."
     )
+    print(f"TensorBoard logs in {logger.log_dir}: {tensorboard_hint(logger.log_dir)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ instead of driving it, and with it the Hessian, towards zero: their sharpness is
 comparable. The sharpness monitor logs the same quantity along the way, to TensorBoard:
 
     python examples/sam.py
-    tensorboard --logdir lightning_logs
+    python -m tensorboard.main --logdir lightning_logs
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import mlp
+from digits import mlp, tensorboard_hint
 
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
 from lightning_curvature.callbacks.sam import SAM
@@ -154,9 +154,7 @@ def main() -> None:
         f"{sgd_sharp:.3f} ({sam_sharp / sgd_sharp:.2f}x), mean test accuracy {sam_acc:.2%} vs "
         f"{sgd_acc:.2%}, mean training loss {sam_loss:.4f} vs {sgd_loss:.4f}."
     )
-    print(
-        f"({time.perf_counter() - started:.0f} s) TensorBoard: tensorboard --logdir {args.log_dir}"
-    )
+    print(f"({time.perf_counter() - started:.0f} s) TensorBoard: {tensorboard_hint(args.log_dir)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,49 @@ def test_quickstart_logs_what_the_model_level_api_computes(tmp_path: Path) -> No
     assert threshold == pytest.approx(3.8 / 0.05)
     for tag in ("curvature/trace/net.0", "gradient/coherence", "curvature/density_max"):
         assert tag in out
+
+
+@pytest.mark.slow
+def test_adamw_edge_is_the_preconditioned_one_and_the_hint_runs(tmp_path: Path) -> None:
+    out = _run("edge_of_stability.py", tmp_path, "--optimizer", "adamw", "--max-steps", "300")
+    assert "stability threshold 38/lr = 9500" in out
+    found = re.search(
+        r"started at ([\d.]+), reached the edge at step (\d+) and then stayed within "
+        r"\[([\d.]+), ([\d.]+)\]",
+        out,
+    )
+    assert found, out
+    start, _, low, high = (float(g) for g in found.groups())
+    assert start < 0.5  # λ₁(P⁻¹H) / (38/lr) rises to the edge ...
+    assert 0.8 <= low <= high <= 1.2  # ... and hovers there
+    # The printed TensorBoard command runs as printed (no `tensorboard` on PATH needed).
+    (hint,) = re.findall(r"TensorBoard logs in .*?: (.+)", out)
+    version = subprocess.run(
+        [*shlex.split(hint), "--version_tb"], capture_output=True, text=True, timeout=120
+    )
+    assert version.returncode == 0, version.stderr[-2000:]
+    assert re.match(r"\d+\.\d+", version.stdout.strip())
+
+
+@pytest.mark.slow
+def test_cli_example_ends_with_its_conclusion(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cli.py"), "fit", "--config",
+         str(EXAMPLES / "curvature_config.yaml"), "--trainer.max_steps=60",
+         f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(
+        r"CONCLUSION: the config built (.+); the sharpness ratio .* went from ([\d.]+) at step 0 "
+        r"to ([\d.]+) at step 50 over 3 probes",
+        done.stdout,
+    )
+    assert found, done.stdout
+    assert found.group(1).split(", ") == [
+        "HessianEigenvalueMonitor",
+        "HessianTraceMonitor",
+        "GradientCoherenceMonitor",
+        "SpectralDensityMonitor",
+    ]
+    assert float(found.group(3)) > float(found.group(2))  # gradient descent sharpens

@@ -61,19 +61,29 @@ def test_tensorboard_serves_scalars_layout_histogram_and_image(tmp_path: Path) -
         tags = set(scalar_tags[run])
         assert {"curvature/eigenvalue_1", "curvature/stability_threshold",
                 "curvature/sharpness_ratio", "curvature/trace", "curvature/trace_std_error",
-                "curvature/hvps", "curvature/seconds", "train/loss"} <= tags  # fmt: skip
+                "probe_cost/eigenvalue_hvps", "probe_cost/eigenvalue_seconds",
+                "train/loss"} <= tags  # fmt: skip
         threshold = _get(f"{base}/scalars/scalars?run={run}&tag=curvature/stability_threshold")
         assert [point[1] for point in threshold] == [0, 20, 40]
         assert threshold[0][2] == pytest.approx(2 / 0.2)
 
         layout = _get(f"{base}/custom_scalars/layout")
-        charts = {
-            c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]
-        }
-        assert charts["sharpness vs. stability threshold"] == [
-            "curvature/eigenvalue_1",
-            "curvature/stability_threshold",
+        charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"]}
+        assert charts["sharpness λ₁ vs. stability threshold 2/η"]["multiline"]["tag"] == [
+            "^curvature/eigenvalue_1$",
+            "^curvature/stability_threshold$",
         ]
+        (band,) = charts["Hessian trace ± 2 standard errors"]["margin"]["series"]
+        assert band == {
+            "value": "curvature/trace",
+            "lower": "curvature/trace_lower",
+            "upper": "curvature/trace_upper",
+        }
+        assert {c["title"] for c in layout["category"][-1]["chart"]} == {
+            "seconds per probe",
+            "Hessian-vector products per probe",
+            "gradient samples m, examples per sample b",
+        }  # the bookkeeping, last
         assert "curvature/spectral_density" in _get(f"{base}/histograms/tags")[run]
         assert "curvature/spectral_density_image" in _get(f"{base}/images/tags")[run]
     finally:

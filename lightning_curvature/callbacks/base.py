@@ -41,15 +41,26 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
+from lightning_curvature.callbacks.dashboard import (
+    COST_CATEGORY,
+    Charts,
+    exact,
+    multiline,
+    write_layout,
+)
 from lightning_curvature.callbacks.isolation import (
     isolated,
     recording_skip_reasons,
     silenced_logging,
     training_step_loss,
 )
-from lightning_curvature.callbacks.logging import log_scalars
+from lightning_curvature.callbacks.logging import check_name, log_scalars, named_tag
 from lightning_curvature.callbacks.probe_data import ProbePolicy, draw_batches
-from lightning_curvature.callbacks.schedule import ProbeSchedule
+from lightning_curvature.callbacks.schedule import (
+    EveryNSteps,
+    ProbeSchedule,
+    resolve_every_n_steps,
+)
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.parameters import ParameterPatterns, select_parameters
@@ -118,14 +129,21 @@ class CurvatureMonitor(Callback):
 
     Args:
         every_n_steps: probe when ``trainer.global_step`` (optimizer steps) is a multiple
-            of it, step 0 included (the weights before training). Each monitor sets its own
-            default from its cost.
-        every_n_epochs: probe at the first step of every n-th epoch.
+            of it, step 0 included (the weights before training). ``"auto"`` (default): the
+            monitor's own cadence (:attr:`default_every_n_steps`, set from its cost), or
+            none when ``every_n_epochs`` or ``max_overhead`` is given; ``None``: no step
+            cadence.
+        every_n_epochs: probe at the end of every n-th epoch, as Lightning's callbacks do
+            (a probe of the weights after that epoch's last step).
         on_train_end: also probe the final weights.
         max_overhead: instead of a fixed cadence, keep probe time under this fraction of
-            training time (``every_n_steps`` is then the shortest interval). The budget is
+            training time. The interval adapts after every probe and may be as short as one
+            step; an ``every_n_steps`` given with it is the shortest interval. The budget is
             shared: the N monitors of a Trainer that have one each keep to a 1/N share of
             it, so several monitors at ``max_overhead=0.05`` take 5% together.
+        name: writes every tag as ``<group>/<name>/…`` (``curvature/heldout/eigenvalue_1``),
+            so that two monitors of one kind (a training and a held-out probe, say) keep
+            apart; ``None`` (default): the plain tags.
         probe: ``"fixed"`` (default: batches drawn once, comparable over time) or
             ``"current"`` (the batch of the probed step).
         probe_batches: number of batches in the fixed probe (averaged by size).
@@ -152,15 +170,20 @@ class CurvatureMonitor(Callback):
     """
 
     #: Prefix of the cost tags this monitor writes (``<prefix>hvps``, ``<prefix>seconds``).
-    cost_prefix = "curvature/"
+    cost_prefix = "probe_cost/"
+    #: Whether the cost tags include ``<prefix>hvps`` (monitors that compute no HVP: no).
+    counts_hvps = True
+    #: The step cadence of ``every_n_steps="auto"``.
+    default_every_n_steps = 100
 
     def __init__(
         self,
         *,
-        every_n_steps: int | None = 100,
+        every_n_steps: EveryNSteps = "auto",
         every_n_epochs: int | None = None,
         on_train_end: bool = False,
         max_overhead: float | None = None,
+        name: str | None = None,
         probe: ProbePolicy = "fixed",
         probe_batches: int = 1,
         probe_dataloader: Iterable[Any] | None = None,
@@ -173,7 +196,12 @@ class CurvatureMonitor(Callback):
     ) -> None:
         if unknown:
             self._refuse_unknown(unknown)
-        self.schedule = ProbeSchedule(every_n_steps, every_n_epochs, on_train_end, max_overhead)
+        steps = resolve_every_n_steps(
+            every_n_steps, self.default_every_n_steps, every_n_epochs, max_overhead
+        )
+        self.schedule = ProbeSchedule(steps, every_n_epochs, on_train_end, max_overhead)
+        check_name(name)
+        self.name = name
         _check_choice("probe", probe, _PROBES)
         _check_choice("batch_norm", batch_norm, _BATCH_NORM)
         _check_choice("backend", backend, _BACKENDS)
@@ -218,6 +246,8 @@ class CurvatureMonitor(Callback):
         # End of the last probe, its step, and every monitor's probe seconds by then.
         self._timer: tuple[float, int, float] | None = None
         self._unbudgeted: float | None = None  # cost of a probe made before any step time
+        # probe="current": the batch (and its index) an epoch-end probe measures
+        self._last_batch: tuple[Any, int] | None = None
 
     def _refuse_unknown(self, unknown: dict[str, Any]) -> None:
         """A misspelt argument names the monitor the user built and what it takes."""
@@ -254,7 +284,27 @@ class CurvatureMonitor(Callback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`extra_state`."""
 
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
+        """This monitor's custom-scalars charts (subclasses add theirs to these cost charts).
+
+        Called once at ``on_train_start``, when the optimizer is known; see
+        :mod:`~lightning_curvature.callbacks.dashboard`.
+        """
+        cost = {"seconds per probe": multiline(exact(self.tag(f"{self.cost_prefix}seconds")))}
+        if self.counts_hvps:
+            hvps = exact(self.tag(f"{self.cost_prefix}hvps"))
+            cost["Hessian-vector products per probe"] = multiline(hvps)
+        return {COST_CATEGORY: cost}
+
     # -- helpers for subclasses ----------------------------------------------------------------
+    def tag(self, tag: str) -> str:
+        """``tag`` as this monitor writes it (under its ``name``, if it has one)."""
+        return named_tag(tag, self.name)
+
+    def category(self, group: str) -> str:
+        """The custom-scalars category of this monitor's charts of ``group``."""
+        return group if self.name is None else f"{group} ({self.name})"
+
     def probe_kwargs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Arguments shared by every model-level call of a probe."""
         return {
@@ -352,6 +402,12 @@ class CurvatureMonitor(Callback):
                 f"({type(trainer.strategy).__name__}): "
                 "Hessian-vector products need every parameter on every rank. Use DDP."
             )
+        if getattr(trainer, "fast_dev_run", False) and self is _monitors(trainer)[0]:
+            rank_zero_warn(
+                "fast_dev_run replaces every logger with a DummyLogger: the curvature monitors "
+                "still probe (so errors show), but nothing they measure is logged. Use "
+                "`max_steps=` for a short run that logs."
+            )
 
     @property
     def fixed_probe(self) -> BatchList | None:
@@ -390,12 +446,25 @@ class CurvatureMonitor(Callback):
                 ]
         self._timer, self._unbudgeted = None, None
         self.probe_seconds = 0.0
+        monitors = _monitors(trainer)
+        if monitors and self is monitors[0]:  # one layout per run, holding every monitor's
+            write_layout(trainer, pl_module, monitors)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.probe == "current":
+            self._last_batch = (batch, batch_idx)
         if self.is_due(trainer, batch_idx):
+            self._probe(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.uses_probe_data and self.schedule.is_due_at_epoch_end(
+            trainer.global_step, trainer.current_epoch
+        ):
+            batch, batch_idx = self._last_batch or (None, 0)
             self._probe(trainer, pl_module, batch, batch_idx)
 
     def is_due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -408,7 +477,10 @@ class CurvatureMonitor(Callback):
         if self._unbudgeted is not None and step > self.schedule.last_step:
             self._budget(trainer, self.schedule.last_step, step, self._unbudgeted)
             self._unbudgeted = None
-        return self.schedule.is_due(step, trainer.current_epoch, epoch_start=batch_idx == 0)
+        # every_n_epochs acts at epoch end (on_train_epoch_end); a monitor that reads
+        # training's own steps instead of probe data measures the epoch's first step.
+        epoch_start = batch_idx == 0 and not self.uses_probe_data
+        return self.schedule.is_due(step, trainer.current_epoch, epoch_start=epoch_start)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -441,6 +513,7 @@ class CurvatureMonitor(Callback):
             batch_norm=self.batch_norm,
             backend=self.backend,
             seed=self.seed,
+            **({} if self.name is None else {"name": self.name}),
             **self.state_key_fields(),
         )
 
@@ -543,7 +616,7 @@ class CurvatureMonitor(Callback):
         costs = {f"{self.cost_prefix}seconds": seconds}
         if num_hvps is not None:
             costs[f"{self.cost_prefix}hvps"] = float(num_hvps)
-        metrics = {**metrics, **costs}
+        metrics = {self.tag(key): value for key, value in {**metrics, **costs}.items()}
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
         log_scalars(trainer, metrics, log_step(trainer))
         self.log_extras(trainer, step)

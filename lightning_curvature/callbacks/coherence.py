@@ -36,9 +36,18 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
+from lightning_curvature.callbacks.dashboard import (
+    COST_CATEGORY,
+    Charts,
+    exact,
+    family,
+    layout,
+    multiline,
+)
 from lightning_curvature.callbacks.gradient_capture import BackwardGradients
 from lightning_curvature.callbacks.gradient_sums_metric import GradientSumsMetric
 from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList, batch_size
 from lightning_curvature.functional.gradient_statistics import (
     CoherenceMode,
@@ -123,7 +132,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             ``chunk_size × P``); default about 16 MiB of gradients on CPU.
         per_layer: ``True`` for one coherence per module, or parameter-name patterns (list,
             or dict of tag name to pattern) for one per block.
-        every_n_steps: measure every this many optimizer steps (default 500).
+        every_n_steps: measure every this many optimizer steps (``"auto"``: 500).
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``
             (the probe-data arguments apply to ``source="probe"`` only; ``backend`` does not
             apply: no Hessian-vector products are computed).
@@ -136,7 +145,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         - ``gradient/num_samples`` and ``gradient/sample_size``: ``m`` and ``b`` (examples
           per sample; 1 for per-example gradients)
         - ``gradient/coherence/<name>`` (with ``per_layer``)
-        - ``gradient/seconds``: cost of the measurement
+        - ``probe_cost/coherence_seconds``: cost of the measurement
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -151,7 +160,9 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[free], accumulate_grad_batches=4, max_steps=1)
     """
 
-    cost_prefix = "gradient/"
+    cost_prefix = "probe_cost/coherence_"
+    counts_hvps = False
+    default_every_n_steps = 500
 
     def __init__(
         self,
@@ -161,7 +172,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         micro_batch_size: int | None = 8,
         chunk_size: int | None = None,
         per_layer: bool | Sequence[str] | Mapping[str, str] = False,
-        every_n_steps: int | None = 500,
+        every_n_steps: EveryNSteps = "auto",
         **kwargs: Any,
     ) -> None:
         if source not in _SOURCES:
@@ -203,6 +214,31 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         self._metric: GradientSumsMetric | None = None
         self._metric_layout: tuple[Any, ...] = ()
         self._step: _StepSamples | None = None
+
+    @override
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
+        def chart(*names: str) -> list[Any]:
+            return multiline(*(exact(self.tag(f"gradient/{name}")) for name in names))
+
+        science = {"gradient coherence (m-coherence)": chart("coherence")}
+        if self.source != "ddp":
+            science["mean pairwise cosine of the gradients"] = chart("mean_cosine")
+        science["noise scale B_simple = tr Σ / ‖G‖² (examples)"] = chart("noise_scale")
+        science["noise scale parts ‖G‖² and tr Σ"] = chart("grad_norm_sq", "trace_sigma")
+        if self.source != "ddp":
+            science["gradient SNR (mean over coordinates)"] = chart("snr")
+        if self._blocks.patterns:
+            science["gradient coherence per block"] = multiline(
+                family(self.tag("gradient/coherence/"), ".+")
+            )
+        samples = {"gradient samples m, examples per sample b": chart("num_samples", "sample_size")}
+        return layout(
+            [
+                {self.category("gradient"): science},
+                super().charts(trainer, pl_module),
+                {COST_CATEGORY: samples},
+            ]
+        )
 
     @property
     @override

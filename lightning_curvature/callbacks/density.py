@@ -10,8 +10,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
+from lightning_curvature.callbacks.dashboard import (
+    Charts,
+    batch_norm_note,
+    exact,
+    layout,
+    multiline,
+    raw_threshold,
+)
 from lightning_curvature.callbacks.logging import tensorboard_writers
 from lightning_curvature.callbacks.rendering import density_image
+from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.density import SpectralDensity, spectral_density
 
@@ -25,20 +34,23 @@ class SpectralDensityMonitor(CurvatureMonitor):
     rarely. Beyond 30-80 steps the start-vector variance dominates, so add runs, not steps.
     With a TensorBoard logger the density also appears as a histogram (bucket counts are
     estimated eigenvalue counts, ``weight × P``) and as an image on a log scale; the raw
-    nodes and weights of the last probe are kept in :attr:`last_density`.
+    nodes and weights of the last probe are kept in :attr:`last_density`. The image has
+    labelled axes, the quadrature nodes as a rug (outliers always show), ``λ_max`` and, for
+    SGD, the stability threshold ``(2 + 2β)/η − wd`` marked.
 
     Args:
         num_steps: Lanczos steps per run.
         num_runs: independent runs averaged.
         num_points: grid points of the smoothed density.
-        every_n_steps: probe every this many optimizer steps (default 2000: the density
-            costs ``num_steps × num_runs`` products, so it is meant to be taken rarely).
+        every_n_steps: probe every this many optimizer steps (``"auto"``: 2000, as the
+            density costs ``num_steps × num_runs`` products, so it is meant to be rare).
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
 
     Logged metrics:
         - ``curvature/density_max`` and ``curvature/density_min``: extreme quadrature nodes
           (``λ_max`` and ``λ_min`` estimates)
-        - ``curvature/density_hvps`` and ``curvature/density_seconds``: cost of the probe
+        - ``probe_cost/density_hvps`` and ``probe_cost/density_seconds``: cost of the
+          probe
         - TensorBoard only: histogram ``curvature/spectral_density`` and image
           ``curvature/spectral_density_image`` (one tag each: TensorBoard keys data by tag)
 
@@ -53,7 +65,8 @@ class SpectralDensityMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "curvature/density_"
+    cost_prefix = "probe_cost/density_"
+    default_every_n_steps = 2000
 
     def __init__(
         self,
@@ -61,7 +74,7 @@ class SpectralDensityMonitor(CurvatureMonitor):
         num_runs: int = 1,
         *,
         num_points: int = 200,
-        every_n_steps: int | None = 2000,
+        every_n_steps: EveryNSteps = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, **kwargs)
@@ -80,6 +93,13 @@ class SpectralDensityMonitor(CurvatureMonitor):
     @override
     def state_key_fields(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps, "num_runs": self.num_runs}
+
+    @override
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
+        title = f"spectrum edges λ_min, λ_max (SLQ){batch_norm_note(pl_module, self.batch_norm)}"
+        edges = multiline(*(exact(self.tag(f"curvature/density_{e}")) for e in ("max", "min")))
+        science = {self.category("curvature"): {title: edges}}
+        return layout([science, super().charts(trainer, pl_module)])
 
     @override
     def measure(
@@ -107,9 +127,15 @@ class SpectralDensityMonitor(CurvatureMonitor):
         grid, density = esd.density(num_points=self.num_points)
         spacing = float(grid[1] - grid[0])
         counts = density * spacing * esd.num_parameters
+        markers = {"lambda_max": float(esd.nodes.max())}
+        threshold = raw_threshold(trainer)
+        if threshold is not None:
+            markers["threshold"] = threshold
+        title = f"Hessian eigenvalue density (SLQ), step {step}"
+        image = density_image(grid, density, nodes=esd.nodes, markers=markers, title=title)
         for writer in tensorboard_writers(trainer):
             writer.add_histogram_raw(
-                "curvature/spectral_density",
+                self.tag("curvature/spectral_density"),
                 min=float(grid[0]),
                 max=float(grid[-1]),
                 num=float(counts.sum()),
@@ -119,6 +145,4 @@ class SpectralDensityMonitor(CurvatureMonitor):
                 bucket_counts=counts.tolist(),
                 global_step=step,
             )
-            writer.add_image(
-                "curvature/spectral_density_image", density_image(density), global_step=step
-            )
+            writer.add_image(self.tag("curvature/spectral_density_image"), image, global_step=step)

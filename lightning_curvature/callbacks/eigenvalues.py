@@ -11,12 +11,21 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
+from lightning_curvature.callbacks.dashboard import (
+    Charts,
+    batch_norm_note,
+    exact,
+    family,
+    layout,
+    multiline,
+    threshold_label,
+)
 from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns, module_blocks
-from lightning_curvature.callbacks.logging import tensorboard_writers
+from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
 from lightning_curvature.functional.parameters import select_parameters
-from lightning_curvature.functional.probe import unwrap_model
+from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.stability import stability_threshold
 
 __all__ = ["HessianEigenvalueMonitor"]
@@ -38,7 +47,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
     Args:
         k: number of top eigenvalues.
         tol: relative error bound of each eigenvalue.
-        max_iter: most Hessian-vector products per Lanczos run (default ``max(30, 20+4k)``).
+        max_iter: most Hessian-vector products per Lanczos run (default ``30 + 8k``).
         stability: log the stability threshold and the sharpness ratio.
         smallest: also log the smallest (most negative) eigenvalue.
         per_layer: ``True`` for one block per module, or parameter-name patterns (list, or
@@ -47,20 +56,28 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         warm_start: start each Lanczos run from the previous run's top ``k + 1`` Ritz
             vectors (``HessianEigenvalues.warm_start``).
         prog_bar: show ``eigenvalue_1`` in the progress bar.
-        every_n_steps: probe every this many optimizer steps (default 500: a warm probe
-            takes about 6-9 Hessian-vector products, some 10-20 gradients of the probe
+        every_n_steps: probe every this many optimizer steps (``"auto"``: 500, as a warm
+            probe takes about 6-9 Hessian-vector products, some 10-20 gradients of the probe
             batch, so about 2-4% of training where a step is one such gradient).
+        batch_norm: ``"train"`` (default here: batch statistics, the landscape the optimizer
+            steps on, which is what the stability threshold refers to) or ``"eval"``
+            (running statistics, the inference-time landscape). The chart titles say which.
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
 
     Logged metrics:
         - ``curvature/eigenvalue_1`` … ``curvature/eigenvalue_k``
-        - ``curvature/stability_threshold`` and ``curvature/sharpness_ratio``
-          (``eigenvalue_1 / stability_threshold``, ≈ 1 at the edge of stability); not at a
-          step whose learning rate is 0 (a warmup's first step: no threshold, one warning)
+        - ``curvature/stability_threshold``: the value of the compared eigenvalue at which
+          the step turns unstable (SGD: ``(2 + 2β)/η`` less the coupled weight decay, which
+          shifts every eigenvalue of the optimized loss; Adam: 38/η for ``λ₁(P⁻¹H)``)
+        - ``curvature/sharpness_ratio``: exactly ``eigenvalue_1 / stability_threshold``
+          (``preconditioned_eigenvalue_1 / stability_threshold`` for Adam), ≈ 1 at the
+          edge of stability; neither at a step whose learning rate is 0 (a warmup's first
+          step: no threshold, one warning)
         - ``curvature/preconditioned_eigenvalue_1`` (Adam/AdamW)
         - ``curvature/eigenvalue_min`` (with ``smallest=True``)
         - ``curvature/eigenvalue_1/<name>`` (with ``per_layer``)
-        - ``curvature/hvps`` and ``curvature/seconds``: cost of the probe
+        - ``probe_cost/eigenvalue_hvps`` and ``probe_cost/eigenvalue_seconds``: cost of the probe
+        - with ``name=``: every tag as ``<group>/<name>/…``
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -74,6 +91,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
+    cost_prefix = "probe_cost/eigenvalue_"
+    default_every_n_steps = 500
+
     def __init__(
         self,
         k: int = 1,
@@ -85,10 +105,11 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         per_layer: bool | LayerSpec = None,
         warm_start: bool = True,
         prog_bar: bool = False,
-        every_n_steps: int | None = 500,
+        every_n_steps: EveryNSteps = "auto",
+        batch_norm: BatchNormMode = "train",
         **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, **kwargs)
+        super().__init__(every_n_steps=every_n_steps, batch_norm=batch_norm, **kwargs)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise MisconfigurationException(f"`k` must be an integer >= 1, got {k!r}.")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
@@ -166,12 +187,12 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
 
     @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
-        top = self.last_metrics.get("curvature/eigenvalue_1")
+        tag = self.tag("curvature/eigenvalue_1")
+        top = self.last_metrics.get(tag)
         if self.prog_bar and not self._final_probe and top is not None:
             # (after the probe: its isolation silences the module's log)
-            trainer.lightning_module.log("curvature/eigenvalue_1", top, prog_bar=True, logger=False)
+            trainer.lightning_module.log(tag, top, prog_bar=True, logger=False)
 
-    @override
     @override
     def check_model(self, pl_module: pl.LightningModule) -> None:
         size = self.measured_size(pl_module)
@@ -213,10 +234,14 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
                 "sharpness ratio are not.",
             )
             return 0
-        metrics["curvature/stability_threshold"] = found.threshold
         if found.kind == "sgd":
-            metrics["curvature/sharpness_ratio"] = (top + found.eigenvalue_shift) / found.threshold
+            # η(λ₁ + wd) < 2 + 2β ⇔ λ₁ < threshold − wd: the threshold of λ₁ itself, so the
+            # ratio is λ₁ / threshold exactly, as logged and charted.
+            threshold = found.limit
+            metrics["curvature/stability_threshold"] = threshold
+            metrics["curvature/sharpness_ratio"] = top / threshold
             return 0
+        metrics["curvature/stability_threshold"] = found.threshold
         if found.preconditioner is None:
             return 0  # Adam before its first step has no preconditioner yet
         precond = self._eigenvalues(
@@ -227,19 +252,39 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         return int(precond.num_hvps)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        charts: dict[str, list[Any]] = {
-            "eigenvalues": ["Multiline", [r"curvature/eigenvalue_\d+$"]]
-        }
-        if self.stability:
-            charts["sharpness vs. stability threshold"] = [
-                "Multiline",
-                ["curvature/eigenvalue_1", "curvature/stability_threshold"],
-            ]
-            charts["sharpness ratio"] = ["Multiline", ["curvature/sharpness_ratio"]]
-        for writer in tensorboard_writers(trainer):
-            writer.add_custom_scalars({"curvature": charts})
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
+        # Adam's threshold is one of λ₁(P⁻¹H), SGD's one of λ₁(H): each chart holds the
+        # quantity its threshold refers to, and the raw spectrum has a chart of its own.
+        note = batch_norm_note(pl_module, self.batch_norm)
+        ratio, threshold = self.tag("curvature/sharpness_ratio"), None
+        if self.stability and trainer.optimizers:
+            threshold = threshold_label(trainer.optimizers[0])
+        science: dict[str, list[Any]] = {}
+        if threshold is not None and isinstance(trainer.optimizers[0], torch.optim.SGD):
+            science[f"sharpness λ₁ vs. stability threshold {threshold}{note}"] = multiline(
+                exact(self.tag("curvature/eigenvalue_1")),
+                exact(self.tag("curvature/stability_threshold")),
+            )
+            science["sharpness ratio λ₁ / threshold"] = multiline(exact(ratio))
+        elif threshold is not None:
+            science[f"preconditioned sharpness λ₁(P⁻¹H) vs. threshold {threshold}{note}"] = (
+                multiline(
+                    exact(self.tag("curvature/preconditioned_eigenvalue_1")),
+                    exact(self.tag("curvature/stability_threshold")),
+                )
+            )
+            science["sharpness ratio λ₁(P⁻¹H) / threshold"] = multiline(exact(ratio))
+        spectrum = [family(self.tag("curvature/eigenvalue_"), r"\d+")]
+        if self.smallest:
+            spectrum.append(exact(self.tag("curvature/eigenvalue_min")))
+        top = "top Hessian eigenvalue λ₁" if self.k == 1 else f"top {self.k} Hessian eigenvalues"
+        smallest = " and the smallest" if self.smallest else ""
+        science[f"{top}{smallest} (raw H){note}"] = multiline(*spectrum)
+        if self.per_layer:
+            science["top eigenvalue per block"] = multiline(
+                family(self.tag("curvature/eigenvalue_1/"), ".+")
+            )
+        return layout([{self.category("curvature"): science}, super().charts(trainer, pl_module)])
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,35 +1,146 @@
-"""A dependency-free picture of a spectral density, for TensorBoard's image dashboard."""
+"""A labelled picture of a spectral density, for TensorBoard's image dashboard.
+
+Hessian spectra are a bulk near zero and a few outliers far from it, with densities some
+orders of magnitude apart, so the density is drawn on a log scale (down to ``floor`` times
+its peak), with labelled axes, the quadrature nodes as a rug under the curve (an outlier of
+weight ``1/P`` is always visible there), and vertical lines at ``lambda_max`` and, where known,
+the stability threshold. Drawn with Pillow (a dependency of TensorBoard), no plotting
+library needed.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["density_image"]
+__all__ = ["density_image", "nice_ticks"]
+
+_INK = (31, 90, 180)
+_FILL = (170, 198, 238)
+_GRID = (225, 225, 225)
+_TEXT = (40, 40, 40)
+_MARKERS = ((200, 30, 30), (230, 120, 0), (20, 140, 60))
 
 
-def density_image(density: torch.Tensor, height: int = 160, floor: float = 1e-6) -> torch.Tensor:
-    """Render a density curve on a log scale as a ``(3, height, len(density))`` image.
-
-    Each column is filled up to ``log10(density)`` between ``log10(floor · max)`` (bottom) and
-    ``log10(max)`` (top): the bulk near zero and the outliers are both visible.
-
-    Args:
-        density: non-negative values on an evenly spaced grid (one column each).
-        height: image height in pixels.
-        floor: smallest density shown, relative to the maximum.
+def nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
+    """Round tick positions (1, 2 or 5 times a power of ten apart) inside ``[low, high]``.
 
     Example:
-        >>> image = density_image(torch.tensor([1.0, 1e-3, 0.0]), height=6)
-        >>> image.shape
-        torch.Size([3, 6, 3])
-        >>> (image[0] < 1).sum(dim=0).tolist()  # filled pixels: full, half (1e-3 of 1e-6), none
-        [6, 3, 0]
+        >>> nice_ticks(-3.2, 151.7)
+        [0.0, 50.0, 100.0, 150.0]
     """
-    values = density.to(torch.float64).clamp_min(0)
-    top = float(values.max()) if float(values.max()) > 0 else 1.0
-    levels = (values / top).clamp_min(floor).log10() / -torch.tensor(floor).log10() + 1  # in [0, 1]
-    rows = torch.arange(height, 0, -1, dtype=torch.float64)[:, None] / height  # top row = 1
-    filled = (rows <= levels[None, :] + 1e-12) & (values[None, :] > 0)
-    background = torch.tensor([1.0, 1.0, 1.0])[:, None, None]
-    ink = torch.tensor([0.1, 0.35, 0.75])[:, None, None]
-    return torch.where(filled[None], ink, background).to(torch.float32)
+    if not high > low:
+        return [low]
+    raw = (high - low) / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw / 1.5)
+    first = math.ceil(low / step) * step
+    return [
+        float(round(first + i * step, 10)) for i in range(int((high - first) / step + 1e-9) + 1)
+    ]
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+def density_image(
+    grid: torch.Tensor,
+    density: torch.Tensor,
+    *,
+    nodes: torch.Tensor | None = None,
+    markers: Mapping[str, float] | None = None,
+    title: str = "Hessian eigenvalue density",
+    size: tuple[int, int] = (720, 340),
+    floor: float = 1e-7,
+) -> torch.Tensor:
+    """Draw ``density`` over ``grid`` on a log scale as a ``(3, H, W)`` float image in [0, 1].
+
+    Args:
+        grid: increasing eigenvalues (the x axis).
+        density: non-negative density at each grid point.
+        nodes: quadrature nodes, drawn as a rug along the x axis.
+        markers: label to eigenvalue of each vertical line (``{"lambda_max": 152.4}``; the
+            built-in font has no Greek); one outside the axis is named at the edge it lies
+            beyond.
+        title: the line above the plot.
+        size: ``(width, height)`` in pixels.
+        floor: smallest density shown, relative to the peak.
+
+    Example:
+        >>> grid = torch.linspace(-1, 11, 200)
+        >>> density = torch.exp(-grid**2 / 0.02) + 1e-4 * torch.exp(-(grid - 10)**2 / 0.02)
+        >>> image = density_image(grid, density, markers={"lambda_max": 10.0, "threshold": 20.0})
+        >>> image.shape, float(image.min()) >= 0, float(image.max()) <= 1
+        (torch.Size([3, 340, 720]), True, True)
+    """
+    width, height = size
+    left, right, top, bottom = 78, 18, 36, 52
+    plot_w, plot_h = width - left - right, height - top - bottom
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=15)
+    x = grid.detach().to(torch.float64).cpu()
+    y = density.detach().to(torch.float64).cpu().clamp_min(0)
+    x_low, x_high = float(x[0]), float(x[-1])
+    if not x_high > x_low:
+        x_high = x_low + 1.0
+    peak = float(y.max()) if float(y.max()) > 0 else 1.0
+    y_low, y_high = math.log10(peak * floor), math.log10(peak)
+
+    def px(value: float) -> float:
+        return left + (value - x_low) / (x_high - x_low) * plot_w
+
+    def py(log_value: float) -> float:
+        return top + (y_high - log_value) / (y_high - y_low) * plot_h
+
+    # axes, grid lines and tick labels
+    for decade in range(math.ceil(y_low), math.floor(y_high) + 1):
+        row = py(decade)
+        draw.line([(left, row), (left + plot_w, row)], fill=_GRID)
+        draw.text((left - 6, row), f"1e{decade}", fill=_TEXT, font=font, anchor="rm")
+    for tick in nice_ticks(x_low, x_high):
+        col = px(tick)
+        draw.line([(col, top), (col, top + plot_h)], fill=_GRID)
+        draw.text((col, top + plot_h + 4), _number(tick), fill=_TEXT, font=font, anchor="ma")
+    # the curve, filled down to the floor
+    logs = y.clamp_min(peak * floor).log10()
+    points = [(px(float(a)), py(float(b))) for a, b in zip(x, logs, strict=True)]
+    base = top + plot_h
+    draw.polygon([(points[0][0], base), *points, (points[-1][0], base)], fill=_FILL)
+    draw.line(points, fill=_INK, width=2)
+    if nodes is not None:  # the rug: every quadrature node, outliers included
+        for node in nodes.detach().reshape(-1).cpu().tolist():
+            if x_low <= node <= x_high:
+                draw.line([(px(node), base - 7), (px(node), base)], fill=_INK, width=1)
+    for i, (label, value) in enumerate((markers or {}).items()):
+        color = _MARKERS[i % len(_MARKERS)]
+        text = f"{label} = {_number(value)}"
+        row = top + 4 + 18 * i
+        if value > x_high:
+            draw.text((left + plot_w - 2, row), f"{text} ->", fill=color, font=font, anchor="ra")
+            continue
+        if value < x_low:
+            draw.text((left + 2, row), f"<- {text}", fill=color, font=font, anchor="la")
+            continue
+        col = px(value)
+        for start in range(top, base, 8):  # dashed
+            draw.line([(col, start), (col, min(start + 4, base))], fill=color, width=2)
+        anchor = "ra" if col > left + plot_w / 2 else "la"
+        draw.text((col - 4 if anchor == "ra" else col + 4, row), text, fill=color, font=font,
+                  anchor=anchor)  # fmt: skip
+    draw.rectangle([left, top, left + plot_w, base], outline=_TEXT)
+    draw.text((left, 10), title, fill=_TEXT, font=font)
+    draw.text(
+        (left + plot_w / 2, height - 6), "Hessian eigenvalue", fill=_TEXT, font=font, anchor="md"
+    )
+    axis = Image.new("RGB", (plot_h, 20), "white")
+    ImageDraw.Draw(axis).text(
+        (plot_h / 2, 10), "density (log scale)", fill=_TEXT, font=font, anchor="mm"
+    )
+    image.paste(axis.rotate(90, expand=True), (2, top))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.reshape(height, width, 3).permute(2, 0, 1).float() / 255

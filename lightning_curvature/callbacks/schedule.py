@@ -4,8 +4,9 @@ Steps are *optimizer* steps (``trainer.global_step``), so gradient accumulation 
 probe per step. With ``max_overhead`` the interval adapts after every probe so that probe
 time stays under that fraction of the training time (what the probes add to a run without
 them): after a probe of ``c`` seconds with training steps of ``s`` seconds, the next comes
-``c / (f s)`` steps later (never sooner than ``every_n_steps``); monitors that share one
-budget each use a share ``f`` of it. The
+``c / (f s)`` steps later (never sooner than ``every_n_steps`` if the user gave one, else
+as soon as the next step); monitors that share one budget each use a share ``f`` of it.
+``every_n_epochs`` acts at the end of every n-th epoch, as Lightning's own callbacks do. The
 decision is computed on rank zero and broadcast, so every process probes at the same steps
 (a mismatch would deadlock the all-reduced products).
 """
@@ -13,11 +14,14 @@ decision is computed on rank zero and broadcast, so every process probes at the 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["ProbeSchedule"]
+__all__ = ["EveryNSteps", "ProbeSchedule", "resolve_every_n_steps"]
+
+#: ``every_n_steps`` as a monitor takes it: ``"auto"`` is the monitor's own default cadence.
+EveryNSteps = int | None | Literal["auto"]
 
 
 def _check_positive_int(name: str, value: int | None, allow_none: bool = True) -> None:
@@ -28,12 +32,40 @@ def _check_positive_int(name: str, value: int | None, allow_none: bool = True) -
         raise MisconfigurationException(f"`{name}` must be {allowed}, got {value!r}.")
 
 
+def resolve_every_n_steps(
+    every_n_steps: EveryNSteps,
+    default: int,
+    every_n_epochs: int | None = None,
+    max_overhead: float | None = None,
+) -> int | None:
+    """The step interval a monitor uses: ``"auto"`` means ``default`` unless another trigger is set.
+
+    With ``every_n_epochs`` or ``max_overhead`` given, ``"auto"`` adds no step cadence of its
+    own: epochs alone, or the budget alone with no floor (it may probe at every step if the
+    probes are that cheap). A number or ``None`` is kept as given.
+
+    Example:
+        >>> resolve_every_n_steps("auto", 500)
+        500
+        >>> resolve_every_n_steps("auto", 500, max_overhead=0.05) is None  # budget only
+        True
+        >>> resolve_every_n_steps(20, 500, max_overhead=0.05)  # the user's floor
+        20
+    """
+    if every_n_steps != "auto":
+        return every_n_steps
+    if every_n_epochs is not None or max_overhead is not None:
+        return None
+    return default
+
+
 class ProbeSchedule:
     """Decides at which optimizer steps (and epochs) a callback acts.
 
     Args:
         every_n_steps: act when ``global_step`` is a multiple of it (step 0 included).
-        every_n_epochs: act at the first step of every n-th epoch (epoch 0 included).
+        every_n_epochs: act at the end of every n-th epoch (:meth:`is_due_at_epoch_end`;
+            :meth:`is_due` tells a caller that can only act on a step the first step of one).
         on_train_end: also act once when training ends.
         max_overhead: time the probes may add, as a fraction of the training time (e.g.
             ``0.05``); the interval then adapts, with ``every_n_steps`` (default 1) as the
@@ -92,6 +124,18 @@ class ProbeSchedule:
         return bool(
             epoch_start and self.every_n_epochs is not None and epoch % self.every_n_epochs == 0
         )
+
+    def is_due_at_epoch_end(self, global_step: int, epoch: int) -> bool:
+        """Whether to act at the end of epoch ``epoch`` (``global_step`` optimizer steps done).
+
+        Example:
+            >>> schedule = ProbeSchedule(every_n_epochs=2)
+            >>> [epoch for epoch in range(5) if schedule.is_due_at_epoch_end(4 * epoch, epoch)]
+            [1, 3]
+        """
+        if global_step == self.last_step or self.every_n_epochs is None:
+            return False
+        return (epoch + 1) % self.every_n_epochs == 0
 
     def next_interval(
         self, probe_seconds: float, step_seconds: float, budget: float | None = None

@@ -11,7 +11,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.base import CurvatureMonitor
+from lightning_curvature.callbacks.dashboard import (
+    Charts,
+    exact,
+    family,
+    layout,
+    margin,
+    multiline,
+)
 from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.parameters import select_parameters
 from lightning_curvature.functional.probe import unwrap_model
@@ -32,14 +41,16 @@ class HessianTraceMonitor(CurvatureMonitor):
             probes) or ``"hutch++"``.
         per_layer: ``True`` for one trace per module, or parameter-name patterns (list, or
             dict of tag name to pattern) for one per block.
-        every_n_steps: probe every this many optimizer steps (default 1000: ``num_hvps``
-            products, some 40-60 gradients, every 1000 steps).
+        every_n_steps: probe every this many optimizer steps (``"auto"``: 1000, as a probe
+            is ``num_hvps`` products, some 40-60 gradients).
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
 
     Logged metrics:
         - ``curvature/trace`` and ``curvature/trace_std_error``
+        - ``curvature/trace_lower`` and ``curvature/trace_upper``: trace ∓ 2 standard
+          errors (the band of the custom-scalars chart)
         - ``curvature/trace/<name>`` (with ``per_layer``)
-        - ``curvature/trace_hvps`` and ``curvature/trace_seconds``: cost of the probe
+        - ``probe_cost/trace_hvps`` and ``probe_cost/trace_seconds``: cost of the probe
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -52,7 +63,8 @@ class HessianTraceMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "curvature/trace_"
+    cost_prefix = "probe_cost/trace_"
+    default_every_n_steps = 1000
 
     def __init__(
         self,
@@ -60,7 +72,7 @@ class HessianTraceMonitor(CurvatureMonitor):
         method: Literal["hutchinson", "hutch++"] = "hutchinson",
         *,
         per_layer: bool | Sequence[str] | dict[str, str] = False,
-        every_n_steps: int | None = 1000,
+        every_n_steps: EveryNSteps = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, **kwargs)
@@ -88,6 +100,20 @@ class HessianTraceMonitor(CurvatureMonitor):
         return {"num_hvps": self.num_hvps, "method": self.method, "per_layer": self.per_layer}
 
     @override
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
+        bounds = ("curvature/trace", "curvature/trace_lower", "curvature/trace_upper")
+        trace = [self.tag(tag) for tag in bounds]
+        science = {
+            "Hessian trace ± 2 standard errors": margin(*trace),
+            "standard error of the trace": multiline(exact(self.tag("curvature/trace_std_error"))),
+        }
+        if self._blocks.patterns:
+            science["Hessian trace per block"] = multiline(
+                family(self.tag("curvature/trace/"), ".+")
+            )
+        return layout([{self.category("curvature"): science}, super().charts(trainer, pl_module)])
+
+    @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> tuple[dict[str, float | torch.Tensor], int]:
@@ -103,6 +129,8 @@ class HessianTraceMonitor(CurvatureMonitor):
         metrics: dict[str, float | torch.Tensor] = {
             "curvature/trace": result.estimate,
             "curvature/trace_std_error": result.std_error,
+            "curvature/trace_lower": result.estimate - 2 * result.std_error,
+            "curvature/trace_upper": result.estimate + 2 * result.std_error,
         }
         for block, value in result.per_layer.items():
             metrics[f"curvature/trace/{self._blocks.tag(block)}"] = value

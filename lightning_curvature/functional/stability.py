@@ -42,6 +42,19 @@ class StabilityThreshold:
     eigenvalue_shift: float = 0.0
     preconditioner: torch.Tensor | None = None
 
+    @property
+    def limit(self) -> float:
+        """The value of the compared eigenvalue itself at which the step turns unstable.
+
+        ``threshold − eigenvalue_shift``: with coupled weight decay ``wd`` the optimized loss
+        has the Hessian ``H + wd·I``, so ``η(λ₁ + wd) < 2`` is ``λ₁ < 2/η − wd``.
+
+        Example:
+            >>> StabilityThreshold(20.0, "sgd", eigenvalue_shift=0.5).limit
+            19.5
+        """
+        return self.threshold - self.eigenvalue_shift
+
 
 def _shared(values: list[float], name: str) -> float:
     # Several groups with different values: the most restrictive (smallest threshold) wins.

@@ -135,8 +135,8 @@ def test_probe_source_logs_per_example_statistics_of_the_fixed_probe(tmp_path: P
     run = fit(tmp_path, monitor)
     logged, recorder = run["logged"], run["recorder"]
     assert steps(logged["gradient/coherence"]) == [0, 2]
-    assert "gradient/hvps" not in logged  # no Hessian-vector products: no HVP count
-    assert steps(logged["gradient/seconds"]) == [0, 2]
+    assert "probe_cost/coherence_hvps" not in logged  # no Hessian-vector products: no HVP count
+    assert steps(logged["probe_cost/coherence_seconds"]) == [0, 2]
     probe = monitor._fixed_batches
     assert probe is not None
     for step in (0, 2):
@@ -339,9 +339,10 @@ def test_event_file_has_every_tag_at_the_measured_steps(tmp_path: Path) -> None:
     trainer = make_trainer(monitors, logger=logger, max_steps=5, accumulate_grad_batches=2)
     trainer.fit(TanhRegressor(), loader(regression_data(n=48), 8, shuffle=True))
     scalars = tb_scalars(read_events(logger))
-    for name in (*STATISTICS, "num_samples", "sample_size", "seconds"):
+    for tag in (*(f"gradient/{n}" for n in (*STATISTICS, "num_samples", "sample_size")),
+                "probe_cost/coherence_seconds"):  # fmt: skip
         # both monitors write every tag; the probe at 0, 2, 4, the free one at 0, 3
-        assert steps(scalars[f"gradient/{name}"]) == [0, 0, 2, 3, 4], name
+        assert steps(scalars[tag]) == [0, 0, 2, 3, 4], tag
     assert steps(scalars["gradient/coherence/net.2"]) == [0, 2, 4]
     # the values in the file are the monitors' last ones
     assert scalars["gradient/coherence"][-1][1] == pytest.approx(

@@ -89,7 +89,7 @@ def test_csv_tensorboard_and_any_other_logger_get_every_scalar_at_its_step(
     assert set(from_csv) == set(from_tb) == set(from_other)
     assert steps(from_csv["curvature/eigenvalue_2"]) == [0, 3, 6, 7]
     assert steps(from_csv["curvature/trace/net.0"]) == [0, 2, 4, 6]
-    assert steps(from_csv["curvature/density_max"]) == [0, 4]
+    assert steps(from_csv["curvature/density_max"]) == [4, 7]  # epoch ends (7: cut short)
     for tag, series in from_csv.items():
         assert steps(from_tb[tag]) == steps(series) == steps(from_other[tag]), tag
         for (_, a), (_, b), (_, c) in zip(series, from_tb[tag], from_other[tag], strict=True):
@@ -106,7 +106,7 @@ def test_tensorboard_extras_are_skipped_silently_without_tensorboard(tmp_path: P
     ours = [w for w in caught if "lightning_curvature" in w.filename]
     assert ours == []
     assert list(tmp_path.rglob("events.out.tfevents*")) == []
-    assert steps(read_csv(csv)["curvature/density_max"]) == [0, 4]
+    assert steps(read_csv(csv)["curvature/density_max"]) == [4, 5]
 
 
 def _user_rows(tmp_path: Path, with_monitors: bool, probe: str) -> list[tuple[int, float]]:

@@ -130,7 +130,7 @@ def test_monitors_of_one_class_that_measure_different_things_checkpoint_side_by_
     eigen = [
         HessianEigenvalueMonitor(k=1, every_n_steps=1),
         HessianEigenvalueMonitor(k=2, every_n_steps=1),
-        HessianEigenvalueMonitor(k=1, every_n_steps=1, batch_norm="train"),
+        HessianEigenvalueMonitor(k=1, every_n_steps=1, batch_norm="eval"),
         HessianEigenvalueMonitor(k=1, every_n_steps=1, probe_dataloader=held_out),
     ]
     others = [

@@ -126,7 +126,7 @@ def test_max_overhead_spaces_probes_by_measured_probe_and_step_times(
     # 1 s probe comes with 4 s of training, 25% added.
     logged = read_csv(logger)
     assert steps(logged["probe/value"]) == [0, 32, 64]
-    assert [v for _, v in logged["curvature/seconds"]] == [1.0] * 3
+    assert [v for _, v in logged["probe_cost/seconds"]] == [1.0] * 3
 
 
 def test_monitors_share_one_budget_and_never_count_each_others_probes_as_training(
@@ -161,7 +161,7 @@ def test_max_overhead_in_a_real_fit_probes_less_often_than_every_step(
     total = time.perf_counter() - started
     logged = read_csv(logger)
     probed = steps(logged["curvature/trace"])
-    probe_seconds = sum(v for _, v in logged["curvature/trace_seconds"])
+    probe_seconds = sum(v for _, v in logged["probe_cost/trace_seconds"])
     fraction = probe_seconds / total
     record_property("overhead_fraction", fraction)
     print(f"max_overhead=0.05: {len(probed)} probes in 60 steps at {probed}, {fraction:.1%} of fit")
