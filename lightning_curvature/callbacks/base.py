@@ -62,7 +62,7 @@ from lightning_curvature.callbacks.schedule import (
     resolve_every_n_steps,
 )
 from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
+from lightning_curvature.functional.hvp import BACKENDS, AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.sampling import make_generator
@@ -72,7 +72,6 @@ __all__ = ["CurvatureMonitor", "log_step", "silenced_logging", "training_step_lo
 
 _PROBES = ("fixed", "current")
 _BATCH_NORM = ("eval", "train")
-_BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")
 
 
 def _before_transfer(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
@@ -204,7 +203,7 @@ class CurvatureMonitor(Callback):
         self.name = name
         _check_choice("probe", probe, _PROBES)
         _check_choice("batch_norm", batch_norm, _BATCH_NORM)
-        _check_choice("backend", backend, _BACKENDS)
+        _check_choice("backend", backend, BACKENDS)
         if (
             isinstance(probe_batches, bool)
             or not isinstance(probe_batches, int)
