@@ -249,8 +249,8 @@ def test_named_monitors_write_apart_and_a_held_out_probe_measures_the_held_out_d
     # The held-out monitor measured the held-out data: its final value is the sharpness of
     # the final weights on those 16 examples, not on the training probe.
     model = trainer.lightning_module
-    on_held_out = hessian_eigenvalues(model, hessian_loss, held_out.tensors, tol=1e-6)
-    on_train = hessian_eigenvalues(model, hessian_loss, monitors[0].fixed_probe, tol=1e-6)
+    on_held_out = hessian_eigenvalues(model, hessian_loss, held_out.tensors, tol=1e-5)
+    on_train = hessian_eigenvalues(model, hessian_loss, monitors[0].fixed_probe, tol=1e-5)
     final = scalars["curvature/heldout/eigenvalue_1"][-1][1]
     assert final == pytest.approx(float(on_held_out.eigenvalues[0]), rel=1e-3)
     assert abs(final - float(on_train.eigenvalues[0])) > 1e-2 * final
@@ -346,7 +346,7 @@ def test_sharpness_is_probed_with_batch_statistics_by_default_and_the_chart_says
     tmp_path: Path,
 ) -> None:
     logger = tb_logger(tmp_path)
-    monitor = HessianEigenvalueMonitor(every_n_steps=None, on_train_end=True, tol=1e-6)
+    monitor = HessianEigenvalueMonitor(every_n_steps=None, on_train_end=True, tol=1e-5)
     trainer = make_trainer([monitor], logger=logger, max_steps=3)
     model = BNDropoutClassifier()
     trainer.fit(model, loader(classification_data(n=48), batch_size=16))
@@ -355,7 +355,7 @@ def test_sharpness_is_probed_with_batch_statistics_by_default_and_the_chart_says
     probe = monitor.fixed_probe
 
     def top(mode: str) -> float:
-        result = hessian_eigenvalues(model, training_step_loss, probe, tol=1e-6, batch_norm=mode)
+        result = hessian_eigenvalues(model, training_step_loss, probe, tol=1e-5, batch_norm=mode)
         return float(result.eigenvalues[0])
 
     assert logged[1] == pytest.approx(top("train"), rel=1e-4)
