@@ -6,9 +6,19 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-from models import TanhRegressor, csv_logger, loader, make_trainer, read_csv, regression_data
+from models import (
+    LIGHTNING_NOISE,
+    TanhRegressor,
+    csv_logger,
+    loader,
+    make_trainer,
+    read_csv,
+    regression_data,
+)
 
 from lightning_curvature import HessianEigenvalueMonitor
+
+pytestmark = LIGHTNING_NOISE
 
 
 def _logged_top(tmp_path: Path, backend: str) -> list[tuple[int, float]]:
