@@ -15,7 +15,8 @@ Each run times its optimizer steps after the first (which warms up), from the st
 to the end of training. Runs are interleaved and repeated; it prints the minimum wall time of
 each, the overhead relative to the matching run without the monitor (min / min, and median /
 median), the spread over repeats, and the time the monitor itself measured (its
-``gradient/seconds``, read back from the logger; hooks and statistics). Target: at most 5%.
+``probe_cost/coherence_seconds``, ``gradient/seconds`` when these figures were taken, read
+back from the logger; hooks and statistics). Target: at most 5%.
 
     python benchmarks/bench_coherence_free.py --steps 40 --repeats 3 --ddp  # ~3 min, 2 cores
 """
