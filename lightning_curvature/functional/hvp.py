@@ -170,6 +170,7 @@ class HessianOperator:
         self._leaves: list[torch.Tensor] = []
         self._inputs: list[Any] = []
         self._retained: list[torch.Tensor] | None = None
+        self._weight_norm: float | None = None  # ‖w‖ for the finite-difference step
         self.loss: torch.Tensor | None = None
 
     @property
@@ -198,6 +199,7 @@ class HessianOperator:
         tb: TracebackType | None,
     ) -> None:
         self._retained = None
+        self._weight_norm = None
         self._leaves = []
         self._inputs = []
         self._functional = None
@@ -267,17 +269,30 @@ class HessianOperator:
                 raise _FallBack(err) from err
             raise self._explain(err, self.backend) from err
 
-    def _weighted_gradient(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _weighted_sum(
+        self, per_batch: Callable[[Any], Sequence[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """``Σ_b w_b · per_batch(b)`` over the probe's batches, one tensor per parameter."""
         total: list[torch.Tensor] | None = None
-        loss_sum = torch.zeros((), dtype=self.dtype, device=self.device)
         for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
-            loss = self._loss(leaves, batch)
-            loss_sum = loss_sum + weight * loss.detach()
-            self._check_graph(loss)
-            scaled = [weight * g for g in self._first_backward(loss)]
+            scaled = [weight * t for t in per_batch(batch)]
             total = scaled if total is None else [t + s for t, s in zip(total, scaled, strict=True)]
-        self._check_finite_loss(loss_sum)
         assert total is not None
+        return total
+
+    def _weighted_gradient(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradient with its graph (``create_graph``), the loss checked finite."""
+        losses: list[torch.Tensor] = []
+
+        def gradient(batch: Any) -> tuple[torch.Tensor, ...]:
+            loss = self._loss(leaves, batch)
+            losses.append(loss.detach())
+            self._check_graph(loss)
+            return self._first_backward(loss)
+
+        total = self._weighted_sum(gradient)
+        weights = self._probe.weights
+        self._check_finite_loss(sum(w * loss for w, loss in zip(weights, losses, strict=True)))  # type: ignore[arg-type]
         return total
 
     # -- products --------------------------------------------------------------------------
@@ -349,23 +364,22 @@ class HessianOperator:
 
     def _gradient_at(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         """The plain (first-order) gradient of the weighted loss at other weights."""
-        total: list[torch.Tensor] | None = None
-        for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
+
+        def gradient(batch: Any) -> tuple[torch.Tensor, ...]:
             loss = self._loss(leaves, batch)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-            scaled = [weight * g for g in grads]
-            total = scaled if total is None else [t + s for t, s in zip(total, scaled, strict=True)]
-        assert total is not None
-        return total
+            return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+        return self._weighted_sum(gradient)
 
     def _finite_difference(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``(∇L(w + εv) − ∇L(w − εv)) / 2ε`` at fresh copies of the weights (never in place)."""
         primals = [leaf.detach() for leaf in self._leaves]
-        length = float(sum(float(v.double().square().sum()) for v in vs)) ** 0.5
+        length = float(_norm(vs))  # one device sync a product
         if length == 0.0:
             return [torch.zeros_like(v) for v in vs]
-        weights = float(sum(float(p.double().square().sum()) for p in primals)) ** 0.5
-        step = torch.finfo(self.dtype).eps ** (1 / 3) * max(weights, 1.0) / length
+        if self._weight_norm is None:  # the weights do not change while the operator is open
+            self._weight_norm = float(_norm(primals))
+        step = torch.finfo(self.dtype).eps ** (1 / 3) * max(self._weight_norm, 1.0) / length
         plus = [(p + step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
         minus = [(p - step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
         upper, lower = self._gradient_at(plus), self._gradient_at(minus)
@@ -373,20 +387,17 @@ class HessianOperator:
 
     def _forward_over_reverse(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         primals = tuple(leaf.detach() for leaf in self._leaves)
-        total: list[torch.Tensor] | None = None
-        for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
 
-            def loss_of(params: tuple[torch.Tensor, ...], batch: Any = batch) -> torch.Tensor:
+        def product(batch: Any) -> tuple[torch.Tensor, ...]:
+            def loss_of(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
                 return self._loss(params, batch)
 
             try:
-                hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vs),))[1]
+                return torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vs),))[1]  # type: ignore[no-any-return]
             except RuntimeError as err:
                 raise self._explain(err, "forward_over_reverse") from err
-            scaled = [weight * h for h in hv]
-            total = scaled if total is None else [t + s for t, s in zip(total, scaled, strict=True)]
-        assert total is not None
-        return total
+
+        return self._weighted_sum(product)
 
     def _explain(self, err: RuntimeError, backend: str) -> RuntimeError:
         measured = {id(p) for p in self._parameters}
@@ -397,6 +408,11 @@ class HessianOperator:
             and any(id(p) in measured for p in module.parameters(recurse=False))
         ]
         return _explain(err, backend, suspects, self._fallback_reason)
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The Euclidean norm of several tensors together, accumulated in float64."""
+    return torch.stack([t.double().square().sum() for t in tensors]).sum().sqrt()
 
 
 def _check_smooth(model: nn.Module) -> None:
