@@ -611,13 +611,12 @@ class CurvatureMonitor(Callback):
         self._reschedule(trainer, step, seconds)
         if metrics is None:
             return
-        metrics = self._finite(metrics, step)
-        costs = {f"{self.cost_prefix}seconds": seconds}
+        values = self._finite({key: float(value) for key, value in metrics.items()}, step)
+        values[f"{self.cost_prefix}seconds"] = seconds
         if num_hvps is not None:
-            costs[f"{self.cost_prefix}hvps"] = float(num_hvps)
-        metrics = {self.tag(key): value for key, value in {**metrics, **costs}.items()}
-        self.last_metrics = {k: float(v) for k, v in metrics.items()}
-        log_scalars(trainer, metrics, log_step(trainer))
+            values[f"{self.cost_prefix}hvps"] = float(num_hvps)
+        self.last_metrics = {self.tag(key): value for key, value in values.items()}
+        log_scalars(trainer, self.last_metrics, log_step(trainer))
         self.log_extras(trainer, step)
 
     def _warn_skipped(self, step: int, failure: Exception, reasons: list[str]) -> None:
@@ -631,11 +630,9 @@ class CurvatureMonitor(Callback):
         why = why.strip().rstrip(".")
         self.warn_once(key, f"skipped the probe at step {step} ({why}); training goes on.")
 
-    def _finite(
-        self, metrics: dict[str, float | torch.Tensor], step: int
-    ) -> dict[str, float | torch.Tensor]:
+    def _finite(self, metrics: dict[str, float], step: int) -> dict[str, float]:
         """``metrics`` without its non-finite values (one warning names them)."""
-        bad = [name for name, value in metrics.items() if not math.isfinite(float(value))]
+        bad = [name for name, value in metrics.items() if not math.isfinite(value)]
         if bad:
             self.warn_once(
                 "nonfinite_values",

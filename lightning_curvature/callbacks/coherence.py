@@ -49,6 +49,7 @@ from lightning_curvature.callbacks.gradient_sums_metric import GradientSumsMetri
 from lightning_curvature.callbacks.layers import LayerBlocks
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList, batch_size
+from lightning_curvature.functional.functional_model import probe_dtype
 from lightning_curvature.functional.gradient_statistics import (
     CoherenceMode,
     GradientCoherence,
@@ -372,7 +373,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         named = select_parameters(unwrap_model(pl_module), self.parameters)
         layout = ParameterLayout.from_named(named)
         params = [p for _, p in named]
-        dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+        dtype = probe_dtype(params)
         blocks = layout.groups(self._blocks.patterns) if self._blocks.patterns else {}
         vectors = self.source == "accumulation"
         sums = GradientSums.zeros(
