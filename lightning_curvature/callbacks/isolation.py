@@ -47,6 +47,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import nn
 
 from lightning_curvature.callbacks.probe_data import isolated_rng
+from lightning_curvature.functional.probe import restored_module_attributes
 
 __all__ = [
     "call_training_step",
@@ -140,25 +141,6 @@ def restored_metric_states(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _restored_attributes(module: nn.Module) -> Iterator[None]:
-    """Every submodule's ``__dict__`` entries put back (by identity), new ones removed."""
-    saved = [(m, dict(vars(m))) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, entries in saved:
-            current = vars(m)
-            for name in [name for name in current if name not in entries]:
-                del current[name]
-            for name, value in entries.items():
-                if current.get(name, _MISSING) is not value:
-                    current[name] = value
-
-
-_MISSING = object()
-
-
-@contextlib.contextmanager
 def _restored_buffers(module: nn.Module) -> Iterator[None]:
     """Every buffer put back by value; buffers replaced or added by the call undone."""
     saved = [
@@ -210,7 +192,7 @@ def isolated(
     with contextlib.ExitStack() as stack:
         # Attributes first, so they are put back last (after the contexts below undo theirs).
         if attributes:
-            stack.enter_context(_restored_attributes(module))
+            stack.enter_context(restored_module_attributes(module))
         if rng:
             stack.enter_context(isolated_rng(module.device))
         stack.enter_context(_restored_buffers(module))
@@ -324,7 +306,7 @@ def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int = 
     # Attributes put back after every call, not only after the probe: each call of a probe
     # then sees the same module (a recurrent ``self.hidden`` as training left it), so the
     # operator does not change between products, and what a vmap'd call stores is dropped.
-    with _restored_attributes(module), silenced_logging(module):
+    with restored_module_attributes(module), silenced_logging(module):
         output = call_training_step(module, batch, batch_idx)
     if isinstance(output, Mapping) and "loss" in output:
         output = output["loss"]

@@ -30,7 +30,6 @@ passed whole to each piece.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from torch import nn
 
 from lightning_curvature.functional.batches import batch_size, map_tensors
 from lightning_curvature.functional.functional_model import FunctionalModel, LossFn
+from lightning_curvature.functional.probe import restored_module_attributes
 
 __all__ = ["ExampleSplitter", "GradientSampler"]
 
@@ -113,52 +113,6 @@ class ExampleSplitter:
         """
         items = iter(tensors)
         return map_tensors(self.batch, lambda t: next(items).unsqueeze(0) if self._splits(t) else t)
-
-
-def _is_traced(value: object) -> bool:
-    # A tensor created inside vmap/grad: a functorch wrapper, dead once the transform ends.
-    return isinstance(value, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(
-        value
-    )
-
-
-@contextlib.contextmanager
-def _no_cached_wrappers(model: nn.Module) -> Iterator[None]:
-    """Put back every module attribute or buffer a forward cached inside ``vmap``.
-
-    A model that builds a table lazily in its first forward (a positional encoding, an
-    attention mask) and keeps it on the module would keep a functorch wrapper that is dead
-    after the transform: its next ``deepcopy`` (EMA, SWA, checkpointing) fails. What was
-    there before comes back; what was not is removed, to be built again outside ``vmap``.
-
-    Example:
-        >>> class Lazy(nn.Linear):
-        ...     def forward(self, x):
-        ...         self.table = x * 2  # cached on the module
-        ...         return super().forward(x)
-        >>> net = Lazy(2, 1)
-        >>> with _no_cached_wrappers(net):
-        ...     _ = torch.func.vmap(net)(torch.ones(3, 2))
-        >>> hasattr(net, "table")
-        False
-    """
-    saved = [(module, dict(vars(module)), dict(module._buffers)) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, attributes, buffers in saved:
-            for name, value in list(vars(module).items()):
-                if _is_traced(value):
-                    if name in attributes:
-                        vars(module)[name] = attributes[name]
-                    else:
-                        del vars(module)[name]
-            for name, value in list(module._buffers.items()):
-                if _is_traced(value):
-                    if name in buffers:
-                        module._buffers[name] = buffers[name]
-                    else:
-                        del module._buffers[name]
 
 
 class GradientSampler:
@@ -235,7 +189,7 @@ class GradientSampler:
             # vmap's own loop for ops without a batching rule (nn.LSTM on CPU): the values are
             # right; how fast is this package's concern, not the user's.
             warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
-            with _no_cached_wrappers(self._network):
+            with restored_module_attributes(self._network):
                 grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=in_dims)(
                     self._model.primals, *tensors
                 )

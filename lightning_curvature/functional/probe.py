@@ -39,7 +39,13 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["BatchNormMode", "frozen_running_stats", "probe_context", "unwrap_model"]
+__all__ = [
+    "BatchNormMode",
+    "frozen_running_stats",
+    "probe_context",
+    "restored_module_attributes",
+    "unwrap_model",
+]
 
 BatchNormMode = Literal["as_is", "eval", "train"]
 _BATCH_NORM_MODES = ("as_is", "eval", "train")
@@ -94,6 +100,41 @@ def _restored_attributes(model: nn.Module, batch_norm: str, dropout: bool) -> It
     finally:
         for module, name, value in reversed(saved):
             setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def restored_module_attributes(model: nn.Module) -> Iterator[None]:
+    """Every submodule's ``__dict__`` entries put back on exit (by identity), new ones removed.
+
+    What a forward or a ``training_step`` stores on the model (a recurrent ``self.hidden``, a
+    table built lazily in the first forward, which inside ``vmap`` would stay a dead
+    functorch wrapper) leaves no trace. An attribute changed in place is not seen.
+
+    Example:
+        >>> class Lazy(nn.Linear):
+        ...     def forward(self, x):
+        ...         self.table = x * 2  # cached on the module
+        ...         return super().forward(x)
+        >>> net = Lazy(2, 1)
+        >>> with restored_module_attributes(net):
+        ...     _ = torch.func.vmap(net)(torch.ones(3, 2))
+        >>> hasattr(net, "table")
+        False
+    """
+    saved = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, entries in saved:
+            current = vars(m)
+            for name in [name for name in current if name not in entries]:
+                del current[name]
+            for name, value in entries.items():
+                if current.get(name, _MISSING) is not value:
+                    current[name] = value
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager
