@@ -20,11 +20,11 @@ from lightning_curvature.callbacks.dashboard import (
     multiline,
     threshold_label,
 )
-from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns, module_blocks
+from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.parameters import select_parameters
+from lightning_curvature.functional.parameters import module_blocks, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.stability import stability_threshold
 

@@ -3,7 +3,8 @@
 Two kinds of monitors take it:
 
 * those that run one measurement per block (``HessianEigenvalueMonitor``): ``per_layer`` is
-  ``True`` (one block per module, :func:`module_blocks`), a list of patterns or a dict of
+  ``True`` (one block per module,
+  :func:`~lightning_curvature.functional.parameters.module_blocks`), a list of patterns or a dict of
   tag name to pattern(s), see :func:`layer_patterns`;
 * those whose blocks come for free from one measurement over all parameters (traces,
   gradient coherence): ``per_layer`` may also be ``True`` (one block per module), see
@@ -19,7 +20,7 @@ from typing import NoReturn
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["LayerBlocks", "LayerSpec", "layer_patterns", "module_blocks"]
+__all__ = ["LayerBlocks", "LayerSpec", "layer_patterns"]
 
 LayerSpec = Sequence[str] | Mapping[str, str | Sequence[str]] | None
 BlockSpec = bool | Sequence[str] | Mapping[str, str]
@@ -57,19 +58,6 @@ def _refuse(per_layer: object) -> NoReturn:
         "`per_layer` must be True/False, a list of parameter-name patterns or a dict of tag "
         f"name to pattern(s) (strings each), got {per_layer!r}."
     )
-
-
-def module_blocks(names: Sequence[str]) -> dict[str, list[str]]:
-    """One block per module: parameter names grouped by the module that holds them.
-
-    Example:
-        >>> module_blocks(["0.weight", "0.bias", "2.weight"])
-        {'0': ['0.weight', '0.bias'], '2': ['2.weight']}
-    """
-    blocks: dict[str, list[str]] = {}
-    for name in names:
-        blocks.setdefault(name.rpartition(".")[0] or name, []).append(name)
-    return blocks
 
 
 @dataclass(frozen=True)

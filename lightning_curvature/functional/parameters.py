@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ParameterLayout", "select_parameters"]
+__all__ = ["ParameterLayout", "module_blocks", "select_parameters"]
 
 ParameterPatterns = str | Sequence[str] | None
 
@@ -67,6 +67,19 @@ def select_parameters(
                 f"trainable names are {names}."
             )
     return [(name, p) for name, p in trainable if any(fnmatch.fnmatch(name, q) for q in patterns)]
+
+
+def module_blocks(names: Sequence[str]) -> dict[str, list[str]]:
+    """Parameter names grouped by the module that holds them (the name up to the last dot).
+
+    Example:
+        >>> module_blocks(["0.weight", "0.bias", "2.weight"])
+        {'0': ['0.weight', '0.bias'], '2': ['2.weight']}
+    """
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        blocks.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -130,12 +143,11 @@ class ParameterLayout:
         """
         slices = self.slices
         if per_layer is True:
-            blocks: dict[str, list[slice]] = {}
-            for name in self.names:
-                module_name = name.rpartition(".")[0] or name
-                blocks.setdefault(module_name, []).append(slices[name])
-            return blocks
-        blocks = {}
+            return {
+                module: [slices[name] for name in names]
+                for module, names in module_blocks(self.names).items()
+            }
+        blocks: dict[str, list[slice]] = {}
         for pattern in _as_patterns(per_layer) or []:  # type: ignore[arg-type]
             matched = [slices[n] for n in self.names if fnmatch.fnmatch(n, pattern)]
             if not matched:
