@@ -25,6 +25,7 @@ from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.parameters import select_parameters
 from lightning_curvature.functional.probe import unwrap_model
 from lightning_curvature.functional.trace import hessian_trace
+from lightning_curvature.functional.trace_estimators import MIN_MATVECS
 
 __all__ = ["HessianTraceMonitor"]
 
@@ -76,11 +77,11 @@ class HessianTraceMonitor(CurvatureMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, **kwargs)
-        if method not in ("hutchinson", "hutch++"):
+        if method not in MIN_MATVECS:
             raise MisconfigurationException(
-                f"`method` must be one of ('hutchinson', 'hutch++'), got {method!r}."
+                f"`method` must be one of {tuple(MIN_MATVECS)}, got {method!r}."
             )
-        minimum = 4 if method == "hutch++" else 2  # trace_estimators.MIN_MATVECS
+        minimum = MIN_MATVECS[method]
         if isinstance(num_hvps, bool) or not isinstance(num_hvps, int) or num_hvps < minimum:
             raise MisconfigurationException(
                 f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
