@@ -161,13 +161,14 @@ class LanczosProcess:
         def project(vector: torch.Tensor) -> torch.Tensor:
             return torch.cat([inner_products(block, vector) for block in blocks])
 
-        first = coefficients = project(vector)
-        for _ in range(2):
+        def subtract(vector: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
             for start, block in zip(range(0, count, _BLOCK), blocks, strict=False):
-                part = coefficients[start : start + _BLOCK].to(vector.dtype)
-                vector = vector - block.T @ part
-            coefficients = project(vector)
-        return vector, first
+                vector = vector - block.T @ coefficients[start : start + _BLOCK].to(vector.dtype)
+            return vector
+
+        first = project(vector)
+        once = subtract(vector, first)
+        return subtract(once, project(once)), first  # twice is enough
 
     def _record_rounding(self, coefficients: torch.Tensor) -> None:
         """Note how far ``Qᵀ A q_j`` is from the exact ``(0, …, 0, β_{j-1}, α_j)``.
