@@ -20,7 +20,7 @@ from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBa
 from lightning_curvature.functional.lanczos import lanczos_quadrature
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.sampling import check_generator, rademacher
+from lightning_curvature.functional.sampling import check_generator
 
 __all__ = ["SpectralDensity", "density_on_grid", "spectral_density"]
 
@@ -128,7 +128,9 @@ def spectral_density(
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
         generator: random source on the model's device (default: seeded with 0).
-        all_reduce: averages a tensor across processes (DDP).
+        all_reduce: averages a tensor across processes (DDP). Under FSDP2 (sharded
+            parameters) the vectors are sharded instead and need none (see
+            :class:`HessianOperator`).
 
     Raises:
         ValueError: on invalid arguments (named in the message).
@@ -156,10 +158,11 @@ def spectral_density(
         all_reduce=all_reduce,
     ) as operator:
         generator = check_generator(generator, operator.device)
-        steps = min(num_steps, operator.size)
+        shards = operator.shards
+        steps = min(num_steps, shards.size)
         for _ in range(num_runs):
-            start = rademacher((operator.size,), generator, operator.dtype, operator.device)
-            nodes, weights = lanczos_quadrature(operator.matvec, start, steps)
+            start = shards.rademacher(generator, operator.dtype, operator.device)
+            nodes, weights = lanczos_quadrature(operator.matvec, start, steps, shards)
             pad = steps - nodes.numel()  # fewer nodes after an early (exact) breakdown
             all_nodes.append(torch.cat([nodes, nodes[-1:].expand(pad)]))
             all_weights.append(torch.cat([weights, weights.new_zeros(pad)]))
@@ -167,5 +170,5 @@ def spectral_density(
         nodes=torch.stack(all_nodes),
         weights=torch.stack(all_weights),
         num_hvps=operator.num_hvps,
-        num_parameters=operator.size,
+        num_parameters=operator.shards.size,
     )

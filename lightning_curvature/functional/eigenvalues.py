@@ -15,6 +15,7 @@ from lightning_curvature.functional.lanczos import LanczosResult, lanczos_eigenp
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
 from lightning_curvature.functional.sampling import check_generator
+from lightning_curvature.functional.sharded import VectorShards
 from lightning_curvature.functional.warnings import CurvatureWarning
 
 __all__ = ["HessianEigenvalues", "hessian_eigenvalues", "uncertified_message"]
@@ -72,29 +73,34 @@ def _check_arguments(k: int, tol: float, max_iter: int | None, min_iter: int) ->
 
 def _start_vector(
     init: torch.Tensor | None,
-    size: int,
+    shards: VectorShards,
     generator: torch.Generator,
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    noise = torch.randn(size, generator=generator, dtype=dtype, device=device)
+    """A random start, or ``init``'s unit vectors summed plus a little noise (this shard)."""
+    size = shards.local_size
+    noise = shards.randn(generator, dtype, device)
     if init is None:
         return noise
-    vectors = (
-        init.to(device=device, dtype=dtype).reshape(-1, init.shape[-1]) if init.dim() else init
-    )
-    if init.dim() not in (1, 2) or vectors.shape[-1] != size:
+    # Checked on every process at once: one refusing alone would leave the others waiting.
+    misshapen = init.dim() not in (1, 2) or init.shape[-1] != size
+    if shards.any_true(misshapen, device):
+        where = " (this process's shard under sharding)" if shards.sharded else ""
         raise ValueError(
-            f"`init` must have shape ({size},) or (m, {size}) over the measured parameters, "
-            f"got {tuple(init.shape)}."
+            f"`init` must have shape ({size},) or (m, {size}) over the measured parameters"
+            f"{where}, got {tuple(init.shape)}."
         )
-    norms = torch.linalg.vector_norm(vectors, dim=1, keepdim=True).clamp_min(1e-30)
+    vectors = init.to(device=device, dtype=dtype).reshape(-1, size)
+    squares = shards.all_sum(vectors.double().square().sum(1, keepdim=True))
+    norms = squares.sqrt().to(dtype).clamp_min(1e-30)
     start = (vectors / norms).sum(0)
-    if not (bool(torch.isfinite(start).all()) and bool(start.any())):
+    length = shards.norm(start)
+    if shards.any_true(not bool(torch.isfinite(start).all()), device) or length == 0:
         raise ValueError("`init` must be finite and not zero (it starts the Lanczos basis).")
     # A little noise guards against a new top direction orthogonal to the old ones.
-    unit_noise = noise.div(torch.linalg.vector_norm(noise))
-    mixed: torch.Tensor = start.div(torch.linalg.vector_norm(start)).add(unit_noise, alpha=1e-3)
+    unit_noise = noise.div(shards.norm(noise))
+    mixed: torch.Tensor = start.div(length).add(unit_noise, alpha=1e-3)
     return mixed
 
 
@@ -238,12 +244,13 @@ def hessian_eigenvalues(
         all_reduce=all_reduce,
     ) as operator:
         generator = check_generator(generator, operator.device)
-        if k > operator.size:
+        shards = operator.shards
+        if k > shards.size:
             raise ValueError(
-                f"`k` ({k}) exceeds the number of measured parameters ({operator.size})."
+                f"`k` ({k}) exceeds the number of measured parameters ({shards.size})."
             )
-        steps = min(max_iter or 30 + 8 * k, operator.size)
-        start = _start_vector(init, operator.size, generator, operator.dtype, operator.device)
+        steps = min(max_iter or 30 + 8 * k, shards.size)
+        start = _start_vector(init, shards, generator, operator.dtype, operator.device)
         matvec: Callable[[torch.Tensor], torch.Tensor] = operator.matvec
         if preconditioner is not None:
             if preconditioner.shape != (operator.size,):
@@ -266,10 +273,11 @@ def hessian_eigenvalues(
             smallest=smallest,
             return_eigenvectors=return_eigenvectors,
             generator=generator,
+            shards=shards,
         )
         num_hvps = operator.num_hvps
     # A run that spanned the whole space was not cut short by the budget.
-    budget = steps if steps < operator.size else None
+    budget = steps if steps < shards.size else None
     message = uncertified_message(found, tol, num_hvps, budget)
     if message is not None:
         warnings.warn(message, CurvatureWarning, stacklevel=2)
