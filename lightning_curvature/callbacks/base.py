@@ -62,7 +62,13 @@ from lightning_curvature.callbacks.schedule import (
     resolve_every_n_steps,
 )
 from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.hvp import BACKENDS, AllReduce, HVPBackend, LossFn
+from lightning_curvature.functional.hvp import (
+    BACKENDS,
+    AllReduce,
+    HVPBackend,
+    LossFn,
+    check_smooth,
+)
 from lightning_curvature.functional.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.sampling import make_generator
@@ -389,24 +395,56 @@ class CurvatureMonitor(Callback):
             self.check_model(pl_module)
         except ValueError as err:
             raise MisconfigurationException(f"`{name}`: {err}") from None
-        from lightning.pytorch.strategies import (
-            DeepSpeedStrategy,
-            FSDPStrategy,
-            ModelParallelStrategy,
-        )
-
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-            raise MisconfigurationException(
-                f"`{name}` does not support sharded strategies "
-                f"({type(trainer.strategy).__name__}): "
-                "Hessian-vector products need every parameter on every rank. Use DDP."
-            )
+        self.check_strategy(trainer, pl_module)
         if getattr(trainer, "fast_dev_run", False) and self is _monitors(trainer)[0]:
             rank_zero_warn(
                 "fast_dev_run replaces every logger with a DummyLogger: the curvature monitors "
                 "still probe (so errors show), but nothing they measure is logged. Use "
                 "`max_steps=` for a short run that logs."
             )
+
+    def check_strategy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At ``setup``: refuse a sharded strategy this monitor cannot measure under.
+
+        ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``) is
+        supported by the monitors whose :attr:`shardable` is true, with the finite-difference
+        backend (``"auto"`` chooses it) on a smooth model; FSDP1 and DeepSpeed are refused.
+        """
+        from lightning.pytorch.strategies import (
+            DeepSpeedStrategy,
+            FSDPStrategy,
+            ModelParallelStrategy,
+        )
+
+        name, strategy = type(self).__name__, type(trainer.strategy).__name__
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise MisconfigurationException(
+                f"`{name}` does not support {strategy}: its flat-parameter sharding was not "
+                "verified here. Use ModelParallelStrategy() with "
+                "torch.distributed.fsdp.fully_shard in `configure_model` (FSDP2), or DDP."
+            )
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        if not self.shardable:
+            raise MisconfigurationException(
+                f"`{name}` does not support {strategy} (sharded parameters): "
+                f"{self.unshardable_reason} Use DDP for it."
+            )
+        if self.backend not in ("auto", "finite_difference"):
+            raise MisconfigurationException(
+                f"`{name}` under {strategy}: backend={self.backend!r} needs a double backward, "
+                "which FSDP2's sharded parameters do not have; use backend='auto' (which "
+                "chooses 'finite_difference' there) or 'finite_difference'."
+            )
+        try:
+            check_smooth(unwrap_model(pl_module))
+        except ValueError as err:
+            raise MisconfigurationException(f"`{name}` under {strategy}: {err}") from None
+
+    #: Whether this monitor measures under ``ModelParallelStrategy`` (FSDP2 shards).
+    shardable = False
+    #: Why not, for the refusal at ``setup``.
+    unshardable_reason = "it has not been made to work on sharded parameters."
 
     @property
     def fixed_probe(self) -> BatchList | None:

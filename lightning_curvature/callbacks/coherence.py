@@ -161,6 +161,13 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[free], accumulate_grad_batches=4, max_steps=1)
     """
 
+    unshardable_reason = (
+        "its probe source needs per-example or micro-batch gradients through torch.func, "
+        "which FSDP2's DTensor shards and hooks do not allow; its 'ddp' source reads each "
+        "process's gradient before the all-reduce, which FSDP2 reduce-scatters inside the "
+        "backward; its 'accumulation' source is not implemented over sharded gradients."
+    )
+
     cost_prefix = "probe_cost/coherence_"
     counts_hvps = False
     default_every_n_steps = 500

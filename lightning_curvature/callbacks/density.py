@@ -65,6 +65,8 @@ class SpectralDensityMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
+    shardable = True  # FSDP2: finite differences over sharded vectors
+
     cost_prefix = "probe_cost/density_"
     default_every_n_steps = 2000
 

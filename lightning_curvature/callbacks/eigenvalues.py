@@ -91,6 +91,8 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
+    shardable = True  # FSDP2: finite differences over sharded vectors
+
     cost_prefix = "probe_cost/eigenvalue_"
     default_every_n_steps = 500
 

@@ -64,6 +64,8 @@ class HessianTraceMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
+    shardable = True  # FSDP2: finite differences over sharded vectors
+
     cost_prefix = "probe_cost/trace_"
     default_every_n_steps = 1000
 

@@ -75,7 +75,14 @@ from lightning_curvature.functional.probe import BatchNormMode, probe_context, u
 from lightning_curvature.functional.sharded import VectorShards, fsdp_shards, local_tensor
 from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 
-__all__ = ["BACKENDS", "HVPBackend", "HessianOperator", "LossFn", "hessian_vector_product"]
+__all__ = [
+    "BACKENDS",
+    "HVPBackend",
+    "HessianOperator",
+    "LossFn",
+    "check_smooth",
+    "hessian_vector_product",
+]
 
 HVPBackend = Literal[
     "auto", "retained_graph", "double_backward", "forward_over_reverse", "finite_difference"
@@ -182,7 +189,7 @@ class HessianOperator:
         if sharding is not None:
             backend = _sharded_backend(backend, self.dtype, self._parameters)
         if backend == "finite_difference":
-            _check_smooth(self.model)
+            check_smooth(self.model)
         self.backend: HVPBackend = backend
         self._may_fall_back = backend == "auto"
         self._fallback_reason: RuntimeError | None = None
@@ -558,8 +565,15 @@ def _reshard(modules: Sequence[nn.Module]) -> None:
         module.reshard()  # type: ignore[operator]
 
 
-def _check_smooth(model: nn.Module) -> None:
-    """Refuse finite differences through piecewise-linear modules (named in the message)."""
+def check_smooth(model: nn.Module) -> None:
+    """Refuse finite differences through piecewise-linear modules (named in the message).
+
+    Raises:
+        ValueError: naming every piecewise-linear module (ReLU, max-pooling, ...).
+
+    Example:
+        >>> check_smooth(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))  # smooth: nothing happens
+    """
     kinked = [
         f"{name or type(model).__name__!r} ({type(module).__name__})"
         for name, module in model.named_modules()

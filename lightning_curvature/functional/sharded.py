@@ -182,14 +182,15 @@ def fsdp_shards(tensors: Sequence[torch.Tensor]) -> VectorShards | None:
         )
     from torch.distributed.tensor import Shard
 
-    meshes = {id(t.device_mesh) for t in tensors}  # type: ignore[attr-defined]
     first = tensors[0].device_mesh  # type: ignore[attr-defined]
+    same_mesh = all(t.device_mesh == first for t in tensors)  # type: ignore[attr-defined]
     layouts = {tuple(t.placements) for t in tensors}  # type: ignore[attr-defined]
-    if len(meshes) != 1 or first.ndim != 1 or layouts != {(Shard(0),)}:
+    if not same_mesh or first.ndim != 1 or layouts != {(Shard(0),)}:
         raise ValueError(
             "curvature over DTensor parameters needs FSDP2's layout: every parameter sharded "
             "along dim 0 on one 1-D device mesh (fully_shard without tensor parallelism); got "
-            f"placements {sorted(map(str, layouts))} on {len(meshes)} mesh(es)."
+            f"placements {sorted(map(str, layouts))}"
+            f"{'' if same_mesh else ' on several device meshes'}."
         )
     import torch.distributed as dist
 
