@@ -184,6 +184,7 @@ class HessianOperator:
             [(name, t) for (name, _), t in zip(self._named, self._locals, strict=True)]
         )
         self.shards = sharding or VectorShards.single(self.layout.size)
+        self._sharded = sharding is not None  # FSDP2 DTensor parameters (one shard or more)
         self.device = self._parameters[0].device
         self.dtype = probe_dtype(self._parameters)
         if sharding is not None:
@@ -247,7 +248,7 @@ class HessianOperator:
             stack.close()
 
     def _prepare(self) -> None:
-        if self.shards.sharded:
+        if self._sharded:
             self._prepare_sharded()
             return
         self._functional = FunctionalModel(self.model, self._loss_fn, self._named)
@@ -346,7 +347,7 @@ class HessianOperator:
     def _check_finite_loss(self, loss: torch.Tensor) -> None:
         self.loss = loss.detach()
         bad = (~torch.isfinite(self.loss)).to(self.dtype)
-        if self.shards.sharded:
+        if self._sharded:
             bad = self.shards.all_sum(bad)
         elif self._all_reduce is not None:
             bad = self._all_reduce(bad)
@@ -425,7 +426,7 @@ class HessianOperator:
             hv = self._forward_over_reverse(vs)
         self.num_hvps += 1
         flat = self.layout.flatten(hv).detach()
-        if self.shards.sharded:  # averaged by FSDP's reduce-scatter; one verdict for all
+        if self._sharded:  # averaged by FSDP's reduce-scatter; one verdict for all
             bad = self.shards.any_true(not bool(torch.isfinite(flat).all()), self.device)
         else:
             if self._all_reduce is not None:
@@ -481,7 +482,7 @@ class HessianOperator:
         length = self.shards.norm_of(vs)  # one device sync a product
         if length == 0.0:
             return [torch.zeros_like(v) for v in vs]
-        sharded = self.shards.sharded
+        sharded = self._sharded
         primals = self._saved if sharded else [leaf.detach() for leaf in self._leaves]
         if self._weight_norm is None:  # the weights do not change while the operator is open
             self._weight_norm = self.shards.norm_of(primals)
