@@ -26,6 +26,7 @@ from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
 from lightning_curvature.functional.parameters import module_blocks, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
+from lightning_curvature.functional.sharded import local_tensor
 from lightning_curvature.functional.stability import stability_threshold
 
 __all__ = ["HessianEigenvalueMonitor"]
@@ -144,11 +145,12 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
     ) -> Any:
         kwargs = {**self.probe_kwargs(trainer, pl_module), **overrides}
         warm = self._warm.get(key) if self.warm_start else None
-        size = sum(
-            p.numel() for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"])
+        size = sum(  # this process's shard under FSDP2, whose warm starts are shards too
+            local_tensor(p).numel()
+            for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"])
         )
         if warm is not None and warm.shape[-1] != size:
-            warm = None  # the trainable parameters changed (e.g. unfreezing): start cold
+            warm = None  # the trainable parameters (or their sharding) changed: start cold
         result = hessian_eigenvalues(
             pl_module,
             self.probe_loss_fn(),
