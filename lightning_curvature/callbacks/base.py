@@ -74,7 +74,13 @@ from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.sampling import make_generator
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
-__all__ = ["CurvatureMonitor", "log_step", "silenced_logging", "training_step_loss"]
+__all__ = [
+    "CurvatureMonitor",
+    "log_step",
+    "refuse_unverified_sharding",
+    "silenced_logging",
+    "training_step_loss",
+]
 
 _PROBES = ("fixed", "current")
 _BATCH_NORM = ("eval", "train")
@@ -111,6 +117,28 @@ def _check_patterns(parameters: Any) -> None:
         raise MisconfigurationException(
             "`parameters` must be None (every trainable parameter), a glob pattern of "
             f"parameter names or a non-empty list of them, got {parameters!r}."
+        )
+
+
+def refuse_unverified_sharding(name: str, trainer: pl.Trainer) -> None:
+    """Refuse FSDP1 (``FSDPStrategy``) and DeepSpeed, naming the supported alternative.
+
+    Their flat-parameter sharding needs an accelerator and was not verified here; FSDP2
+    (``ModelParallelStrategy`` with ``fully_shard``) was, on CPU processes.
+
+    Raises:
+        MisconfigurationException: naming ``name``, the strategy and the alternative.
+
+    Example:
+        >>> refuse_unverified_sharding("SAM", pl.Trainer(logger=False))  # single device: fine
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise MisconfigurationException(
+            f"`{name}` does not support {type(trainer.strategy).__name__}: its flat-parameter "
+            "sharding was not verified here. Use ModelParallelStrategy() with "
+            "torch.distributed.fsdp.fully_shard in `configure_model` (FSDP2), or DDP."
         )
 
 
@@ -410,19 +438,10 @@ class CurvatureMonitor(Callback):
         supported by the monitors whose :attr:`shardable` is true, with the finite-difference
         backend (``"auto"`` chooses it) on a smooth model; FSDP1 and DeepSpeed are refused.
         """
-        from lightning.pytorch.strategies import (
-            DeepSpeedStrategy,
-            FSDPStrategy,
-            ModelParallelStrategy,
-        )
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
         name, strategy = type(self).__name__, type(trainer.strategy).__name__
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
-            raise MisconfigurationException(
-                f"`{name}` does not support {strategy}: its flat-parameter sharding was not "
-                "verified here. Use ModelParallelStrategy() with "
-                "torch.distributed.fsdp.fully_shard in `configure_model` (FSDP2), or DDP."
-            )
+        refuse_unverified_sharding(name, trainer)
         if not isinstance(trainer.strategy, ModelParallelStrategy):
             return
         if not self.shardable:

@@ -71,7 +71,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import log_step
+from lightning_curvature.callbacks.base import log_step, refuse_unverified_sharding
 from lightning_curvature.callbacks.isolation import call_training_step, isolated
 from lightning_curvature.callbacks.logging import log_scalars
 from lightning_curvature.functional.probe import frozen_running_stats
@@ -330,19 +330,10 @@ class SAM(Callback):
                 "`SAM` cannot re-evaluate a `training_step` that takes `dataloader_iter`: "
                 "the step's batches are not known to the callback. Take a batch argument."
             )
-        from lightning.pytorch.strategies import (
-            DeepSpeedStrategy,
-            FSDPStrategy,
-            ModelParallelStrategy,
-        )
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
+        refuse_unverified_sharding("SAM", trainer)
         strategy = type(trainer.strategy).__name__
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
-            raise MisconfigurationException(
-                f"`SAM` does not support {strategy}: its flat-parameter sharding was not "
-                "verified here. Use ModelParallelStrategy() with "
-                "torch.distributed.fsdp.fully_shard in `configure_model` (FSDP2), or DDP."
-            )
         if isinstance(trainer.strategy, ModelParallelStrategy) and self.perturbation != (
             "all_reduced"
         ):
