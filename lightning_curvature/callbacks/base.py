@@ -457,7 +457,7 @@ class CurvatureMonitor(Callback):
                     trainer.strategy.batch_to_device(_before_transfer(trainer, pl_module, b))
                     for b in drawn
                 ]
-        self.schedule.start(functools.partial(_timing, trainer))
+        self.schedule.start()
         monitors = _monitors(trainer)
         if monitors and self is monitors[0]:  # one layout per run, holding every monitor's
             write_layout(trainer, pl_module, monitors)
@@ -485,7 +485,10 @@ class CurvatureMonitor(Callback):
         # training's own steps instead of probe data measures the epoch's first step.
         epoch_start = batch_idx == 0 and not self.uses_probe_data
         return self.schedule.is_due(
-            trainer.global_step, trainer.current_epoch, epoch_start=epoch_start
+            trainer.global_step,
+            trainer.current_epoch,
+            epoch_start=epoch_start,
+            clock=functools.partial(_timing, trainer),
         )
 
     @override
@@ -622,7 +625,7 @@ class CurvatureMonitor(Callback):
             self._warn_skipped(step, failure, reasons)
             measured = None
         seconds = seconds_before + time.perf_counter() - started
-        self.schedule.probed(step, seconds)
+        self.schedule.probed(step, seconds, clock=functools.partial(_timing, trainer))
         if measured is None:
             return
         values = self._finite({key: float(v) for key, v in measured.metrics.items()}, step)

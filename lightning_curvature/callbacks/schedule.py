@@ -98,8 +98,9 @@ class ProbeSchedule:
 
     The caller asks :meth:`is_due` (or :meth:`is_due_at_epoch_end`) and, after acting, tells
     :meth:`probed` how long it took (or :meth:`record` that it acted, untimed). Under
-    ``max_overhead`` the schedule reads the clock given to :meth:`start` to space the next
-    probe; the position (:meth:`state_dict`) is plain integers for a checkpoint.
+    ``max_overhead`` both read the ``clock`` they are given (default: ``time.perf_counter``
+    and this schedule's own probes) to space the next probe; the schedule keeps no reference
+    to it. The position (:meth:`state_dict`) is plain integers for a checkpoint.
 
     Args:
         every_n_steps: act when ``global_step`` is a multiple of it (step 0 included).
@@ -124,16 +125,17 @@ class ProbeSchedule:
         A budget of 25% with 1 s probes and 0.125 s steps, on a fake clock: a probe every
         ``1 / (0.25 · 0.125) = 32`` steps (step 1 times a step and spaces the step-0 probe).
 
-        >>> clock = [0.0]
+        >>> now = [0.0]
         >>> budgeted = ProbeSchedule(max_overhead=0.25)
-        >>> budgeted.start(lambda: Timing(clock[0], budgeted.probe_seconds))
+        >>> def clock():
+        ...     return Timing(now[0], budgeted.probe_seconds)
         >>> probed = []
         >>> for step in range(70):
-        ...     if budgeted.is_due(step, epoch=0, epoch_start=False):
-        ...         clock[0] += 1.0
-        ...         budgeted.probed(step, seconds=1.0)
+        ...     if budgeted.is_due(step, clock=clock):
+        ...         now[0] += 1.0
+        ...         budgeted.probed(step, seconds=1.0, clock=clock)
         ...         probed.append(step)
-        ...     clock[0] += 0.125
+        ...     now[0] += 0.125
         >>> probed
         [0, 32, 64]
     """
@@ -174,7 +176,6 @@ class ProbeSchedule:
         self.last_step = -1
         #: Seconds spent in the probes of this fit (:meth:`probed`).
         self.probe_seconds = 0.0
-        self._clock: Callable[[], Timing] = self._own_clock
         # End of the last timed probe, its step, and the budget's probe seconds by then.
         self._timer: tuple[float, int, float] | None = None
         self._unbudgeted: float | None = None  # cost of a probe made before any step time
@@ -182,25 +183,28 @@ class ProbeSchedule:
     def _own_clock(self) -> Timing:
         return Timing(time.perf_counter(), self.probe_seconds)
 
-    def start(self, clock: Callable[[], Timing] | None = None) -> None:
-        """Begin a fit: no probe time spent, no step timed; the budget reads ``clock``.
-
-        ``clock`` (default: ``time.perf_counter`` and this schedule's own probes) is called
-        when a probe is spaced; a Trainer's monitors pass one that sums all their probes.
-        """
-        self._clock = self._own_clock if clock is None else clock
+    def start(self) -> None:
+        """Begin a fit: no probe time spent, no step timed (the position is kept)."""
         self._timer, self._unbudgeted = None, None
         self.probe_seconds = 0.0
 
-    def is_due(self, global_step: int, epoch: int = 0, epoch_start: bool = False) -> bool:
+    def is_due(
+        self,
+        global_step: int,
+        epoch: int = 0,
+        epoch_start: bool = False,
+        clock: Callable[[], Timing] | None = None,
+    ) -> bool:
         """Whether to act at the start of optimizer step ``global_step``.
 
         Under ``max_overhead`` the first probe has no step time to be budgeted against; the
-        first call at a later step times one and spaces that probe then (instead of probing
-        again).
+        first call at a later step times one on ``clock`` and spaces that probe then
+        (instead of probing again). A Trainer's monitors pass a clock that sums all their
+        probes.
         """
         if self._unbudgeted is not None and global_step > self.last_step:
-            self._space(self.last_step, global_step, self._unbudgeted, self._clock())
+            timing = (clock or self._own_clock)()
+            self._space(self.last_step, global_step, self._unbudgeted, timing)
             self._unbudgeted = None
         if global_step == self.last_step:
             return False  # already acted at this step (e.g. another micro-batch of it)
@@ -250,8 +254,12 @@ class ProbeSchedule:
         if interval is not None:
             self.next_step = global_step + interval
 
-    def probed(self, global_step: int, seconds: float) -> None:
+    def probed(
+        self, global_step: int, seconds: float, clock: Callable[[], Timing] | None = None
+    ) -> None:
         """Note a probe of ``seconds`` at ``global_step``, and space the next one to the budget.
+
+        ``clock`` as for :meth:`is_due`.
 
         Example:
             >>> schedule = ProbeSchedule(every_n_steps=5)
@@ -263,12 +271,13 @@ class ProbeSchedule:
         if self.max_overhead is None:
             self.record(global_step)
             return
+        read = clock or self._own_clock
         if self._timer is None:  # no training step timed yet: space this probe at the next
             self._unbudgeted = seconds
             self.record(global_step, 1)
         else:
-            self._space(global_step, global_step, seconds, self._clock())
-        timing = self._clock()
+            self._space(global_step, global_step, seconds, read())
+        timing = read()
         self._timer = (timing.now, global_step, timing.probe_seconds)
 
     def _space(self, probe_step: int, step: int, seconds: float, timing: Timing) -> None:

@@ -35,7 +35,7 @@ class FakeRun:
         self.broadcast = broadcast
         self.now = 0.0
         for schedule in self.schedules:
-            schedule.start(self.timing)
+            schedule.start()
 
     def timing(self) -> Timing:
         spent = sum(schedule.probe_seconds for schedule in self.schedules)
@@ -49,9 +49,9 @@ class FakeRun:
         probed: list[list[int]] = [[] for _ in self.schedules]
         for step in steps:
             for schedule, steps_probed in zip(self.schedules, probed, strict=True):
-                if schedule.is_due(step):
+                if schedule.is_due(step, clock=self.timing):
                     self.now += self.probe_seconds
-                    schedule.probed(step, self.probe_seconds)
+                    schedule.probed(step, self.probe_seconds, clock=self.timing)
                     steps_probed.append(step)
             self.now += self.step_seconds
         return probed
