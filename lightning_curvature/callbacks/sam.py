@@ -92,7 +92,6 @@ __all__ = ["SAM", "SAMPerturbationMode"]
 #: from each replica's own gradient (Foret et al.'s m-sharpness with m = the local batch).
 SAMPerturbationMode = Literal["all_reduced", "per_replica"]
 _PERTURBATION = ("all_reduced", "per_replica")
-_DROPOUT = ("reuse", "resample")
 
 
 @dataclass(frozen=True)
@@ -269,7 +268,7 @@ class SAM(Callback):
         log_every_n_steps: int | None = None,
     ) -> None:
         try:
-            check_sam_arguments(rho, eta)
+            check_sam_arguments(rho, eta, dropout)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
         if not isinstance(adaptive, bool):
@@ -282,10 +281,6 @@ class SAM(Callback):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
-        if dropout not in _DROPOUT:
-            raise MisconfigurationException(
-                f"`dropout` must be one of {_DROPOUT}, got {dropout!r}."
-            )
         if perturbation not in _PERTURBATION:
             raise MisconfigurationException(
                 f"`perturbation` must be one of {_PERTURBATION}, got {perturbation!r}."
