@@ -257,33 +257,33 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         # Adam's threshold is one of λ₁(P⁻¹H), SGD's one of λ₁(H): each chart holds the
         # quantity its threshold refers to, and the raw spectrum has a chart of its own.
         note = batch_norm_note(pl_module, self.batch_norm)
-        if self.curvature == "ggn":
-            note = f" of the GGN{note}"
+        symbol = self.matrix[0]  # H or G
+        top_of = "λ₁" if symbol == "H" else f"λ₁({symbol})"
         ratio, threshold = self.tag("curvature/sharpness_ratio"), None
         if self.stability and trainer.optimizers:
             threshold = threshold_label(trainer.optimizers[0])
         science: dict[str, list[Any]] = {}
         if threshold is not None and isinstance(trainer.optimizers[0], torch.optim.SGD):
-            science[f"sharpness λ₁ vs. stability threshold {threshold}{note}"] = multiline(
+            science[f"sharpness {top_of} vs. stability threshold {threshold}{note}"] = multiline(
                 exact(self.tag("curvature/eigenvalue_1")),
                 exact(self.tag("curvature/stability_threshold")),
             )
-            science["sharpness ratio λ₁ / threshold"] = multiline(exact(ratio))
+            science[f"sharpness ratio {top_of} / threshold"] = multiline(exact(ratio))
         elif threshold is not None:
-            science[f"preconditioned sharpness λ₁(P⁻¹H) vs. threshold {threshold}{note}"] = (
+            science[f"preconditioned sharpness λ₁(P⁻¹{symbol}) vs. threshold {threshold}{note}"] = (
                 multiline(
                     exact(self.tag("curvature/preconditioned_eigenvalue_1")),
                     exact(self.tag("curvature/stability_threshold")),
                 )
             )
-            science["sharpness ratio λ₁(P⁻¹H) / threshold"] = multiline(exact(ratio))
+            science[f"sharpness ratio λ₁(P⁻¹{symbol}) / threshold"] = multiline(exact(ratio))
         spectrum = [family(self.tag("curvature/eigenvalue_"), r"\d+")]
         if self.smallest:
             spectrum.append(exact(self.tag("curvature/eigenvalue_min")))
         matrix = self.matrix
         top = f"top {matrix} eigenvalue λ₁" if self.k == 1 else f"top {self.k} {matrix} eigenvalues"
         smallest = " and the smallest" if self.smallest else ""
-        science[f"{top}{smallest} (raw {matrix[0]}){note}"] = multiline(*spectrum)
+        science[f"{top}{smallest} (raw {symbol}){note}"] = multiline(*spectrum)
         if self.per_layer:
             science["top eigenvalue per block"] = multiline(
                 family(self.tag("curvature/eigenvalue_1/"), ".+")

@@ -86,6 +86,11 @@ class OutputLoss:
             if not callable(value):
                 raise TypeError(f"`{name}` must be callable as {form}, got {value!r}.")
 
+    def __repr__(self) -> str:
+        # By the functions' names: a monitor's checkpoint key holds it, the same every run.
+        names = (getattr(f, "__qualname__", repr(f)) for f in (self.output_fn, self.loss))
+        return f"OutputLoss({', '.join(names)})"
+
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """``loss(*output_fn(model, batch))``."""
         outputs, targets = split_outputs(self.output_fn(model, batch))
