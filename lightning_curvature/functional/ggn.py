@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_curvature.functional.autodiff import pullback
 from lightning_curvature.functional.functional_model import FunctionalModel, check_scalar_loss
 
 __all__ = ["CURVATURES", "Curvature", "GaussNewtonProducts", "Linearized", "OutputLoss"]
@@ -180,49 +181,18 @@ class GaussNewtonProducts:
     @staticmethod
     def _loss_hessian(at: Linearized, u: torch.Tensor) -> torch.Tensor:
         """``H_ℓ u`` (zero where ``ℓ`` is linear in the outputs)."""
-        if not at.gradient.requires_grad:
-            return torch.zeros_like(u)
-        (product,) = torch.autograd.grad(
-            at.gradient, at.point, u, retain_graph=True, allow_unused=True, materialize_grads=True
-        )
-        return product
-
-    def _transpose(self, outputs: torch.Tensor, u: torch.Tensor) -> list[torch.Tensor]:
-        """``Jᵀ u``, one tensor per measured parameter (the outputs' graph kept)."""
-        return list(
-            torch.autograd.grad(
-                outputs,
-                self._leaves,
-                u,
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        )
+        return pullback([at.gradient], [at.point], [u])[0]
 
     def reverse(self, at: Linearized, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``G_b v`` through ``at``'s graph, ``J v`` by the double-vjp trick (reverse mode)."""
+        """``G_b v`` through ``at``'s graph, ``J v`` by the double-vjp trick (reverse mode).
+
+        ``u ↦ Jᵀ u`` is linear in ``u``; built with its graph from a dummy ``u``, its
+        vector-Jacobian product with ``v`` is ``J v``.
+        """
         dummy = torch.zeros_like(at.outputs, requires_grad=True)
-        transposed = torch.autograd.grad(
-            at.outputs,
-            self._leaves,
-            dummy,
-            create_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        pairs = [(t, v) for t, v in zip(transposed, vs, strict=True) if t.requires_grad]
-        if pairs:
-            (jv,) = torch.autograd.grad(
-                [t for t, _ in pairs],
-                dummy,
-                [v for _, v in pairs],
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        else:  # the outputs do not depend on the measured parameters
-            jv = torch.zeros_like(at.outputs)
-        return self._transpose(at.outputs, self._loss_hessian(at, jv))
+        transposed = pullback([at.outputs], self._leaves, [dummy], create_graph=True)
+        (jv,) = pullback(transposed, [dummy], vs)
+        return pullback([at.outputs], self._leaves, [self._loss_hessian(at, jv)])
 
     def forward(self, batch: Any, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``G_b v`` with ``J v`` by ``torch.func.jvp`` (forward mode) and ``Jᵀ`` by ``vjp``."""

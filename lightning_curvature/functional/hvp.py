@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from lightning_curvature.functional.autodiff import pullback
 from lightning_curvature.functional.batches import ProbeBatches, split_batches
 from lightning_curvature.functional.functional_model import (
     FunctionalModel,
@@ -412,21 +413,7 @@ class HessianOperator:
     def _backward_through(
         self, grads: list[torch.Tensor], vs: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g.requires_grad]
-        if not pairs:
-            return [torch.zeros_like(v) for v in vs]
-        outputs = [g for g, _ in pairs]
-        grad_outputs = [v for _, v in pairs]
-        return list(
-            torch.autograd.grad(
-                outputs,
-                self._leaves,
-                grad_outputs=grad_outputs,
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        )
+        return pullback(grads, self._leaves, vs)
 
     def _double_backward(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         grads = self._weighted_gradient(self._leaves)
