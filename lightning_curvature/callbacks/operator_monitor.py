@@ -75,4 +75,6 @@ class OperatorMonitor(CurvatureMonitor):
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
-        return {"curvature": self.curvature} if self.curvature != "hessian" else {}
+        # Only a GGN monitor adds its curvature: Hessian monitors keep the keys they had.
+        ggn = {"curvature": self.curvature} if self.curvature != "hessian" else {}
+        return {**super().state_key_fields(), **ggn}

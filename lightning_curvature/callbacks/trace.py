@@ -19,6 +19,7 @@ from lightning_curvature.callbacks.dashboard import (
     multiline,
 )
 from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
@@ -67,8 +68,9 @@ class HessianTraceMonitor(OperatorMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "probe_cost/trace_"
+    cost_name = "trace"
     default_every_n_steps = 1000
+    state_key_arguments = ("num_hvps", "method", "per_layer")
 
     def __init__(
         self,
@@ -95,15 +97,6 @@ class HessianTraceMonitor(OperatorMonitor):
         self._blocks.check([name for name, _ in named])
 
     @override
-    def state_key_fields(self) -> dict[str, Any]:
-        return {
-            **super().state_key_fields(),
-            "num_hvps": self.num_hvps,
-            "method": self.method,
-            "per_layer": self.per_layer,
-        }
-
-    @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
         bounds = ("curvature/trace", "curvature/trace_lower", "curvature/trace_upper")
         trace = [self.tag(tag) for tag in bounds]
@@ -120,7 +113,7 @@ class HessianTraceMonitor(OperatorMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> Measurement:
         result = hessian_trace(
             pl_module,
             self.probe_loss_fn(),
@@ -138,4 +131,4 @@ class HessianTraceMonitor(OperatorMonitor):
         }
         for block, value in result.per_layer.items():
             metrics[f"curvature/trace/{self._blocks.tag(block)}"] = value
-        return metrics, result.num_hvps
+        return Measurement(metrics, result.num_hvps)
