@@ -28,7 +28,7 @@ from lightning_curvature import (
     spectral_density,
 )
 from lightning_curvature.functional.batches import BatchList, map_tensors
-from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.sampling import make_generator, rademacher
 from lightning_curvature.functional.trace_estimators import hutchinson
 from tests.functional.cases import (
     CASES,
@@ -232,7 +232,7 @@ def test_trace_is_hutchinson_on_the_dense_ggn(name: str, dtype: torch.dtype) -> 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", ["mlp_tanh", "cnn_batchnorm_eval", "least_squares"])
-def test_density_edges_and_mean_are_the_dense_ggns(name: str, dtype: torch.dtype) -> None:
+def test_density_edges_and_quadrature_are_the_dense_ggns(name: str, dtype: torch.dtype) -> None:
     model, split, batch = _build(name, dtype)
     ggn = dense_ggn(model, split, batch)
     eigenvalues = torch.linalg.eigvalsh(ggn)
@@ -243,6 +243,11 @@ def test_density_edges_and_mean_are_the_dense_ggns(name: str, dtype: torch.dtype
     assert float(esd.nodes.max()) == pytest.approx(lam1, rel=tolerance)
     assert float(esd.nodes.min()) >= -tolerance * lam1  # PSD: no node below 0
     assert torch.allclose(esd.weights.sum(1), torch.ones(2, dtype=torch.float64))
+    # Gauss quadrature is exact for t ↦ t: Σ w θ = vᵀGv/‖v‖² for each run's Rademacher start
+    generator = make_generator(CPU)  # the default generator the call drew its starts from
+    starts = [rademacher((size,), generator, dtype, CPU).double() for _ in range(2)]
+    forms = torch.stack([v @ ggn @ v / size for v in starts])
+    assert torch.allclose((esd.weights * esd.nodes).sum(1), forms, rtol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
