@@ -619,6 +619,7 @@ def hessian_vector_product(
     parameters: ParameterPatterns = None,
     backend: HVPBackend = "auto",
     batch_norm: BatchNormMode = "as_is",
+    curvature: Curvature = "hessian",
 ) -> torch.Tensor | list[torch.Tensor]:
     """One Hessian-vector product ``H v`` of ``loss_fn(model, batch)``.
 
@@ -631,6 +632,8 @@ def hessian_vector_product(
         parameters: glob pattern(s) selecting the measured parameters.
         backend: see :class:`HessianOperator`.
         batch_norm: BatchNorm mode during the probe.
+        curvature: ``"hessian"``, or ``"ggn"`` for a Gauss–Newton product ``G v`` (``loss_fn``
+            an :class:`~lightning_curvature.functional.ggn.OutputLoss`).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)
@@ -639,7 +642,13 @@ def hessian_vector_product(
         [tensor([[1., 4.]])]
     """
     with HessianOperator(
-        model, loss_fn, batch, parameters=parameters, backend=backend, batch_norm=batch_norm
+        model,
+        loss_fn,
+        batch,
+        parameters=parameters,
+        backend=backend,
+        batch_norm=batch_norm,
+        curvature=curvature,
     ) as operator:
         flat_input = isinstance(vector, torch.Tensor)
         flat = vector if flat_input else operator.layout.flatten(vector)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from lightning_curvature import (
     OutputLoss,
     hessian_eigenvalues,
     hessian_trace,
+    hessian_vector_product,
     spectral_density,
 )
 from lightning_curvature.functional.batches import BatchList, map_tensors
@@ -305,6 +306,17 @@ def test_a_ggn_probe_leaves_the_model_as_it_was() -> None:
     before = snapshot(model)
     hessian_eigenvalues(model, SPLITS[loss_fn], batch, k=2, curvature="ggn", batch_norm="train")
     assert_unchanged(model, before)
+
+
+def test_one_product_by_hessian_vector_product() -> None:
+    model, split, batch = _build("mlp_tanh")
+    ggn, _ = reference("mlp_tanh")
+    with seeded(1):
+        vector = torch.randn(ggn.shape[0], dtype=torch.float64)
+    product = hessian_vector_product(model, split, batch, vector, curvature="ggn")
+    assert isinstance(product, torch.Tensor)
+    exact = ggn @ vector
+    assert torch.allclose(product, exact, rtol=0, atol=1e-10 * float(exact.abs().max()))
 
 
 def test_several_batches_average_by_size() -> None:
