@@ -14,12 +14,12 @@ from lightning_curvature import hessian_eigenvalues, hessian_trace
 from lightning_curvature.functional.sampling import make_generator
 
 pytestmark = pytest.mark.distributed
-SCRIPT = Path(__file__).with_name("ddp_ggn_script.py")
+SCRIPT = Path(__file__).with_name("ddp_monitor_script.py")
 
 
 def test_every_rank_logs_the_ggn_of_the_union_batch(tmp_path: Path) -> None:
-    run_script(SCRIPT, tmp_path, "values")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    run_script(SCRIPT, tmp_path, "ggn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["values"] for r in (0, 1)]
     for values in ranks:
         for tags in values.values():
             for tag in [t for t in tags if t.endswith("seconds")]:
@@ -27,7 +27,7 @@ def test_every_rank_logs_the_ggn_of_the_union_batch(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1]  # bit-identical
 
     sys.path.insert(0, str(SCRIPT.parent))
-    from ddp_ggn_script import SPLIT, Regressor
+    from ddp_monitor_script import SPLIT, Regressor
 
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert not torch.equal(saved[0]["probe"][0][0], saved[1]["probe"][0][0])  # different shards
