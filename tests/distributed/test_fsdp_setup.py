@@ -19,6 +19,7 @@ from lightning_curvature import (
     GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
     HessianTraceMonitor,
+    OutputLoss,
     SpectralDensityMonitor,
     hessian_eigenvalues,
 )
@@ -85,6 +86,15 @@ def test_model_parallel_refuses_a_piecewise_linear_model(tmp_path: Path) -> None
         HessianEigenvalueMonitor(every_n_steps=1).setup(trainer, model, stage="fit")
 
 
+def test_model_parallel_refuses_the_gauss_newton_matrix(tmp_path: Path) -> None:
+    split = OutputLoss(lambda module, batch: (module(batch[0]), batch[1]), nn.functional.mse_loss)
+    trainer = _trainer(ModelParallelStrategy(), tmp_path)
+    with pytest.raises(MisconfigurationException, match=r"curvature='ggn'.*'hessian'"):
+        HessianTraceMonitor(every_n_steps=1, curvature="ggn", loss_fn=split).setup(
+            trainer, TanhRegressor(), stage="fit"
+        )
+
+
 def test_model_parallel_refuses_coherence_naming_the_strategy(tmp_path: Path) -> None:
     trainer = _trainer(ModelParallelStrategy(), tmp_path)
     with pytest.raises(
@@ -131,6 +141,13 @@ def test_sharded_parameters_refuse_double_backward_backends(
     _, sharded = _sharded()
     with pytest.raises(ValueError, match=rf"backend='{backend}'.*double backward.*'auto'"):
         HessianOperator(sharded, _loss, torch.ones(2, 3), backend=backend)  # type: ignore[arg-type]
+
+
+def test_sharded_parameters_refuse_the_gauss_newton_matrix(one_process: None) -> None:
+    _, sharded = _sharded()
+    split = OutputLoss(lambda m, x: (m(x), torch.zeros(2, 1)), nn.functional.mse_loss)
+    with pytest.raises(ValueError, match=r"curvature='ggn'.*sharded"):
+        HessianOperator(sharded, split, torch.ones(2, 3), curvature="ggn")
 
 
 def test_sharded_parameters_refuse_bf16(one_process: None) -> None:
