@@ -504,6 +504,7 @@ def _check_smooth(model: nn.Module) -> None:
         f"{name or type(model).__name__!r} ({type(module).__name__})"
         for name, module in model.named_modules()
         if isinstance(module, _PIECEWISE_LINEAR)
+        or (isinstance(module, nn.EmbeddingBag) and module.mode == "max")
     ]
     if kinked:
         raise ValueError(
