@@ -8,8 +8,9 @@ which sees torch's allocations, unlike ``tracemalloc``) is its own:
 
 * ``gradient``: one plain gradient (``torch.autograd.grad``), the unit of time;
 * per backend: the operator's set-up (``retained_graph`` builds its gradient graph there),
-  the minimum over ``--repeats`` products of the time per product, divided by the
-  gradient's; the relative error of one product against the ``double_backward`` product
+  the minimum over ``--repeats`` products of the time per product, divided by the minimum
+  of gradients timed between them in the same process (the machine's load changes between
+  processes); the relative error of one product against the ``double_backward`` product
   on the same vector; then ``hessian_eigenvalues`` (``tol=1e-3``, the same start) and its
   λ₁'s error against the ``double_backward`` λ₁;
 * the peak RSS over the model alone (built, one forward), for the product and for the
@@ -21,7 +22,8 @@ training runs. The Lanczos basis: ``(max_iter + 1) × P`` floats preallocated be
 default ``max_iter = 30 + 8k`` = 38 for k = 1), blocks of 8 rows allocated as the run goes
 now (``functional/lanczos.py``), i.e. ``8·⌈(steps + 1)/8⌉ × P``.
 
-    nice -n 10 python benchmarks/bench_hvp_backends.py  # ~5-10 min on 2 shared cores
+    nice -n 10 python benchmarks/bench_hvp_backends.py  # 13 min on 2 shared cores
+    nice -n 10 python benchmarks/bench_hvp_backends.py --skip-eigen  # products only
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _worker(backend: str, repeats: int) -> dict[str, Any]:
+def _worker(backend: str, repeats: int, skip_eigen: bool) -> dict[str, Any]:
     from lightning_curvature.functional import hessian_eigenvalues
     from lightning_curvature.functional.hvp import HessianOperator
 
@@ -92,13 +94,19 @@ def _worker(backend: str, repeats: int) -> dict[str, Any]:
     start = time.perf_counter()
     with HessianOperator(model, loss_fn, ids, backend=backend) as operator:  # type: ignore[arg-type]
         setup = time.perf_counter() - start
-        times, product = [], None
-        for _ in range(repeats):
+        times, gradients, product = [], [], None
+        for _ in range(repeats):  # interleaved with gradients: the ratio sees the same load
             start = time.perf_counter()
             product = operator.matvec(v)
             times.append(time.perf_counter() - start)
-    out.update(setup=setup, seconds=min(times), peak_mib=_peak_mib() - base)
+            start = time.perf_counter()
+            torch.autograd.grad(loss_fn(model, ids), params)
+            gradients.append(time.perf_counter() - start)
+    out.update(setup=setup, seconds=min(times), gradient_seconds=min(gradients),
+               peak_mib=_peak_mib() - base)  # fmt: skip
     torch.save(product, f"/tmp/bench_hvp_backends_{backend}.pt")
+    if skip_eigen:
+        return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
@@ -114,10 +122,11 @@ def _worker(backend: str, repeats: int) -> dict[str, Any]:
     return out
 
 
-def _run(backend: str, repeats: int) -> dict[str, Any]:
+def _run(backend: str, repeats: int, skip_eigen: bool) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["--skip-eigen"] if skip_eigen else []
     done = subprocess.run(
-        [sys.executable, __file__, "--worker", backend, "--repeats", str(repeats)],
+        [sys.executable, __file__, "--worker", backend, "--repeats", str(repeats), *flags],
         check=True, capture_output=True, text=True, env=env,
     )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -127,31 +136,41 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-eigen", action="store_true", help="products only (~2 min)")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.repeats)))
+        print(json.dumps(_worker(args.worker, args.repeats, args.skip_eigen)))
         return
     started, load = time.time(), os.getloadavg()
-    rows = {name: _run(name, args.repeats) for name in ("gradient", *BACKENDS)}
+    rows = {name: _run(name, args.repeats, args.skip_eigen) for name in ("gradient", *BACKENDS)}
     gradient = rows["gradient"]
     size = gradient["parameters"]
     reference = torch.load("/tmp/bench_hvp_backends_double_backward.pt")
-    top = rows["double_backward"]["top"]
     print(f"GPT-2 {CONFIG}, batch {BATCH}x{LENGTH}, P = {size:,}, float32, 1 thread, "
           f"torch {torch.__version__}; load {' '.join(f'{x:.1f}' for x in load)}\n")  # fmt: skip
     print(f"one gradient: {gradient['seconds']:.3f} s, peak RSS +{gradient['peak_mib']:.0f} MiB "
           "over the model\n")  # fmt: skip
-    print("| backend | set-up s | s / HVP | HVP / gradient | HVP peak RSS MiB | HVP rel. error "
-          "| λ₁ | λ₁ rel. error | HVPs | eigen s | eigen peak RSS MiB |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| backend | set-up s | s / HVP | s / gradient (same process) | HVP / gradient "
+          "| HVP peak RSS MiB | HVP rel. error |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for name in BACKENDS:
         row = rows[name]
         product = torch.load(f"/tmp/bench_hvp_backends_{name}.pt")
         error = float((product - reference).norm() / reference.norm())
         print(
             f"| {name} | {row['setup']:.2f} | {row['seconds']:.3f} | "
-            f"{row['seconds'] / gradient['seconds']:.2f}x | {row['peak_mib']:.0f} | {error:.1e} | "
-            f"{row['top']:.5g}{'' if row['converged'] else ' (not certified)'} | "
+            f"{row['gradient_seconds']:.3f} | {row['seconds'] / row['gradient_seconds']:.2f}x | "
+            f"{row['peak_mib']:.0f} | {error:.1e} |"
+        )
+    if args.skip_eigen:
+        return
+    top = rows["double_backward"]["top"]
+    print("\n| backend | λ₁ | λ₁ rel. error | HVPs | eigen s | eigen peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for name in BACKENDS:
+        row = rows[name]
+        print(
+            f"| {name} | {row['top']:.5g}{'' if row['converged'] else ' (not certified)'} | "
             f"{abs(row['top'] - top) / abs(top):.1e} | {row['hvps']} | {row['eig_seconds']:.1f} | "
             f"{row['eig_peak_mib']:.0f} |"
         )
