@@ -21,6 +21,7 @@ from lightning_curvature.callbacks.dashboard import (
     threshold_label,
 )
 from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
@@ -104,8 +105,17 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "probe_cost/eigenvalue_"
+    cost_name = "eigenvalue"
     default_every_n_steps = 500
+    state_key_arguments = (
+        "k",
+        "tol",
+        "max_iter",
+        "stability",
+        "smallest",
+        "per_layer",
+        "warm_start",
+    )
 
     def __init__(
         self,
@@ -194,7 +204,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> Measurement:
         result = self._eigenvalues(trainer, pl_module, batches, "full", smallest=self.smallest)
         metrics: dict[str, float | torch.Tensor] = {
             f"curvature/eigenvalue_{i + 1}": value for i, value in enumerate(result.eigenvalues)
@@ -212,7 +222,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             )
             metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
             hvps += block.num_hvps
-        return metrics, hvps
+        return Measurement(metrics, hvps)
 
     @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
@@ -325,15 +335,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "tol": self.tol,
-            "max_iter": self.max_iter,
-            "stability": self.stability,
-            "smallest": self.smallest,
-            "per_layer": True if self._per_module else self.per_layer,
-            "warm_start": self.warm_start,
-        }
+        # per_layer=True as given: the blocks it stands for are found at setup
+        per_layer = True if self._per_module else self.per_layer
+        return {**super().state_key_fields(), "per_layer": per_layer}
 
     @override
     def extra_state(self) -> dict[str, Any]:
