@@ -6,23 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import models
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from models import (
-    LIGHTNING_NOISE,
-    TanhRegressor,
-    csv_logger,
-    loader,
-    make_trainer,
-    read_csv,
-    regression_data,
-)
 
 from lightning_curvature import HessianEigenvalueMonitor
 
-pytestmark = [*LIGHTNING_NOISE, pytest.mark.filterwarnings("ignore:.*The dirpath has changed.*")]
+DIRPATH_NOISE = pytest.mark.filterwarnings("ignore:.*The dirpath has changed.*")
+pytestmark = [*models.LIGHTNING_NOISE, DIRPATH_NOISE]
 
 STEPS, TOL = 8, 1e-4
 
@@ -30,16 +23,17 @@ STEPS, TOL = 8, 1e-4
 def fit(tmp_path: Path, name: str, ckpt_path: Path | None = None, **options: Any) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     monitor = HessianEigenvalueMonitor(k=2, tol=TOL, every_n_steps=1, **options)
-    logger = csv_logger(tmp_path, name)
+    logger = models.csv_logger(tmp_path, name)
     checkpoints = ModelCheckpoint(
         dirpath=tmp_path / name / "checkpoints", every_n_train_steps=4, save_top_k=-1
     )
-    trainer = make_trainer(
+    trainer = models.make_trainer(
         [monitor, checkpoints], logger=logger, max_steps=STEPS, enable_checkpointing=True
     )
-    module = TanhRegressor()
-    trainer.fit(module, loader(regression_data(n=32), batch_size=8), ckpt_path=ckpt_path)
-    logged = read_csv(logger)
+    module = models.TanhRegressor()
+    data = models.loader(models.regression_data(n=32), batch_size=8)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    logged = models.read_csv(logger)
     return {
         "top": logged["curvature/eigenvalue_1"],
         "hvps": logged["probe_cost/eigenvalue_hvps"],
