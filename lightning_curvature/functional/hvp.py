@@ -19,7 +19,7 @@ Backends (``backend=``):
   kernels). Its error is the truncation ``O(ε²)`` plus the rounding ``O(eps/ε)``; the
   step moves no parameter by more than ``0.3·eps^{1/3}·max(rms(w), 0.01)``
   (``_finite_difference_step``). On smooth models (tanh, GELU, softmax, LayerNorm,
-  GPT-2, BERT) that is at most 3e-4 relative in float32 and 5e-9 in float64, along random
+  GPT-2, BERT) that is at most 3e-4 relative in float32 and 5e-10 in float64, along random
   vectors and the top eigenvector alike; a piecewise-linear model (ReLU, max-pooling) has kinks the
   perturbation crosses, so its products do not converge to autograd's Hessian at all, and
   the backend refuses such a model (piecewise-linear modules at construction, functional
