@@ -503,10 +503,17 @@ class HessianOperator:
         if self._weight_scale is None:  # the weights do not change while the operator is open
             self._weight_scale = float(_norm(primals)) / self.size**0.5
         step = _finite_difference_step(self._compute_dtype, self._weight_scale) / largest
-        plus = [(p + step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
-        minus = [(p - step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
-        upper, lower = self._gradient_at(plus), self._gradient_at(minus)
-        return [(u - d) / (2 * step) for u, d in zip(upper, lower, strict=True)]
+        # One perturbed copy of the weights alive at a time; the difference taken in place.
+        upper = self._gradient_at(self._moved(primals, vs, step))
+        lower = self._gradient_at(self._moved(primals, vs, -step))
+        return [u.sub_(d).div_(2 * step) for u, d in zip(upper, lower, strict=True)]
+
+    @staticmethod
+    def _moved(
+        primals: list[torch.Tensor], vs: list[torch.Tensor], step: float
+    ) -> list[torch.Tensor]:
+        """Fresh leaves ``w + step·v`` (the weights themselves are never written)."""
+        return [(p + step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
 
     def _forward_over_reverse(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         primals = tuple(leaf.detach() for leaf in self._leaves)
