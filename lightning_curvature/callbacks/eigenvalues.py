@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -35,6 +35,8 @@ from lightning_curvature.functional.stability import stability_threshold
 
 __all__ = ["HessianEigenvalueMonitor"]
 
+_WARM_START_DEVICES = ("model", "cpu")
+
 
 class HessianEigenvalueMonitor(OperatorMonitor):
     """Top-k Hessian eigenvalues (sharpness) next to the optimizer's stability threshold.
@@ -59,7 +61,18 @@ class HessianEigenvalueMonitor(OperatorMonitor):
             dict of tag name to patterns); each block gets its own top eigenvalue (one more
             Lanczos run each) under ``curvature/eigenvalue_1/<name>``.
         warm_start: start each Lanczos run from the previous run's top ``k + 1`` Ritz
-            vectors (``HessianEigenvalues.warm_start``).
+            vectors (``HessianEigenvalues.warm_start``): ``(k + 1) × P`` values kept per
+            Lanczos run of a probe (the full model, each ``per_layer`` block, Adam's
+            preconditioned run).
+        warm_start_device: where those vectors wait between probes: ``"model"`` (default,
+            the model's device) or ``"cpu"`` (host memory; moved to the device for the run
+            only, ``(k + 1) × P`` values each way per probe), which frees ``(k + 1) × P``
+            of accelerator memory per run between probes.
+        checkpoint_warm_start: save them in checkpoints (default), so that a resumed run
+            logs exactly what the uninterrupted run does; ``False`` keeps checkpoints free
+            of them (``(k + 1) × P`` values per run less on disk), and the first probe after
+            a resume starts cold (its values agree to ``tol``, not exactly, and it takes
+            more products).
         prog_bar: show ``eigenvalue_1`` in the progress bar.
         every_n_steps: probe every this many optimizer steps (``"auto"``: 500, as a warm
             probe takes about 6-9 Hessian-vector products, some 10-20 gradients of the probe
@@ -124,6 +137,8 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         smallest: bool = False,
         per_layer: bool | LayerSpec = None,
         warm_start: bool = True,
+        warm_start_device: Literal["model", "cpu"] = "model",
+        checkpoint_warm_start: bool = True,
         prog_bar: bool = False,
         every_n_steps: EveryNSteps = "auto",
         batch_norm: BatchNormMode = "train",
@@ -134,6 +149,19 @@ class HessianEigenvalueMonitor(OperatorMonitor):
             check_eigenvalue_arguments(k, tol, max_iter)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
+        if warm_start_device not in _WARM_START_DEVICES:
+            raise MisconfigurationException(
+                f"`warm_start_device` must be one of {_WARM_START_DEVICES}, "
+                f"got {warm_start_device!r}."
+            )
+        if not isinstance(checkpoint_warm_start, bool):
+            raise MisconfigurationException(
+                f"`checkpoint_warm_start` must be True or False, got {checkpoint_warm_start!r}."
+            )
+        self.warm_start_device, self.checkpoint_warm_start = (
+            warm_start_device,
+            checkpoint_warm_start,
+        )
         self.k, self.tol, self.max_iter = k, float(tol), max_iter
         self.stability, self.smallest, self.warm_start, self.prog_bar = (
             stability,
@@ -174,7 +202,8 @@ class HessianEigenvalueMonitor(OperatorMonitor):
             **kwargs,
         )
         if self.warm_start and result.warm_start is not None:
-            self._warm[key] = result.warm_start.detach()
+            warm = result.warm_start.detach()
+            self._warm[key] = warm.cpu() if self.warm_start_device == "cpu" else warm
         return result
 
     @override
@@ -320,6 +349,8 @@ class HessianEigenvalueMonitor(OperatorMonitor):
 
     @override
     def extra_state(self) -> dict[str, Any]:
+        if not self.checkpoint_warm_start:
+            return {}
         return {"warm_start": {key: value.cpu() for key, value in self._warm.items()}}
 
     @override

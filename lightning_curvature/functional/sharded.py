@@ -83,6 +83,24 @@ class VectorShards:
         local = torch.stack([t.double().square().sum() for t in tensors]).sum()
         return float(self.all_sum(local).sqrt())
 
+    def max_of(self, values: Sequence[torch.Tensor], device: torch.device) -> float:
+        """The largest of ``values`` over every process (0 where none has any).
+
+        Sharded, each process puts its maximum in its own slot of a vector that is summed,
+        so ``all_sum`` is the only collective needed.
+
+        Example:
+            >>> values = [torch.tensor(1.0), torch.tensor(3.0)]
+            >>> VectorShards.single(2).max_of(values, torch.device("cpu"))
+            3.0
+        """
+        local = float(torch.stack(list(values)).max()) if values else 0.0
+        if not self.sharded:
+            return local
+        slots = torch.zeros(self.num_shards, dtype=torch.float64, device=device)
+        slots[self.shard] = local
+        return float(self.all_sum(slots).max())
+
     def any_true(self, flag: bool | torch.Tensor, device: torch.device) -> bool:
         """Whether ``flag`` holds on any process (every process gets the same answer)."""
         value = torch.as_tensor(flag, dtype=torch.float64, device=device).reshape(())
