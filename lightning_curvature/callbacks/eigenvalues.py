@@ -66,7 +66,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             step, read from ``.grad`` in ``on_before_optimizer_step`` (after accumulation,
             unscaling and the DDP all-reduce, before clipping; nothing is written). The
             eigenvectors are kept from the probe to that hook (``k × P``, a view of the warm
-            start when ``warm_start=True``).
+            start when ``warm_start=True``). It is as accurate as the eigenvectors, whose
+            error goes as the square root of the eigenvalues' (``tol``): lower ``tol`` for a
+            sharper share.
         update_sharpness: also log the curvature ``uᵀHu/‖u‖²`` of the probe loss along the
             optimizer's last update ``u = w_t − w_{t−1}`` (any optimizer: SGD, momentum,
             Adam) and its ratio to the threshold. The weights are copied (one ``P``-vector,
