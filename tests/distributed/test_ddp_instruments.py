@@ -53,9 +53,8 @@ def test_every_rank_logs_the_instruments_of_the_union_batches(tmp_path: Path) ->
     )
     before = Regressor()
     before.load_state_dict(saved[0]["weights"][1])
-    update = torch.cat(
-        [(p - q).detach().reshape(-1) for p, q in zip(model.parameters(), before.parameters())]
-    )
+    pairs = zip(model.parameters(), before.parameters(), strict=True)
+    update = torch.cat([(p - q).detach().reshape(-1) for p, q in pairs])
     along = directional_curvature(model, loss_fn, BatchList([union("eigen_probe", 0)]), update)
     assert logged["HessianEigenvalueMonitor"]["curvature/update_sharpness"] == pytest.approx(
         float(along.value), rel=1e-5
