@@ -74,7 +74,11 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             Adam) and its ratio to the threshold. The weights are copied (one ``P``-vector,
             in the checkpoint while pending) only in ``on_before_optimizer_step`` of a step
             after which a probe is due; it costs one more gradient of the probe batch and
-            one Hessian-vector product. No value at step 0 (no update yet).
+            one Hessian-vector product. No value at step 0 (no update yet). Both are of the
+            whole measured model, not per block: a block's share or curvature along the
+            update needs that block's own eigenvectors or product (``H_ll u_l``), not the
+            full model's. Under ``SAM`` the training gradient is the SAM gradient ``.grad``
+            then holds.
         prog_bar: show ``eigenvalue_1`` in the progress bar.
         every_n_steps: probe every this many optimizer steps (``"auto"``: 500, as a warm
             probe takes about 6-9 Hessian-vector products, some 10-20 gradients of the probe
