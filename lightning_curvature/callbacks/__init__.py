@@ -5,6 +5,7 @@ from lightning_curvature.callbacks.batch_sharpness import BatchSharpnessMonitor
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.density import SpectralDensityMonitor
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.callbacks.trace import HessianTraceMonitor
 
@@ -15,6 +16,7 @@ __all__ = [
     "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",
     "HessianTraceMonitor",
+    "Measurement",
     "SpectralDensityMonitor",
     "training_step_loss",
 ]

@@ -20,6 +20,7 @@ from lightning_curvature.callbacks.dashboard import (
     sharpness_chart_title,
 )
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.directional import batch_sharpness
 from lightning_curvature.functional.probe import BatchNormMode
@@ -77,8 +78,9 @@ class BatchSharpnessMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "probe_cost/batch_sharpness_"
+    cost_name = "batch_sharpness"
     default_every_n_steps = 500
+    state_key_arguments = ("num_batches",)
 
     def __init__(
         self,
@@ -120,7 +122,7 @@ class BatchSharpnessMonitor(CurvatureMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> Measurement:
         result = batch_sharpness(
             pl_module,
             self.probe_loss_fn(),
@@ -139,7 +141,7 @@ class BatchSharpnessMonitor(CurvatureMonitor):
             metrics["curvature/batch_sharpness_ratio"] = float(result.estimate) / threshold
             if self._logs_threshold:
                 metrics["curvature/stability_threshold"] = threshold
-        return metrics, result.num_hvps
+        return Measurement(metrics, result.num_hvps)
 
     @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
@@ -157,7 +159,3 @@ class BatchSharpnessMonitor(CurvatureMonitor):
             exact(self.tag("curvature/batch_sharpness_std_error"))
         )
         return layout([{self.category("curvature"): science}, super().charts(trainer, pl_module)])
-
-    @override
-    def state_key_fields(self) -> dict[str, Any]:
-        return {"num_batches": self.num_batches}

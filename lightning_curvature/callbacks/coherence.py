@@ -47,6 +47,7 @@ from lightning_curvature.callbacks.dashboard import (
 from lightning_curvature.callbacks.gradient_capture import BackwardGradients
 from lightning_curvature.callbacks.gradient_sums_metric import GradientSumsMetric
 from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList, batch_size
 from lightning_curvature.functional.functional_model import probe_dtype
@@ -161,9 +162,10 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[free], accumulate_grad_batches=4, max_steps=1)
     """
 
-    cost_prefix = "probe_cost/coherence_"
+    cost_name = "coherence"
     counts_hvps = False
     default_every_n_steps = 500
+    state_key_arguments = ("source", "mode", "micro_batch_size", "chunk_size", "per_layer")
 
     def __init__(
         self,
@@ -253,16 +255,6 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         self._blocks.check([name for name, _ in named])
 
     @override
-    def state_key_fields(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "mode": self.mode,
-            "micro_batch_size": self.micro_batch_size,
-            "chunk_size": self.chunk_size,
-            "per_layer": self.per_layer,
-        }
-
-    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or self.source == "probe":
@@ -339,7 +331,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
+    ) -> Measurement | None:
         sums = gradient_sums(
             pl_module,
             self.probe_loss_fn(),
@@ -353,8 +345,8 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         )
         total = self._summed_over_processes(sums)
         if not self._enough(total, trainer.global_step):
-            return None, None
-        return self._metrics(total.compute()), None
+            return None
+        return Measurement(self._metrics(total.compute()))
 
     # -- the free sources: samples read from training's backward passes ---------------------
     @override
@@ -431,9 +423,7 @@ class GradientCoherenceMonitor(CurvatureMonitor):
             seconds_before=step.seconds,
         )
 
-    def _measure_step(
-        self, trainer: pl.Trainer, step: _StepSamples
-    ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
+    def _measure_step(self, trainer: pl.Trainer, step: _StepSamples) -> Measurement | None:
         sums = step.sums
         if step.local is not None and step.local_size > 0:
             sums.add(step.local, step.local_size)
@@ -441,11 +431,11 @@ class GradientCoherenceMonitor(CurvatureMonitor):
         unknown = trainer.strategy.reduce(unknown, reduce_op="sum")
         total = self._summed_over_processes(sums)
         if not self._enough(total, trainer.global_step):
-            return None, None
+            return None
         if _loss_scale(trainer) != 1.0 and not all(
             bool(torch.isfinite(value).all()) for value in total.states().values()
         ):
-            return None, None  # the grad scaler skips this step too: routine, no warning
+            return None  # the grad scaler skips this step too: routine, no warning
         if float(unknown) > 0:
             self.warn_once(
                 "size",
@@ -453,14 +443,14 @@ class GradientCoherenceMonitor(CurvatureMonitor):
                 "number of examples is unknown; nothing is logged (the noise scale is "
                 "counted in examples).",
             )
-            return None, None
+            return None
         if step.local is None:
-            return self._metrics(total.compute()), None
+            return Measurement(self._metrics(total.compute()))
         # "ddp": Σ_r g_r = world_size · (DDP's averaged gradient), which every process holds.
         averaged = step.averaged if step.averaged is not None else torch.zeros_like(step.local)
         s2, blocks = total.squared_norms(averaged * total.num_samples)
         result = total.compute(sum_sq_norm=s2, block_sum_sq_norm=blocks or None)
-        return self._metrics(result, skip=("mean_cosine", "snr")), None
+        return Measurement(self._metrics(result, skip=("mean_cosine", "snr")))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -23,6 +23,7 @@ from lightning_curvature.callbacks.dashboard import (
 )
 from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns
 from lightning_curvature.callbacks.logging import log_scalars
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.directional import directional_curvature, subspace_share
@@ -121,8 +122,19 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "probe_cost/eigenvalue_"
+    cost_name = "eigenvalue"
     default_every_n_steps = 500
+    state_key_arguments = (
+        "k",
+        "tol",
+        "max_iter",
+        "stability",
+        "smallest",
+        "per_layer",
+        "warm_start",
+        "gradient_share",
+        "update_sharpness",
+    )
 
     def __init__(
         self,
@@ -200,7 +212,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> Measurement:
         share = (
             {"return_eigenvectors": True, "return_gradient": True} if self.gradient_share else {}
         )
@@ -233,7 +245,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             )
             metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
             hvps += block.num_hvps
-        return metrics, hvps
+        return Measurement(metrics, hvps)
 
     @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
@@ -354,8 +366,11 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
     def _probes_after_this_step(self, trainer: pl.Trainer) -> bool:
         """Whether a probe is due right after the optimizer step being taken now."""
         following, epoch = trainer.global_step + 1, trainer.current_epoch
-        schedule = self.schedule
-        if schedule.is_due(following, epoch, epoch_start=False):
+        schedule = self.schedule  # read, never asked is_due (which may space the budget)
+        if schedule.max_overhead is not None:
+            if following >= schedule.next_step:
+                return True
+        elif schedule.every_n_steps is not None and following % schedule.every_n_steps == 0:
             return True
         if trainer.is_last_batch and schedule.is_due_at_epoch_end(following, epoch):
             return True
@@ -441,17 +456,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "tol": self.tol,
-            "max_iter": self.max_iter,
-            "stability": self.stability,
-            "smallest": self.smallest,
-            "per_layer": True if self._per_module else self.per_layer,
-            "warm_start": self.warm_start,
-            "gradient_share": self.gradient_share,
-            "update_sharpness": self.update_sharpness,
-        }
+        # per_layer=True as given: the blocks it stands for are found at setup
+        per_layer = True if self._per_module else self.per_layer
+        return {**super().state_key_fields(), "per_layer": per_layer}
 
     @override
     def extra_state(self) -> dict[str, Any]:

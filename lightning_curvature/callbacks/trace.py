@@ -20,6 +20,7 @@ from lightning_curvature.callbacks.dashboard import (
     multiline,
 )
 from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.parameters import select_parameters
@@ -64,8 +65,9 @@ class HessianTraceMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "probe_cost/trace_"
+    cost_name = "trace"
     default_every_n_steps = 1000
+    state_key_arguments = ("num_hvps", "method", "per_layer")
 
     def __init__(
         self,
@@ -97,10 +99,6 @@ class HessianTraceMonitor(CurvatureMonitor):
         self._blocks.check([name for name, _ in named])
 
     @override
-    def state_key_fields(self) -> dict[str, Any]:
-        return {"num_hvps": self.num_hvps, "method": self.method, "per_layer": self.per_layer}
-
-    @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
         bounds = ("curvature/trace", "curvature/trace_lower", "curvature/trace_upper")
         trace = [self.tag(tag) for tag in bounds]
@@ -117,7 +115,7 @@ class HessianTraceMonitor(CurvatureMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> Measurement:
         result = hessian_trace(
             pl_module,
             self.probe_loss_fn(),
@@ -135,4 +133,4 @@ class HessianTraceMonitor(CurvatureMonitor):
         }
         for block, value in result.per_layer.items():
             metrics[f"curvature/trace/{self._blocks.tag(block)}"] = value
-        return metrics, result.num_hvps
+        return Measurement(metrics, result.num_hvps)
