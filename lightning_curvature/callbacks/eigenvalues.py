@@ -372,9 +372,10 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
                 return True
         elif schedule.every_n_steps is not None and following % schedule.every_n_steps == 0:
             return True
-        if trainer.is_last_batch and schedule.is_due_at_epoch_end(following, epoch):
-            return True
-        return schedule.on_train_end and trainer.max_steps == following
+        last = trainer.max_steps == following  # training stops after this step
+        if (trainer.is_last_batch or last) and schedule.is_due_at_epoch_end(following, epoch):
+            return True  # an epoch-end probe (max_steps also ends the epoch it stops in)
+        return schedule.on_train_end and last
 
     @override
     def on_before_optimizer_step(

@@ -320,3 +320,31 @@ def test_zero_update_is_left_out_with_one_warning(tmp_path: Path) -> None:
         rows = _fit(tmp_path, [monitor], LeastSquares(lr=0.0), steps=5)
     assert "curvature/update_sharpness" not in rows
     assert all(math.isfinite(v) for _, v in rows["curvature/eigenvalue_1"])
+
+
+@pytest.mark.parametrize(
+    "cadence",
+    [{"every_n_epochs": 1}, {"max_overhead": 0.9}, {"every_n_steps": 4, "on_train_end": True}],
+    ids=["every_epoch", "max_overhead", "steps_and_train_end"],
+)
+def test_every_probe_after_the_first_step_has_its_update(
+    tmp_path: Path, cadence: dict[str, Any]
+) -> None:
+    """The copy of w_{t−1} is taken on the step before each probe, whatever the cadence:
+    epoch ends (5 batches an epoch; max_steps=27 stops one after 2 batches), an adaptive
+    budget, train end (after step 27)."""
+    recorder = Recorder()
+    monitor = HessianEigenvalueMonitor(update_sharpness=True, stability=False, **cadence)
+    rows = _fit(tmp_path, [recorder, monitor], LeastSquares(lr=0.05), steps=27)
+    probes = [s for s, _ in rows["curvature/eigenvalue_1"]]
+    update = dict(rows["curvature/update_sharpness"])
+    assert len(probes) >= 2
+    assert sorted(update) == [s for s in probes if s > 0]
+    (probe,) = monitor.fixed_probe or [None]
+    for step, value in update.items():
+        h, _ = _hessian_and_gradient(probe, torch.zeros(5, dtype=torch.float64))
+        after = recorder.weights.get(step)
+        if after is None:  # the train-end probe: the weights after the last step
+            continue
+        u = after - recorder.weights[step - 1]
+        assert value == pytest.approx(_rayleigh(h, u), rel=1e-4)
