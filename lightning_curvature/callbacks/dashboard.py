@@ -129,7 +129,7 @@ def threshold_label(optimizer: torch.optim.Optimizer) -> str | None:
 
 
 def sharpness_chart_title(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, batch_norm: str
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batch_norm: str, quantity: str = "λ₁"
 ) -> str | None:
     """The title of the chart of the raw sharpness against its threshold (SGD family).
 
@@ -145,7 +145,7 @@ def sharpness_chart_title(
         return None
     label = threshold_label(trainer.optimizers[0])
     note = batch_norm_note(pl_module, batch_norm)
-    return f"sharpness λ₁ vs. stability threshold {label}{note}"
+    return f"sharpness {quantity} vs. stability threshold {label}{note}"
 
 
 def raw_threshold(trainer: pl.Trainer) -> float | None:

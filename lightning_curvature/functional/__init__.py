@@ -18,6 +18,7 @@ from lightning_curvature.functional.directional import (
     subspace_share,
 )
 from lightning_curvature.functional.eigenvalues import HessianEigenvalues, hessian_eigenvalues
+from lightning_curvature.functional.ggn import OutputLoss
 from lightning_curvature.functional.gradient_statistics import (
     GradientCoherence,
     GradientSums,
@@ -25,6 +26,7 @@ from lightning_curvature.functional.gradient_statistics import (
 )
 from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
 from lightning_curvature.functional.lanczos import lanczos_eigenpairs, lanczos_quadrature
+from lightning_curvature.functional.options import OperatorOptions
 from lightning_curvature.functional.parameters import ParameterLayout, select_parameters
 from lightning_curvature.functional.probe import probe_context, unwrap_model
 from lightning_curvature.functional.sam import SAMGradient, sam_gradient
@@ -42,6 +44,8 @@ __all__ = [
     "HessianOperator",
     "HessianTrace",
     "NonFiniteCurvatureError",
+    "OperatorOptions",
+    "OutputLoss",
     "ParameterLayout",
     "SAMGradient",
     "SpectralDensity",

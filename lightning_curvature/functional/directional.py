@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.functional.ggn import Curvature
 from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
+from lightning_curvature.functional.options import OperatorOptions
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
 from lightning_curvature.functional.reductions import inner_products
@@ -97,6 +99,8 @@ def directional_curvature(
     backend: HVPBackend = "auto",
     batch_norm: BatchNormMode = "as_is",
     all_reduce: AllReduce | None = None,
+    curvature: Curvature = "hessian",
+    options: OperatorOptions | None = None,
 ) -> DirectionalCurvature:
     """The curvature ``vᵀHv / ‖v‖²`` of ``loss_fn`` along ``direction`` (one product).
 
@@ -110,6 +114,9 @@ def directional_curvature(
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe.
         all_reduce: averages a tensor across processes (DDP).
+        curvature: ``"hessian"``, or ``"ggn"`` for ``vᵀGv/‖v‖²`` of the generalized
+            Gauss–Newton matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
+        options: the operator's settings as one ``OperatorOptions`` instead of keywords.
 
     Raises:
         ValueError: if ``direction`` is not a flat vector over the measured parameters.
@@ -123,15 +130,8 @@ def directional_curvature(
         >>> out.value, out.num_hvps  # (1 + 4) / 2
         (tensor(2.5000, dtype=torch.float64), 1)
     """
-    with HessianOperator(
-        model,
-        loss_fn,
-        batch,
-        parameters=parameters,
-        backend=backend,
-        batch_norm=batch_norm,
-        all_reduce=all_reduce,
-    ) as operator:
+    settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
+    with settings.operator(model, loss_fn, batch) as operator:
         _check_direction(direction, operator.size)
         form = _quadratic_form(operator, direction)
         vector = direction.to(device=operator.device, dtype=operator.dtype)
@@ -173,6 +173,8 @@ def batch_sharpness(
     backend: HVPBackend = "auto",
     batch_norm: BatchNormMode = "as_is",
     all_reduce: AllReduce | None = None,
+    curvature: Curvature = "hessian",
+    options: OperatorOptions | None = None,
 ) -> BatchSharpness:
     """Batch sharpness ``E_B[g_Bᵀ H_B g_B / ‖g_B‖²]`` over ``batches`` (Andreyev & Beneventano).
 
@@ -194,6 +196,9 @@ def batch_sharpness(
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe.
         all_reduce: averages a tensor across processes (DDP).
+        curvature: ``"hessian"``, or ``"ggn"`` for ``g_Bᵀ G_B g_B/‖g_B‖²`` (``loss_fn`` an
+            :class:`~lightning_curvature.OutputLoss`).
+        options: the operator's settings as one ``OperatorOptions`` instead of keywords.
 
     Raises:
         ValueError: with fewer than two batches.
@@ -212,18 +217,11 @@ def batch_sharpness(
         >>> out.estimate, out.std_error, out.num_hvps
         (tensor(2., dtype=torch.float64), tensor(0., dtype=torch.float64), 2)
     """
+    settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     values: list[torch.Tensor] = []
     num_hvps = 0
     for batch in batches:
-        with HessianOperator(
-            model,
-            loss_fn,
-            BatchList([batch]),
-            parameters=parameters,
-            backend=backend,
-            batch_norm=batch_norm,
-            all_reduce=all_reduce,
-        ) as operator:
+        with settings.operator(model, loss_fn, BatchList([batch])) as operator:
             gradient = operator.gradient()
             squared = inner_products(gradient, gradient)
             if float(squared) == 0.0:

@@ -24,6 +24,7 @@ from lightning_curvature.functional.directional import (
     subspace_share,
 )
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
+from lightning_curvature.functional.hvp import HessianOperator
 from lightning_curvature.functional.sam import sam_gradient
 from tests.functional.cases import CASES, dense_hessian, flat_loss, half_squares, seeded
 
@@ -239,3 +240,33 @@ def test_shapes_are_checked() -> None:
         subspace_share(torch.zeros(3), torch.zeros(2, 4))
     zero = subspace_share(torch.zeros(3), torch.eye(3)[:1])
     assert math.isnan(float(zero))
+
+
+@pytest.mark.parametrize("backend", ["auto", "double_backward", "forward_over_reverse"])
+@pytest.mark.parametrize("name", NAMES)
+def test_ggn_mode_gradient_and_curvature_along_directions(name: str, backend: str) -> None:
+    """With ``curvature="ggn"`` the operator's gradient is still the loss's (Jᵀ∂ℓ/∂z) and
+    the quotients are those of the dense GGN (float64)."""
+    from tests.functional.test_ggn import _build, dense_ggn
+
+    if name == "transformer_layer" and backend == "forward_over_reverse":
+        pytest.skip("the eval-mode encoder layer's fused kernel has no forward-mode derivative")
+    model, split, batch = _build(name)
+    ggn = dense_ggn(model, split, batch)
+    _, gradient = _exact(model, split, batch)
+    with HessianOperator(model, split, batch, curvature="ggn", backend=backend) as operator:
+        found = operator.gradient()
+    assert float((found - gradient).abs().max()) <= 1e-10 * max(float(gradient.abs().max()), 1)
+    direction = torch.randn(ggn.shape[0], generator=torch.Generator().manual_seed(5)).double()
+    exact = float(direction @ ggn @ direction / (direction @ direction))
+    out = directional_curvature(model, split, batch, direction, curvature="ggn", backend=backend)
+    assert abs(float(out.value) - exact) <= _tolerance(torch.float64, exact, ggn)
+    batches = _halves(batch)
+    quotients = []
+    for part in batches:
+        part_ggn = dense_ggn(model, split, part)
+        _, g = _exact(model, split, part)
+        quotients.append(float(g @ part_ggn @ g / (g @ g)))
+    sharp = batch_sharpness(model, split, batches, curvature="ggn", backend=backend)
+    expected = sum(quotients) / 2
+    assert abs(float(sharp.estimate) - expected) <= _tolerance(torch.float64, expected, ggn)
