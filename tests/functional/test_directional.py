@@ -27,18 +27,11 @@ from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
 from lightning_curvature.functional.hvp import HessianOperator
 from lightning_curvature.functional.sam import sam_gradient
 from tests.functional.cases import CASES, dense_hessian, flat_loss, half_squares, seeded
+from tests.functional.test_float32 import _to
 
 NAMES = [case.name for case in CASES]
 BUILD = {case.name: case.build for case in CASES}
 DTYPES = [torch.float64, torch.float32]
-
-
-def _to(batch: Any, dtype: torch.dtype) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {key: _to(value, dtype) for key, value in batch.items()}
-    return type(batch)(_to(item, dtype) for item in batch)
 
 
 def _rows(batch: Any, index: slice) -> Any:
