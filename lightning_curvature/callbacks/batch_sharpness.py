@@ -62,7 +62,7 @@ class BatchSharpnessMonitor(CurvatureMonitor):
         - ``curvature/batch_sharpness_ratio``: ``batch_sharpness / threshold`` with the raw
           Hessian's threshold of SGD (``2/η``, ``(2 + 2β)/η`` with momentum, less coupled
           weight decay); not for Adam, whose threshold refers to ``P⁻¹H``
-        - ``curvature/stability_threshold``: that threshold, unless a
+        - ``curvature/stability_threshold``: that threshold, unless a (Hessian)
           ``HessianEigenvalueMonitor`` of the same ``name`` with ``stability=True`` already
           logs it (then the two monitors share its series)
         - ``probe_cost/batch_sharpness_hvps`` and ``probe_cost/batch_sharpness_seconds``
@@ -113,8 +113,11 @@ class BatchSharpnessMonitor(CurvatureMonitor):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._logs_threshold = not any(
-            isinstance(c, HessianEigenvalueMonitor) and c.stability and c.name == self.name
+        self._logs_threshold = not any(  # (a GGN monitor logs curvature/ggn_… tags)
+            isinstance(c, HessianEigenvalueMonitor)
+            and c.stability
+            and c.name == self.name
+            and c.curvature == "hessian"
             for c in trainer.callbacks  # type: ignore[attr-defined]
         )
         super().on_train_start(trainer, pl_module)
