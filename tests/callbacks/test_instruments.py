@@ -348,3 +348,27 @@ def test_every_probe_after_the_first_step_has_its_update(
             continue
         u = after - recorder.weights[step - 1]
         assert value == pytest.approx(_rayleigh(h, u), rel=1e-4)
+
+
+def test_a_ggn_monitor_measures_its_instruments_on_the_ggn(tmp_path: Path) -> None:
+    """On least squares G = H: the ``ggn_`` tags equal the brute force of H."""
+    from lightning_curvature import OutputLoss
+
+    split = OutputLoss(
+        lambda module, batch: (module.linear(batch[0]).squeeze(-1), batch[1]),
+        torch.nn.functional.mse_loss,
+    )
+    monitor = HessianEigenvalueMonitor(
+        k=2, every_n_steps=3, curvature="ggn", loss_fn=split, update_sharpness=True,
+        gradient_share=True, warm_start=False,
+    )  # fmt: skip
+    recorder = Recorder()
+    rows = _fit(tmp_path, [recorder, monitor], LeastSquares(lr=0.05))
+    (probe,) = monitor.fixed_probe or [None]
+    update = dict(rows["curvature/ggn_update_sharpness"])
+    assert sorted(update) == [3, 6]
+    assert sorted(dict(rows["curvature/ggn_gradient_top_share"])) == [0, 3, 6]
+    for step, value in update.items():
+        h, _ = _hessian_and_gradient(probe, recorder.weights[step])
+        u = recorder.weights[step] - recorder.weights[step - 1]
+        assert value == pytest.approx(_rayleigh(h, u), rel=1e-4)
