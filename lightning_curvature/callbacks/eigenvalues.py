@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -40,6 +40,8 @@ from lightning_curvature.functional.stability import StabilityThreshold, stabili
 
 __all__ = ["HessianEigenvalueMonitor"]
 
+_WARM_START_DEVICES = ("model", "cpu")
+
 
 class HessianEigenvalueMonitor(OperatorMonitor):
     """Top-k Hessian eigenvalues (sharpness) next to the optimizer's stability threshold.
@@ -64,16 +66,27 @@ class HessianEigenvalueMonitor(OperatorMonitor):
             dict of tag name to patterns); each block gets its own top eigenvalue (one more
             Lanczos run each) under ``curvature/eigenvalue_1/<name>``.
         warm_start: start each Lanczos run from the previous run's top ``k + 1`` Ritz
-            vectors (``HessianEigenvalues.warm_start``).
+            vectors (``HessianEigenvalues.warm_start``): ``(k + 1) × P`` values kept per
+            Lanczos run of a probe (the full model, each ``per_layer`` block, Adam's
+            preconditioned run).
+        warm_start_device: where those vectors wait between probes: ``"model"`` (default,
+            the model's device) or ``"cpu"`` (host memory; moved to the device for the run
+            only, ``(k + 1) × P`` values each way per probe), which frees ``(k + 1) × P``
+            of accelerator memory per run between probes.
+        checkpoint_warm_start: save them in checkpoints (default), so that a resumed run
+            logs exactly what the uninterrupted run does; ``False`` keeps checkpoints free
+            of them (``(k + 1) × P`` values per run less on disk), and the first probe after
+            a resume starts cold (its values agree to ``tol``, not exactly, and it takes
+            more products).
         gradient_share: also log the share ``‖P_k g‖²/‖g‖²`` of the gradient in the span of
             the top-k eigenvectors (Gur-Ari, Roberts & Dyer 2018): of the probe gradient
             (free: the Lanczos operator holds it) and of the training gradient of the probed
             step, read from ``.grad`` in ``on_before_optimizer_step`` (after accumulation,
             unscaling and the DDP all-reduce, before clipping; nothing is written). The
-            eigenvectors are kept from the probe to that hook (``k × P``, a view of the warm
-            start when ``warm_start=True``). It is as accurate as the eigenvectors, whose
-            error goes as the square root of the eigenvalues' (``tol``): lower ``tol`` for a
-            sharper share.
+            eigenvectors are kept from the probe to that hook (``k × P`` on the model's
+            device, a view of the warm start when it stays there). It is as accurate as the
+            eigenvectors, whose error goes as the square root of the eigenvalues' (``tol``):
+            lower ``tol`` for a sharper share.
         update_sharpness: also log the curvature ``uᵀHu/‖u‖²`` of the probe loss along the
             optimizer's last update ``u = w_t − w_{t−1}`` (any optimizer: SGD, momentum,
             Adam) and its ratio to the threshold. The weights are copied (one ``P``-vector,
@@ -154,6 +167,8 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         smallest: bool = False,
         per_layer: bool | LayerSpec = None,
         warm_start: bool = True,
+        warm_start_device: Literal["model", "cpu"] = "model",
+        checkpoint_warm_start: bool = True,
         gradient_share: bool = False,
         update_sharpness: bool = False,
         prog_bar: bool = False,
@@ -166,6 +181,19 @@ class HessianEigenvalueMonitor(OperatorMonitor):
             check_eigenvalue_arguments(k, tol, max_iter)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
+        if warm_start_device not in _WARM_START_DEVICES:
+            raise MisconfigurationException(
+                f"`warm_start_device` must be one of {_WARM_START_DEVICES}, "
+                f"got {warm_start_device!r}."
+            )
+        if not isinstance(checkpoint_warm_start, bool):
+            raise MisconfigurationException(
+                f"`checkpoint_warm_start` must be True or False, got {checkpoint_warm_start!r}."
+            )
+        self.warm_start_device, self.checkpoint_warm_start = (
+            warm_start_device,
+            checkpoint_warm_start,
+        )
         self.k, self.tol, self.max_iter = k, float(tol), max_iter
         self.stability, self.smallest, self.warm_start, self.prog_bar = (
             stability,
@@ -208,7 +236,8 @@ class HessianEigenvalueMonitor(OperatorMonitor):
             **kwargs,
         )
         if self.warm_start and result.warm_start is not None:
-            self._warm[key] = result.warm_start.detach()
+            warm = result.warm_start.detach()
+            self._warm[key] = warm.cpu() if self.warm_start_device == "cpu" else warm
         return result
 
     @override
@@ -469,9 +498,9 @@ class HessianEigenvalueMonitor(OperatorMonitor):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "warm_start": {key: value.cpu() for key, value in self._warm.items()}
-        }
+        state: dict[str, Any] = {}
+        if self.checkpoint_warm_start:
+            state["warm_start"] = {key: value.cpu() for key, value in self._warm.items()}
         if self._update_start is not None:  # a checkpoint between the copy and its probe
             step, weights = self._update_start
             state["update_start"] = {"step": step, "weights": weights.cpu()}
