@@ -461,6 +461,51 @@ class HessianOperator:
         self._check_finite_loss(sum(w * loss for w, loss in zip(weights, losses, strict=True)))  # type: ignore[arg-type]
         return total
 
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient ``∇L(w)`` of the probe loss (all-reduced like the products).
+
+        Free with the ``"retained_graph"`` backend (the graph the products go through is
+        built from it); one more gradient of the probe batches with the others. It is no
+        Hessian-vector product and does not count in :attr:`num_hvps`. With
+        ``curvature="ggn"`` it is the same loss gradient, ``Jᵀ ∂ℓ/∂z``.
+
+        Raises:
+            RuntimeError: if called outside the ``with`` block.
+            NonFiniteCurvatureError: if the gradient is not finite.
+
+        Example:
+            >>> net = nn.Linear(2, 1, bias=False)
+            >>> with torch.no_grad():
+            ...     _ = net.weight.fill_(1.0)
+            >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+            >>> with HessianOperator(net, lambda m, b: m(b).pow(2).mean(), x) as H:
+            ...     H.gradient()  # 2 XᵀX w / n = (1, 4)
+            tensor([1., 4.])
+        """
+        if self._stack is None:
+            raise RuntimeError(
+                "HessianOperator.gradient must be called inside `with HessianOperator(...)`."
+            )
+        ggn = self._ggn
+        if ggn is not None:  # the loss's gradient Jᵀ ∂ℓ/∂z through the outputs' graphs
+
+            def through_outputs(at: Any) -> list[torch.Tensor]:
+                return pullback([at.outputs], self._leaves, [at.gradient.detach()])
+
+            linearized = self._linearized or [ggn.linearize(b) for b in self._inputs]
+            grads = self._weighted_sum(through_outputs, linearized)
+        elif self._retained is not None:
+            grads = [g.detach() for g in self._retained]
+        else:
+            leaves = [leaf.detach().requires_grad_(True) for leaf in self._leaves]
+            grads = self._gradient_at(leaves)
+        flat = self.layout.flatten(grads).detach()
+        if self._all_reduce is not None:
+            flat = self._all_reduce(flat)
+        if not bool(torch.isfinite(flat).all()):
+            raise NonFiniteCurvatureError("the probe gradient is not finite.")
+        return flat
+
     # -- products --------------------------------------------------------------------------
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """Return ``H @ vector`` for a flat vector of length :attr:`size`.

@@ -95,6 +95,26 @@ def test_model_parallel_refuses_the_gauss_newton_matrix(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("extra", ["gradient_share", "update_sharpness"])
+def test_model_parallel_refuses_the_eigenvalue_monitors_extras(tmp_path: Path, extra: str) -> None:
+    trainer = _trainer(ModelParallelStrategy(), tmp_path)
+    with pytest.raises(MisconfigurationException, match=rf"{extra}=True is not implemented"):
+        HessianEigenvalueMonitor(every_n_steps=1, **{extra: True}).setup(
+            trainer, TanhRegressor(), stage="fit"
+        )
+
+
+@pytest.mark.parametrize("monitor", ["BatchSharpnessMonitor", "GradientCoherenceMonitor"])
+def test_model_parallel_refuses_monitors_not_made_for_shards(tmp_path: Path, monitor: str) -> None:
+    import lightning_curvature
+
+    trainer = _trainer(ModelParallelStrategy(), tmp_path)
+    with pytest.raises(MisconfigurationException, match=r"does not support ModelParallelStrategy"):
+        getattr(lightning_curvature, monitor)(every_n_steps=1).setup(
+            trainer, TanhRegressor(), stage="fit"
+        )
+
+
 def test_model_parallel_refuses_coherence_naming_the_strategy(tmp_path: Path) -> None:
     trainer = _trainer(ModelParallelStrategy(), tmp_path)
     with pytest.raises(
