@@ -150,6 +150,7 @@ def main() -> None:
                 "initial": capture.weights[0],
                 "final": full_weights(module.net),
                 "sam_steps": sam.num_sam_steps,
+                "metrics": sam.last_metrics,
             },
             out / f"rank{trainer.global_rank}.pt",
         )

@@ -91,12 +91,13 @@ def _unflat(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> list[torch.Ten
 
 
 def _hand_written_sam(  # type: ignore[no-untyped-def]
-    weights: dict[str, torch.Tensor], steps, local_norm: bool
+    weights: dict[str, torch.Tensor], steps, local_norm: bool, curvatures: list[float] | None = None
 ) -> dict[str, torch.Tensor]:
     """SAM with SGD on the unsharded model over the union of the ranks' batches.
 
     ``local_norm``: the trap, each rank normalising its own shard (rows split as FSDP2's
-    ``torch.chunk`` along dim 0) by its local norm.
+    ``torch.chunk`` along dim 0) by its local norm. ``curvatures`` receives each step's
+    ``(g_SAM − g)·ε/‖ε‖²``.
     """
     w = {n: t.clone() for n, t in weights.items()}
     for batch in steps:
@@ -116,6 +117,10 @@ def _hand_written_sam(  # type: ignore[no-untyped-def]
             eps = [t * (RHO / total) for t in g]
         moved = flat + torch.cat([e.reshape(-1) for e in eps])
         g_sam = _unflat(torch.func.grad(loss)(moved), w)
+        if curvatures is not None:
+            e = torch.cat([t.reshape(-1) for t in eps]).double()
+            change = torch.cat([(s - t).reshape(-1) for s, t in zip(g_sam, g, strict=True)])
+            curvatures.append(float(change.double() @ e / (e @ e)))
         w = {n: w[n] - LR * s for n, s in zip(names, g_sam, strict=True)}
     return w
 
@@ -128,7 +133,10 @@ def test_sam_under_fsdp2_is_sam_of_the_unsharded_model(tmp_path: Path) -> None:
         tuple(torch.cat([s["batches"][i][j] for s in saved]) for j in (0, 1))
         for i in range(MAX_STEPS)
     ]
-    reference = _hand_written_sam(saved[0]["initial"], steps, local_norm=False)
+    curvatures: list[float] = []
+    reference = _hand_written_sam(
+        saved[0]["initial"], steps, local_norm=False, curvatures=curvatures
+    )
     trap = _hand_written_sam(saved[0]["initial"], steps, local_norm=True)
     # float32, three steps: the sharded run sums the gradient over ranks and its norm over
     # shards in another order (a few ulps per step, weights of order 0.3), so 1e-6 absolute.
@@ -138,3 +146,9 @@ def test_sam_under_fsdp2_is_sam_of_the_unsharded_model(tmp_path: Path) -> None:
     for rank in saved:
         for name, value in rank["final"].items():
             torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6)
+    # Logged at step 0 (log_every_n_steps=50): the same on both ranks, the unsharded values.
+    # sam/curvature is a difference quotient of float32 gradients over ‖ε‖ = ρ: ~eps/ρ·‖g‖.
+    logged = [rank["metrics"] for rank in saved]
+    assert logged[0] == logged[1]
+    assert logged[0]["sam/perturbation_norm"] == pytest.approx(RHO, rel=1e-5)
+    assert logged[0]["sam/curvature"] == pytest.approx(curvatures[0], rel=1e-3, abs=1e-4)
