@@ -20,11 +20,11 @@ from lightning_curvature.callbacks.dashboard import (
     multiline,
     threshold_label,
 )
-from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns
+from lightning_curvature.callbacks.layers import LayerBlocks
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.parameters import module_blocks, select_parameters
+from lightning_curvature.functional.parameters import PerLayer, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.stability import stability_threshold
 
@@ -50,9 +50,11 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         max_iter: most Hessian-vector products per Lanczos run (default ``30 + 8k``).
         stability: log the stability threshold and the sharpness ratio.
         smallest: also log the smallest (most negative) eigenvalue.
-        per_layer: ``True`` for one block per module, or parameter-name patterns (list, or
-            dict of tag name to patterns); each block gets its own top eigenvalue (one more
-            Lanczos run each) under ``curvature/eigenvalue_1/<name>``.
+        per_layer: blocks of measured parameters with a top eigenvalue of their own (one
+            more Lanczos run each, on the Hessian of the block), logged under
+            ``curvature/eigenvalue_1/<name>``: ``True`` (one per module), a list of
+            parameter-name patterns, or a dict of tag name to pattern(s); see
+            :mod:`~lightning_curvature.callbacks.layers`.
         warm_start: start each Lanczos run from the previous run's top ``k + 1`` Ritz
             vectors (``HessianEigenvalues.warm_start``).
         prog_bar: show ``eigenvalue_1`` in the progress bar.
@@ -83,7 +85,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         MisconfigurationException: on invalid arguments (at construction), or without a
             logger, under a sharded strategy, with manual optimization and no ``loss_fn``,
             or with ``k`` above the number of measured parameters or a ``parameters`` or
-            ``per_layer`` pattern that matches no trainable parameter (at setup).
+            ``per_layer`` pattern that matches no measured parameter (at setup).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -102,7 +104,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         *,
         stability: bool = True,
         smallest: bool = False,
-        per_layer: bool | LayerSpec = None,
+        per_layer: PerLayer = False,
         warm_start: bool = True,
         prog_bar: bool = False,
         every_n_steps: EveryNSteps = "auto",
@@ -127,8 +129,8 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             warm_start,
             prog_bar,
         )
-        self._per_module = per_layer is True
-        self.per_layer = {} if isinstance(per_layer, bool) else layer_patterns(per_layer)
+        self._blocks = LayerBlocks.of(per_layer)
+        self.per_layer = self._blocks.spec  # True/False or tag name to pattern(s)
         self._warm: dict[str, torch.Tensor] = {}
         self._final_probe = False  # Lightning forbids self.log in on_train_end
 
@@ -177,9 +179,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             hvps += self._stability(
                 trainer, pl_module, batches, float(result.eigenvalues[0]), metrics
             )
-        for name, patterns in self.per_layer.items():
+        for name, names in self._block_parameters(pl_module).items():
             block = self._eigenvalues(
-                trainer, pl_module, batches, f"layer:{name}", k=1, parameters=patterns
+                trainer, pl_module, batches, f"layer:{name}", k=1, parameters=names
             )
             metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
             hvps += block.num_hvps
@@ -201,14 +203,12 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
                 f"`k` must be at most the number of measured parameters ({size}) of "
                 f"{type(pl_module).__name__}, got k={self.k}."
             )
-        if self._per_module:
-            named = select_parameters(unwrap_model(pl_module), self.parameters)
-            self.per_layer = dict(module_blocks([name for name, _ in named]))
-        for patterns in self.per_layer.values():
-            try:
-                select_parameters(unwrap_model(pl_module), patterns)
-            except ValueError as err:
-                raise MisconfigurationException(f"`per_layer`: {err}") from None
+        self._block_parameters(pl_module)
+
+    def _block_parameters(self, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+        """Tag name to the parameter names of each ``per_layer`` block (ValueError if none)."""
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        return self._blocks.parameters([name for name, _ in named])
 
     def _stability(
         self,
@@ -280,7 +280,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         top = "top Hessian eigenvalue λ₁" if self.k == 1 else f"top {self.k} Hessian eigenvalues"
         smallest = " and the smallest" if self.smallest else ""
         science[f"{top}{smallest} (raw H){note}"] = multiline(*spectrum)
-        if self.per_layer:
+        if self._blocks.requested:
             science["top eigenvalue per block"] = multiline(
                 family(self.tag("curvature/eigenvalue_1/"), ".+")
             )
@@ -302,7 +302,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             "max_iter": self.max_iter,
             "stability": self.stability,
             "smallest": self.smallest,
-            "per_layer": True if self._per_module else self.per_layer,
+            "per_layer": self.per_layer,
             "warm_start": self.warm_start,
         }
 
