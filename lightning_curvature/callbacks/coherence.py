@@ -18,9 +18,12 @@ gradients through hooks (none of those apply, and it refuses them, except at the
 values, which LightningCLI passes for every argument). What they share — the statistics and
 their tags, the charts, the ``per_layer`` blocks, the sum over processes, the checkpoint
 key — is this class, which the free kind subclasses. ``GradientCoherenceMonitor(source=...)``
-builds the kind its source needs (``__new__`` picks the class, as ``pathlib.Path()`` builds
-a ``PosixPath``), so the public constructor, ``isinstance`` checks, LightningCLI's
-``class_path`` and checkpoints keyed ``GradientCoherenceMonitor{...}`` work for every source.
+builds the kind its source needs (its metaclass picks the class before ``__init__`` runs,
+much as ``pathlib.Path()`` builds a ``PosixPath``), so the public constructor, ``isinstance``
+checks, LightningCLI's ``class_path`` (it reads ``__init__``, which a ``__new__`` would
+hide) and checkpoints keyed ``GradientCoherenceMonitor{...}`` work for every source. A
+function returning either class would lose the last three; one class for every source
+would mix the two sets of arguments and of hooks again.
 
 Under DDP every process logs the statistics of the union of all processes' samples: the
 sums of :class:`~lightning_curvature.functional.gradient_statistics.GradientSums` are added
@@ -65,7 +68,27 @@ _SOURCES = ("probe", "accumulation", "ddp")
 _STATISTICS = ("coherence", "mean_cosine", "noise_scale", "snr", "grad_norm_sq", "trace_sigma")
 
 
-class GradientCoherenceMonitor(CurvatureMonitor):
+class _BuiltBySource(type):
+    """``GradientCoherenceMonitor(source=...)`` builds the kind of monitor ``source`` reads."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        kind = cls
+        if cls is GradientCoherenceMonitor:
+            source = args[0] if args else kwargs.get("source", "probe")
+            if source not in _SOURCES:
+                raise MisconfigurationException(
+                    f"`source` must be one of {_SOURCES}, got {source!r}."
+                )
+            if source != "probe":
+                from lightning_curvature.callbacks.training_coherence import (
+                    TrainingGradientCoherenceMonitor,
+                )
+
+                kind = TrainingGradientCoherenceMonitor
+        return type.__call__(kind, *args, **kwargs)
+
+
+class GradientCoherenceMonitor(CurvatureMonitor, metaclass=_BuiltBySource):
     r"""Gradient coherence, mean cosine, noise scale and SNR of training's gradient samples.
 
     From ``m`` gradient samples ``g_i`` of ``b`` examples each (definitions and references in
@@ -131,20 +154,6 @@ class GradientCoherenceMonitor(CurvatureMonitor):
     cost_prefix = "probe_cost/coherence_"
     counts_hvps = False
     default_every_n_steps = 500
-
-    def __new__(cls, source: CoherenceSource = "probe", *args: Any, **kwargs: Any) -> Any:
-        """The monitor of the kind ``source`` needs (see the module docstring)."""
-        if cls is GradientCoherenceMonitor and source != "probe":
-            if source not in _SOURCES:
-                raise MisconfigurationException(
-                    f"`source` must be one of {_SOURCES}, got {source!r}."
-                )
-            from lightning_curvature.callbacks.training_coherence import (
-                TrainingGradientCoherenceMonitor,
-            )
-
-            cls = TrainingGradientCoherenceMonitor
-        return super().__new__(cls)
 
     def __init__(
         self,

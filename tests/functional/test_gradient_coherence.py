@@ -286,6 +286,19 @@ def test_per_layer_coherence_matches_brute_force() -> None:
     assert biases["*.bias"].item() == pytest.approx(block_coherence(part, slice(None)), rel=RTOL)
 
 
+def test_per_layer_dict_blocks_hold_every_parameter_of_their_patterns() -> None:
+    """A dict names blocks; a block of several patterns is the union of their parameters."""
+    model, batch = mlp(), classification()
+    g = loop_gradients(model, cross_entropy, examples(batch))  # 0.weight 0.bias 2.weight 2.bias
+    named = {"weights": ["0.weight", "2.weight"], "head": "2.*", "everything": ["*.bias", "*"]}
+    out = gradient_coherence(model, cross_entropy, batch, per_layer=named)
+    assert list(out.per_layer) == ["weights", "head", "everything"]
+    part = torch.cat([g[:, :20], g[:, 25:40]], dim=1)
+    assert out.per_layer["weights"].item() == pytest.approx(block_coherence(part, slice(None)))
+    assert out.per_layer["head"].item() == pytest.approx(block_coherence(g, slice(25, 43)))
+    assert out.per_layer["everything"].item() == pytest.approx(out.coherence.item(), rel=1e-12)
+
+
 def test_parameters_restrict_every_statistic() -> None:
     model, batch = mlp(), classification()
     out = gradient_coherence(model, cross_entropy, batch, parameters="2.*")
