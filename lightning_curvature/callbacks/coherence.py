@@ -33,14 +33,13 @@ over processes with one collective
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import CurvatureMonitor
 from lightning_curvature.callbacks.dashboard import (
     COST_CATEGORY,
     Charts,
@@ -49,7 +48,7 @@ from lightning_curvature.callbacks.dashboard import (
     layout,
     multiline,
 )
-from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.coherence import (
@@ -58,13 +57,12 @@ from lightning_curvature.functional.coherence import (
     gradient_sums,
 )
 from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
-from lightning_curvature.functional.parameters import PerLayer, select_parameters
-from lightning_curvature.functional.probe import unwrap_model
+from lightning_curvature.functional.parameters import PerLayer
 
 __all__ = ["CoherenceSource", "GradientCoherenceMonitor"]
 
 CoherenceSource = Literal["probe", "accumulation", "ddp"]
-_SOURCES = ("probe", "accumulation", "ddp")
+_SOURCES = get_args(CoherenceSource)
 _STATISTICS = ("coherence", "mean_cosine", "noise_scale", "snr", "grad_norm_sq", "trace_sigma")
 
 
@@ -88,7 +86,7 @@ class _BuiltBySource(type):
         return type.__call__(kind, *args, **kwargs)
 
 
-class GradientCoherenceMonitor(CurvatureMonitor, metaclass=_BuiltBySource):
+class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
     r"""Gradient coherence, mean cosine, noise scale and SNR of training's gradient samples.
 
     From ``m`` gradient samples ``g_i`` of ``b`` examples each (definitions and references in
@@ -172,7 +170,7 @@ class GradientCoherenceMonitor(CurvatureMonitor, metaclass=_BuiltBySource):
                 "GradientCoherenceMonitor computes none, so it takes no `backend`; got "
                 f"backend={kwargs['backend']!r}."
             )
-        super().__init__(every_n_steps=every_n_steps, **kwargs)
+        super().__init__(per_layer=per_layer, every_n_steps=every_n_steps, **kwargs)
         try:
             check_coherence_arguments(mode, micro_batch_size, chunk_size)
         except ValueError as err:
@@ -181,8 +179,6 @@ class GradientCoherenceMonitor(CurvatureMonitor, metaclass=_BuiltBySource):
         self.mode: CoherenceMode = mode
         self.micro_batch_size = micro_batch_size
         self.chunk_size = chunk_size
-        self._blocks = LayerBlocks.of(per_layer)
-        self.per_layer = self._blocks.spec  # True/False or tag name to pattern(s)
 
     # -- what every source shares ---------------------------------------------------------
     @property
@@ -203,7 +199,7 @@ class GradientCoherenceMonitor(CurvatureMonitor, metaclass=_BuiltBySource):
         science["noise scale parts ‖G‖² and tr Σ"] = chart("grad_norm_sq", "trace_sigma")
         if "snr" not in skipped:
             science["gradient SNR (mean over coordinates)"] = chart("snr")
-        if self._blocks.requested:
+        if self.blocks.requested:
             science["gradient coherence per block"] = multiline(
                 family(self.tag("gradient/coherence/"), ".+")
             )
@@ -215,12 +211,6 @@ class GradientCoherenceMonitor(CurvatureMonitor, metaclass=_BuiltBySource):
                 {COST_CATEGORY: samples},
             ]
         )
-
-    @override
-    def check_model(self, pl_module: pl.LightningModule) -> None:
-        super().check_model(pl_module)
-        named = select_parameters(unwrap_model(pl_module), self.parameters)
-        self._blocks.parameters([name for name, _ in named])
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
@@ -285,7 +275,7 @@ class GradientCoherenceMonitor(CurvatureMonitor, metaclass=_BuiltBySource):
             mode=self.mode,
             micro_batch_size=self.micro_batch_size,
             chunk_size=self.chunk_size,
-            per_layer=self._blocks.functional,
+            per_layer=self.blocks.functional,
             parameters=self.parameters,
             batch_norm=self.batch_norm,
         )

@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import CurvatureMonitor
 from lightning_curvature.callbacks.dashboard import (
     Charts,
     batch_norm_note,
@@ -20,7 +19,7 @@ from lightning_curvature.callbacks.dashboard import (
     multiline,
     threshold_label,
 )
-from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
@@ -31,7 +30,7 @@ from lightning_curvature.functional.stability import stability_threshold
 __all__ = ["HessianEigenvalueMonitor"]
 
 
-class HessianEigenvalueMonitor(CurvatureMonitor):
+class HessianEigenvalueMonitor(PerLayerMonitor):
     """Top-k Hessian eigenvalues (sharpness) next to the optimizer's stability threshold.
 
     Lanczos with full reorthogonalisation, warm-started from the previous probe's top
@@ -111,7 +110,9 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         batch_norm: BatchNormMode = "train",
         **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, batch_norm=batch_norm, **kwargs)
+        super().__init__(
+            per_layer=per_layer, every_n_steps=every_n_steps, batch_norm=batch_norm, **kwargs
+        )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise MisconfigurationException(f"`k` must be an integer >= 1, got {k!r}.")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
@@ -129,8 +130,6 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             warm_start,
             prog_bar,
         )
-        self._blocks = LayerBlocks.of(per_layer)
-        self.per_layer = self._blocks.spec  # True/False or tag name to pattern(s)
         self._warm: dict[str, torch.Tensor] = {}
         self._final_probe = False  # Lightning forbids self.log in on_train_end
 
@@ -179,7 +178,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
             hvps += self._stability(
                 trainer, pl_module, batches, float(result.eigenvalues[0]), metrics
             )
-        for name, names in self._block_parameters(pl_module).items():
+        for name, names in self.blocks.of_module(pl_module, self.parameters).items():
             block = self._eigenvalues(
                 trainer, pl_module, batches, f"layer:{name}", k=1, parameters=names
             )
@@ -203,12 +202,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
                 f"`k` must be at most the number of measured parameters ({size}) of "
                 f"{type(pl_module).__name__}, got k={self.k}."
             )
-        self._block_parameters(pl_module)
-
-    def _block_parameters(self, pl_module: pl.LightningModule) -> dict[str, list[str]]:
-        """Tag name to the parameter names of each ``per_layer`` block (ValueError if none)."""
-        named = select_parameters(unwrap_model(pl_module), self.parameters)
-        return self._blocks.parameters([name for name, _ in named])
+        super().check_model(pl_module)  # the per_layer blocks
 
     def _stability(
         self,
@@ -280,7 +274,7 @@ class HessianEigenvalueMonitor(CurvatureMonitor):
         top = "top Hessian eigenvalue λ₁" if self.k == 1 else f"top {self.k} Hessian eigenvalues"
         smallest = " and the smallest" if self.smallest else ""
         science[f"{top}{smallest} (raw H){note}"] = multiline(*spectrum)
-        if self._blocks.requested:
+        if self.blocks.requested:
             science["top eigenvalue per block"] = multiline(
                 family(self.tag("curvature/eigenvalue_1/"), ".+")
             )

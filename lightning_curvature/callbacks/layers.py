@@ -15,19 +15,33 @@ Every block is made of *measured* parameters (``parameters=`` of the monitor). A
 whose blocks come for free from one measurement over all parameters (traces, gradient
 coherence) passes :attr:`LayerBlocks.functional` to its model-level function, whose result
 is then keyed by tag; one that measures each block on its own (the top eigenvalue of each
-block) asks :meth:`LayerBlocks.parameters` for each block's parameter names.
+block) asks :meth:`LayerBlocks.of_module` for each block's parameter names. Every such
+monitor is a :class:`PerLayerMonitor`, which parses ``per_layer`` at construction and
+checks its patterns against the measured parameters at ``setup``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from typing_extensions import override
 
-from lightning_curvature.functional.parameters import PerLayer, layer_blocks, layer_parameters
+from lightning_curvature.callbacks.base import CurvatureMonitor
+from lightning_curvature.functional.parameters import (
+    ParameterPatterns,
+    PerLayer,
+    layer_blocks,
+    layer_parameters,
+    select_parameters,
+)
+from lightning_curvature.functional.probe import unwrap_model
 
-__all__ = ["LayerBlocks"]
+__all__ = ["LayerBlocks", "PerLayerMonitor"]
 
 
 def _tag(pattern: str) -> str:
@@ -113,3 +127,51 @@ class LayerBlocks:
                 a ``MisconfigurationException`` naming the monitor).
         """
         return layer_parameters(self.functional, names)
+
+    def of_module(self, module: nn.Module, parameters: ParameterPatterns) -> dict[str, list[str]]:
+        """:meth:`parameters` among the parameters of ``module`` a monitor measures.
+
+        Args:
+            module: the (possibly wrapped) module.
+            parameters: the monitor's ``parameters=`` pattern(s).
+
+        Raises:
+            ValueError: as :meth:`parameters`, or if ``parameters`` match nothing.
+        """
+        named = select_parameters(unwrap_model(module), parameters)
+        return self.parameters([name for name, _ in named])
+
+
+class PerLayerMonitor(CurvatureMonitor):
+    """A monitor with a ``per_layer`` argument: parsed at construction, checked at ``setup``.
+
+    Args:
+        per_layer: the blocks, in the grammar of the module docstring.
+        **kwargs: see ``CurvatureMonitor``.
+
+    Attributes:
+        per_layer: ``True``/``False`` or tag name to pattern(s) (:attr:`LayerBlocks.spec`).
+
+    Example:
+        >>> class BlockNorms(PerLayerMonitor):
+        ...     def measure(self, trainer, pl_module, batches):
+        ...         blocks = self.blocks.of_module(pl_module, self.parameters)
+        ...         params = dict(pl_module.named_parameters())
+        ...         norms = {
+        ...             f"norm/{tag}": sum(float(params[n].norm()) ** 2 for n in names) ** 0.5
+        ...             for tag, names in blocks.items()
+        ...         }
+        ...         return norms, None
+        >>> BlockNorms(per_layer={"head": "2.*"}, every_n_steps=10).per_layer
+        {'head': '2.*'}
+    """
+
+    def __init__(self, *, per_layer: PerLayer = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.blocks = LayerBlocks.of(per_layer)
+        self.per_layer = self.blocks.spec
+
+    @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        super().check_model(pl_module)
+        self.blocks.of_module(pl_module, self.parameters)

@@ -9,7 +9,6 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import CurvatureMonitor
 from lightning_curvature.callbacks.dashboard import (
     Charts,
     exact,
@@ -18,18 +17,17 @@ from lightning_curvature.callbacks.dashboard import (
     margin,
     multiline,
 )
-from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.parameters import PerLayer, select_parameters
-from lightning_curvature.functional.probe import unwrap_model
+from lightning_curvature.functional.parameters import PerLayer
 from lightning_curvature.functional.trace import hessian_trace
 from lightning_curvature.functional.trace_estimators import MIN_MATVECS
 
 __all__ = ["HessianTraceMonitor"]
 
 
-class HessianTraceMonitor(CurvatureMonitor):
+class HessianTraceMonitor(PerLayerMonitor):
     """Hessian trace by Hutchinson (or Hutch++), always with its standard error.
 
     Costs ``num_hvps`` Hessian-vector products per probe. Per-layer traces come from the
@@ -76,7 +74,7 @@ class HessianTraceMonitor(CurvatureMonitor):
         every_n_steps: EveryNSteps = "auto",
         **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, **kwargs)
+        super().__init__(per_layer=per_layer, every_n_steps=every_n_steps, **kwargs)
         if method not in MIN_MATVECS:
             raise MisconfigurationException(
                 f"`method` must be one of {tuple(MIN_MATVECS)}, got {method!r}."
@@ -87,14 +85,6 @@ class HessianTraceMonitor(CurvatureMonitor):
                 f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
             )
         self.num_hvps, self.method = num_hvps, method
-        self._blocks = LayerBlocks.of(per_layer)
-        self.per_layer = self._blocks.spec  # True/False or tag name to pattern(s)
-
-    @override
-    def check_model(self, pl_module: pl.LightningModule) -> None:
-        super().check_model(pl_module)
-        named = select_parameters(unwrap_model(pl_module), self.parameters)
-        self._blocks.parameters([name for name, _ in named])
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
@@ -108,7 +98,7 @@ class HessianTraceMonitor(CurvatureMonitor):
             "Hessian trace ± 2 standard errors": margin(*trace),
             "standard error of the trace": multiline(exact(self.tag("curvature/trace_std_error"))),
         }
-        if self._blocks.requested:
+        if self.blocks.requested:
             science["Hessian trace per block"] = multiline(
                 family(self.tag("curvature/trace/"), ".+")
             )
@@ -124,7 +114,7 @@ class HessianTraceMonitor(CurvatureMonitor):
             BatchList(batches),
             self.num_hvps,
             self.method,
-            per_layer=self._blocks.functional,
+            per_layer=self.blocks.functional,
             **self.probe_kwargs(trainer, pl_module),
         )
         metrics: dict[str, float | torch.Tensor] = {

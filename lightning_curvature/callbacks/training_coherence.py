@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -45,7 +45,7 @@ from lightning_curvature.functional.probe import unwrap_model
 __all__ = ["TrainingGradientCoherenceMonitor", "TrainingSource"]
 
 TrainingSource = Literal["accumulation", "ddp"]
-_TRAINING_SOURCES = ("accumulation", "ddp")
+_TRAINING_SOURCES = get_args(TrainingSource)
 # The options that only mean something for probe batches, each at the value that asks for
 # nothing (the defaults of GradientCoherenceMonitor and CurvatureMonitor: LightningCLI passes
 # every argument of the signature, so these are accepted; a test keeps them equal).
@@ -211,7 +211,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
             dtype=dtype,
             device=params[0].device,
             vectors=vectors,
-            blocks=layout.groups(self._blocks.functional),
+            blocks=layout.groups(self.blocks.functional),
             mode=self.source,
         )
         local = None if vectors else torch.zeros(layout.size, dtype=dtype, device=params[0].device)

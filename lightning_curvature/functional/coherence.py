@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 CoherenceMode = Literal["auto", "per_example", "micro_batch"]
-_MODES = ("auto", "per_example", "micro_batch")
+_MODES = get_args(CoherenceMode)
 # Default vmap chunk: at most this many gradient entries at a time. On CPU a chunk whose
 # gradients fit in 16 MiB is reused by the allocator; larger ones page-fault afresh (CNN of
 # 95k parameters, batch 128, one thread: chunks of 32-64 cost 1.2-1.7 batch gradients, one

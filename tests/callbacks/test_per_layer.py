@@ -188,4 +188,4 @@ def test_every_monitor_refuses_what_is_outside_the_grammar(
 def test_no_blocks_however_it_is_said(monitor: type, per_layer: Any) -> None:
     built = monitor(per_layer=per_layer)
     assert built.per_layer is False
-    assert not built._blocks.requested
+    assert not built.blocks.requested
