@@ -4,6 +4,7 @@ from lightning_curvature.callbacks.base import CurvatureMonitor, training_step_l
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.density import SpectralDensityMonitor
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.callbacks.trace import HessianTraceMonitor
 
@@ -13,6 +14,7 @@ __all__ = [
     "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",
     "HessianTraceMonitor",
+    "Measurement",
     "SpectralDensityMonitor",
     "training_step_loss",
 ]

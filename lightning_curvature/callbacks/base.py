@@ -55,10 +55,12 @@ from lightning_curvature.callbacks.isolation import (
     training_step_loss,
 )
 from lightning_curvature.callbacks.logging import check_name, log_scalars, named_tag
+from lightning_curvature.callbacks.measurement import Measurement, cost_tag
 from lightning_curvature.callbacks.probe_data import ProbePolicy, draw_batches
 from lightning_curvature.callbacks.schedule import (
     EveryNSteps,
     ProbeSchedule,
+    Timing,
     resolve_every_n_steps,
 )
 from lightning_curvature.functional.batches import BatchList
@@ -68,7 +70,14 @@ from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.sampling import make_generator
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
-__all__ = ["CurvatureMonitor", "log_step", "silenced_logging", "training_step_loss"]
+__all__ = [
+    "CurvatureMonitor",
+    "Measurement",
+    "check_strategy",
+    "log_step",
+    "silenced_logging",
+    "training_step_loss",
+]
 
 _PROBES = ("fixed", "current")
 _BATCH_NORM = ("eval", "train")
@@ -123,6 +132,25 @@ def log_step(trainer: pl.Trainer) -> int:
     return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
+def check_strategy(trainer: pl.Trainer, callback: str, why: str) -> None:
+    """At ``setup``: refuse a sharded strategy, which ``callback`` cannot run under (``why``).
+
+    Example:
+        >>> check_strategy(pl.Trainer(logger=False), "SAM", "it perturbs every parameter.")
+    """
+    from lightning.pytorch.strategies import (
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
+
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise MisconfigurationException(
+            f"`{callback}` does not support sharded strategies "
+            f"({type(trainer.strategy).__name__}): {why} Use DDP."
+        )
+
+
 class CurvatureMonitor(Callback):
     """Base of the periodic monitors; subclasses implement :meth:`measure`.
 
@@ -164,14 +192,18 @@ class CurvatureMonitor(Callback):
         ...     def measure(self, trainer, pl_module, batches):
         ...         with torch.no_grad():
         ...             losses = [self.probe_loss_fn()(pl_module, b) for b in batches]
-        ...         return {"probe/loss": torch.stack(losses).mean()}, None  # no HVPs
+        ...         return Measurement({"probe/loss": torch.stack(losses).mean()})  # no HVPs
         >>> trainer = pl.Trainer(callbacks=[ProbeLoss(every_n_steps=10)], max_steps=1)
     """
 
-    #: Prefix of the cost tags this monitor writes (``<prefix>hvps``, ``<prefix>seconds``).
-    cost_prefix = "probe_cost/"
-    #: Whether the cost tags include ``<prefix>hvps`` (monitors that compute no HVP: no).
+    #: The monitor kind in its cost tags, ``probe_cost/<cost_name>_seconds|hvps``
+    #: (:func:`~lightning_curvature.callbacks.measurement.cost_tag`).
+    cost_name = ""
+    #: Whether the cost tags include ``hvps`` (monitors that compute no HVP: no).
     counts_hvps = True
+    #: Attributes, in order, of the subclass arguments (plain values) that tell two instances
+    #: apart in a checkpoint's state key (see :meth:`state_key_fields`).
+    state_key_arguments: tuple[str, ...] = ()
     #: The step cadence of ``every_n_steps="auto"``.
     default_every_n_steps = 100
 
@@ -240,11 +272,6 @@ class CurvatureMonitor(Callback):
         self._pending: list[str] | None = None  # warn_once's messages during a probe
         self._batch_idx = 0  # what the probe passes as training_step's batch_idx
         self._state_key: str | None = None
-        #: Seconds this monitor has spent measuring in this fit (for the shared budget).
-        self.probe_seconds = 0.0
-        # End of the last probe, its step, and every monitor's probe seconds by then.
-        self._timer: tuple[float, int, float] | None = None
-        self._unbudgeted: float | None = None  # cost of a probe made before any step time
         # probe="current": the batch (and its index) an epoch-end probe measures
         self._last_batch: tuple[Any, int] | None = None
 
@@ -266,11 +293,8 @@ class CurvatureMonitor(Callback):
     # -- what subclasses implement -----------------------------------------------------------
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
-        """Run the measurement; return the scalars to log and the number of HVPs used.
-
-        ``None`` for the scalars: nothing to log this time; for the HVPs: it uses none.
-        """
+    ) -> Measurement | None:
+        """Run the measurement: the scalars to log and the HVPs used (``None``: nothing to log)."""
         raise NotImplementedError
 
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
@@ -289,9 +313,10 @@ class CurvatureMonitor(Callback):
         Called once at ``on_train_start``, when the optimizer is known; see
         :mod:`~lightning_curvature.callbacks.dashboard`.
         """
-        cost = {"seconds per probe": multiline(exact(self.tag(f"{self.cost_prefix}seconds")))}
+        seconds = exact(self.tag(cost_tag(self.cost_name, "seconds")))
+        cost = {"seconds per probe": multiline(seconds)}
         if self.counts_hvps:
-            hvps = exact(self.tag(f"{self.cost_prefix}hvps"))
+            hvps = exact(self.tag(cost_tag(self.cost_name, "hvps")))
             cost["Hessian-vector products per probe"] = multiline(hvps)
         return {COST_CATEGORY: cost}
 
@@ -389,18 +414,7 @@ class CurvatureMonitor(Callback):
             self.check_model(pl_module)
         except ValueError as err:
             raise MisconfigurationException(f"`{name}`: {err}") from None
-        from lightning.pytorch.strategies import (
-            DeepSpeedStrategy,
-            FSDPStrategy,
-            ModelParallelStrategy,
-        )
-
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-            raise MisconfigurationException(
-                f"`{name}` does not support sharded strategies "
-                f"({type(trainer.strategy).__name__}): "
-                "Hessian-vector products need every parameter on every rank. Use DDP."
-            )
+        check_strategy(trainer, name, "Hessian-vector products need every parameter on every rank.")
         if getattr(trainer, "fast_dev_run", False) and self is _monitors(trainer)[0]:
             rank_zero_warn(
                 "fast_dev_run replaces every logger with a DummyLogger: the curvature monitors "
@@ -443,8 +457,7 @@ class CurvatureMonitor(Callback):
                     trainer.strategy.batch_to_device(_before_transfer(trainer, pl_module, b))
                     for b in drawn
                 ]
-        self._timer, self._unbudgeted = None, None
-        self.probe_seconds = 0.0
+        self.schedule.start()
         monitors = _monitors(trainer)
         if monitors and self is monitors[0]:  # one layout per run, holding every monitor's
             write_layout(trainer, pl_module, monitors)
@@ -467,19 +480,16 @@ class CurvatureMonitor(Callback):
             self._probe(trainer, pl_module, batch, batch_idx)
 
     def is_due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        """Whether to measure at this training batch (call from ``on_train_batch_start``).
-
-        Under ``max_overhead`` the first probe has no step time to be budgeted against; the
-        next step measures one and fixes the interval then (instead of probing again).
-        """
-        step = trainer.global_step
-        if self._unbudgeted is not None and step > self.schedule.last_step:
-            self._budget(trainer, self.schedule.last_step, step, self._unbudgeted)
-            self._unbudgeted = None
+        """Whether to measure at this training batch (call from ``on_train_batch_start``)."""
         # every_n_epochs acts at epoch end (on_train_epoch_end); a monitor that reads
         # training's own steps instead of probe data measures the epoch's first step.
         epoch_start = batch_idx == 0 and not self.uses_probe_data
-        return self.schedule.is_due(step, trainer.current_epoch, epoch_start=epoch_start)
+        return self.schedule.is_due(
+            trainer.global_step,
+            trainer.current_epoch,
+            epoch_start=epoch_start,
+            clock=functools.partial(_timing, trainer),
+        )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -517,8 +527,11 @@ class CurvatureMonitor(Callback):
         )
 
     def state_key_fields(self) -> dict[str, Any]:
-        """Subclass arguments (plain values) that tell two instances apart in a checkpoint."""
-        return {}
+        """Subclass arguments (plain values) that tell two instances apart in a checkpoint.
+
+        The attributes :attr:`state_key_arguments` names, in that order.
+        """
+        return {name: getattr(self, name) for name in self.state_key_arguments}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -550,11 +563,16 @@ class CurvatureMonitor(Callback):
             trainer, pl_module, lambda: self.measure(trainer, pl_module, batches)
         )
 
+    @property
+    def probe_seconds(self) -> float:
+        """Seconds this monitor has spent measuring in this fit (for the shared budget)."""
+        return self.schedule.probe_seconds
+
     def record_measurement(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        measure: Callable[[], tuple[dict[str, float | torch.Tensor] | None, int | None]],
+        measure: Callable[[], Measurement | None],
         seconds_before: float = 0.0,
     ) -> None:
         """Run ``measure`` isolated, time it, reschedule, and log what it returns.
@@ -569,14 +587,13 @@ class CurvatureMonitor(Callback):
         Args:
             trainer: the trainer.
             pl_module: the module.
-            measure: returns the scalars to log (``None``: nothing to log this time) and the
-                number of HVPs used (``None``: it uses none, no ``<prefix>hvps`` tag).
+            measure: returns the scalars to log and the number of HVPs used (``None``:
+                nothing to log this time).
             seconds_before: time already spent on this measurement (e.g. in training hooks).
         """
         step = trainer.global_step
         started = time.perf_counter()
-        metrics: dict[str, float | torch.Tensor] | None = None
-        num_hvps: int | None = None
+        measured: Measurement | None = None
         failure: Exception | None = None
         self._pending = []
         try:
@@ -587,7 +604,7 @@ class CurvatureMonitor(Callback):
             ):
                 warnings.simplefilter("always", CurvatureWarning)
                 try:
-                    metrics, num_hvps = measure()
+                    measured = measure()
                 except (NonFiniteCurvatureError, RuntimeError) as err:
                     failure = err
         finally:
@@ -606,15 +623,13 @@ class CurvatureMonitor(Callback):
             rank_zero_warn(text, category=CurvatureWarning)
         if failure is not None:
             self._warn_skipped(step, failure, reasons)
-            metrics = None
+            measured = None
         seconds = seconds_before + time.perf_counter() - started
-        self._reschedule(trainer, step, seconds)
-        if metrics is None:
+        self.schedule.probed(step, seconds, clock=functools.partial(_timing, trainer))
+        if measured is None:
             return
-        values = self._finite({key: float(value) for key, value in metrics.items()}, step)
-        values[f"{self.cost_prefix}seconds"] = seconds
-        if num_hvps is not None:
-            values[f"{self.cost_prefix}hvps"] = float(num_hvps)
+        values = self._finite({key: float(v) for key, v in measured.metrics.items()}, step)
+        values.update(measured.cost(self.cost_name, seconds))
         self.last_metrics = {self.tag(key): value for key, value in values.items()}
         log_scalars(trainer, self.last_metrics, log_step(trainer))
         self.log_extras(trainer, step)
@@ -640,46 +655,17 @@ class CurvatureMonitor(Callback):
             )
         return {name: value for name, value in metrics.items() if name not in bad}
 
-    def _reschedule(self, trainer: pl.Trainer, step: int, seconds: float) -> None:
-        self.probe_seconds += seconds
-        if self.schedule.max_overhead is None:
-            self.schedule.record(step)
-            return
-        if self._timer is None:  # no training step timed yet: budget this probe at the next
-            self._unbudgeted = seconds
-            self.schedule.record(step, 1)
-        else:
-            self._budget(trainer, step, step, seconds)
-        self._timer = (time.perf_counter(), step, _probe_seconds(trainer))
-
-    def _budget(self, trainer: pl.Trainer, probe_step: int, step: int, seconds: float) -> None:
-        """Space the probe after the one at ``probe_step`` (``seconds`` long) to the budget.
-
-        The training time per step comes from the last timed probe up to now (``step``): the
-        wall time less the probes of every monitor of the trainer (this one's included), so
-        no monitor counts another's probes as training it may spend a share of.
-        """
-        assert self._timer is not None
-        assert self.schedule.max_overhead is not None
-        last_end, last_step, last_spent = self._timer
-        elapsed = time.perf_counter() - last_end - (_probe_seconds(trainer) - last_spent)
-        step_seconds = elapsed / max(step - last_step, 1)
-        share = self.schedule.max_overhead / _budgeted_monitors(trainer)
-        interval = trainer.strategy.broadcast(
-            self.schedule.next_interval(seconds, step_seconds, share), src=0
-        )
-        self.schedule.record(probe_step, interval)
-
 
 def _monitors(trainer: pl.Trainer) -> list[CurvatureMonitor]:
     return [c for c in trainer.callbacks if isinstance(c, CurvatureMonitor)]  # type: ignore[attr-defined]
 
 
-def _probe_seconds(trainer: pl.Trainer) -> float:
-    """Seconds spent in the probes of every monitor of ``trainer`` so far."""
-    return sum(monitor.probe_seconds for monitor in _monitors(trainer))
-
-
-def _budgeted_monitors(trainer: pl.Trainer) -> int:
-    """How many monitors of ``trainer`` share the overhead budget (at least 1)."""
-    return max(1, sum(m.schedule.max_overhead is not None for m in _monitors(trainer)))
+def _timing(trainer: pl.Trainer) -> Timing:
+    """The clock of the budget the monitors of ``trainer`` share (read by their schedules)."""
+    schedules = [monitor.schedule for monitor in _monitors(trainer)]
+    return Timing(
+        now=time.perf_counter(),
+        probe_seconds=sum(schedule.probe_seconds for schedule in schedules),
+        sharers=sum(schedule.max_overhead is not None for schedule in schedules),
+        broadcast=lambda interval: trainer.strategy.broadcast(interval, src=0),
+    )

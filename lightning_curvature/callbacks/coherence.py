@@ -49,6 +49,7 @@ from lightning_curvature.callbacks.dashboard import (
     multiline,
 )
 from lightning_curvature.callbacks.layers import PerLayerMonitor
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.coherence import (
@@ -149,9 +150,10 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
         ('TrainingGradientCoherenceMonitor', True)
     """
 
-    cost_prefix = "probe_cost/coherence_"
+    cost_name = "coherence"
     counts_hvps = False
     default_every_n_steps = 500
+    state_key_arguments = ("source", "mode", "micro_batch_size", "chunk_size", "per_layer")
 
     def __init__(
         self,
@@ -213,16 +215,6 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
         )
 
     @override
-    def state_key_fields(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "mode": self.mode,
-            "micro_batch_size": self.micro_batch_size,
-            "chunk_size": self.chunk_size,
-            "per_layer": self.per_layer,
-        }
-
-    @override
     def _generate_state_key(self, **kwargs: Any) -> str:
         # One key for every source (the source is one of the fields), whichever class
         # implements it: checkpoints resume across the two kinds' classes.
@@ -267,7 +259,7 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
+    ) -> Measurement | None:
         sums = gradient_sums(
             pl_module,
             self.probe_loss_fn(),
@@ -281,5 +273,5 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
         )
         total = self.summed_over_processes(trainer, sums)
         if not self.enough_samples(total, trainer.global_step):
-            return None, None
-        return self.metrics(total.compute()), None
+            return None
+        return Measurement(self.metrics(total.compute()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -19,6 +18,7 @@ from lightning_curvature.callbacks.dashboard import (
     raw_threshold,
 )
 from lightning_curvature.callbacks.logging import tensorboard_writers
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.rendering import density_image
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
@@ -65,8 +65,9 @@ class SpectralDensityMonitor(CurvatureMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "probe_cost/density_"
+    cost_name = "density"
     default_every_n_steps = 2000
+    state_key_arguments = ("num_steps", "num_runs")
 
     def __init__(
         self,
@@ -91,10 +92,6 @@ class SpectralDensityMonitor(CurvatureMonitor):
         self.last_density: SpectralDensity | None = None
 
     @override
-    def state_key_fields(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "num_runs": self.num_runs}
-
-    @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
         title = f"spectrum edges λ_min, λ_max (SLQ){batch_norm_note(pl_module, self.batch_norm)}"
         edges = multiline(*(exact(self.tag(f"curvature/density_{e}")) for e in ("max", "min")))
@@ -104,7 +101,7 @@ class SpectralDensityMonitor(CurvatureMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> Measurement:
         self.last_density = spectral_density(
             pl_module,
             self.probe_loss_fn(),
@@ -114,10 +111,10 @@ class SpectralDensityMonitor(CurvatureMonitor):
             **self.probe_kwargs(trainer, pl_module),
         )
         nodes = self.last_density.nodes
-        return {
-            "curvature/density_max": nodes.max(),
-            "curvature/density_min": nodes.min(),
-        }, self.last_density.num_hvps
+        return Measurement(
+            {"curvature/density_max": nodes.max(), "curvature/density_min": nodes.min()},
+            self.last_density.num_hvps,
+        )
 
     @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:

@@ -20,6 +20,7 @@ from lightning_curvature.callbacks.dashboard import (
     threshold_label,
 )
 from lightning_curvature.callbacks.layers import PerLayerMonitor
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
@@ -92,8 +93,17 @@ class HessianEigenvalueMonitor(PerLayerMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "probe_cost/eigenvalue_"
+    cost_name = "eigenvalue"
     default_every_n_steps = 500
+    state_key_arguments = (
+        "k",
+        "tol",
+        "max_iter",
+        "stability",
+        "smallest",
+        "per_layer",
+        "warm_start",
+    )
 
     def __init__(
         self,
@@ -166,7 +176,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> Measurement:
         result = self._eigenvalues(trainer, pl_module, batches, "full", smallest=self.smallest)
         metrics: dict[str, float | torch.Tensor] = {
             f"curvature/eigenvalue_{i + 1}": value for i, value in enumerate(result.eigenvalues)
@@ -184,7 +194,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor):
             )
             metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
             hvps += block.num_hvps
-        return metrics, hvps
+        return Measurement(metrics, hvps)
 
     @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
@@ -287,18 +297,6 @@ class HessianEigenvalueMonitor(PerLayerMonitor):
             super().on_train_end(trainer, pl_module)
         finally:
             self._final_probe = False
-
-    @override
-    def state_key_fields(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "tol": self.tol,
-            "max_iter": self.max_iter,
-            "stability": self.stability,
-            "smallest": self.smallest,
-            "per_layer": self.per_layer,
-            "warm_start": self.warm_start,
-        }
 
     @override
     def extra_state(self) -> dict[str, Any]:

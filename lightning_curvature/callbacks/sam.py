@@ -71,9 +71,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import log_step
+from lightning_curvature.callbacks.base import check_strategy, log_step
 from lightning_curvature.callbacks.isolation import call_training_step, isolated
 from lightning_curvature.callbacks.logging import log_scalars
+from lightning_curvature.callbacks.schedule import ProbeSchedule
 from lightning_curvature.functional.probe import frozen_running_stats
 from lightning_curvature.functional.sam import (
     RNGState,
@@ -93,6 +94,8 @@ __all__ = ["SAM", "SAMPerturbationMode"]
 SAMPerturbationMode = Literal["all_reduced", "per_replica"]
 _PERTURBATION = ("all_reduced", "per_replica")
 _DROPOUT = ("reuse", "resample")
+#: What a checkpoint holds of SAM (plain integers), and their values before any step.
+_STATE_DEFAULTS = {"num_sam_steps": 0, "num_skipped_steps": 0, "last_log_step": -1}
 
 
 @dataclass(frozen=True)
@@ -302,7 +305,10 @@ class SAM(Callback):
         #: SAM steps taken, and SAM steps given up because the gradient at w was not finite.
         self.num_sam_steps = 0
         self.num_skipped_steps = 0
-        self._last_log_step = -1
+        self._sam_steps = ProbeSchedule(every_n_steps)
+        # the first SAM step of every log window; the Trainer's window (Lightning's default
+        # 50 until setup reads it) unless log_every_n_steps is given
+        self._logs = ProbeSchedule(log_every_n_steps or 50, once_per_window=True)
         self._window_step = -1
         self._window: list[_MicroBatch] = []
         self._first_losses: list[torch.Tensor] = []
@@ -326,17 +332,9 @@ class SAM(Callback):
                 "`SAM` cannot re-evaluate a `training_step` that takes `dataloader_iter`: "
                 "the step's batches are not known to the callback. Take a batch argument."
             )
-        from lightning.pytorch.strategies import (
-            DeepSpeedStrategy,
-            FSDPStrategy,
-            ModelParallelStrategy,
-        )
-
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-            raise MisconfigurationException(
-                f"`SAM` does not support sharded strategies ({type(trainer.strategy).__name__}): "
-                "it perturbs every parameter in place on every rank. Use DDP."
-            )
+        check_strategy(trainer, "SAM", "it perturbs every parameter in place on every rank.")
+        if self.log_every_n_steps is None:
+            self._logs.every_n_steps = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         self._install(trainer, pl_module)
 
     @override
@@ -353,7 +351,7 @@ class SAM(Callback):
         # so the second pass covers exactly the micro-batches whose gradients are in ``.grad``.
         if step != self._window_step or batch_idx % trainer.accumulate_grad_batches == 0:
             self._window_step, self._window, self._first_losses = step, [], []
-        if step % self.every_n_steps == 0:
+        if self._sam_steps.is_due(step):
             rng = RNGState.capture(pl_module.device) if self.dropout == "reuse" else None
             self._window.append(_MicroBatch(batch, batch_idx, rng))
 
@@ -382,19 +380,23 @@ class SAM(Callback):
             rho=self.rho, adaptive=self.adaptive, every_n_steps=self.every_n_steps
         )
 
+    @property
+    def last_log_step(self) -> int:
+        """The step SAM last logged at (-1: none yet)."""
+        return self._logs.last_step
+
+    @last_log_step.setter
+    def last_log_step(self, step: int) -> None:
+        self._logs.last_step = step
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_sam_steps": self.num_sam_steps,
-            "num_skipped_steps": self.num_skipped_steps,
-            "last_log_step": self._last_log_step,
-        }
+        return {name: int(getattr(self, name)) for name in _STATE_DEFAULTS}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.num_sam_steps = int(state_dict.get("num_sam_steps", 0))
-        self.num_skipped_steps = int(state_dict.get("num_skipped_steps", 0))
-        self._last_log_step = int(state_dict.get("last_log_step", -1))
+        for name, default in _STATE_DEFAULTS.items():  # a key missing: its value before any step
+            setattr(self, name, int(state_dict.get(name, default)))
 
     # -- the wrapped optimizer_step hook -----------------------------------------------------
     def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -545,8 +547,7 @@ class SAM(Callback):
         losses: list[torch.Tensor],
         perturbed_losses: list[torch.Tensor],
     ) -> None:
-        every = max(1, self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50)))
-        if step // every <= self._last_log_step // every or not perturbed_losses:
+        if not perturbed_losses or not self._logs.is_due(step):
             return
         device, dtype = losses[-1].device, torch.promote_types(losses[-1].dtype, torch.float32)
         perturbed = torch.stack([v.to(device, dtype) for v in perturbed_losses]).sum()
@@ -556,7 +557,7 @@ class SAM(Callback):
             values = trainer.strategy.reduce(values, reduce_op="mean")
         if not bool(torch.isfinite(values).all()):
             return  # a step the grad scaler skips: nothing worth a point on a chart
-        self._last_log_step = step
+        self._logs.record(step)
         metrics = {"sam/perturbation_norm": values[0], "sam/sharpness": values[1]}
         self.last_metrics = {name: float(value) for name, value in metrics.items()}
         log_scalars(trainer, metrics, log_step(trainer))

@@ -18,6 +18,7 @@ from lightning_curvature.callbacks.dashboard import (
     multiline,
 )
 from lightning_curvature.callbacks.layers import PerLayerMonitor
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.parameters import PerLayer
@@ -62,8 +63,9 @@ class HessianTraceMonitor(PerLayerMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
-    cost_prefix = "probe_cost/trace_"
+    cost_name = "trace"
     default_every_n_steps = 1000
+    state_key_arguments = ("num_hvps", "method", "per_layer")
 
     def __init__(
         self,
@@ -87,10 +89,6 @@ class HessianTraceMonitor(PerLayerMonitor):
         self.num_hvps, self.method = num_hvps, method
 
     @override
-    def state_key_fields(self) -> dict[str, Any]:
-        return {"num_hvps": self.num_hvps, "method": self.method, "per_layer": self.per_layer}
-
-    @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
         bounds = ("curvature/trace", "curvature/trace_lower", "curvature/trace_upper")
         trace = [self.tag(tag) for tag in bounds]
@@ -107,7 +105,7 @@ class HessianTraceMonitor(PerLayerMonitor):
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
-    ) -> tuple[dict[str, float | torch.Tensor], int]:
+    ) -> Measurement:
         result = hessian_trace(
             pl_module,
             self.probe_loss_fn(),
@@ -125,4 +123,4 @@ class HessianTraceMonitor(PerLayerMonitor):
         }
         for block, value in result.per_layer.items():
             metrics[f"curvature/trace/{block}"] = value
-        return metrics, result.num_hvps
+        return Measurement(metrics, result.num_hvps)

@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.gradient_capture import BackwardGradients
+from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import batch_size
 from lightning_curvature.functional.coherence import CoherenceMode
@@ -261,9 +262,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
             seconds_before=step.seconds,
         )
 
-    def _measure_step(
-        self, trainer: pl.Trainer, step: _StepSamples
-    ) -> tuple[dict[str, float | torch.Tensor] | None, int | None]:
+    def _measure_step(self, trainer: pl.Trainer, step: _StepSamples) -> Measurement | None:
         sums = step.sums
         if step.local is not None and step.local_size > 0:
             sums.add(step.local, step.local_size)
@@ -271,11 +270,11 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         unknown = trainer.strategy.reduce(unknown, reduce_op="sum")
         total = self.summed_over_processes(trainer, sums)
         if not self.enough_samples(total, trainer.global_step):
-            return None, None
+            return None
         if _loss_scale(trainer) != 1.0 and not all(
             bool(torch.isfinite(value).all()) for value in total.states().values()
         ):
-            return None, None  # the grad scaler skips this step too: routine, no warning
+            return None  # the grad scaler skips this step too: routine, no warning
         if float(unknown) > 0:
             self.warn_once(
                 "size",
@@ -283,14 +282,14 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
                 "number of examples is unknown; nothing is logged (the noise scale is "
                 "counted in examples).",
             )
-            return None, None
+            return None
         if step.local is None:
-            return self.metrics(total.compute()), None
+            return Measurement(self.metrics(total.compute()))
         # "ddp": Σ_r g_r = world_size · (DDP's averaged gradient), which every process holds.
         averaged = step.averaged if step.averaged is not None else torch.zeros_like(step.local)
         s2, blocks = total.squared_norms(averaged * total.num_samples)
         result = total.compute(sum_sq_norm=s2, block_sum_sq_norm=blocks or None)
-        return self.metrics(result), None
+        return Measurement(self.metrics(result))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -39,7 +39,7 @@ from lightning_curvature import (
     HessianTraceMonitor,
     SpectralDensityMonitor,
 )
-from lightning_curvature.callbacks.base import CurvatureMonitor
+from lightning_curvature.callbacks.base import CurvatureMonitor, Measurement
 
 pytestmark = [
     *LIGHTNING_NOISE,
@@ -209,7 +209,7 @@ def test_a_failing_backend_skips_the_probe_with_one_warning(tmp_path: Path) -> N
 
 class InfiniteValue(CurvatureMonitor):
     def measure(self, trainer, pl_module, batches):  # type: ignore[no-untyped-def]
-        return {"probe/finite": 1.0, "probe/infinite": math.inf}, None
+        return Measurement({"probe/finite": 1.0, "probe/infinite": math.inf})
 
 
 def test_non_finite_values_are_left_out_with_one_warning(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ from lightning_curvature import (
     SpectralDensityMonitor,
     hessian_eigenvalues,
 )
-from lightning_curvature.callbacks import CurvatureMonitor, training_step_loss
+from lightning_curvature.callbacks import CurvatureMonitor, Measurement, training_step_loss
 from lightning_curvature.callbacks.rendering import density_image
 
 pytestmark = LIGHTNING_NOISE
@@ -295,7 +295,7 @@ class CheapMonitor(CurvatureMonitor):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]):  # type: ignore[no-untyped-def]
         self.clock.now += 0.01
-        return {"probe/value": 1.0}, None
+        return Measurement({"probe/value": 1.0})
 
 
 class StepTime(pl.Callback):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_curvature.callbacks.base as base
 from lightning_curvature import HessianEigenvalueMonitor, HessianTraceMonitor
-from lightning_curvature.callbacks import CurvatureMonitor
+from lightning_curvature.callbacks import CurvatureMonitor, Measurement
 from lightning_curvature.callbacks.probe_data import draw_batches
 from lightning_curvature.callbacks.schedule import ProbeSchedule
 
@@ -99,7 +99,7 @@ class CostlyMonitor(CurvatureMonitor):
 
     def measure(self, trainer, pl_module, batches):  # type: ignore[no-untyped-def]
         self.clock.now += 1.0
-        return {"probe/value": float(trainer.global_step)}, 0
+        return Measurement({"probe/value": float(trainer.global_step)}, hvps=0)
 
 
 class StepTime(pl.Callback):
