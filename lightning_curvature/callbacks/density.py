@@ -8,7 +8,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import CurvatureMonitor
 from lightning_curvature.callbacks.dashboard import (
     Charts,
     batch_norm_note,
@@ -19,15 +18,21 @@ from lightning_curvature.callbacks.dashboard import (
 )
 from lightning_curvature.callbacks.logging import tensorboard_writers
 from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.rendering import density_image
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.density import SpectralDensity, spectral_density
+from lightning_curvature.functional.checks import check_integer
+from lightning_curvature.functional.density import (
+    SpectralDensity,
+    check_density_arguments,
+    spectral_density,
+)
 
 __all__ = ["SpectralDensityMonitor"]
 
 
-class SpectralDensityMonitor(CurvatureMonitor):
+class SpectralDensityMonitor(OperatorMonitor):
     """Eigenvalue spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019).
 
     Costs ``num_steps × num_runs`` Hessian-vector products per probe (80 by default): run it
@@ -44,7 +49,9 @@ class SpectralDensityMonitor(CurvatureMonitor):
         num_points: grid points of the smoothed density.
         every_n_steps: probe every this many optimizer steps (``"auto"``: 2000, as the
             density costs ``num_steps × num_runs`` products, so it is meant to be rare).
-        **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
+        **kwargs: cadence, probe data, loss, ``curvature`` (``"ggn"``: the density of the
+            generalized Gauss–Newton matrix, see ``OperatorMonitor``) and the rest: see
+            ``CurvatureMonitor``.
 
     Logged metrics:
         - ``curvature/density_max`` and ``curvature/density_min``: extreme quadrature nodes
@@ -53,6 +60,8 @@ class SpectralDensityMonitor(CurvatureMonitor):
           probe
         - TensorBoard only: histogram ``curvature/spectral_density`` and image
           ``curvature/spectral_density_image`` (one tag each: TensorBoard keys data by tag)
+        - with ``curvature="ggn"``: every tag with ``ggn_`` before its name
+          (``curvature/ggn_density_max``, …)
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -79,21 +88,20 @@ class SpectralDensityMonitor(CurvatureMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, **kwargs)
-        for name, value, low in (
-            ("num_steps", num_steps, 2),
-            ("num_runs", num_runs, 1),
-            ("num_points", num_points, 2),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise MisconfigurationException(
-                    f"`{name}` must be an integer >= {low}, got {value!r}."
-                )
+        try:
+            check_density_arguments(num_steps, num_runs, min_steps=2)  # one node: no density
+            check_integer("num_points", num_points, 2)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
         self.num_steps, self.num_runs, self.num_points = num_steps, num_runs, num_points
         self.last_density: SpectralDensity | None = None
 
     @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
-        title = f"spectrum edges λ_min, λ_max (SLQ){batch_norm_note(pl_module, self.batch_norm)}"
+        note = batch_norm_note(pl_module, self.batch_norm)
+        title = f"spectrum edges λ_min, λ_max (SLQ){note}"
+        if self.curvature == "ggn":
+            title = f"GGN {title}"
         edges = multiline(*(exact(self.tag(f"curvature/density_{e}")) for e in ("max", "min")))
         science = {self.category("curvature"): {title: edges}}
         return layout([science, super().charts(trainer, pl_module)])
@@ -128,7 +136,7 @@ class SpectralDensityMonitor(CurvatureMonitor):
         threshold = raw_threshold(trainer)
         if threshold is not None:
             markers["threshold"] = threshold
-        title = f"Hessian eigenvalue density (SLQ), step {step}"
+        title = f"{self.matrix} eigenvalue density (SLQ), step {step}"
         image = density_image(grid, density, nodes=esd.nodes, markers=markers, title=title)
         for writer in tensorboard_writers(trainer):
             writer.add_histogram_raw(

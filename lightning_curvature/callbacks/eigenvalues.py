@@ -21,9 +21,13 @@ from lightning_curvature.callbacks.dashboard import (
 )
 from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
+from lightning_curvature.functional.eigenvalues import (
+    check_eigenvalue_arguments,
+    hessian_eigenvalues,
+)
 from lightning_curvature.functional.parameters import PerLayer, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.stability import stability_threshold
@@ -31,7 +35,7 @@ from lightning_curvature.functional.stability import stability_threshold
 __all__ = ["HessianEigenvalueMonitor"]
 
 
-class HessianEigenvalueMonitor(PerLayerMonitor):
+class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
     """Top-k Hessian eigenvalues (sharpness) next to the optimizer's stability threshold.
 
     Lanczos with full reorthogonalisation, warm-started from the previous probe's top
@@ -64,7 +68,9 @@ class HessianEigenvalueMonitor(PerLayerMonitor):
         batch_norm: ``"train"`` (default here: batch statistics, the landscape the optimizer
             steps on, which is what the stability threshold refers to) or ``"eval"``
             (running statistics, the inference-time landscape). The chart titles say which.
-        **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
+        **kwargs: cadence, probe data, loss, ``curvature`` (``"ggn"``: the eigenvalues of
+            the generalized Gauss–Newton matrix, see ``OperatorMonitor``) and the rest: see
+            ``CurvatureMonitor``.
 
     Logged metrics:
         - ``curvature/eigenvalue_1`` … ``curvature/eigenvalue_k``
@@ -80,6 +86,8 @@ class HessianEigenvalueMonitor(PerLayerMonitor):
         - ``curvature/eigenvalue_1/<name>`` (with ``per_layer``)
         - ``probe_cost/eigenvalue_hvps`` and ``probe_cost/eigenvalue_seconds``: cost of the probe
         - with ``name=``: every tag as ``<group>/<name>/…``
+        - with ``curvature="ggn"``: every tag with ``ggn_`` before its name
+          (``curvature/ggn_eigenvalue_1``, ``curvature/ggn_sharpness_ratio``, …)
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -123,16 +131,10 @@ class HessianEigenvalueMonitor(PerLayerMonitor):
         super().__init__(
             per_layer=per_layer, every_n_steps=every_n_steps, batch_norm=batch_norm, **kwargs
         )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise MisconfigurationException(f"`k` must be an integer >= 1, got {k!r}.")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise MisconfigurationException(f"`tol` must be a number > 0, got {tol!r}.")
-        if max_iter is not None and (
-            isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k
-        ):
-            raise MisconfigurationException(
-                f"`max_iter` must be an integer >= k ({k}) or None, got {max_iter!r}."
-            )
+        try:
+            check_eigenvalue_arguments(k, tol, max_iter)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
         self.k, self.tol, self.max_iter = k, float(tol), max_iter
         self.stability, self.smallest, self.warm_start, self.prog_bar = (
             stability,
@@ -260,30 +262,33 @@ class HessianEigenvalueMonitor(PerLayerMonitor):
         # Adam's threshold is one of λ₁(P⁻¹H), SGD's one of λ₁(H): each chart holds the
         # quantity its threshold refers to, and the raw spectrum has a chart of its own.
         note = batch_norm_note(pl_module, self.batch_norm)
+        symbol = self.matrix[0]  # H or G
+        top_of = "λ₁" if symbol == "H" else f"λ₁({symbol})"
         ratio, threshold = self.tag("curvature/sharpness_ratio"), None
         if self.stability and trainer.optimizers:
             threshold = threshold_label(trainer.optimizers[0])
         science: dict[str, list[Any]] = {}
         if threshold is not None and isinstance(trainer.optimizers[0], torch.optim.SGD):
-            science[f"sharpness λ₁ vs. stability threshold {threshold}{note}"] = multiline(
+            science[f"sharpness {top_of} vs. stability threshold {threshold}{note}"] = multiline(
                 exact(self.tag("curvature/eigenvalue_1")),
                 exact(self.tag("curvature/stability_threshold")),
             )
-            science["sharpness ratio λ₁ / threshold"] = multiline(exact(ratio))
+            science[f"sharpness ratio {top_of} / threshold"] = multiline(exact(ratio))
         elif threshold is not None:
-            science[f"preconditioned sharpness λ₁(P⁻¹H) vs. threshold {threshold}{note}"] = (
+            science[f"preconditioned sharpness λ₁(P⁻¹{symbol}) vs. threshold {threshold}{note}"] = (
                 multiline(
                     exact(self.tag("curvature/preconditioned_eigenvalue_1")),
                     exact(self.tag("curvature/stability_threshold")),
                 )
             )
-            science["sharpness ratio λ₁(P⁻¹H) / threshold"] = multiline(exact(ratio))
+            science[f"sharpness ratio λ₁(P⁻¹{symbol}) / threshold"] = multiline(exact(ratio))
         spectrum = [family(self.tag("curvature/eigenvalue_"), r"\d+")]
         if self.smallest:
             spectrum.append(exact(self.tag("curvature/eigenvalue_min")))
-        top = "top Hessian eigenvalue λ₁" if self.k == 1 else f"top {self.k} Hessian eigenvalues"
+        matrix = self.matrix
+        top = f"top {matrix} eigenvalue λ₁" if self.k == 1 else f"top {self.k} {matrix} eigenvalues"
         smallest = " and the smallest" if self.smallest else ""
-        science[f"{top}{smallest} (raw H){note}"] = multiline(*spectrum)
+        science[f"{top}{smallest} (raw {symbol}){note}"] = multiline(*spectrum)
         if self.blocks.requested:
             science["top eigenvalue per block"] = multiline(
                 family(self.tag("curvature/eigenvalue_1/"), ".+")

@@ -93,7 +93,6 @@ __all__ = ["SAM", "SAMPerturbationMode"]
 #: from each replica's own gradient (Foret et al.'s m-sharpness with m = the local batch).
 SAMPerturbationMode = Literal["all_reduced", "per_replica"]
 _PERTURBATION = ("all_reduced", "per_replica")
-_DROPOUT = ("reuse", "resample")
 #: What a checkpoint holds of SAM (plain integers), and their values before any step.
 _STATE_DEFAULTS = {"num_sam_steps": 0, "num_skipped_steps": 0, "last_log_step": -1}
 
@@ -272,7 +271,7 @@ class SAM(Callback):
         log_every_n_steps: int | None = None,
     ) -> None:
         try:
-            check_sam_arguments(rho, eta)
+            check_sam_arguments(rho, eta, dropout)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
         if not isinstance(adaptive, bool):
@@ -285,10 +284,6 @@ class SAM(Callback):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
-        if dropout not in _DROPOUT:
-            raise MisconfigurationException(
-                f"`dropout` must be one of {_DROPOUT}, got {dropout!r}."
-            )
         if perturbation not in _PERTURBATION:
             raise MisconfigurationException(
                 f"`perturbation` must be one of {_PERTURBATION}, got {perturbation!r}."

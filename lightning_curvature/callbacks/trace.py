@@ -19,16 +19,16 @@ from lightning_curvature.callbacks.dashboard import (
 )
 from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.parameters import PerLayer
-from lightning_curvature.functional.trace import hessian_trace
-from lightning_curvature.functional.trace_estimators import MIN_MATVECS
+from lightning_curvature.functional.trace import check_trace_arguments, hessian_trace
 
 __all__ = ["HessianTraceMonitor"]
 
 
-class HessianTraceMonitor(PerLayerMonitor):
+class HessianTraceMonitor(PerLayerMonitor, OperatorMonitor):
     """Hessian trace by Hutchinson (or Hutch++), always with its standard error.
 
     Costs ``num_hvps`` Hessian-vector products per probe. Per-layer traces come from the
@@ -43,7 +43,9 @@ class HessianTraceMonitor(PerLayerMonitor):
             :mod:`~lightning_curvature.callbacks.layers`.
         every_n_steps: probe every this many optimizer steps (``"auto"``: 1000, as a probe
             is ``num_hvps`` products, some 40-60 gradients).
-        **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
+        **kwargs: cadence, probe data, loss, ``curvature`` (``"ggn"``: the trace of the
+            generalized Gauss–Newton matrix, see ``OperatorMonitor``) and the rest: see
+            ``CurvatureMonitor``.
 
     Logged metrics:
         - ``curvature/trace`` and ``curvature/trace_std_error``
@@ -51,6 +53,8 @@ class HessianTraceMonitor(PerLayerMonitor):
           errors (the band of the custom-scalars chart)
         - ``curvature/trace/<name>`` (with ``per_layer``)
         - ``probe_cost/trace_hvps`` and ``probe_cost/trace_seconds``: cost of the probe
+        - with ``curvature="ggn"``: every tag with ``ggn_`` before its name
+          (``curvature/ggn_trace``, …)
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
@@ -77,15 +81,10 @@ class HessianTraceMonitor(PerLayerMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(per_layer=per_layer, every_n_steps=every_n_steps, **kwargs)
-        if method not in MIN_MATVECS:
-            raise MisconfigurationException(
-                f"`method` must be one of {tuple(MIN_MATVECS)}, got {method!r}."
-            )
-        minimum = MIN_MATVECS[method]
-        if isinstance(num_hvps, bool) or not isinstance(num_hvps, int) or num_hvps < minimum:
-            raise MisconfigurationException(
-                f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
-            )
+        try:
+            check_trace_arguments(num_hvps, method)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
         self.num_hvps, self.method = num_hvps, method
 
     @override
@@ -93,11 +92,11 @@ class HessianTraceMonitor(PerLayerMonitor):
         bounds = ("curvature/trace", "curvature/trace_lower", "curvature/trace_upper")
         trace = [self.tag(tag) for tag in bounds]
         science = {
-            "Hessian trace ± 2 standard errors": margin(*trace),
+            f"{self.matrix} trace ± 2 standard errors": margin(*trace),
             "standard error of the trace": multiline(exact(self.tag("curvature/trace_std_error"))),
         }
         if self.blocks.requested:
-            science["Hessian trace per block"] = multiline(
+            science[f"{self.matrix} trace per block"] = multiline(
                 family(self.tag("curvature/trace/"), ".+")
             )
         return layout([{self.category("curvature"): science}, super().charts(trainer, pl_module)])

@@ -12,9 +12,11 @@ from lightning_curvature.functional.density import (
     spectral_density,
 )
 from lightning_curvature.functional.eigenvalues import HessianEigenvalues, hessian_eigenvalues
+from lightning_curvature.functional.ggn import OutputLoss
 from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
 from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
 from lightning_curvature.functional.lanczos import lanczos_eigenpairs, lanczos_quadrature
+from lightning_curvature.functional.options import OperatorOptions
 from lightning_curvature.functional.parameters import ParameterLayout, select_parameters
 from lightning_curvature.functional.probe import probe_context, unwrap_model
 from lightning_curvature.functional.sam import SAMGradient, sam_gradient
@@ -30,6 +32,8 @@ __all__ = [
     "HessianOperator",
     "HessianTrace",
     "NonFiniteCurvatureError",
+    "OperatorOptions",
+    "OutputLoss",
     "ParameterLayout",
     "SAMGradient",
     "SpectralDensity",

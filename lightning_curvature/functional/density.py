@@ -16,13 +16,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
+from lightning_curvature.functional.checks import check_integer
+from lightning_curvature.functional.ggn import Curvature
+from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.lanczos import lanczos_quadrature
+from lightning_curvature.functional.options import OperatorOptions, open_operator
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.sampling import check_generator, rademacher
+from lightning_curvature.functional.sampling import rademacher
 
-__all__ = ["SpectralDensity", "density_on_grid", "spectral_density"]
+__all__ = ["SpectralDensity", "check_density_arguments", "density_on_grid", "spectral_density"]
+
+
+def check_density_arguments(num_steps: Any, num_runs: Any, *, min_steps: int = 1) -> None:
+    """Raise if ``num_steps`` or ``num_runs`` of :func:`spectral_density` is out of range.
+
+    ``min_steps``: the fewest steps the caller accepts (the monitor asks for 2: one node
+    makes no density).
+
+    Raises:
+        ValueError: naming the argument, what it allows and what it got.
+
+    Example:
+        >>> check_density_arguments(80, 1)  # fine: returns None
+        >>> check_density_arguments(80, 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `num_runs` must be an integer >= 1, got 0.
+    """
+    check_integer("num_steps", num_steps, min_steps)
+    check_integer("num_runs", num_runs, 1)
 
 
 def density_on_grid(
@@ -113,6 +136,8 @@ def spectral_density(
     batch_norm: BatchNormMode = "as_is",
     generator: torch.Generator | None = None,
     all_reduce: AllReduce | None = None,
+    curvature: Curvature = "hessian",
+    options: OperatorOptions | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of the Hessian by stochastic Lanczos quadrature.
 
@@ -129,6 +154,11 @@ def spectral_density(
         batch_norm: BatchNorm mode during the probe (running statistics never change).
         generator: random source on the model's device (default: seeded with 0).
         all_reduce: averages a tensor across processes (DDP).
+        curvature: ``"hessian"``, or ``"ggn"`` for the density of the generalized
+            Gauss–Newton matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
+        options: the operator's settings as one
+            :class:`~lightning_curvature.functional.options.OperatorOptions`, instead of
+            the keywords.
 
     Raises:
         ValueError: on invalid arguments (named in the message).
@@ -141,21 +171,10 @@ def spectral_density(
         >>> esd.nodes  # the three eigenvalues 2/3, 8/3 and 6, each of weight 1/3 on average
         tensor([[0.6667, 2.6667, 6.0000]], dtype=torch.float64)
     """
-    if type(num_steps) is not int or num_steps < 1:
-        raise ValueError(f"`num_steps` must be an integer >= 1, got {num_steps!r}.")
-    if type(num_runs) is not int or num_runs < 1:
-        raise ValueError(f"`num_runs` must be an integer >= 1, got {num_runs!r}.")
+    check_density_arguments(num_steps, num_runs)
     all_nodes, all_weights = [], []
-    with HessianOperator(
-        model,
-        loss_fn,
-        batch,
-        parameters=parameters,
-        backend=backend,
-        batch_norm=batch_norm,
-        all_reduce=all_reduce,
-    ) as operator:
-        generator = check_generator(generator, operator.device)
+    settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
+    with open_operator(model, loss_fn, batch, settings, generator) as (operator, generator):
         steps = min(num_steps, operator.size)
         for _ in range(num_runs):
             start = rademacher((operator.size,), generator, operator.dtype, operator.device)

@@ -10,14 +10,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
+from lightning_curvature.functional.checks import check_integer
+from lightning_curvature.functional.ggn import Curvature
+from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.lanczos import LanczosResult, lanczos_eigenpairs
+from lightning_curvature.functional.options import OperatorOptions, open_operator
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.sampling import check_generator
 from lightning_curvature.functional.warnings import CurvatureWarning
 
-__all__ = ["HessianEigenvalues", "hessian_eigenvalues", "uncertified_message"]
+__all__ = [
+    "HessianEigenvalues",
+    "check_eigenvalue_arguments",
+    "hessian_eigenvalues",
+    "uncertified_message",
+]
 
 
 @dataclass(frozen=True)
@@ -59,15 +66,25 @@ class HessianEigenvalues:
     warm_start: torch.Tensor | None = None
 
 
-def _check_arguments(k: int, tol: float, max_iter: int | None, min_iter: int) -> None:
-    if type(k) is not int or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
-    if isinstance(tol, bool) or not tol > 0:
+def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter: Any = 3) -> None:
+    """Raise if an argument of :func:`hessian_eigenvalues` is out of range.
+
+    Raises:
+        ValueError: naming the argument, what it allows and what it got.
+
+    Example:
+        >>> check_eigenvalue_arguments(2, 1e-3, max_iter=40)  # fine: returns None
+        >>> check_eigenvalue_arguments(3, 1e-3, max_iter=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: `max_iter` must be an integer >= k (3), got 2.
+    """
+    check_integer("k", k, 1)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
         raise ValueError(f"`tol` must be > 0, got {tol!r}.")
     if max_iter is not None and (type(max_iter) is not int or max_iter < k):
         raise ValueError(f"`max_iter` must be an integer >= k ({k}), got {max_iter!r}.")
-    if type(min_iter) is not int or min_iter < 1:
-        raise ValueError(f"`min_iter` must be an integer >= 1, got {min_iter!r}.")
+    check_integer("min_iter", min_iter, 1)
 
 
 def _start_vector(
@@ -175,6 +192,8 @@ def hessian_eigenvalues(
     batch_norm: BatchNormMode = "as_is",
     generator: torch.Generator | None = None,
     all_reduce: AllReduce | None = None,
+    curvature: Curvature = "hessian",
+    options: OperatorOptions | None = None,
 ) -> HessianEigenvalues:
     """Top-k Hessian eigenvalues by Lanczos with full reorthogonalisation.
 
@@ -204,6 +223,11 @@ def hessian_eigenvalues(
         batch_norm: BatchNorm mode during the probe (running statistics never change).
         generator: random source on the model's device (default: seeded with 0).
         all_reduce: averages a tensor across processes (DDP); see :class:`HessianOperator`.
+        curvature: ``"hessian"``, or ``"ggn"`` for the eigenvalues of the generalized
+            Gauss–Newton matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
+        options: the operator's settings (``parameters`` … ``curvature``) as one
+            :class:`~lightning_curvature.functional.options.OperatorOptions`, instead of
+            the keywords.
 
     Raises:
         ValueError: on invalid arguments (named in the message).
@@ -227,17 +251,9 @@ def hessian_eigenvalues(
         >>> again.eigenvalues, again.num_hvps
         (tensor([6.]), 3)
     """
-    _check_arguments(k, tol, max_iter, min_iter)
-    with HessianOperator(
-        model,
-        loss_fn,
-        batch,
-        parameters=parameters,
-        backend=backend,
-        batch_norm=batch_norm,
-        all_reduce=all_reduce,
-    ) as operator:
-        generator = check_generator(generator, operator.device)
+    check_eigenvalue_arguments(k, tol, max_iter, min_iter)
+    settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
+    with open_operator(model, loss_fn, batch, settings, generator) as (operator, generator):
         if k > operator.size:
             raise ValueError(
                 f"`k` ({k}) exceeds the number of measured parameters ({operator.size})."

@@ -186,12 +186,16 @@ class FunctionalModel:
 
         return map_tensors(batch, usable)
 
+    def call(self, primals: Sequence[torch.Tensor], batch: Any) -> Any:
+        """What ``loss_fn`` returns on ``batch`` (already through :meth:`inputs`) at ``primals``."""
+        params = dict(self._fixed)
+        params.update({f"model.{name}": p for name, p in zip(self.names, primals, strict=True)})
+        return torch.func.functional_call(self._module, params, (batch,))
+
     def loss(self, primals: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
         """The scalar loss on ``batch`` (already through :meth:`inputs`) at ``primals``.
 
         Raises:
             ValueError: if ``loss_fn`` does not return a one-element tensor.
         """
-        params = dict(self._fixed)
-        params.update({f"model.{name}": p for name, p in zip(self.names, primals, strict=True)})
-        return check_scalar_loss(torch.func.functional_call(self._module, params, (batch,)))
+        return check_scalar_loss(self.call(primals, batch))

@@ -25,6 +25,13 @@ Backends (``backend=``):
 * ``"auto"`` (default): ``"retained_graph"``; if the model has no double backward, it falls
   back to ``"forward_over_reverse"``.
 
+With ``curvature="ggn"`` the operator multiplies by the generalized Gauss–Newton matrix
+``G = Jᵀ H_ℓ J`` instead (:mod:`~lightning_curvature.functional.ggn`; ``loss_fn`` an
+:class:`~lightning_curvature.functional.ggn.OutputLoss`), with the same backends but
+``"finite_difference"``: ``"retained_graph"`` keeps the outputs' graph and takes ``J v`` by
+the double-vjp trick through it, ``"double_backward"`` rebuilds that graph for every
+product, ``"forward_over_reverse"`` takes ``J v`` by ``torch.func.jvp``.
+
 The model is called through the one functional adapter of the package,
 :class:`~lightning_curvature.functional.functional_model.FunctionalModel`: detached aliases of
 the parameters' storage (no data is copied for fp32/fp64 models), so autograd never touches
@@ -45,12 +52,20 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from lightning_curvature.functional.autodiff import pullback
 from lightning_curvature.functional.batches import ProbeBatches, split_batches
 from lightning_curvature.functional.functional_model import (
     FunctionalModel,
     LossFn,
     check_measurable,
     probe_dtype,
+)
+from lightning_curvature.functional.ggn import (
+    CURVATURES,
+    Curvature,
+    GaussNewtonProducts,
+    Linearized,
+    OutputLoss,
 )
 from lightning_curvature.functional.parameters import (
     ParameterLayout,
@@ -60,7 +75,14 @@ from lightning_curvature.functional.parameters import (
 from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
 from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 
-__all__ = ["BACKENDS", "HVPBackend", "HessianOperator", "LossFn", "hessian_vector_product"]
+__all__ = [
+    "BACKENDS",
+    "HVPBackend",
+    "HessianOperator",
+    "LossFn",
+    "check_curvature",
+    "hessian_vector_product",
+]
 
 HVPBackend = Literal[
     "auto", "retained_graph", "double_backward", "forward_over_reverse", "finite_difference"
@@ -113,10 +135,15 @@ class HessianOperator:
         all_reduce: optional function averaging a tensor across processes (DDP); every
             product and the loss-finiteness check go through it, so all ranks see the same
             operator.
+        curvature: ``"hessian"`` (default) or ``"ggn"``: the generalized Gauss–Newton
+            matrix ``Jᵀ H_ℓ J``, for a ``loss_fn`` that is an
+            :class:`~lightning_curvature.functional.ggn.OutputLoss`.
 
     Raises:
-        ValueError: on an unknown ``backend``, no trainable parameters, complex measured
-            parameters, an empty batch iterable, or a loss that is not a scalar.
+        ValueError: on an unknown ``backend`` or ``curvature``, ``curvature="ggn"`` without
+            an ``OutputLoss`` or with ``backend="finite_difference"``, no trainable
+            parameters, complex measured parameters, an empty batch iterable, or a loss
+            that is not a scalar.
         NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
 
     Example:
@@ -139,6 +166,7 @@ class HessianOperator:
         batch_norm: BatchNormMode = "as_is",
         dropout: bool = False,
         all_reduce: AllReduce | None = None,
+        curvature: Curvature = "hessian",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
@@ -146,6 +174,7 @@ class HessianOperator:
             raise TypeError(
                 f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}."
             )
+        check_curvature(curvature, loss_fn, backend)
         self.model = unwrap_model(model)
         self._named = select_parameters(self.model, parameters)
         check_measurable(self._named)
@@ -160,7 +189,10 @@ class HessianOperator:
         self._fallback_reason: RuntimeError | None = None
         self._graph_checked = False
         self.num_hvps = 0
+        self.curvature: Curvature = curvature
         self._loss_fn = loss_fn
+        self._ggn: GaussNewtonProducts | None = None
+        self._linearized: list[Linearized] | None = None  # retained GGN graphs, one a batch
         self._probe: ProbeBatches = split_batches(batch, self.device)
         self._batch_norm = batch_norm
         self._dropout = dropout
@@ -199,6 +231,8 @@ class HessianOperator:
         tb: TracebackType | None,
     ) -> None:
         self._retained = None
+        self._linearized = None
+        self._ggn = None
         self._weight_norm = None
         self._leaves = []
         self._inputs = []
@@ -208,9 +242,14 @@ class HessianOperator:
             stack.close()
 
     def _prepare(self) -> None:
-        self._functional = FunctionalModel(self.model, self._loss_fn, self._named)
+        ggn = isinstance(self._loss_fn, OutputLoss) and self.curvature == "ggn"
+        called = self._loss_fn.output_fn if ggn else self._loss_fn  # type: ignore[attr-defined]
+        self._functional = FunctionalModel(self.model, called, self._named)
         self._leaves = [p.requires_grad_(True) for p in self._functional.primals]
         self._inputs = [self._functional.inputs(b) for b in self._probe.batches]
+        if ggn:
+            self._prepare_ggn()
+            return
         if self.backend in ("auto", "retained_graph"):
             try:
                 self._retained = self._weighted_gradient(self._leaves)
@@ -223,6 +262,20 @@ class HessianOperator:
             loss = self._weighted_loss(self._leaves)
             self._check_graph(loss)
             self._check_finite_loss(loss.detach())
+
+    def _prepare_ggn(self) -> None:
+        """The outputs' graphs (kept for ``"retained_graph"``), checked, and the loss checked."""
+        assert self._functional is not None
+        assert isinstance(self._loss_fn, OutputLoss)
+        self._ggn = GaussNewtonProducts(self._functional, self._loss_fn.loss, self._leaves)
+        linearized = [self._ggn.linearize(batch) for batch in self._inputs]
+        if self.backend != "forward_over_reverse":
+            for at in linearized:
+                self._check_graph(at.outputs)
+        weights = self._probe.weights
+        self._check_finite_loss(sum(w * at.loss for w, at in zip(weights, linearized, strict=True)))  # type: ignore[arg-type]
+        if self.backend in ("auto", "retained_graph"):
+            self._linearized, self.backend = linearized, "retained_graph"
 
     # -- loss and gradients ----------------------------------------------------------------
     # The model's own errors (in the forward) pass through as they are; only errors raised
@@ -270,11 +323,11 @@ class HessianOperator:
             raise self._explain(err, self.backend) from err
 
     def _weighted_sum(
-        self, per_batch: Callable[[Any], Sequence[torch.Tensor]]
+        self, per_batch: Callable[[Any], Sequence[torch.Tensor]], items: Sequence[Any] = ()
     ) -> list[torch.Tensor]:
-        """``Σ_b w_b · per_batch(b)`` over the probe's batches, one tensor per parameter."""
+        """``Σ_b w_b · per_batch(b)`` over the probe's batches (or ``items``, one a batch)."""
         total: list[torch.Tensor] | None = None
-        for batch, weight in zip(self._inputs, self._probe.weights, strict=True):
+        for batch, weight in zip(items or self._inputs, self._probe.weights, strict=True):
             scaled = [weight * t for t in per_batch(batch)]
             total = scaled if total is None else [t + s for t, s in zip(total, scaled, strict=True)]
         assert total is not None
@@ -308,7 +361,9 @@ class HessianOperator:
                 "HessianOperator.matvec must be called inside `with HessianOperator(...)`."
             )
         vs = self.layout.split(vector.to(device=self.device, dtype=self.dtype))
-        if self.backend == "retained_graph":
+        if self._ggn is not None:
+            hv = self._gauss_newton(vs)
+        elif self.backend == "retained_graph":
             assert self._retained is not None
             try:
                 hv = self._backward_through(self._retained, vs)
@@ -334,24 +389,31 @@ class HessianOperator:
             raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
         return flat
 
+    def _gauss_newton(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``G v``; ``"auto"`` turns to forward mode if the first reverse product cannot run."""
+        ggn = self._ggn
+        assert ggn is not None
+        try:
+            if self.backend == "forward_over_reverse":
+                return self._weighted_sum(lambda batch: ggn.forward(batch, vs))
+            if self._linearized is None:  # double_backward: the outputs' graph built anew
+                return self._weighted_sum(lambda batch: ggn.reverse(ggn.linearize(batch), vs))
+            return self._weighted_sum(lambda at: ggn.reverse(at, vs), self._linearized)
+        except RuntimeError as err:
+            if not _is_missing_derivative(err):
+                raise
+            if self.backend == "forward_over_reverse" or not (
+                self._may_fall_back and self.num_hvps == 0
+            ):
+                raise self._explain(err, self.backend) from err
+            self.backend, self._linearized = "forward_over_reverse", None
+            self._fallback_reason = err
+            return self._gauss_newton(vs)
+
     def _backward_through(
         self, grads: list[torch.Tensor], vs: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g.requires_grad]
-        if not pairs:
-            return [torch.zeros_like(v) for v in vs]
-        outputs = [g for g, _ in pairs]
-        grad_outputs = [v for _, v in pairs]
-        return list(
-            torch.autograd.grad(
-                outputs,
-                self._leaves,
-                grad_outputs=grad_outputs,
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        )
+        return pullback(grads, self._leaves, vs)
 
     def _double_backward(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         grads = self._weighted_gradient(self._leaves)
@@ -413,6 +475,36 @@ class HessianOperator:
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The Euclidean norm of several tensors together, accumulated in float64."""
     return torch.stack([t.double().square().sum() for t in tensors]).sum().sqrt()
+
+
+def check_curvature(curvature: Any, loss_fn: Any, backend: Any = "auto") -> None:
+    """Refuse a ``curvature`` the operator cannot compute with ``loss_fn`` and ``backend``.
+
+    Raises:
+        ValueError: naming the argument and what it allows.
+
+    Example:
+        >>> check_curvature("ggn", lambda model, batch: model(batch).sum())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: curvature='ggn' needs the loss split at the model's outputs: ...
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}.")
+    if curvature != "ggn":
+        return
+    if not isinstance(loss_fn, OutputLoss):
+        raise ValueError(
+            "curvature='ggn' needs the loss split at the model's outputs: pass "
+            "`loss_fn=OutputLoss(output_fn, loss)` with output_fn(model, batch) -> "
+            f"(outputs, targets) and loss(outputs, targets) -> scalar; got loss_fn={loss_fn!r}."
+        )
+    if backend == "finite_difference":
+        allowed = tuple(b for b in BACKENDS if b != "finite_difference")
+        raise ValueError(
+            f"curvature='ggn' takes `backend` in {allowed} (a finite difference of gradients "
+            "is a Hessian product), got 'finite_difference'."
+        )
 
 
 def _check_smooth(model: nn.Module) -> None:
@@ -527,6 +619,7 @@ def hessian_vector_product(
     parameters: ParameterPatterns = None,
     backend: HVPBackend = "auto",
     batch_norm: BatchNormMode = "as_is",
+    curvature: Curvature = "hessian",
 ) -> torch.Tensor | list[torch.Tensor]:
     """One Hessian-vector product ``H v`` of ``loss_fn(model, batch)``.
 
@@ -539,6 +632,8 @@ def hessian_vector_product(
         parameters: glob pattern(s) selecting the measured parameters.
         backend: see :class:`HessianOperator`.
         batch_norm: BatchNorm mode during the probe.
+        curvature: ``"hessian"``, or ``"ggn"`` for a Gauss–Newton product ``G v`` (``loss_fn``
+            an :class:`~lightning_curvature.functional.ggn.OutputLoss`).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)
@@ -547,7 +642,13 @@ def hessian_vector_product(
         [tensor([[1., 4.]])]
     """
     with HessianOperator(
-        model, loss_fn, batch, parameters=parameters, backend=backend, batch_norm=batch_norm
+        model,
+        loss_fn,
+        batch,
+        parameters=parameters,
+        backend=backend,
+        batch_norm=batch_norm,
+        curvature=curvature,
     ) as operator:
         flat_input = isinstance(vector, torch.Tensor)
         flat = vector if flat_input else operator.layout.flatten(vector)  # type: ignore[arg-type]

@@ -67,11 +67,12 @@ SAMDropout = Literal["reuse", "resample"]
 _DROPOUT = ("reuse", "resample")
 
 
-def check_sam_arguments(rho: float, eta: float = 0.01) -> None:
-    """Raise if ``rho`` or ``eta`` is out of range.
+def check_sam_arguments(rho: float, eta: float = 0.01, dropout: Any = "reuse") -> None:
+    """Raise if ``rho``, ``eta`` or ``dropout`` is out of range.
 
     Raises:
-        ValueError: if ``rho`` is not a finite number > 0 or ``eta`` not a finite number >= 0.
+        ValueError: if ``rho`` is not a finite number > 0, ``eta`` not a finite number >= 0,
+            or ``dropout`` not ``"reuse"`` or ``"resample"``.
 
     Example:
         >>> check_sam_arguments(0.05, 0.01)  # fine: returns None
@@ -84,6 +85,8 @@ def check_sam_arguments(rho: float, eta: float = 0.01) -> None:
         raise ValueError(f"`rho` must be a finite number > 0, got {rho!r}.")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
         raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
+    if dropout not in _DROPOUT:
+        raise ValueError(f"`dropout` must be one of {_DROPOUT}, got {dropout!r}.")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -402,9 +405,7 @@ def sam_gradient(
         >>> out.sharpness  # f(w + ε) − f(w) = 1.5546875 − 0.9375
         tensor(0.6172)
     """
-    check_sam_arguments(rho, eta)
-    if dropout not in _DROPOUT:
-        raise ValueError(f"`dropout` must be one of {_DROPOUT}, got {dropout!r}.")
+    check_sam_arguments(rho, eta, dropout)
     model = unwrap_model(model)
     named = select_parameters(model, parameters)
     params = [p for _, p in named]

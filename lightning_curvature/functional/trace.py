@@ -8,20 +8,43 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
+from lightning_curvature.functional.ggn import Curvature
+from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
+from lightning_curvature.functional.options import OperatorOptions, open_operator
 from lightning_curvature.functional.parameters import ParameterPatterns, PerLayer
 from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.sampling import check_generator
 from lightning_curvature.functional.trace_estimators import (
     MIN_MATVECS,
     hutch_plus_plus,
     hutchinson,
 )
 
-__all__ = ["HessianTrace", "TraceMethod", "hessian_trace"]
+__all__ = ["HessianTrace", "TraceMethod", "check_trace_arguments", "hessian_trace"]
 
 TraceMethod = Literal["hutchinson", "hutch++"]
 _METHODS = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
+
+
+def check_trace_arguments(num_hvps: Any, method: Any) -> None:
+    """Raise if ``num_hvps`` or ``method`` of :func:`hessian_trace` is out of range.
+
+    Raises:
+        ValueError: naming the argument, what it allows and what it got.
+
+    Example:
+        >>> check_trace_arguments(32, "hutchinson")  # fine: returns None
+        >>> check_trace_arguments(3, "hutch++")
+        Traceback (most recent call last):
+        ...
+        ValueError: `num_hvps` must be an integer >= 4 for 'hutch++', got 3.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
+    minimum = MIN_MATVECS[method]
+    if type(num_hvps) is not int or num_hvps < minimum:
+        raise ValueError(
+            f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
+        )
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,8 @@ def hessian_trace(
     batch_norm: BatchNormMode = "as_is",
     generator: torch.Generator | None = None,
     all_reduce: AllReduce | None = None,
+    curvature: Curvature = "hessian",
+    options: OperatorOptions | None = None,
 ) -> HessianTrace:
     """Hessian trace by Hutchinson (Rademacher probes, default) or Hutch++.
 
@@ -89,6 +114,11 @@ def hessian_trace(
         batch_norm: BatchNorm mode during the probe (running statistics never change).
         generator: random source on the model's device (default: seeded with 0).
         all_reduce: averages a tensor across processes (DDP).
+        curvature: ``"hessian"``, or ``"ggn"`` for the trace of the generalized Gauss–Newton
+            matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
+        options: the operator's settings as one
+            :class:`~lightning_curvature.functional.options.OperatorOptions`, instead of
+            the keywords.
 
     Raises:
         ValueError: on invalid arguments (named in the message).
@@ -101,23 +131,9 @@ def hessian_trace(
         >>> out.estimate, out.std_error  # diagonal Hessian: exact, tr = 2·14/3
         (tensor(9.3333), tensor(0.))
     """
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
-    minimum = MIN_MATVECS[method]
-    if type(num_hvps) is not int or num_hvps < minimum:
-        raise ValueError(
-            f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
-        )
-    with HessianOperator(
-        model,
-        loss_fn,
-        batch,
-        parameters=parameters,
-        backend=backend,
-        batch_norm=batch_norm,
-        all_reduce=all_reduce,
-    ) as operator:
-        generator = check_generator(generator, operator.device)
+    check_trace_arguments(num_hvps, method)
+    settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
+    with open_operator(model, loss_fn, batch, settings, generator) as (operator, generator):
         blocks = operator.layout.groups(per_layer) if per_layer else {}
         samples = _METHODS[method](
             operator.matvec,

@@ -1,6 +1,7 @@
 """Run by test_ddp_monitors.py: two-process DDP (gloo, CPU) with all curvature monitors.
 
-Usage: python ddp_monitor_script.py OUT_DIR MODE, MODE in {"values", "nan_on_rank_1"}.
+Usage: python ddp_monitor_script.py OUT_DIR MODE, MODE in {"values", "nan_on_rank_1", "ggn"}
+("ggn": the eigenvalue and trace monitors with ``curvature="ggn"``).
 Each rank writes rank<r>.json (its monitors' last values and how many probes it logged),
 its probe batch and the weights it probed (rank<r>.pt).
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_curvature import (
     HessianEigenvalueMonitor,
     HessianTraceMonitor,
+    OutputLoss,
     SpectralDensityMonitor,
 )
 
@@ -36,6 +39,14 @@ class Regressor(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.5)
+
+
+def regressor_outputs(module, batch):
+    x, y = batch
+    return module.net(x).squeeze(-1), y
+
+
+SPLIT = OutputLoss(regressor_outputs, F.mse_loss)  # Regressor's loss, split at its outputs
 
 
 def nan_on_rank_1_at_step_0(module, batch):
@@ -65,12 +76,15 @@ def main() -> None:
         HessianTraceMonitor(num_hvps=8, every_n_steps=1, loss_fn=loss_fn),
         SpectralDensityMonitor(num_steps=10, every_n_steps=1, loss_fn=loss_fn),
     ]
+    if mode == "ggn":
+        ggn = {"every_n_steps": 1, "curvature": "ggn", "loss_fn": SPLIT}
+        monitors = [HessianEigenvalueMonitor(k=2, tol=1e-5, **ggn), HessianTraceMonitor(8, **ggn)]
     capture = Capture(out)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_steps=1 if mode == "values" else 2,
+        max_steps=2 if mode == "nan_on_rank_1" else 1,
         callbacks=[*monitors, capture],
         logger=CSVLogger(out),
         enable_progress_bar=False,
