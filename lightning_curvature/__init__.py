@@ -7,6 +7,7 @@ log them to TensorBoard and any other Lightning logger.
 from lightning_curvature.__about__ import __version__
 from lightning_curvature.callbacks import (
     SAM,
+    BatchSharpnessMonitor,
     CurvatureMonitor,
     GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
@@ -14,7 +15,9 @@ from lightning_curvature.callbacks import (
     SpectralDensityMonitor,
 )
 from lightning_curvature.functional import (
+    BatchSharpness,
     CurvatureWarning,
+    DirectionalCurvature,
     GradientCoherence,
     HessianEigenvalues,
     HessianOperator,
@@ -24,19 +27,25 @@ from lightning_curvature.functional import (
     OutputLoss,
     SAMGradient,
     SpectralDensity,
+    batch_sharpness,
     density_on_grid,
+    directional_curvature,
     gradient_coherence,
     hessian_eigenvalues,
     hessian_trace,
     hessian_vector_product,
     sam_gradient,
     spectral_density,
+    subspace_share,
 )
 
 __all__ = [
     "SAM",
+    "BatchSharpness",
+    "BatchSharpnessMonitor",
     "CurvatureMonitor",
     "CurvatureWarning",
+    "DirectionalCurvature",
     "GradientCoherence",
     "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",
@@ -51,11 +60,14 @@ __all__ = [
     "SpectralDensity",
     "SpectralDensityMonitor",
     "__version__",
+    "batch_sharpness",
     "density_on_grid",
+    "directional_curvature",
     "gradient_coherence",
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",
     "sam_gradient",
     "spectral_density",
+    "subspace_share",
 ]

@@ -117,3 +117,49 @@ def test_cli_example_ends_with_its_conclusion(tmp_path: Path) -> None:
         "SpectralDensityMonitor",
     ]
     assert float(found.group(3)) > float(found.group(2))  # gradient descent sharpens
+
+
+@pytest.mark.slow
+def test_batch_sharpness_example_charts_the_three_curvatures_and_concludes(
+    tmp_path: Path,
+) -> None:
+    out = _run(
+        "batch_sharpness.py", tmp_path, "--lrs", "0.2", "--batch-sizes", "16", "64",
+        "--max-steps", "200", "--every-n-steps", "100", "--num-batches", "4",
+    )  # fmt: skip
+    found = re.search(
+        r"CONCLUSION: .* within 0\.8-1\.2 of 2/lr in (\d) of 2 runs \(median ratio ([\d.]+), "
+        r".* the top-10 eigenspace held a median ([\d.]+) of the full-batch gradient's squared "
+        r"norm and ([\d.]+) of the mini-batch gradient's\.",
+        out,
+    )
+    assert found, out
+    ratio, share, mini = (float(g) for g in found.groups()[1:])
+    assert ratio > 0
+    assert 0 <= share <= 1
+    assert 0 <= mini <= 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    from tensorboard.util import tensor_util
+
+    for run in ("lr0.2_batch16", "lr0.2_batch64"):
+        (log_dir,) = tmp_path.glob(f"batch_sharpness/{run}")
+        events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        (config,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
+        layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(config.tensor_proto).item())
+        charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+        assert charts["sharpness λ₁ vs. stability threshold 2/η"] == [
+            "^curvature/eigenvalue_1$",
+            "^curvature/stability_threshold$",
+            "^curvature/batch_sharpness$",
+        ]
+        tags = set(events.Tags()["scalars"])
+        assert {
+            "curvature/batch_sharpness",
+            "curvature/eigenvalue_1",
+            "curvature/eigenvalue_10",
+            "curvature/stability_threshold",
+            "curvature/gradient_top_share",
+            "curvature/training_gradient_top_share",
+        } <= tags

@@ -1,6 +1,7 @@
 """Lightning callbacks: when to measure, on what data, and how to log it."""
 
 from lightning_curvature.callbacks.base import CurvatureMonitor, training_step_loss
+from lightning_curvature.callbacks.batch_sharpness import BatchSharpnessMonitor
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.density import SpectralDensityMonitor
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
@@ -10,6 +11,7 @@ from lightning_curvature.callbacks.trace import HessianTraceMonitor
 
 __all__ = [
     "SAM",
+    "BatchSharpnessMonitor",
     "CurvatureMonitor",
     "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",

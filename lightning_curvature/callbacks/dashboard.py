@@ -35,6 +35,7 @@ __all__ = [
     "margin",
     "multiline",
     "raw_threshold",
+    "sharpness_chart_title",
     "threshold_label",
     "write_layout",
 ]
@@ -127,6 +128,26 @@ def threshold_label(optimizer: torch.optim.Optimizer) -> str | None:
     return None
 
 
+def sharpness_chart_title(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batch_norm: str, quantity: str = "λ₁"
+) -> str | None:
+    """The title of the chart of the raw sharpness against its threshold (SGD family).
+
+    ``HessianEigenvalueMonitor``'s ``λ₁`` and ``BatchSharpnessMonitor``'s batch sharpness
+    both chart on it, so with the same BatchNorm mode (the same landscape) they share one
+    chart (:func:`layout` merges charts of one title). ``None`` without an SGD optimizer.
+
+    Example:
+        >>> sharpness_chart_title(pl.Trainer(logger=False), nn.Linear(1, 1), "train") is None
+        True
+    """
+    if not trainer.optimizers or not isinstance(trainer.optimizers[0], torch.optim.SGD):
+        return None
+    label = threshold_label(trainer.optimizers[0])
+    note = batch_norm_note(pl_module, batch_norm)
+    return f"sharpness {quantity} vs. stability threshold {label}{note}"
+
+
 def raw_threshold(trainer: pl.Trainer) -> float | None:
     """The threshold of the raw Hessian's ``λ₁`` (SGD family), else ``None``.
 
@@ -159,7 +180,7 @@ def layout(parts: Iterable[Charts]) -> Charts:
             known = merged.setdefault(category, {})
             for title, chart in entries.items():
                 if title in known and known[title][0] == chart[0] == "Multiline":
-                    known[title] = multiline(*known[title][1], *chart[1])
+                    known[title] = multiline(*dict.fromkeys([*known[title][1], *chart[1]]))
                 else:
                     known[title] = chart
     if COST_CATEGORY in merged:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_curvature.callbacks.base import log_step
 from lightning_curvature.callbacks.dashboard import (
     Charts,
     batch_norm_note,
@@ -17,22 +18,29 @@ from lightning_curvature.callbacks.dashboard import (
     family,
     layout,
     multiline,
+    sharpness_chart_title,
     threshold_label,
 )
 from lightning_curvature.callbacks.layers import PerLayerMonitor
+from lightning_curvature.callbacks.logging import log_scalars
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.functional.directional import directional_curvature, subspace_share
 from lightning_curvature.functional.eigenvalues import (
     check_eigenvalue_arguments,
     hessian_eigenvalues,
 )
+from lightning_curvature.functional.functional_model import probe_dtype
 from lightning_curvature.functional.parameters import PerLayer, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
-from lightning_curvature.functional.stability import stability_threshold
+from lightning_curvature.functional.reductions import inner_products
+from lightning_curvature.functional.stability import StabilityThreshold, stability_threshold
 
 __all__ = ["HessianEigenvalueMonitor"]
+
+_WARM_START_DEVICES = ("model", "cpu")
 
 
 class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
@@ -60,7 +68,37 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             parameter-name patterns, or a dict of tag name to pattern(s); see
             :mod:`~lightning_curvature.callbacks.layers`.
         warm_start: start each Lanczos run from the previous run's top ``k + 1`` Ritz
-            vectors (``HessianEigenvalues.warm_start``).
+            vectors (``HessianEigenvalues.warm_start``): ``(k + 1) × P`` values kept per
+            Lanczos run of a probe (the full model, each ``per_layer`` block, Adam's
+            preconditioned run).
+        warm_start_device: where those vectors wait between probes: ``"model"`` (default,
+            the model's device) or ``"cpu"`` (host memory; moved to the device for the run
+            only, ``(k + 1) × P`` values each way per probe), which frees ``(k + 1) × P``
+            of accelerator memory per run between probes.
+        checkpoint_warm_start: save them in checkpoints (default), so that a resumed run
+            logs exactly what the uninterrupted run does; ``False`` keeps checkpoints free
+            of them (``(k + 1) × P`` values per run less on disk), and the first probe after
+            a resume starts cold (its values agree to ``tol``, not exactly, and it takes
+            more products).
+        gradient_share: also log the share ``‖P_k g‖²/‖g‖²`` of the gradient in the span of
+            the top-k eigenvectors (Gur-Ari, Roberts & Dyer 2018): of the probe gradient
+            (free: the Lanczos operator holds it) and of the training gradient of the probed
+            step, read from ``.grad`` in ``on_before_optimizer_step`` (after accumulation,
+            unscaling and the DDP all-reduce, before clipping; nothing is written). The
+            eigenvectors are kept from the probe to that hook (``k × P`` on the model's
+            device, a view of the warm start when it stays there). It is as accurate as the
+            eigenvectors, whose error goes as the square root of the eigenvalues' (``tol``):
+            lower ``tol`` for a sharper share.
+        update_sharpness: also log the curvature ``uᵀHu/‖u‖²`` of the probe loss along the
+            optimizer's last update ``u = w_t − w_{t−1}`` (any optimizer: SGD, momentum,
+            Adam) and its ratio to the threshold. The weights are copied (one ``P``-vector,
+            in the checkpoint while pending) only in ``on_before_optimizer_step`` of a step
+            after which a probe is due; it costs one more gradient of the probe batch and
+            one Hessian-vector product. No value at step 0 (no update yet). Both are of the
+            whole measured model, not per block: a block's share or curvature along the
+            update needs that block's own eigenvectors or product (``H_ll u_l``), not the
+            full model's. Under ``SAM`` the training gradient is the SAM gradient ``.grad``
+            then holds.
         prog_bar: show ``eigenvalue_1`` in the progress bar.
         every_n_steps: probe every this many optimizer steps (``"auto"``: 500, as a warm
             probe takes about 6-9 Hessian-vector products, some 10-20 gradients of the probe
@@ -84,6 +122,12 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         - ``curvature/preconditioned_eigenvalue_1`` (Adam/AdamW)
         - ``curvature/eigenvalue_min`` (with ``smallest=True``)
         - ``curvature/eigenvalue_1/<name>`` (with ``per_layer``)
+        - ``curvature/gradient_top_share`` and ``curvature/training_gradient_top_share``
+          (with ``gradient_share``): ``‖P_k g‖²/‖g‖²`` of the probe and the training gradient
+        - ``curvature/update_sharpness`` (with ``update_sharpness``): ``uᵀHu/‖u‖²``;
+          ``curvature/update_sharpness_ratio``: it over the SGD threshold, or for Adam the
+          preconditioned ``uᵀHu/(uᵀPu)`` (``curvature/preconditioned_update_sharpness``,
+          the Rayleigh quotient of ``P⁻¹H`` along u) over 38/η
         - ``probe_cost/eigenvalue_hvps`` and ``probe_cost/eigenvalue_seconds``: cost of the probe
         - with ``name=``: every tag as ``<group>/<name>/…``
         - with ``curvature="ggn"``: every tag with ``ggn_`` before its name
@@ -111,6 +155,8 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         "smallest",
         "per_layer",
         "warm_start",
+        "gradient_share",
+        "update_sharpness",
     )
 
     def __init__(
@@ -123,6 +169,10 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         smallest: bool = False,
         per_layer: PerLayer = False,
         warm_start: bool = True,
+        warm_start_device: Literal["model", "cpu"] = "model",
+        checkpoint_warm_start: bool = True,
+        gradient_share: bool = False,
+        update_sharpness: bool = False,
         prog_bar: bool = False,
         every_n_steps: EveryNSteps = "auto",
         batch_norm: BatchNormMode = "train",
@@ -135,6 +185,19 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             check_eigenvalue_arguments(k, tol, max_iter)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
+        if warm_start_device not in _WARM_START_DEVICES:
+            raise MisconfigurationException(
+                f"`warm_start_device` must be one of {_WARM_START_DEVICES}, "
+                f"got {warm_start_device!r}."
+            )
+        if not isinstance(checkpoint_warm_start, bool):
+            raise MisconfigurationException(
+                f"`checkpoint_warm_start` must be True or False, got {checkpoint_warm_start!r}."
+            )
+        self.warm_start_device, self.checkpoint_warm_start = (
+            warm_start_device,
+            checkpoint_warm_start,
+        )
         self.k, self.tol, self.max_iter = k, float(tol), max_iter
         self.stability, self.smallest, self.warm_start, self.prog_bar = (
             stability,
@@ -142,6 +205,9 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             warm_start,
             prog_bar,
         )
+        self.gradient_share, self.update_sharpness = gradient_share, update_sharpness
+        self._basis: tuple[int, torch.Tensor] | None = None  # (step, top-k eigenvectors)
+        self._update_start: tuple[int, torch.Tensor] | None = None  # (probe step, w_{t−1})
         self._warm: dict[str, torch.Tensor] = {}
         self._final_probe = False  # Lightning forbids self.log in on_train_end
 
@@ -160,6 +226,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         )
         if warm is not None and warm.shape[-1] != size:
             warm = None  # the trainable parameters changed (e.g. unfreezing): start cold
+        kwargs.setdefault("return_eigenvectors", self.warm_start)
         result = hessian_eigenvalues(
             pl_module,
             self.probe_loss_fn(),
@@ -168,28 +235,43 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             self.tol,
             max_iter=self.max_iter,
             init=None if warm is None else warm.to(pl_module.device),
-            return_eigenvectors=self.warm_start,
             **kwargs,
         )
         if self.warm_start and result.warm_start is not None:
-            self._warm[key] = result.warm_start.detach()
+            warm = result.warm_start.detach()
+            self._warm[key] = warm.cpu() if self.warm_start_device == "cpu" else warm
         return result
 
     @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> Measurement:
-        result = self._eigenvalues(trainer, pl_module, batches, "full", smallest=self.smallest)
+        share = (
+            {"return_eigenvectors": True, "return_gradient": True} if self.gradient_share else {}
+        )
+        result = self._eigenvalues(
+            trainer, pl_module, batches, "full", smallest=self.smallest, **share
+        )
         metrics: dict[str, float | torch.Tensor] = {
             f"curvature/eigenvalue_{i + 1}": value for i, value in enumerate(result.eigenvalues)
         }
         hvps = result.num_hvps
         if self.smallest:
             metrics["curvature/eigenvalue_min"] = result.smallest_eigenvalue
-        if self.stability and trainer.optimizers:
-            hvps += self._stability(
-                trainer, pl_module, batches, float(result.eigenvalues[0]), metrics
+        if self.gradient_share:
+            assert result.eigenvectors is not None
+            assert result.gradient is not None
+            metrics["curvature/gradient_top_share"] = subspace_share(
+                result.gradient, result.eigenvectors
             )
+            self._basis = (trainer.global_step, result.eigenvectors)
+        found = self._threshold(trainer, pl_module)
+        if self.stability and found is not None:
+            hvps += self._stability(
+                trainer, pl_module, batches, float(result.eigenvalues[0]), found, metrics
+            )
+        if self.update_sharpness:
+            hvps += self._update_sharpness(trainer, pl_module, batches, found, metrics)
         for name, names in self.blocks.of_module(pl_module, self.parameters).items():
             block = self._eigenvalues(
                 trainer, pl_module, batches, f"layer:{name}", k=1, parameters=names
@@ -216,22 +298,32 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             )
         super().check_model(pl_module)  # the per_layer blocks
 
+    def _measured(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
+        return [p for _, p in select_parameters(unwrap_model(pl_module), self.parameters)]
+
+    def _threshold(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> StabilityThreshold | None:
+        """The first optimizer's threshold now (``None``: no optimizer, or an unknown one)."""
+        if not (self.stability or self.update_sharpness) or not trainer.optimizers:
+            return None
+        found = stability_threshold(trainer.optimizers[0], self._measured(pl_module))
+        if found is None:
+            self.warn_once(
+                "optimizer",
+                f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.",
+            )
+        return found
+
     def _stability(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         batches: list[Any],
         top: float,
+        found: StabilityThreshold,
         metrics: dict[str, float | torch.Tensor],
     ) -> int:
-        measured = [p for _, p in select_parameters(unwrap_model(pl_module), self.parameters)]
-        found = stability_threshold(trainer.optimizers[0], measured)
-        if found is None:
-            self.warn_once(
-                "optimizer",
-                f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.",
-            )
-            return 0
         if math.isinf(found.threshold):
             self.warn_once(
                 "zero_lr",
@@ -257,6 +349,82 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         metrics["curvature/sharpness_ratio"] = float(precond.eigenvalues[0]) / found.threshold
         return int(precond.num_hvps)
 
+    def _update_sharpness(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batches: list[Any],
+        found: StabilityThreshold | None,
+        metrics: dict[str, float | torch.Tensor],
+    ) -> int:
+        """``uᵀHu/‖u‖²`` along the last update (one product); 0 products if none is known."""
+        start, self._update_start = self._update_start, None
+        if start is None or start[0] != trainer.global_step:
+            return 0  # no copy from the step before (step 0, a resumed run's first probe)
+        measured = self._measured(pl_module)
+        update = _flat(measured, start[1].dtype).to(start[1].device).sub_(start[1])
+        out = directional_curvature(
+            pl_module,
+            self.probe_loss_fn(),
+            BatchList(batches),
+            update,
+            parameters=self.parameters,
+            backend=self.backend,
+            batch_norm=self.batch_norm,
+            all_reduce=self.all_reduce(trainer),
+            curvature=self.curvature,
+        )
+        metrics["curvature/update_sharpness"] = out.value
+        if found is None or not math.isfinite(found.threshold):
+            return out.num_hvps
+        if found.kind == "sgd":
+            metrics["curvature/update_sharpness_ratio"] = float(out.value) / found.limit
+        elif found.preconditioner is not None:
+            # P⁻¹H ~ D H D with D = P^{-1/2}: along z = D⁻¹u its Rayleigh quotient is
+            # uᵀHu / uᵀD⁻²u (coordinates with D = 0 are not optimized: u is 0 there).
+            scale = found.preconditioner.to(update)
+            moved = scale > 0
+            metric = inner_products(update[moved] / scale[moved], update[moved] / scale[moved])
+            preconditioned = out.quadratic_form / metric
+            metrics["curvature/preconditioned_update_sharpness"] = preconditioned
+            metrics["curvature/update_sharpness_ratio"] = float(preconditioned) / found.threshold
+        return out.num_hvps
+
+    def _probes_after_this_step(self, trainer: pl.Trainer) -> bool:
+        """Whether a probe is due right after the optimizer step being taken now."""
+        following, epoch = trainer.global_step + 1, trainer.current_epoch
+        schedule = self.schedule  # read, never asked is_due (which may space the budget)
+        if schedule.max_overhead is not None:
+            if following >= schedule.next_step:
+                return True
+        elif schedule.every_n_steps is not None and following % schedule.every_n_steps == 0:
+            return True
+        last = trainer.max_steps == following  # training stops after this step
+        if (trainer.is_last_batch or last) and schedule.is_due_at_epoch_end(following, epoch):
+            return True  # an epoch-end probe (max_steps also ends the epoch it stops in)
+        return schedule.on_train_end and last
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._basis is not None:
+            step, basis = self._basis
+            self._basis = None
+            if step == trainer.global_step:  # the training gradient of the probed weights
+                measured = self._measured(pl_module)
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in measured]
+                share = float(subspace_share(_flat(grads, basis.dtype), basis))
+                values = self._finite(
+                    {self.tag("curvature/training_gradient_top_share"): share}, step
+                )
+                self.last_metrics.update(values)
+                log_scalars(trainer, values, log_step(trainer))
+        if self.update_sharpness and self._probes_after_this_step(trainer):
+            measured = self._measured(pl_module)
+            dtype = probe_dtype(measured)
+            self._update_start = (trainer.global_step + 1, _flat(measured, dtype))
+
     @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
         # Adam's threshold is one of λ₁(P⁻¹H), SGD's one of λ₁(H): each chart holds the
@@ -268,8 +436,9 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         if self.stability and trainer.optimizers:
             threshold = threshold_label(trainer.optimizers[0])
         science: dict[str, list[Any]] = {}
-        if threshold is not None and isinstance(trainer.optimizers[0], torch.optim.SGD):
-            science[f"sharpness {top_of} vs. stability threshold {threshold}{note}"] = multiline(
+        title = sharpness_chart_title(trainer, pl_module, self.batch_norm, top_of)
+        if threshold is not None and title is not None:
+            science[title] = multiline(
                 exact(self.tag("curvature/eigenvalue_1")),
                 exact(self.tag("curvature/stability_threshold")),
             )
@@ -293,6 +462,19 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             science["top eigenvalue per block"] = multiline(
                 family(self.tag("curvature/eigenvalue_1/"), ".+")
             )
+        if self.gradient_share:
+            science[f"gradient's share of the top-{self.k} eigenspace ‖P_k g‖²/‖g‖²"] = multiline(
+                exact(self.tag("curvature/gradient_top_share")),
+                exact(self.tag("curvature/training_gradient_top_share")),
+            )
+        if self.update_sharpness:
+            science["curvature along the last update uᵀHu/‖u‖²"] = multiline(
+                exact(self.tag("curvature/update_sharpness")),
+                exact(self.tag("curvature/preconditioned_update_sharpness")),
+            )
+            science["update sharpness / threshold"] = multiline(
+                exact(self.tag("curvature/update_sharpness_ratio"))
+            )
         return layout([{self.category("curvature"): science}, super().charts(trainer, pl_module)])
 
     @override
@@ -305,8 +487,21 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {"warm_start": {key: value.cpu() for key, value in self._warm.items()}}
+        state: dict[str, Any] = {}
+        if self.checkpoint_warm_start:
+            state["warm_start"] = {key: value.cpu() for key, value in self._warm.items()}
+        if self._update_start is not None:  # a checkpoint between the copy and its probe
+            step, weights = self._update_start
+            state["update_start"] = {"step": step, "weights": weights.cpu()}
+        return state
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._warm = dict(state.get("warm_start", {}))
+        start = state.get("update_start")
+        self._update_start = None if start is None else (int(start["step"]), start["weights"])
+
+
+def _flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """One flat detached copy of ``tensors`` in ``dtype`` (the layout of the operator)."""
+    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])

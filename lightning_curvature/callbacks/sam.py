@@ -230,6 +230,9 @@ class SAM(Callback):
         - ``sam/perturbation_norm``: ``‖ε‖`` (ρ for SAM; varies for ASAM)
         - ``sam/sharpness``: ``L(w + ε) − L(w)`` over the step's micro-batches, from the two
           passes (no extra cost); both averaged over processes under DDP
+        - ``sam/curvature``: ``(∇L(w + ε) − ∇L(w))·ε / ‖ε‖²``, the curvature along ε from
+          the two gradients (no extra product: ``εᵀHε/‖ε‖²`` up to ``O(ρ)``; ``16-mixed``'s
+          loss scale divided out; per replica, each rank's own then averaged)
 
     Raises:
         MisconfigurationException: on an argument out of range (at construction, naming it
@@ -257,6 +260,8 @@ class SAM(Callback):
         tensor([2.6700, 3.5600])
         >>> round(sam.last_metrics["sam/sharpness"], 4)  # ½‖1.1 w‖² − ½‖w‖² = 2.625
         2.625
+        >>> round(sam.last_metrics["sam/curvature"], 4)  # H = I: curvature 1 along any ε
+        1.0
     """
 
     def __init__(
@@ -468,10 +473,15 @@ class SAM(Callback):
                 perturbation.gradient_norm,
             )
 
+        # The curvature along ε from the two gradients (only on steps that log it): ⟨g, ε⟩ now,
+        # before .grad is overwritten; ⟨g_SAM, ε⟩ with the g_SAM of the same data as g.
+        logging = self._logs.is_due(step)
+        before = perturbation.dot(grads) if logging else None
         perturbed_losses: list[torch.Tensor] = []
         sam_grads = self._second_pass(
             trainer, module, window, params, perturbation, scaler, perturbed_losses
         )
+        after = perturbation.dot(sam_grads) if logging and per_replica else None
         with torch.no_grad():
             final: list[torch.Tensor | None] = []
             for p, g in zip(params, sam_grads, strict=True):
@@ -486,7 +496,14 @@ class SAM(Callback):
             if trainer.world_size > 1:
                 _average_gradients(trainer, params, final)
         self.num_sam_steps += 1
-        self._maybe_log(trainer, step, perturbation, [*first_losses, loss], perturbed_losses)
+        if before is not None:
+            if after is None:  # ε from the averaged g: compare with the averaged g_SAM
+                after = perturbation.dot([p.grad for p in params])
+            scale = float(scaler.get_scale()) if scaler is not None else 1.0
+            curvature = (after - before) / (scale * perturbation.norm().double().square())
+            self._log(
+                trainer, step, perturbation, [*first_losses, loss], perturbed_losses, curvature
+            )
         return loss
 
     def _second_pass(
@@ -534,25 +551,30 @@ class SAM(Callback):
                 category=CurvatureWarning,
             )
 
-    def _maybe_log(
+    def _log(
         self,
         trainer: pl.Trainer,
         step: int,
         perturbation: SAMPerturbation,
         losses: list[torch.Tensor],
         perturbed_losses: list[torch.Tensor],
+        curvature: torch.Tensor,
     ) -> None:
-        if not perturbed_losses or not self._logs.is_due(step):
+        if not perturbed_losses:
             return
         device, dtype = losses[-1].device, torch.promote_types(losses[-1].dtype, torch.float32)
         perturbed = torch.stack([v.to(device, dtype) for v in perturbed_losses]).sum()
         sharpness = perturbed - torch.stack([v.to(device, dtype) for v in losses]).sum()
-        values = torch.stack([perturbation.norm().to(device, dtype), sharpness])
+        values = torch.stack(
+            [perturbation.norm().to(device, dtype), sharpness, curvature.to(device, dtype)]
+        )
         if trainer.world_size > 1:
             values = trainer.strategy.reduce(values, reduce_op="mean")
-        if not bool(torch.isfinite(values).all()):
+        if not bool(torch.isfinite(values[:2]).all()):
             return  # a step the grad scaler skips: nothing worth a point on a chart
         self._logs.record(step)
         metrics = {"sam/perturbation_norm": values[0], "sam/sharpness": values[1]}
+        if bool(torch.isfinite(values[2])):
+            metrics["sam/curvature"] = values[2]
         self.last_metrics = {name: float(value) for name, value in metrics.items()}
         log_scalars(trainer, metrics, log_step(trainer))

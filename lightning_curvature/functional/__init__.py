@@ -11,6 +11,13 @@ from lightning_curvature.functional.density import (
     density_on_grid,
     spectral_density,
 )
+from lightning_curvature.functional.directional import (
+    BatchSharpness,
+    DirectionalCurvature,
+    batch_sharpness,
+    directional_curvature,
+    subspace_share,
+)
 from lightning_curvature.functional.eigenvalues import HessianEigenvalues, hessian_eigenvalues
 from lightning_curvature.functional.ggn import OutputLoss
 from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
@@ -25,7 +32,9 @@ from lightning_curvature.functional.trace_estimators import hutch_plus_plus, hut
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
 __all__ = [
+    "BatchSharpness",
     "CurvatureWarning",
+    "DirectionalCurvature",
     "GradientCoherence",
     "GradientSums",
     "HessianEigenvalues",
@@ -37,7 +46,9 @@ __all__ = [
     "ParameterLayout",
     "SAMGradient",
     "SpectralDensity",
+    "batch_sharpness",
     "density_on_grid",
+    "directional_curvature",
     "gradient_coherence",
     "hessian_eigenvalues",
     "hessian_trace",
@@ -52,5 +63,6 @@ __all__ = [
     "select_parameters",
     "spectral_density",
     "split_batches",
+    "subspace_share",
     "unwrap_model",
 ]

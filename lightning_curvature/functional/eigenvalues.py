@@ -46,6 +46,9 @@ class HessianEigenvalues:
             Ritz vector just below them (which the stopping test converged too), the best
             ``init`` for the next call on nearby weights (fewer products than the
             eigenvectors alone: 9 against 12 per probe at the edge of stability, median).
+        gradient: with ``return_gradient``, the flat probe gradient ``∇L(w)`` (``(P,)``, in
+            ``parameter_names`` order): with :attr:`eigenvectors`, what
+            :func:`~lightning_curvature.functional.directional.subspace_share` needs.
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)  # loss ½‖Xw‖²/n with X = diag(3, 1): H = diag(9, 1)/2
@@ -64,6 +67,7 @@ class HessianEigenvalues:
     smallest_converged: bool | None = None
     parameter_names: tuple[str, ...] = ()
     warm_start: torch.Tensor | None = None
+    gradient: torch.Tensor | None = None
 
 
 def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter: Any = 3) -> None:
@@ -185,6 +189,7 @@ def hessian_eigenvalues(
     min_iter: int = 3,
     smallest: bool = False,
     return_eigenvectors: bool = False,
+    return_gradient: bool = False,
     init: torch.Tensor | None = None,
     preconditioner: torch.Tensor | None = None,
     parameters: ParameterPatterns = None,
@@ -214,6 +219,8 @@ def hessian_eigenvalues(
         min_iter: fewest products before the stopping test is trusted.
         smallest: also compute the smallest (most negative) eigenvalue.
         return_eigenvectors: also return the eigenvectors.
+        return_gradient: also return the probe gradient (free with the default
+            ``"retained_graph"`` backend, one more gradient with the others).
         init: warm start, one vector ``(P,)`` or several ``(m, P)`` (e.g. the previous
             call's ``warm_start``); a little random noise is added.
         preconditioner: a flat positive vector ``D``; the eigenvalues are then those of
@@ -284,6 +291,7 @@ def hessian_eigenvalues(
             generator=generator,
         )
         num_hvps = operator.num_hvps
+        gradient = operator.gradient() if return_gradient else None
     # A run that spanned the whole space was not cut short by the budget.
     budget = steps if steps < operator.size else None
     message = uncertified_message(found, tol, num_hvps, budget)
@@ -306,4 +314,5 @@ def hessian_eigenvalues(
         smallest_converged=None if found.smallest is None else found.smallest[2],
         parameter_names=operator.layout.names,
         warm_start=found.warm_start,
+        gradient=gradient,
     )

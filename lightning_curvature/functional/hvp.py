@@ -16,14 +16,27 @@ Backends (``backend=``):
 * ``"finite_difference"``: the central difference ``(∇L(w + εv) − ∇L(w − εv)) / 2ε`` of
   two ordinary gradients (about 2x a gradient, the memory of training): it runs wherever
   training runs, also through kernels without a second derivative (fused attention, custom
-  kernels). Its error is the truncation ``O(ε²‖∇³L‖)`` plus the rounding
-  ``O(eps·‖∇L‖/ε)``; ``ε‖v‖ = eps^{1/3}·max(‖w‖, 1)`` balances the two (4.9e-3·‖w‖ in
-  float32). On smooth models (tanh, GELU, softmax, LayerNorm) that is 1e-4 relative in
-  float32 and 1e-8 in float64; a piecewise-linear model (ReLU, max-pooling) has kinks the
+  kernels). Its error is the truncation ``O(ε²)`` plus the rounding ``O(eps/ε)``; the
+  step moves no parameter by more than ``0.3·eps^{1/3}·max(rms(w), 0.01)``
+  (``_finite_difference_step``). On smooth models (tanh, GELU, softmax, LayerNorm,
+  GPT-2, BERT) that is at most 3e-4 relative in float32 and 5e-10 in float64, along random
+  vectors and the top eigenvector alike; a piecewise-linear model (ReLU, max-pooling) has kinks the
   perturbation crosses, so its products do not converge to autograd's Hessian at all, and
-  the backend refuses such a model.
+  the backend refuses such a model (piecewise-linear modules at construction, functional
+  ``F.relu``/``max_pool`` found in the loss's graph on entering). The attention kernels are
+  the caller's (``scaled_dot_product_attention`` may run its fused kernels, as in
+  training; the other backends need the math kernel). Its accuracy is bounded by the dtype
+  the model *computes* in: a forward that computes in bfloat16 or float16 (an autocast or
+  a cast inside it) gives products no better than about ``eps^{2/3}`` relative (2.5e-2 in
+  bfloat16, 1e-2 in float16) whatever the step (measured on the smooth test cases: 1-10%
+  in bfloat16, 0.4-2.5% in float16); the backend then warns once per operator
+  (:class:`~lightning_curvature.functional.warnings.CurvatureWarning`) and takes its step
+  for that dtype.
 * ``"auto"`` (default): ``"retained_graph"``; if the model has no double backward, it falls
-  back to ``"forward_over_reverse"``.
+  back to ``"forward_over_reverse"``, and if that has no forward-mode derivative either (the
+  CPU flash kernel ``_scaled_dot_product_flash_attention_for_cpu`` that a model forcing
+  fused attention runs has neither, nor have most fused kernels), to
+  ``"finite_difference"`` for a smooth model; :attr:`HessianOperator.backend` says which ran.
 
 With ``curvature="ggn"`` the operator multiplies by the generalized Gauss–Newton matrix
 ``G = Jᵀ H_ℓ J`` instead (:mod:`~lightning_curvature.functional.ggn`; ``loss_fn`` an
@@ -44,6 +57,7 @@ differentiating are explained as a missing second derivative only where they are
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -51,6 +65,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_curvature.functional.autodiff import pullback
 from lightning_curvature.functional.batches import ProbeBatches, split_batches
@@ -73,7 +89,7 @@ from lightning_curvature.functional.parameters import (
     select_parameters,
 )
 from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
-from lightning_curvature.functional.warnings import NonFiniteCurvatureError
+from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
 __all__ = [
     "BACKENDS",
@@ -202,7 +218,8 @@ class HessianOperator:
         self._leaves: list[torch.Tensor] = []
         self._inputs: list[Any] = []
         self._retained: list[torch.Tensor] | None = None
-        self._weight_norm: float | None = None  # ‖w‖ for the finite-difference step
+        self._weight_scale: float | None = None  # rms(w) for the finite-difference step
+        self._compute_dtype = self.dtype  # the narrowest dtype the model computes in (FD)
         self.loss: torch.Tensor | None = None
 
     @property
@@ -213,9 +230,12 @@ class HessianOperator:
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
         stack = contextlib.ExitStack()
+        callers_kernels = _cur_sdpa_kernel_backends()
         stack.enter_context(
             probe_context(self.model, batch_norm=self._batch_norm, dropout=self._dropout)
         )
+        if self.backend == "finite_difference":  # first-order only: the training kernels
+            stack.enter_context(sdpa_kernel(callers_kernels))
         self._stack = stack
         try:
             self._prepare()
@@ -233,7 +253,7 @@ class HessianOperator:
         self._retained = None
         self._linearized = None
         self._ggn = None
-        self._weight_norm = None
+        self._weight_scale = None
         self._leaves = []
         self._inputs = []
         self._functional = None
@@ -257,7 +277,7 @@ class HessianOperator:
             except _FallBack as fallback:
                 self.backend, self._fallback_reason = "forward_over_reverse", fallback.reason
         if self.backend == "finite_difference":
-            self._check_finite_loss(self._weighted_loss(self._leaves).detach())
+            self._check_finite_loss(self._finite_difference_loss())
         elif self.backend != "retained_graph":
             loss = self._weighted_loss(self._leaves)
             self._check_graph(loss)
@@ -348,6 +368,51 @@ class HessianOperator:
         self._check_finite_loss(sum(w * loss for w, loss in zip(weights, losses, strict=True)))  # type: ignore[arg-type]
         return total
 
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient ``∇L(w)`` of the probe loss (all-reduced like the products).
+
+        Free with the ``"retained_graph"`` backend (the graph the products go through is
+        built from it); one more gradient of the probe batches with the others. It is no
+        Hessian-vector product and does not count in :attr:`num_hvps`. With
+        ``curvature="ggn"`` it is the same loss gradient, ``Jᵀ ∂ℓ/∂z``.
+
+        Raises:
+            RuntimeError: if called outside the ``with`` block.
+            NonFiniteCurvatureError: if the gradient is not finite.
+
+        Example:
+            >>> net = nn.Linear(2, 1, bias=False)
+            >>> with torch.no_grad():
+            ...     _ = net.weight.fill_(1.0)
+            >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+            >>> with HessianOperator(net, lambda m, b: m(b).pow(2).mean(), x) as H:
+            ...     H.gradient()  # 2 XᵀX w / n = (1, 4)
+            tensor([1., 4.])
+        """
+        if self._stack is None:
+            raise RuntimeError(
+                "HessianOperator.gradient must be called inside `with HessianOperator(...)`."
+            )
+        ggn = self._ggn
+        if ggn is not None:  # the loss's gradient Jᵀ ∂ℓ/∂z through the outputs' graphs
+
+            def through_outputs(at: Any) -> list[torch.Tensor]:
+                return pullback([at.outputs], self._leaves, [at.gradient.detach()])
+
+            linearized = self._linearized or [ggn.linearize(b) for b in self._inputs]
+            grads = self._weighted_sum(through_outputs, linearized)
+        elif self._retained is not None:
+            grads = [g.detach() for g in self._retained]
+        else:
+            leaves = [leaf.detach().requires_grad_(True) for leaf in self._leaves]
+            grads = self._gradient_at(leaves)
+        flat = self.layout.flatten(grads).detach()
+        if self._all_reduce is not None:
+            flat = self._all_reduce(flat)
+        if not bool(torch.isfinite(flat).all()):
+            raise NonFiniteCurvatureError("the probe gradient is not finite.")
+        return flat
+
     # -- products --------------------------------------------------------------------------
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """Return ``H @ vector`` for a flat vector of length :attr:`size`.
@@ -374,13 +439,13 @@ class HessianOperator:
                     raise self._explain(err, "retained_graph") from err
                 self.backend, self._retained = "forward_over_reverse", None
                 self._fallback_reason = err
-                hv = self._forward_over_reverse(vs)
+                hv = self._forward_over_reverse_or_difference(vs)
         elif self.backend == "double_backward":
             hv = self._double_backward(vs)
         elif self.backend == "finite_difference":
             hv = self._finite_difference(vs)
         else:
-            hv = self._forward_over_reverse(vs)
+            hv = self._forward_over_reverse_or_difference(vs)
         self.num_hvps += 1
         flat = self.layout.flatten(hv).detach()
         if self._all_reduce is not None:
@@ -433,19 +498,67 @@ class HessianOperator:
 
         return self._weighted_sum(gradient)
 
+    def _finite_difference_loss(self) -> torch.Tensor:
+        """The loss at ``w``, with the model's compute dtype and kinks checked (see module doc).
+
+        Raises:
+            ValueError: if a piecewise-linear op lies between the loss and the parameters.
+        """
+        with _FloatingDtypes() as seen:
+            loss = self._weighted_loss(self._leaves)
+        _check_no_kinks(loss, self._leaves)
+        narrow = min(seen.dtypes | {self.dtype}, key=lambda d: torch.finfo(d).bits)
+        if torch.finfo(narrow).bits < torch.finfo(self.dtype).bits:
+            self._compute_dtype = narrow
+            accuracy = torch.finfo(narrow).eps ** (2 / 3)
+            warnings.warn(
+                f"backend='finite_difference': the model computes in {narrow}, so its "
+                f"Hessian-vector products are no better than about {accuracy:.0e} relative "
+                "(eps^(2/3), whatever the step; 1-10% measured in bfloat16): an eigenvalue "
+                "`tol` below that cannot be met. Compute in "
+                f"{self.dtype} for the probe, or use a double-backward `backend`.",
+                CurvatureWarning,
+                stacklevel=4,
+            )
+        return loss.detach()
+
+    def _forward_over_reverse_or_difference(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Forward over reverse; with ``backend="auto"``, finite differences where it has none."""
+        try:
+            return self._forward_over_reverse(vs)
+        except RuntimeError as err:
+            cause = err.__cause__
+            missing = isinstance(cause, RuntimeError) and _is_missing_derivative(cause)
+            if not (self._may_fall_back and self.num_hvps == 0 and missing):
+                raise
+            try:
+                _check_smooth(self.model)
+                self._check_finite_loss(self._finite_difference_loss())
+            except ValueError as kinked:
+                raise RuntimeError(f"{err}\nbackend='auto' cannot fall back: {kinked}") from err
+            self.backend = "finite_difference"
+            return self._finite_difference(vs)
+
     def _finite_difference(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``(∇L(w + εv) − ∇L(w − εv)) / 2ε`` at fresh copies of the weights (never in place)."""
         primals = [leaf.detach() for leaf in self._leaves]
-        length = float(_norm(vs))  # one device sync a product
-        if length == 0.0:
+        largest = float(torch.stack([v.abs().max() for v in vs]).max())  # one sync a product
+        if largest == 0.0:
             return [torch.zeros_like(v) for v in vs]
-        if self._weight_norm is None:  # the weights do not change while the operator is open
-            self._weight_norm = float(_norm(primals))
-        step = torch.finfo(self.dtype).eps ** (1 / 3) * max(self._weight_norm, 1.0) / length
-        plus = [(p + step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
-        minus = [(p - step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
-        upper, lower = self._gradient_at(plus), self._gradient_at(minus)
-        return [(u - d) / (2 * step) for u, d in zip(upper, lower, strict=True)]
+        if self._weight_scale is None:  # the weights do not change while the operator is open
+            self._weight_scale = float(_norm(primals)) / self.size**0.5
+        step = _finite_difference_step(self._compute_dtype, self._weight_scale) / largest
+        # One perturbed copy of the weights alive at a time; the difference taken in place.
+        upper = self._gradient_at(self._moved(primals, vs, step))
+        lower = self._gradient_at(self._moved(primals, vs, -step))
+        return [u.sub_(d).div_(2 * step) for u, d in zip(upper, lower, strict=True)]
+
+    @staticmethod
+    def _moved(
+        primals: list[torch.Tensor], vs: list[torch.Tensor], step: float
+    ) -> list[torch.Tensor]:
+        """Fresh leaves ``w + step·v`` (the weights themselves are never written)."""
+        return [(p + step * v).requires_grad_(True) for p, v in zip(primals, vs, strict=True)]
 
     def _forward_over_reverse(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         primals = tuple(leaf.detach() for leaf in self._leaves)
@@ -470,6 +583,28 @@ class HessianOperator:
             and any(id(p) in measured for p in module.parameters(recurse=False))
         ]
         return _explain(err, backend, suspects, self._fallback_reason)
+
+
+# The finite-difference step: no parameter moves by more than STEP·eps^{1/3}·max(rms(w), FLOOR).
+_STEP, _STEP_FLOOR = 0.3, 1e-2
+
+
+def _finite_difference_step(dtype: torch.dtype, weight_rms: float) -> float:
+    """The largest move of any one parameter in a finite-difference product.
+
+    ``0.3·eps^{1/3}·max(rms(w), 0.01)`` for the dtype the model computes in (``eps^{1/3}``
+    balances truncation ``O(ε²)`` and rounding ``O(eps/ε)``). It bounds the largest entry
+    of ``εv``, not its norm: a vector concentrated on a few parameters (as Lanczos vectors
+    near a sharp direction are) moves them little. A step of ``eps^{1/3}·max(‖w‖, 1)`` on
+    ``‖εv‖`` put products along the top eigenvector of a 1,040-parameter GPT-2 37% off in
+    float32 (8e-7 in float64); this one, 3e-4 (5e-10), and at most 2e-4 (3e-10) on random
+    vectors of the smooth test cases, GPT-2 and BERT.
+
+    Example:
+        >>> round(_finite_difference_step(torch.float32, 1.0), 6)
+        0.001476
+    """
+    return float(_STEP * torch.finfo(dtype).eps ** (1 / 3) * max(weight_rms, _STEP_FLOOR))
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -513,6 +648,7 @@ def _check_smooth(model: nn.Module) -> None:
         f"{name or type(model).__name__!r} ({type(module).__name__})"
         for name, module in model.named_modules()
         if isinstance(module, _PIECEWISE_LINEAR)
+        or (isinstance(module, nn.EmbeddingBag) and module.mode == "max")
     ]
     if kinked:
         raise ValueError(
@@ -539,18 +675,13 @@ class _FirstOrderOnly(RuntimeError):
 _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
 
 
-def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> None:
-    """Raise if a @once_differentiable custom Function lies between ``loss`` and ``leaves``.
+def _nodes_reaching(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[Any]:
+    """The autograd nodes of ``loss``'s graph through which some of ``leaves`` is reached.
 
-    Its backward runs without building a graph, so a second backward through it does not
-    fail: the gradient silently stops depending on the parameters and the Hessian terms
-    through it come out as zero (forward-over-reverse loses them too). Only Functions whose
-    inputs depend on a measured parameter count (the walk is iterative: graphs can be
-    deeper than Python's recursion limit).
+    The walk is iterative: graphs can be deeper than Python's recursion limit.
     """
     targets = {id(leaf) for leaf in leaves}
     reaches: dict[Any, bool] = {}  # keyed by node: keeps each Python wrapper alive
-    offenders: set[str] = set()
     stack: list[tuple[Any, bool]] = [(loss.grad_fn, False)] if loss.grad_fn is not None else []
     while stack:
         node, children_done = stack.pop()
@@ -562,11 +693,23 @@ def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tenso
             stack.extend((child, False) for child in children if child not in reaches)
             continue
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        reached = id(variable) in targets or any(reaches.get(c, False) for c in children)
-        reaches[node] = reached
+        reaches[node] = id(variable) in targets or any(reaches.get(c, False) for c in children)
+    return [node for node, reached in reaches.items() if reached]
+
+
+def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> None:
+    """Raise if a @once_differentiable custom Function lies between ``loss`` and ``leaves``.
+
+    Its backward runs without building a graph, so a second backward through it does not
+    fail: the gradient silently stops depending on the parameters and the Hessian terms
+    through it come out as zero (forward-over-reverse loses them too). Only Functions whose
+    inputs depend on a measured parameter count.
+    """
+    offenders: set[str] = set()
+    for node in _nodes_reaching(loss, leaves):
         function = getattr(node, "_forward_cls", None)
         backward = getattr(function, "backward", None)
-        if reached and getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
             offenders.add(getattr(function, "__qualname__", repr(function)))
     if offenders:
         raise _FirstOrderOnly(
@@ -575,6 +718,47 @@ def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tenso
             "derivative through it. Give it a differentiable backward, or leave the "
             "parameters it depends on out with `parameters=`."
         )
+
+
+# Backward nodes of piecewise-linear ops (functional F.relu, max_pool, ...; see _PIECEWISE_LINEAR).
+_KINKED_NODES = ("Relu", "Threshold", "Hardtanh", "Shrink", "MaxPool", "Prelu", "Rrelu")
+
+
+def _check_no_kinks(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> None:
+    """Refuse finite differences through piecewise-linear ops the parameters reach.
+
+    Raises:
+        ValueError: naming the autograd nodes (``ReluBackward0``, ...) found.
+    """
+    kinked = sorted(
+        {
+            type(node).__name__
+            for node in _nodes_reaching(loss, leaves)
+            if any(kind in type(node).__name__ for kind in _KINKED_NODES)
+        }
+    )
+    if kinked:
+        raise ValueError(
+            "backend='finite_difference' needs a smooth model: a finite difference crosses "
+            "the kinks of piecewise-linear ops, and its products then differ from the "
+            f"Hessian autograd defines; the loss's graph has {', '.join(kinked)}. Use another "
+            "`backend`, or smooth activations (GELU, SiLU, tanh)."
+        )
+
+
+class _FloatingDtypes(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Records the floating dtypes of every op's outputs (the dtypes a forward computes in)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                self.dtypes.add(tensor.dtype)
+        return out
 
 
 _MISSING_DERIVATIVE = (

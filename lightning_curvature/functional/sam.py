@@ -132,6 +132,52 @@ class SAMPerturbation:
         total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
         return total
 
+    def dot(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``Σ_i ⟨t_i, ε_i⟩`` in float64 (a ``None`` on either side counts as zero).
+
+        Example:
+            >>> w = torch.zeros(2, requires_grad=True)
+            >>> eps = sam_perturbation([w], [torch.tensor([3.0, 4.0])], rho=5.0)
+            >>> eps.dot([torch.tensor([1.0, 1.0])])  # ε = (3, 4)
+            tensor(7., dtype=torch.float64)
+        """
+        device = self.gradient_norm.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for t, e in zip(tensors, self.tensors, strict=True):
+            if t is not None and e is not None:
+                total = total + (t.double() * e.double()).sum().to(device)
+        return total
+
+    def curvature(
+        self,
+        before: Sequence[torch.Tensor | None],
+        after: Sequence[torch.Tensor | None],
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """SAM's free curvature ``(∇L(w + ε) − ∇L(w))·ε / ‖ε‖²`` (float64; NaN if ε = 0).
+
+        The secant slope of the gradient along ε: ``εᵀHε/‖ε‖²`` up to ``O(‖ε‖)`` (exactly
+        that on a quadratic), from the two gradients SAM computes anyway. ``scale`` divides
+        gradients that carry a loss scale (AMP's grad scaler).
+
+        Args:
+            before: ``∇L(w)`` per parameter (``None``: zero).
+            after: ``∇L(w + ε)`` per parameter (``None``: zero).
+            scale: the loss scale both gradients carry.
+
+        Example:
+            >>> w = torch.zeros(2, requires_grad=True)  # L = ½ wᵀ diag(1, 3) w at w = (1, 1)
+            >>> g = torch.tensor([1.0, 3.0])
+            >>> eps = sam_perturbation([w], [g], rho=1.0)
+            >>> g_eps = g + torch.tensor([1.0, 3.0]) * eps.tensors[0]
+            >>> eps.curvature([g], [g_eps])  # εᵀHε/‖ε‖² with ε ∝ (1, 3): (1 + 27) / 10
+            tensor(2.8000, dtype=torch.float64)
+        """
+        squared = self.norm().double().square().to(self.gradient_norm.device)
+        if float(squared) == 0.0:
+            return torch.full_like(squared, math.nan)
+        return (self.dot(after) - self.dot(before)) / (scale * squared)
+
     def is_finite(self) -> bool:
         """Whether ε may be applied (one host-device synchronisation).
 
@@ -335,6 +381,8 @@ class SAMGradient:
         loss: ``L(w)``.
         perturbed_loss: ``L(w + ε)``.
         perturbation: ε and the gradient norm it was normalised by.
+        curvature: ``(∇L(w + ε) − ∇L(w))·ε / ‖ε‖²``, the curvature along ε that the two
+            gradients give for free (float64; see :meth:`SAMPerturbation.curvature`).
         parameter_names: the measured parameters, in the order of ``gradients``.
 
     Example:
@@ -351,6 +399,7 @@ class SAMGradient:
     perturbed_loss: torch.Tensor
     perturbation: SAMPerturbation
     parameter_names: tuple[str, ...]
+    curvature: torch.Tensor
 
     @property
     def sharpness(self) -> torch.Tensor:
@@ -404,6 +453,8 @@ def sam_gradient(
         tensor([[1.1250, 1.2500, 1.5000, 2.0000]])
         >>> out.sharpness  # f(w + ε) − f(w) = 1.5546875 − 0.9375
         tensor(0.6172)
+        >>> out.curvature  # εᵀAε/‖ε‖² with ε ∝ (1, 1, 1, 1): (1 + 2 + 4 + 8) / 4
+        tensor(3.7500, dtype=torch.float64)
     """
     check_sam_arguments(rho, eta, dropout)
     model = unwrap_model(model)
@@ -458,4 +509,5 @@ def sam_gradient(
         perturbed_loss=torch.stack(perturbed_losses).sum(),
         perturbation=perturbation,
         parameter_names=tuple(name for name, _ in named),
+        curvature=perturbation.curvature(grads, sam_grads),
     )

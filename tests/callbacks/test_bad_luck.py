@@ -196,7 +196,8 @@ class NoSecondDerivative(TanhRegressor):
 
 def test_a_failing_backend_skips_the_probe_with_one_warning(tmp_path: Path) -> None:
     logger = csv_logger(tmp_path)
-    monitor = HessianTraceMonitor(num_hvps=2, every_n_steps=1)
+    # (backend="auto" would fall back to finite differences through the bag)
+    monitor = HessianTraceMonitor(num_hvps=2, every_n_steps=1, backend="double_backward")
     trainer = make_trainer([monitor], logger=logger, max_steps=3)
     with pytest.warns(CurvatureWarning) as records:
         trainer.fit(NoSecondDerivative(), loader(regression_data(), 8))

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -183,23 +184,31 @@ def test_unused_parameters_have_zero_rows() -> None:
 
 
 class Bag(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "mean") -> None:
         super().__init__()
-        self.bag = nn.EmbeddingBag(10, 4, mode="mean")
+        self.bag = nn.EmbeddingBag(10, 4, mode=mode)
         self.head = nn.Linear(4, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.bag(tokens))
 
 
-def _bag() -> tuple[nn.Module, Any]:
+class EmbeddingMean(Bag):
+    """The same function as ``Bag`` (mean mode), through ``F.embedding``: twice differentiable."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(F.embedding(tokens, self.bag.weight).mean(dim=1))
+
+
+def _bag(mode: str = "mean") -> tuple[nn.Module, Any]:
     with seeded(9):
-        model = Bag().to(DTYPE)
+        model = Bag(mode).to(DTYPE)
         batch = (torch.randint(0, 10, (5, 3)), torch.randint(0, 2, (5,)))
     return model, batch
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# "auto" falls back to finite differences there (test_auto_falls_back_to_finite_differences).
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
 def test_module_without_double_backward_gets_one_clear_error(backend: str) -> None:
     model, batch = _bag()
     before = snapshot(model)
@@ -210,11 +219,31 @@ def test_module_without_double_backward_gets_one_clear_error(backend: str) -> No
     assert_unchanged(model, before)
 
 
-def test_auto_error_tells_both_backends() -> None:
+def test_auto_falls_back_to_finite_differences() -> None:
+    """No double backward and no forward mode through the bag: the central difference of
+    two gradients, against the Hessian of the same function written with ``F.embedding``."""
     model, batch = _bag()
+    twin = EmbeddingMean().to(DTYPE)
+    twin.load_state_dict(model.state_dict())
+    hessian = dense_hessian(twin, cross_entropy, batch)
+    v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    before = snapshot(model)
+    with HessianOperator(model, cross_entropy, batch) as operator:
+        product = operator.matvec(v)
+        assert operator.backend == "finite_difference"
+    assert float((product - hessian @ v).norm() / (hessian @ v).norm()) <= 1e-7
+    assert_unchanged(model, before)
+
+
+def test_auto_error_tells_every_backend() -> None:
+    """A max-mode bag is piecewise linear: no finite differences either, and the error says
+    what each backend found."""
+    model, batch = _bag("max")
     with pytest.raises(RuntimeError, match="backend='auto' tried 'retained_graph' first") as info:
         hessian_trace(model, cross_entropy, batch, num_hvps=2)
     assert "_embedding_bag_backward" in str(info.value)
+    assert "cannot fall back" in str(info.value)
+    assert "'bag' (EmbeddingBag)" in str(info.value)
 
 
 def test_excluding_the_bag_weights_measures_the_rest() -> None:
