@@ -35,10 +35,7 @@ from common import (
     timed,
 )
 
-from lightning_curvature.functional.gradient_statistics import (
-    default_chunk_size,
-    gradient_coherence,
-)
+from lightning_curvature.functional.coherence import default_chunk_size, gradient_coherence
 from lightning_curvature.functional.per_example import GradientSampler
 
 

@@ -21,7 +21,7 @@ from lightning_curvature.callbacks.dashboard import (
     sharpness_chart_title,
     threshold_label,
 )
-from lightning_curvature.callbacks.layers import LayerSpec, layer_patterns
+from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.logging import log_scalars
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
@@ -33,7 +33,7 @@ from lightning_curvature.functional.eigenvalues import (
     hessian_eigenvalues,
 )
 from lightning_curvature.functional.functional_model import probe_dtype
-from lightning_curvature.functional.parameters import module_blocks, select_parameters
+from lightning_curvature.functional.parameters import PerLayer, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.reductions import inner_products
 from lightning_curvature.functional.sharded import local_tensor
@@ -44,7 +44,7 @@ __all__ = ["HessianEigenvalueMonitor"]
 _WARM_START_DEVICES = ("model", "cpu")
 
 
-class HessianEigenvalueMonitor(OperatorMonitor):
+class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
     """Top-k Hessian eigenvalues (sharpness) next to the optimizer's stability threshold.
 
     Lanczos with full reorthogonalisation, warm-started from the previous probe's top
@@ -63,9 +63,11 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         max_iter: most Hessian-vector products per Lanczos run (default ``30 + 8k``).
         stability: log the stability threshold and the sharpness ratio.
         smallest: also log the smallest (most negative) eigenvalue.
-        per_layer: ``True`` for one block per module, or parameter-name patterns (list, or
-            dict of tag name to patterns); each block gets its own top eigenvalue (one more
-            Lanczos run each) under ``curvature/eigenvalue_1/<name>``.
+        per_layer: blocks of measured parameters with a top eigenvalue of their own (one
+            more Lanczos run each, on the Hessian of the block), logged under
+            ``curvature/eigenvalue_1/<name>``: ``True`` (one per module), a list of
+            parameter-name patterns, or a dict of tag name to pattern(s); see
+            :mod:`~lightning_curvature.callbacks.layers`.
         warm_start: start each Lanczos run from the previous run's top ``k + 1`` Ritz
             vectors (``HessianEigenvalues.warm_start``): ``(k + 1) × P`` values kept per
             Lanczos run of a probe (the full model, each ``per_layer`` block, Adam's
@@ -136,7 +138,7 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         MisconfigurationException: on invalid arguments (at construction), or without a
             logger, under a sharded strategy, with manual optimization and no ``loss_fn``,
             or with ``k`` above the number of measured parameters or a ``parameters`` or
-            ``per_layer`` pattern that matches no trainable parameter (at setup).
+            ``per_layer`` pattern that matches no measured parameter (at setup).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -168,7 +170,7 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         *,
         stability: bool = True,
         smallest: bool = False,
-        per_layer: bool | LayerSpec = None,
+        per_layer: PerLayer = False,
         warm_start: bool = True,
         warm_start_device: Literal["model", "cpu"] = "model",
         checkpoint_warm_start: bool = True,
@@ -179,7 +181,9 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         batch_norm: BatchNormMode = "train",
         **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, batch_norm=batch_norm, **kwargs)
+        super().__init__(
+            per_layer=per_layer, every_n_steps=every_n_steps, batch_norm=batch_norm, **kwargs
+        )
         try:
             check_eigenvalue_arguments(k, tol, max_iter)
         except ValueError as err:
@@ -207,8 +211,6 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         self.gradient_share, self.update_sharpness = gradient_share, update_sharpness
         self._basis: tuple[int, torch.Tensor] | None = None  # (step, top-k eigenvectors)
         self._update_start: tuple[int, torch.Tensor] | None = None  # (probe step, w_{t−1})
-        self._per_module = per_layer is True
-        self.per_layer = {} if isinstance(per_layer, bool) else layer_patterns(per_layer)
         self._warm: dict[str, torch.Tensor] = {}
         self._final_probe = False  # Lightning forbids self.log in on_train_end
 
@@ -274,9 +276,9 @@ class HessianEigenvalueMonitor(OperatorMonitor):
             )
         if self.update_sharpness:
             hvps += self._update_sharpness(trainer, pl_module, batches, found, metrics)
-        for name, patterns in self.per_layer.items():
+        for name, names in self.blocks.of_module(pl_module, self.parameters).items():
             block = self._eigenvalues(
-                trainer, pl_module, batches, f"layer:{name}", k=1, parameters=patterns
+                trainer, pl_module, batches, f"layer:{name}", k=1, parameters=names
             )
             metrics[f"curvature/eigenvalue_1/{name}"] = block.eigenvalues[0]
             hvps += block.num_hvps
@@ -298,14 +300,7 @@ class HessianEigenvalueMonitor(OperatorMonitor):
                 f"`k` must be at most the number of measured parameters ({size}) of "
                 f"{type(pl_module).__name__}, got k={self.k}."
             )
-        if self._per_module:
-            named = select_parameters(unwrap_model(pl_module), self.parameters)
-            self.per_layer = dict(module_blocks([name for name, _ in named]))
-        for patterns in self.per_layer.values():
-            try:
-                select_parameters(unwrap_model(pl_module), patterns)
-            except ValueError as err:
-                raise MisconfigurationException(f"`per_layer`: {err}") from None
+        super().check_model(pl_module)  # the per_layer blocks
 
     def _measured(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
         return [p for _, p in select_parameters(unwrap_model(pl_module), self.parameters)]
@@ -480,7 +475,7 @@ class HessianEigenvalueMonitor(OperatorMonitor):
         top = f"top {matrix} eigenvalue λ₁" if self.k == 1 else f"top {self.k} {matrix} eigenvalues"
         smallest = " and the smallest" if self.smallest else ""
         science[f"{top}{smallest} (raw {symbol}){note}"] = multiline(*spectrum)
-        if self.per_layer:
+        if self.blocks.requested:
             science["top eigenvalue per block"] = multiline(
                 family(self.tag("curvature/eigenvalue_1/"), ".+")
             )
@@ -506,12 +501,6 @@ class HessianEigenvalueMonitor(OperatorMonitor):
             super().on_train_end(trainer, pl_module)
         finally:
             self._final_probe = False
-
-    @override
-    def state_key_fields(self) -> dict[str, Any]:
-        # per_layer=True as given: the blocks it stands for are found at setup
-        per_layer = True if self._per_module else self.per_layer
-        return {**super().state_key_fields(), "per_layer": per_layer}
 
     @override
     def extra_state(self) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,19 +17,18 @@ from lightning_curvature.callbacks.dashboard import (
     margin,
     multiline,
 )
-from lightning_curvature.callbacks.layers import LayerBlocks
+from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.parameters import select_parameters
-from lightning_curvature.functional.probe import unwrap_model
+from lightning_curvature.functional.parameters import PerLayer
 from lightning_curvature.functional.trace import check_trace_arguments, hessian_trace
 
 __all__ = ["HessianTraceMonitor"]
 
 
-class HessianTraceMonitor(OperatorMonitor):
+class HessianTraceMonitor(PerLayerMonitor, OperatorMonitor):
     """Hessian trace by Hutchinson (or Hutch++), always with its standard error.
 
     Costs ``num_hvps`` Hessian-vector products per probe. Per-layer traces come from the
@@ -40,8 +38,9 @@ class HessianTraceMonitor(OperatorMonitor):
         num_hvps: probes per measurement (the standard error shrinks as ``1/√num_hvps``).
         method: ``"hutchinson"`` (default; best for neural-network Hessians below ~80
             probes) or ``"hutch++"``.
-        per_layer: ``True`` for one trace per module, or parameter-name patterns (list, or
-            dict of tag name to pattern) for one per block.
+        per_layer: blocks with a trace of their own: ``True`` (one per module), a list of
+            parameter-name patterns, or a dict of tag name to pattern(s); see
+            :mod:`~lightning_curvature.callbacks.layers`.
         every_n_steps: probe every this many optimizer steps (``"auto"``: 1000, as a probe
             is ``num_hvps`` products, some 40-60 gradients).
         **kwargs: cadence, probe data, loss, ``curvature`` (``"ggn"``: the trace of the
@@ -59,8 +58,8 @@ class HessianTraceMonitor(OperatorMonitor):
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
-            logger, under a sharded strategy, or with manual optimization and no
-            ``loss_fn`` (at setup).
+            logger, under a sharded strategy, with manual optimization and no ``loss_fn``,
+            or with a ``per_layer`` pattern that matches no measured parameter (at setup).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -79,24 +78,16 @@ class HessianTraceMonitor(OperatorMonitor):
         num_hvps: int = 32,
         method: Literal["hutchinson", "hutch++"] = "hutchinson",
         *,
-        per_layer: bool | Sequence[str] | dict[str, str] = False,
+        per_layer: PerLayer = False,
         every_n_steps: EveryNSteps = "auto",
         **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, **kwargs)
+        super().__init__(per_layer=per_layer, every_n_steps=every_n_steps, **kwargs)
         try:
             check_trace_arguments(num_hvps, method)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
         self.num_hvps, self.method = num_hvps, method
-        self._blocks = LayerBlocks.of(per_layer)
-        self.per_layer = self._blocks.spec  # as given: True/False or tag name to pattern
-
-    @override
-    def check_model(self, pl_module: pl.LightningModule) -> None:
-        super().check_model(pl_module)
-        named = select_parameters(unwrap_model(pl_module), self.parameters)
-        self._blocks.check([name for name, _ in named])
 
     @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
@@ -106,7 +97,7 @@ class HessianTraceMonitor(OperatorMonitor):
             f"{self.matrix} trace ± 2 standard errors": margin(*trace),
             "standard error of the trace": multiline(exact(self.tag("curvature/trace_std_error"))),
         }
-        if self._blocks.patterns:
+        if self.blocks.requested:
             science[f"{self.matrix} trace per block"] = multiline(
                 family(self.tag("curvature/trace/"), ".+")
             )
@@ -122,7 +113,7 @@ class HessianTraceMonitor(OperatorMonitor):
             BatchList(batches),
             self.num_hvps,
             self.method,
-            per_layer=self._blocks.patterns,
+            per_layer=self.blocks.functional,
             **self.probe_kwargs(trainer, pl_module),
         )
         metrics: dict[str, float | torch.Tensor] = {
@@ -132,5 +123,5 @@ class HessianTraceMonitor(OperatorMonitor):
             "curvature/trace_upper": result.estimate + 2 * result.std_error,
         }
         for block, value in result.per_layer.items():
-            metrics[f"curvature/trace/{self._blocks.tag(block)}"] = value
+            metrics[f"curvature/trace/{block}"] = value
         return Measurement(metrics, result.num_hvps)

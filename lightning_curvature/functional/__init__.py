@@ -5,6 +5,7 @@ of batches, and return small result dataclasses with tensors on the model's devi
 """
 
 from lightning_curvature.functional.batches import move_to_device, split_batches
+from lightning_curvature.functional.coherence import gradient_coherence
 from lightning_curvature.functional.density import (
     SpectralDensity,
     density_on_grid,
@@ -19,11 +20,7 @@ from lightning_curvature.functional.directional import (
 )
 from lightning_curvature.functional.eigenvalues import HessianEigenvalues, hessian_eigenvalues
 from lightning_curvature.functional.ggn import OutputLoss
-from lightning_curvature.functional.gradient_statistics import (
-    GradientCoherence,
-    GradientSums,
-    gradient_coherence,
-)
+from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
 from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
 from lightning_curvature.functional.lanczos import lanczos_eigenpairs, lanczos_quadrature
 from lightning_curvature.functional.options import OperatorOptions

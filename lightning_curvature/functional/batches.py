@@ -167,13 +167,6 @@ class ProbeBatches:
     batches: tuple[Any, ...]
     weights: tuple[float, ...]
 
-    @property
-    def num_examples(self) -> int | None:
-        """Total number of examples, or ``None`` when a batch size is unknown."""
-        sizes = [batch_size(batch) for batch in self.batches]
-        known = [size for size in sizes if size is not None]
-        return sum(known) if len(known) == len(sizes) else None
-
 
 def split_batches(batch: Any, device: torch.device) -> ProbeBatches:
     """Turn ``batch`` (one batch or an iterable of batches) into :class:`ProbeBatches`.

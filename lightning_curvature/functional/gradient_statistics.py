@@ -1,4 +1,8 @@
-r"""Gradient coherence and noise: how much the examples agree on the direction to move.
+r"""Gradient coherence and noise from sums over gradient samples: the pure accumulator.
+
+Where the samples come from (a model's per-example or micro-batch gradients) is the job of
+:mod:`~lightning_curvature.functional.coherence`; this module only adds samples up and turns
+the sums into statistics.
 
 From ``m`` gradient samples ``g_1 … g_m`` — per-example gradients (``b = 1``) or gradients
 of micro-batches of ``b_i`` examples each — of a loss that is a *mean* over examples:
@@ -43,8 +47,8 @@ of micro-batches of ``b_i`` examples each — of a loss that is a *mean* over ex
 
 Every statistic is a function of sums over samples, so samples can be added one chunk at a
 time (memory ``O(P)``) and sums from several processes or steps simply added:
-:class:`GradientSums` holds them, each a tensor to reduce with ``"sum"`` (a torchmetrics
-state with ``dist_reduce_fx="sum"``).
+:class:`GradientSums` holds them, each a tensor that reduces with ``"sum"``;
+:meth:`GradientSums.all_reduce` sums all of them over processes in one collective.
 
 **What scalar all-reduces alone give (each DDP rank's local gradient as one sample).** With
 ``g_r`` the local gradient of rank ``r`` before DDP's all-reduce and ``ḡ`` the averaged
@@ -60,44 +64,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import nn
 
-from lightning_curvature.functional.batches import split_batches
-from lightning_curvature.functional.hvp import LossFn
-from lightning_curvature.functional.parameters import (
-    ParameterLayout,
-    ParameterPatterns,
-    select_parameters,
-)
-from lightning_curvature.functional.per_example import GradientSampler
-from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
-from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
+from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 
-__all__ = [
-    "CoherenceMode",
-    "GradientCoherence",
-    "GradientSums",
-    "check_coherence_arguments",
-    "default_chunk_size",
-    "gradient_coherence",
-    "gradient_sums",
-]
+__all__ = ["AllReduceSum", "GradientCoherence", "GradientSums"]
 
-CoherenceMode = Literal["auto", "per_example", "micro_batch"]
+#: Returns the elementwise *sum* of a tensor over processes (e.g. DDP's ranks).
 AllReduceSum = Callable[[torch.Tensor], torch.Tensor]
-_MODES = ("auto", "per_example", "micro_batch")
-# Default vmap chunk: at most this many gradient entries at a time. On CPU a chunk whose
-# gradients fit in 16 MiB is reused by the allocator; larger ones page-fault afresh (CNN of
-# 95k parameters, batch 128, one thread: chunks of 32-64 cost 1.2-1.7 batch gradients, one
-# chunk of 128 1.7-2.6). Accelerators, with caching allocators, take larger chunks.
-_CHUNK_ENTRIES_CPU = 2**22
-_CHUNK_ENTRIES = 2**25
 _VECTOR_STATES = ("sum", "unit_sum", "sq_sum")
 # GradientSums.add works on blocks of rows of about this many entries. On CPU a fresh k × P
 # temporary (rows joined from per-parameter parts, their squares) costs more in page faults
@@ -113,7 +91,9 @@ _RESOLVED = 100.0
 
 @dataclass(frozen=True)
 class GradientCoherence:
-    """Result of :func:`gradient_coherence`; tensors live on the model's device.
+    """The statistics of :meth:`GradientSums.compute`; tensors live on the sums' device.
+
+    What :func:`~lightning_curvature.functional.coherence.gradient_coherence` returns.
 
     See the module docstring for the definitions and the papers they come from.
 
@@ -133,9 +113,10 @@ class GradientCoherence:
             micro-batches where even that fails: a different meaning, also warned).
 
     Example:
-        >>> net = nn.Linear(2, 1, bias=False)  # per-example gradient = the example
-        >>> out = gradient_coherence(net, lambda m, b: m(b).mean(), torch.ones(4, 2))
-        >>> out.coherence, out.mean_cosine.round(decimals=6), out.num_samples  # all equal
+        >>> sums = GradientSums.zeros(2)
+        >>> sums.add(torch.ones(4, 2))  # four identical samples
+        >>> out = sums.compute()
+        >>> out.coherence, out.mean_cosine.round(decimals=6), out.num_samples
         (tensor(4.), tensor(1.), 4)
     """
 
@@ -248,7 +229,7 @@ class GradientSums:
 
     # -- states ----------------------------------------------------------------------------
     def states(self) -> dict[str, torch.Tensor]:
-        """The tensor states present, by field name (what to register as metric states)."""
+        """The tensor states present, by field name (each one reduces with ``"sum"``)."""
         names = ("count", "inverse_size_sum", "sq_norm_sum", "nonzero_count", *_VECTOR_STATES)
         states = {name: getattr(self, name) for name in (*names, "block_sq_norm_sum")}
         return {name: value for name, value in states.items() if value is not None}
@@ -314,29 +295,21 @@ class GradientSums:
             per_block = [_block_total(squares, slices) for slices in self.blocks.values()]
             self.block_sq_norm_sum.add_(torch.stack(per_block))
 
-    def merge(self, other: GradientSums) -> GradientSums:
-        """New sums over the samples of both (neither is changed).
-
-        Raises:
-            ValueError: if the two do not hold the same states over the same layout.
-        """
-        if (set(self.states()), self.blocks, self.size) != (
-            set(other.states()),
-            other.blocks,
-            other.size,
-        ):
-            raise ValueError("`other` must hold the same states, blocks and size to be merged.")
-        theirs = other.states()
-        return self.with_states(
-            {name: value + theirs[name] for name, value in self.states().items()}
-        )
-
     def all_reduce(self, all_reduce_sum: AllReduceSum) -> GradientSums:
         """New sums over every process's samples, with one collective call.
+
+        Every state is flattened into one vector, summed by ``all_reduce_sum`` and cut back
+        into the states' shapes (``self`` is not changed).
 
         Args:
             all_reduce_sum: returns the elementwise *sum* of a tensor over processes (e.g.
                 ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``).
+
+        Example:
+            >>> sums = GradientSums.zeros(2)
+            >>> sums.add(torch.tensor([1.0, 0.0]))  # one sample here, the same on a twin
+            >>> sums.all_reduce(lambda flat: 2 * flat).compute().coherence
+            tensor(2.)
         """
         states = self.states()
         flat = all_reduce_sum(torch.cat([value.reshape(-1) for value in states.values()]))
@@ -475,249 +448,3 @@ def _as_parts(gradients: torch.Tensor | Sequence[torch.Tensor], size: int) -> li
 def _block_total(values: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
     """Sum of ``values`` over the block's slices of the last dimension."""
     return torch.stack([values[..., s].sum() for s in slices]).sum()
-
-
-# -- model level -------------------------------------------------------------------------
-def check_coherence_arguments(
-    mode: str, micro_batch_size: int | None, chunk_size: int | None, per_layer: object = False
-) -> None:
-    """Raise on an invalid argument of :func:`gradient_coherence`, naming it.
-
-    Raises:
-        ValueError: naming the argument, the allowed values and the value given.
-
-    Example:
-        >>> check_coherence_arguments("vmap", 8, None)
-        Traceback (most recent call last):
-        ...
-        ValueError: `mode` must be one of ('auto', 'per_example', 'micro_batch'), got 'vmap'.
-    """
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
-    for name, value in (("micro_batch_size", micro_batch_size), ("chunk_size", chunk_size)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
-    patterns_ok = isinstance(per_layer, (bool, str)) or (
-        isinstance(per_layer, Sequence) and all(isinstance(p, str) for p in per_layer)
-    )
-    if not patterns_ok:
-        raise ValueError(
-            f"`per_layer` must be a bool or glob pattern(s) of parameter names, got {per_layer!r}."
-        )
-
-
-def default_chunk_size(size: int, device: torch.device) -> int:
-    """Examples per ``vmap`` call by default: ``2**22`` gradient entries on CPU, ``2**25`` else.
-
-    Args:
-        size: ``P``, the number of measured parameters.
-        device: where the gradients are computed.
-
-    Example:
-        >>> cpu = torch.device("cpu")
-        >>> default_chunk_size(95_000, cpu), default_chunk_size(10**8, cpu)
-        (44, 1)
-    """
-    entries = _CHUNK_ENTRIES_CPU if device.type == "cpu" else _CHUNK_ENTRIES
-    return max(1, entries // size)
-
-
-def _choose_mode(mode: str, model: nn.Module) -> str:
-    """The sample kind for ``mode`` on ``model`` as the probe has set it up."""
-    coupled = any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
-    )
-    if mode == "per_example" and coupled:
-        raise ValueError(
-            "mode='per_example' needs BatchNorm in eval mode (in train mode the examples are "
-            "coupled through batch statistics): pass batch_norm='eval' or mode='micro_batch'."
-        )
-    return "micro_batch" if mode == "micro_batch" or coupled else "per_example"
-
-
-def _accumulate(
-    sums: GradientSums, samples: Iterable[tuple[list[torch.Tensor], float]]
-) -> GradientSums:
-    for gradients, size in samples:
-        sums.add(gradients, size)
-    return sums
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
-
-
-def _warn_micro_batches(err: Exception, sampler: GradientSampler, size: int | None) -> str:
-    """Warn that the samples change meaning; return the result's ``fallback`` note."""
-    vmap = f"vmap ({_first_line(sampler.vmap_error)}) nor " if sampler.vmap_error else ""
-    pieces = f"micro-batches of {size} examples" if size else "whole batches"
-    note = (
-        f"{pieces} instead of per-example gradients: neither {vmap}a loop over single "
-        f"examples ({_first_line(err)}) runs on this model"
-    )
-    warnings.warn(
-        f"gradient statistics from {note}. Coherence, mean cosine and SNR now describe samples "
-        f"of {size or 'a batch of'} examples, not single examples (the noise scale keeps its "
-        "meaning; see result.mode and result.sample_size). Pass mode='micro_batch' to choose "
-        "this without a warning.",
-        CurvatureWarning,
-        stacklevel=3,
-    )
-    return note
-
-
-def gradient_sums(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    *,
-    mode: CoherenceMode = "auto",
-    micro_batch_size: int | None = 8,
-    chunk_size: int | None = None,
-    per_layer: bool | str | Sequence[str] = False,
-    parameters: ParameterPatterns = None,
-    batch_norm: BatchNormMode = "as_is",
-) -> GradientSums:
-    """The :class:`GradientSums` of the gradient samples of ``loss_fn`` on ``batch``.
-
-    Arguments as for :func:`gradient_coherence` (which is this, an optional all-reduce and
-    :meth:`GradientSums.compute`); the mode actually used is the result's ``mode``, and
-    ``fallback`` says how the samples were made where not as asked. Fewer than 2 samples are
-    not an error here (the sums of several processes may still be enough): ``compute`` checks.
-
-    Raises:
-        ValueError: on invalid arguments, or a batch that cannot be cut into examples.
-
-    Example:
-        >>> net = nn.Linear(2, 1, bias=False)
-        >>> sums = gradient_sums(net, lambda m, b: m(b).mean(), torch.eye(2))
-        >>> sums.mode, sums.num_samples, sums.sq_norm_sum.item()
-        ('per_example', 2, 2.0)
-    """
-    check_coherence_arguments(mode, micro_batch_size, chunk_size, per_layer)
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
-    model = unwrap_model(model)
-    named = select_parameters(model, parameters)
-    layout = ParameterLayout.from_named(named)
-    blocks = layout.groups(per_layer) if per_layer is not False else {}
-    batches = split_batches(batch, named[0][1].device).batches
-    device = named[0][1].device
-    fallback = ""
-    with probe_context(model, batch_norm=batch_norm):
-        chosen = _choose_mode(mode, model)
-        sampler = GradientSampler(model, loss_fn, named)
-
-        def new_sums(kind: str) -> GradientSums:
-            return GradientSums.zeros(
-                layout.size, dtype=sampler.dtype, device=device, blocks=blocks, mode=kind
-            )
-
-        if chosen == "per_example":
-            chunk = chunk_size or default_chunk_size(layout.size, device)
-            try:
-                samples = (s for b in batches for s in sampler.per_example(b, chunk))
-                sums = _accumulate(new_sums("per_example"), samples)
-            except (RuntimeError, NotImplementedError) as err:
-                if mode != "auto":
-                    raise
-                fallback = _warn_micro_batches(err, sampler, micro_batch_size)
-            else:
-                if sampler.vmap_error is not None:
-                    sums.fallback = (
-                        "a loop over single examples instead of vmap (same samples), which "
-                        f"cannot trace this model: {_first_line(sampler.vmap_error)}"
-                    )
-                return sums
-        samples = (s for b in batches for s in sampler.micro_batches(b, micro_batch_size))
-        sums = _accumulate(new_sums("micro_batch"), samples)
-        sums.fallback = fallback
-        return sums
-
-
-def gradient_coherence(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    *,
-    mode: CoherenceMode = "auto",
-    micro_batch_size: int | None = 8,
-    chunk_size: int | None = None,
-    per_layer: bool | str | Sequence[str] = False,
-    parameters: ParameterPatterns = None,
-    batch_norm: BatchNormMode = "as_is",
-    all_reduce_sum: AllReduceSum | None = None,
-) -> GradientCoherence:
-    """Gradient coherence, mean cosine, noise scale and SNR of ``loss_fn`` on ``batch``.
-
-    Definitions and references are in the module docstring. The samples are per-example
-    gradients, computed with ``torch.func.vmap(torch.func.grad(...))`` on batches of one
-    example in chunks that are reduced on the fly, or gradients of consecutive micro-batches
-    of ``micro_batch_size`` examples.
-
-    ``mode="auto"`` picks per-example gradients, except that:
-
-    * with BatchNorm in train mode (after ``batch_norm`` is applied) it uses micro-batches
-      silently: the examples are coupled through the batch statistics, so per-example
-      gradients are undefined, and micro-batch gradients are the meaningful samples;
-    * if ``vmap`` cannot trace the model (``.item()`` or data-dependent control flow as in
-      Hugging Face attention masks, ``nn.LSTM``, backward hooks, custom autograd functions
-      without ``setup_context``), the per-example gradients come from a loop over the
-      examples instead: the same samples, slower, no warning (``result.fallback`` says so;
-      ``mode="per_example"`` does the same);
-    * if even a batch of one example fails, it warns once with a
-      :class:`~lightning_curvature.functional.warnings.CurvatureWarning` naming the errors
-      and uses micro-batches. The values then describe samples of ``b`` examples
-      (``result.mode``, ``result.sample_size``, ``result.fallback``): coherence and cosine
-      change meaning, the noise scale and its parts do not.
-
-    Args:
-        model: the module (``torch.compile`` and DDP wrappers are looked through); it is left
-            exactly as it was (parameters, buffers, ``.grad``, modes, RNG).
-        loss_fn: ``loss_fn(model, batch) -> scalar``, the *mean* loss over the batch's examples.
-        batch: one batch or an iterable of batches; samples from all of them are pooled.
-        mode: ``"auto"``, ``"per_example"`` or ``"micro_batch"`` (see above).
-        micro_batch_size: examples per micro-batch (the last of a batch may be smaller), or
-            ``None`` for one sample per batch of ``batch`` (e.g. training micro-batches).
-        chunk_size: examples per ``vmap`` call, or per chunk of the loop that replaces it
-            (memory ``chunk_size · P``); by default :func:`default_chunk_size`.
-        per_layer: ``True`` for one coherence per module, or glob pattern(s) for one per pattern.
-        parameters: glob pattern(s) selecting the measured parameters.
-        batch_norm: BatchNorm mode during the probe (running statistics never change).
-        all_reduce_sum: returns the *sum* of a tensor over processes (DDP), e.g.
-            ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``: the result is then that
-            of the union of every process's batch, the same on every rank.
-
-    Returns:
-        The statistics, with tensors on the model's device.
-
-    Raises:
-        ValueError: on invalid arguments (named in the message), ``mode="per_example"`` with
-            BatchNorm in train mode, or fewer than 2 samples.
-        NonFiniteCurvatureError: if a gradient is NaN or infinite.
-
-    Example:
-        >>> net = nn.Linear(2, 1, bias=False)
-        >>> loss_fn = lambda m, b: m(b).mean()  # per-example gradient = the example itself
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
-        >>> out = gradient_coherence(net, loss_fn, x)
-        >>> out.coherence, out.mean_cosine, out.num_samples  # ‖(2, 2)‖² / 6; cosines 0, 1, 0
-        (tensor(1.3333), tensor(0.3333), 3)
-    """
-    sums = gradient_sums(
-        model,
-        loss_fn,
-        batch,
-        mode=mode,
-        micro_batch_size=micro_batch_size,
-        chunk_size=chunk_size,
-        per_layer=per_layer,
-        parameters=parameters,
-        batch_norm=batch_norm,
-    )
-    if all_reduce_sum is not None:
-        sums = sums.all_reduce(all_reduce_sum)
-    return sums.compute()

@@ -9,15 +9,25 @@ parameters count once. All vectors of the math layer are flat 1-D tensors in thi
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, NoReturn
 
 import torch
 from torch import nn
 
-__all__ = ["ParameterLayout", "module_blocks", "select_parameters"]
+__all__ = [
+    "ParameterLayout",
+    "PerLayer",
+    "layer_blocks",
+    "layer_parameters",
+    "module_blocks",
+    "select_parameters",
+]
 
 ParameterPatterns = str | Sequence[str] | None
+#: ``per_layer`` of every model-level function and monitor (see :func:`layer_blocks`).
+PerLayer = bool | Sequence[str] | Mapping[str, str | Sequence[str]] | None
 
 
 def _as_patterns(patterns: ParameterPatterns) -> list[str] | None:
@@ -82,6 +92,93 @@ def module_blocks(names: Sequence[str]) -> dict[str, list[str]]:
     return blocks
 
 
+def layer_blocks(per_layer: PerLayer) -> Literal[True] | dict[str, tuple[str, ...]]:
+    """Parse ``per_layer``, the one grammar of blocks of parameters (``True`` or name to patterns).
+
+    * ``False`` or ``None``: no blocks (``{}``);
+    * ``True``: one block per module (:func:`module_blocks`), returned as ``True`` since the
+      modules depend on the parameters (:func:`layer_parameters` resolves them);
+    * a list (or tuple) of glob patterns of parameter names: one block per pattern, named
+      by the pattern;
+    * a dict of block name to one pattern or a non-empty list of them: one block per name,
+      holding the parameters that match any of its patterns.
+
+    A bare string is refused (one pattern goes in a list), so that ``"encoder.*"`` is never
+    read as its characters.
+
+    Raises:
+        ValueError: naming ``per_layer`` and the grammar, on anything else.
+
+    Example:
+        >>> layer_blocks(["0.*", "*.bias"])
+        {'0.*': ('0.*',), '*.bias': ('*.bias',)}
+        >>> layer_blocks({"head": ["2.*", "3.*"], "body": "0.*"}), layer_blocks(True)
+        ({'head': ('2.*', '3.*'), 'body': ('0.*',)}, True)
+    """
+    if per_layer is None or per_layer is False:
+        return {}
+    if per_layer is True:
+        return True
+    blocks: dict[str, tuple[str, ...]] = {}
+    if isinstance(per_layer, Mapping):
+        for name, value in per_layer.items():
+            patterns = (value,) if isinstance(value, str) else value
+            if not isinstance(name, str) or not _is_patterns(patterns):
+                _refuse_layers(per_layer)
+            blocks[name] = tuple(patterns)
+        return blocks
+    if isinstance(per_layer, str) or not _is_patterns(per_layer, empty=True):
+        _refuse_layers(per_layer)
+    return {pattern: (pattern,) for pattern in per_layer}
+
+
+def _is_patterns(value: object, empty: bool = False) -> bool:
+    """A list or tuple of strings (non-empty unless ``empty``)."""
+    return (
+        isinstance(value, (list, tuple))
+        and (empty or bool(value))
+        and all(isinstance(pattern, str) for pattern in value)
+    )
+
+
+def _refuse_layers(per_layer: object) -> NoReturn:
+    hint = f" (one pattern goes in a list: [{per_layer!r}])" if isinstance(per_layer, str) else ""
+    raise ValueError(
+        "`per_layer` must be a bool or glob patterns of parameter names: True (one block per "
+        "module), a list of patterns, or a dict of block name to a pattern or a list of them; "
+        f"got {per_layer!r}{hint}."
+    )
+
+
+def layer_parameters(per_layer: PerLayer, names: Sequence[str]) -> dict[str, list[str]]:
+    """The parameter names of each block of ``per_layer`` (:func:`layer_blocks`) among ``names``.
+
+    Raises:
+        ValueError: on a ``per_layer`` outside the grammar, or a pattern that matches none
+            of ``names``.
+
+    Example:
+        >>> names = ["0.weight", "0.bias", "2.weight"]
+        >>> layer_parameters({"biases": "*.bias", "all": ["0.*", "2.*"]}, names)
+        {'biases': ['0.bias'], 'all': ['0.weight', '0.bias', '2.weight']}
+        >>> layer_parameters(True, names)
+        {'0': ['0.weight', '0.bias'], '2': ['2.weight']}
+    """
+    blocks = layer_blocks(per_layer)
+    if blocks is True:
+        return module_blocks(names)
+    for pattern in dict.fromkeys(p for patterns in blocks.values() for p in patterns):
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(
+                f"`per_layer` pattern {pattern!r} matches none of the measured parameters "
+                f"{list(names)}."
+            )
+    return {
+        block: [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
+        for block, patterns in blocks.items()
+    }
+
+
 @dataclass(frozen=True)
 class ParameterLayout:
     """Names, shapes and offsets of the selected parameters inside one flat vector.
@@ -130,30 +227,26 @@ class ParameterLayout:
         """Concatenate per-parameter tensors into one flat vector."""
         return torch.cat([t.reshape(-1) for t in tensors])
 
-    def groups(self, per_layer: bool | Sequence[str]) -> dict[str, list[slice]]:
-        """Slices of the flat vector grouped into blocks.
+    def groups(self, per_layer: PerLayer) -> dict[str, list[slice]]:
+        """Slices of the flat vector grouped into the blocks of ``per_layer``.
 
         Args:
-            per_layer: ``True`` groups parameters by their module (the name up to the last
-                dot, e.g. ``"encoder.0"``); a list of glob patterns gives one block per
-                pattern, named by the pattern.
+            per_layer: the blocks, in the grammar of :func:`layer_blocks`.
 
         Raises:
-            ValueError: if a pattern matches none of the parameters.
+            ValueError: on a ``per_layer`` outside that grammar, or a pattern that matches
+                none of the parameters.
+
+        Example:
+            >>> named = [("0.w", torch.zeros(2)), ("1.w", torch.zeros(3))]
+            >>> layout = ParameterLayout.from_named(named)
+            >>> layout.groups(True)
+            {'0': [slice(0, 2, None)], '1': [slice(2, 5, None)]}
+            >>> layout.groups({"all": "*.w"})
+            {'all': [slice(0, 2, None), slice(2, 5, None)]}
         """
         slices = self.slices
-        if per_layer is True:
-            return {
-                module: [slices[name] for name in names]
-                for module, names in module_blocks(self.names).items()
-            }
-        blocks: dict[str, list[slice]] = {}
-        for pattern in _as_patterns(per_layer) or []:  # type: ignore[arg-type]
-            matched = [slices[n] for n in self.names if fnmatch.fnmatch(n, pattern)]
-            if not matched:
-                raise ValueError(
-                    f"`per_layer` pattern {pattern!r} matches none of the measured "
-                    f"parameters {list(self.names)}."
-                )
-            blocks[pattern] = matched
-        return blocks
+        return {
+            block: [slices[name] for name in names]
+            for block, names in layer_parameters(per_layer, self.names).items()
+        }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -12,7 +11,7 @@ from torch import nn
 from lightning_curvature.functional.ggn import Curvature
 from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.options import OperatorOptions, open_operator
-from lightning_curvature.functional.parameters import ParameterPatterns
+from lightning_curvature.functional.parameters import ParameterPatterns, PerLayer
 from lightning_curvature.functional.probe import BatchNormMode
 from lightning_curvature.functional.trace_estimators import (
     MIN_MATVECS,
@@ -84,7 +83,7 @@ def hessian_trace(
     num_hvps: int = 32,
     method: TraceMethod = "hutchinson",
     *,
-    per_layer: bool | Sequence[str] = False,
+    per_layer: PerLayer = False,
     parameters: ParameterPatterns = None,
     backend: HVPBackend = "auto",
     batch_norm: BatchNormMode = "as_is",
@@ -107,7 +106,9 @@ def hessian_trace(
         num_hvps: Hessian-vector products (probes); at least 2 (4 for Hutch++, whose
             standard error needs two deflated samples besides its sketch and exact part).
         method: ``"hutchinson"`` or ``"hutch++"``.
-        per_layer: ``True`` for one trace per module, or glob patterns for one per pattern.
+        per_layer: blocks with a trace of their own: ``True`` (one per module), a list of
+            glob patterns (one per pattern) or a dict of block name to pattern(s), see
+            :func:`~lightning_curvature.functional.parameters.layer_blocks`.
         parameters: glob pattern(s) selecting the measured parameters.
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe (running statistics never change).

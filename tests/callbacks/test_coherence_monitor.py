@@ -10,6 +10,7 @@ float64 where the comparison is exact to rounding.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -43,8 +44,13 @@ from lightning_curvature import (
     GradientCoherenceMonitor,
     gradient_coherence,
 )
-from lightning_curvature.callbacks import training_step_loss
+from lightning_curvature.callbacks import CurvatureMonitor, training_step_loss
+from lightning_curvature.callbacks.training_coherence import (
+    PROBE_OPTIONS,
+    TrainingGradientCoherenceMonitor,
+)
 from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.functional.gradient_statistics import GradientSums
 
 pytestmark = [
     *LIGHTNING_NOISE,
@@ -479,3 +485,71 @@ def test_hooks_are_gone_after_training_and_never_outlive_a_backward(tmp_path: Pa
     for p in run["model"].parameters():
         assert not p._backward_hooks  # every hook was removed after its backward
     assert monitor._step is None
+
+
+# -- the two kinds of monitor behind one constructor -----------------------------------------
+def test_each_source_builds_the_monitor_of_what_it_reads() -> None:
+    probe = GradientCoherenceMonitor()
+    free = [GradientCoherenceMonitor(source=s) for s in ("accumulation", "ddp")]  # type: ignore[arg-type]
+    assert type(probe) is GradientCoherenceMonitor
+    assert all(type(m) is TrainingGradientCoherenceMonitor for m in free)
+    assert all(isinstance(m, GradientCoherenceMonitor) for m in free)
+    assert [m.source for m in free] == ["accumulation", "ddp"]
+    assert [m.skipped_statistics for m in (probe, *free)] == [(), (), ("mean_cosine", "snr")]
+    # one checkpoint key format for every source, as before the two classes
+    assert all(m.state_key.startswith("GradientCoherenceMonitor{") for m in (probe, *free))
+    assert len({m.state_key for m in (probe, *free)}) == 3
+    with pytest.raises(MisconfigurationException, match=r"`source` must be one of .*'probe'"):
+        TrainingGradientCoherenceMonitor(source="probe")  # type: ignore[arg-type]
+
+
+def test_the_neutral_probe_options_are_the_signature_defaults() -> None:
+    """What a free source accepts of the probe options is what LightningCLI passes."""
+    defaults = {
+        name: parameter.default
+        for cls in (CurvatureMonitor, GradientCoherenceMonitor)
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+    }
+    assert {name: defaults[name] for name in PROBE_OPTIONS} == PROBE_OPTIONS
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"micro_batch_size": 4}, "micro_batch_size"),
+        ({"micro_batch_size": None}, "micro_batch_size"),
+        ({"probe_batches": True}, "probe_batches"),
+    ],
+    ids=repr,
+)
+def test_free_sources_refuse_the_probe_options_they_cannot_use(
+    kwargs: dict[str, Any], name: str
+) -> None:
+    for source in ("accumulation", "ddp"):
+        with pytest.raises(MisconfigurationException, match=f"`{name}`.*do not apply"):
+            GradientCoherenceMonitor(source=source, **kwargs)  # type: ignore[arg-type]
+
+
+def test_sums_cross_processes_in_one_collective() -> None:
+    """Every state of the sums (vectors and blocks included) goes in one reduce call."""
+    calls: list[tuple[int, ...]] = []
+
+    class Strategy:
+        def reduce(self, tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+            calls.append(tuple(tensor.shape))
+            assert reduce_op == "sum"
+            return 2 * tensor  # two identical processes
+
+    class Trainer:
+        world_size = 2
+        strategy = Strategy()
+
+    sums = GradientSums.zeros(3, dtype=torch.float64, blocks={"a": [slice(0, 1)]})
+    sums.add(torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64))
+    total = GradientCoherenceMonitor.summed_over_processes(Trainer(), sums)  # type: ignore[arg-type]
+    assert calls == [(4 + 3 * 3 + 1,)]  # 4 scalars, 3 vectors of 3, 1 block
+    assert total.num_samples == 4
+    for name, value in sums.states().items():
+        assert torch.equal(total.states()[name], 2 * value), name
+    alone = GradientCoherenceMonitor.summed_over_processes(pl.Trainer(logger=False), sums)
+    assert alone is sums

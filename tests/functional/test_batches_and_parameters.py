@@ -17,7 +17,12 @@ from lightning_curvature.functional.batches import (
     split_batches,
 )
 from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
-from lightning_curvature.functional.parameters import ParameterLayout, select_parameters
+from lightning_curvature.functional.parameters import (
+    ParameterLayout,
+    layer_blocks,
+    layer_parameters,
+    select_parameters,
+)
 from tests.functional.cases import CASES_BY_NAME, FrozenAndTied, reference
 
 CPU = torch.device("cpu")
@@ -45,7 +50,7 @@ def test_one_batch(batch: Any) -> None:
     probe = split_batches(batch, CPU)
     assert len(probe.batches) == 1
     assert probe.weights == (1.0,)
-    assert probe.num_examples == 7
+    assert batch_size(probe.batches[0]) == 7
     assert type(probe.batches[0]) is type(batch)
 
 
@@ -67,7 +72,7 @@ def test_several_batches_weighted_by_size(kind: str) -> None:
     probe = split_batches(batches, CPU)
     sizes = [batch_size(b) for b in probe.batches]
     assert len(sizes) > 1
-    assert sum(sizes) == probe.num_examples == 7
+    assert sum(sizes) == 7
     assert probe.weights == pytest.approx([s / 7 for s in sizes])
     assert sum(probe.weights) == pytest.approx(1.0)
 
@@ -75,7 +80,7 @@ def test_several_batches_weighted_by_size(kind: str) -> None:
 def test_batches_of_unknown_size_weigh_the_same() -> None:
     probe = split_batches([{"scale": 2.0}, {"scale": 3.0}, {"scale": 4.0}], CPU)
     assert probe.weights == pytest.approx([1 / 3] * 3)
-    assert probe.num_examples is None
+    assert [batch_size(b) for b in probe.batches] == [None, None, None]
     assert batch_size({"scale": 2.0}) is None
     assert batch_size(torch.tensor(3.0)) is None
 
@@ -182,3 +187,38 @@ def test_layout_split_flatten_and_groups() -> None:
         "2": [slice(8, 10), slice(10, 11)],
     }
     assert layout.groups(["*.bias"]) == {"*.bias": [slice(6, 8), slice(10, 11)]}
+
+
+# -- per_layer: the one grammar of blocks ---------------------------------------------------------
+def test_layer_blocks_reads_every_form_of_per_layer() -> None:
+    assert layer_blocks(False) == layer_blocks(None) == layer_blocks([]) == {}
+    assert layer_blocks(True) is True
+    assert layer_blocks(("a.*", "b")) == {"a.*": ("a.*",), "b": ("b",)}
+    assert layer_blocks({"x": "a.*", "y": ["b", "c.*"]}) == {"x": ("a.*",), "y": ("b", "c.*")}
+
+
+@pytest.mark.parametrize(
+    "per_layer",
+    ["a.*", 3, [1], ["a", None], {"x": []}, {"x": 2}, {"x": ["a", 3]}, {4: "a"}, {"x": [["a"]]}],
+    ids=repr,
+)
+def test_layer_blocks_refuses_anything_else_naming_the_grammar(per_layer: Any) -> None:
+    with pytest.raises(ValueError, match="`per_layer` must be a bool or glob patterns") as raised:
+        layer_blocks(per_layer)
+    assert f"got {per_layer!r}" in str(raised.value)
+    if isinstance(per_layer, str):
+        assert "one pattern goes in a list: ['a.*']" in str(raised.value)
+
+
+def test_layer_parameters_resolves_blocks_among_the_measured_names() -> None:
+    names = ["enc.0.weight", "enc.0.bias", "enc.1.weight", "head.weight"]
+    blocks = layer_parameters({"enc": "enc.*", "w": ["head.*", "*.weight"]}, names)
+    # each block in the measured order, a parameter that two patterns match once
+    assert blocks == {"enc": names[:3], "w": ["enc.0.weight", "enc.1.weight", "head.weight"]}
+    assert layer_parameters(True, names) == {
+        "enc.0": ["enc.0.weight", "enc.0.bias"],
+        "enc.1": ["enc.1.weight"],
+        "head": ["head.weight"],
+    }
+    with pytest.raises(ValueError, match=r"`per_layer` pattern 'dec\.\*' matches none"):
+        layer_parameters({"enc": "enc.*", "dec": ["dec.*"]}, names)

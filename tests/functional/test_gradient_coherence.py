@@ -21,12 +21,8 @@ from torch import nn
 
 from lightning_curvature.functional import gradient_statistics
 from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.gradient_statistics import (
-    GradientCoherence,
-    GradientSums,
-    gradient_coherence,
-    gradient_sums,
-)
+from lightning_curvature.functional.coherence import gradient_coherence, gradient_sums
+from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
 RTOL = 1e-6
@@ -290,6 +286,19 @@ def test_per_layer_coherence_matches_brute_force() -> None:
     assert biases["*.bias"].item() == pytest.approx(block_coherence(part, slice(None)), rel=RTOL)
 
 
+def test_per_layer_dict_blocks_hold_every_parameter_of_their_patterns() -> None:
+    """A dict names blocks; a block of several patterns is the union of their parameters."""
+    model, batch = mlp(), classification()
+    g = loop_gradients(model, cross_entropy, examples(batch))  # 0.weight 0.bias 2.weight 2.bias
+    named = {"weights": ["0.weight", "2.weight"], "head": "2.*", "everything": ["*.bias", "*"]}
+    out = gradient_coherence(model, cross_entropy, batch, per_layer=named)
+    assert list(out.per_layer) == ["weights", "head", "everything"]
+    part = torch.cat([g[:, :20], g[:, 25:40]], dim=1)
+    assert out.per_layer["weights"].item() == pytest.approx(block_coherence(part, slice(None)))
+    assert out.per_layer["head"].item() == pytest.approx(block_coherence(g, slice(25, 43)))
+    assert out.per_layer["everything"].item() == pytest.approx(out.coherence.item(), rel=1e-12)
+
+
 def test_parameters_restrict_every_statistic() -> None:
     model, batch = mlp(), classification()
     out = gradient_coherence(model, cross_entropy, batch, parameters="2.*")
@@ -490,6 +499,12 @@ def sample_rows(m: int = 9, p: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randn(m, p, generator=generator, dtype=torch.float64) + 0.3
 
 
+def merged(first: GradientSums, second: GradientSums) -> GradientSums:
+    """The sums over the samples of both (what adding the states of two processes gives)."""
+    theirs = second.states()
+    return first.with_states({name: value + theirs[name] for name, value in first.states().items()})
+
+
 def test_sums_of_rows_equal_the_reference_and_merge_in_any_split() -> None:
     rows = sample_rows()
     whole = GradientSums.zeros(7, dtype=torch.float64)
@@ -502,7 +517,7 @@ def test_sums_of_rows_equal_the_reference_and_merge_in_any_split() -> None:
     first.add(rows[:2])
     for row in rows[2:]:
         second.add(row)
-    assert_same(first.merge(second).compute(), whole.compute())
+    assert_same(merged(first, second).compute(), whole.compute())
     assert first.num_samples == 2  # merge leaves its inputs alone
 
 
@@ -534,9 +549,8 @@ def test_all_reduce_sums_every_state_in_one_call() -> None:
         return flat + torch.cat([v.reshape(-1) for v in theirs.states().values()])
 
     reduced = mine.all_reduce(fake_all_reduce).compute()
-    merged = mine.merge(theirs).compute()
     assert len(calls) == 1
-    assert_same(reduced, merged)
+    assert_same(reduced, merged(mine, theirs).compute())
     assert reduced.per_layer.keys() == {"a", "b"}
     assert reduced.per_layer["b"].item() == pytest.approx(
         block_coherence(rows[:, [3, 4, 6]], slice(None))
@@ -662,8 +676,6 @@ def test_invalid_accumulator_use() -> None:
     scalar_only.add(torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"give `sum_sq_norm`.*exactly when"):
         scalar_only.compute()
-    with pytest.raises(ValueError, match="same states, blocks and size"):
-        sums.merge(GradientSums.zeros(4))
     with pytest.raises(ValueError, match="`states` must have the keys"):
         sums.with_states({"count": torch.tensor(1.0)})
     scalar = GradientSums.zeros(3, vectors=False, blocks={"a": [slice(0, 1)]})

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from lightning_curvature.functional.batches import map_tensors
-from lightning_curvature.functional.gradient_statistics import gradient_coherence, gradient_sums
+from lightning_curvature.functional.coherence import gradient_coherence, gradient_sums
 from tests.functional.test_gradient_coherence import FIELDS, reference
 
 N = 16

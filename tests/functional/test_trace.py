@@ -115,6 +115,19 @@ def test_per_layer_traces_sum_to_the_total() -> None:
     assert set(patterns.per_layer) == {"conv.*", "*.bias"}
 
 
+def test_per_layer_dict_blocks_are_the_union_of_their_patterns() -> None:
+    """Block estimates share the probes: a block of two modules is the sum of theirs."""
+    case = CASES_BY_NAME["cnn_batchnorm_eval"]
+    model, loss_fn, batch = case.build()
+    per_module = hessian_trace(model, loss_fn, batch, num_hvps=8, per_layer=True).per_layer
+    named = {"conv_and_bn": ["conv.*", "bn.*"], "head": "head.*"}
+    out = hessian_trace(model, loss_fn, batch, num_hvps=8, per_layer=named)
+    assert list(out.per_layer) == ["conv_and_bn", "head"]
+    both = float(per_module["conv"] + per_module["bn"])
+    assert float(out.per_layer["conv_and_bn"]) == pytest.approx(both, rel=1e-12)
+    assert float(out.per_layer["head"]) == pytest.approx(float(per_module["head"]), rel=1e-12)
+
+
 def test_per_layer_estimates_are_unbiased() -> None:
     """Each block estimate is within 4 standard errors of the exact block trace (800 probes)."""
     case = CASES_BY_NAME["mlp_tanh"]

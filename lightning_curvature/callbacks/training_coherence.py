@@ -1,0 +1,299 @@
+"""Gradient coherence from the gradients training computes anyway: no extra forward or backward.
+
+What ``GradientCoherenceMonitor(source="accumulation")`` and ``(source="ddp")`` build:
+
+* ``"accumulation"``: free under gradient accumulation. Each micro-batch gradient that the
+  training step computes anyway is one sample, read by hooks as it passes
+  (:mod:`~lightning_curvature.callbacks.gradient_capture`), and ``.grad`` and the optimizer
+  see exactly what they would without the monitor.
+* ``"ddp"``: free under DDP. Each process's own gradient of the step, before DDP averages
+  it, is one sample; the statistics need only scalar sums over processes, because
+  ``‖Σ g_r‖²`` is the squared norm of ``world_size`` times the averaged ``.grad`` that every
+  process holds after the backward. The mean cosine and the SNR need gradient-sized sums,
+  so they are not logged in this mode.
+
+These sources see the gradients training computes: dropout on, BatchNorm in training mode,
+the loss as ``training_step`` returns it. They read no probe batch, so the probe options of
+:class:`~lightning_curvature.callbacks.coherence.GradientCoherenceMonitor` do not apply.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
+from lightning_curvature.callbacks.gradient_capture import BackwardGradients
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.schedule import EveryNSteps
+from lightning_curvature.functional.batches import batch_size
+from lightning_curvature.functional.coherence import CoherenceMode
+from lightning_curvature.functional.functional_model import probe_dtype
+from lightning_curvature.functional.gradient_statistics import GradientSums
+from lightning_curvature.functional.parameters import (
+    ParameterLayout,
+    PerLayer,
+    select_parameters,
+)
+from lightning_curvature.functional.probe import unwrap_model
+
+__all__ = ["TrainingGradientCoherenceMonitor", "TrainingSource"]
+
+TrainingSource = Literal["accumulation", "ddp"]
+_TRAINING_SOURCES = get_args(TrainingSource)
+# The options that only mean something for probe batches, each at the value that asks for
+# nothing (the defaults of GradientCoherenceMonitor and CurvatureMonitor: LightningCLI passes
+# every argument of the signature, so these are accepted; a test keeps them equal).
+PROBE_OPTIONS: dict[str, Any] = {
+    "mode": "auto",
+    "micro_batch_size": 8,
+    "chunk_size": None,
+    "probe": "fixed",
+    "probe_batches": 1,
+    "probe_dataloader": None,
+    "loss_fn": None,
+    "batch_norm": "eval",
+    "on_train_end": False,
+}
+
+
+@dataclass
+class _StepSamples:
+    """Gradient samples of one optimizer step, read from training's backward passes."""
+
+    gradients: BackwardGradients
+    sums: GradientSums
+    local: torch.Tensor | None  # "ddp": this process's gradient of the step, summed so far
+    local_size: float = 0.0
+    averaged: torch.Tensor | None = None  # "ddp": DDP's averaged .grad after the last backward
+    micro_batch_size: int | None = None  # examples of the micro-batch being computed
+    unknown_size: bool = False
+    seconds: float = 0.0
+
+
+def _flat_grad(parameters: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``.grad`` of ``parameters`` as one flat vector (zeros where there is none)."""
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+            for p in parameters
+        ]
+    )
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    """The grad scaler's scale (``16-mixed``), by which backward's gradients are multiplied."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
+
+
+class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
+    """The gradient statistics of training's own micro-batch or per-process gradients.
+
+    Built by ``GradientCoherenceMonitor(source="accumulation")`` or ``(source="ddp")``; it
+    logs the tags of :class:`~lightning_curvature.callbacks.coherence.GradientCoherenceMonitor`
+    (without ``gradient/mean_cosine`` and ``gradient/snr`` for ``"ddp"``).
+
+    Args:
+        source: ``"accumulation"`` (default: needs ``accumulate_grad_batches ≥ 2``, or
+            several processes) or ``"ddp"`` (needs at least 2 processes); both need
+            automatic optimization.
+        mode: accepted at ``"auto"`` only (the samples are training's own gradients).
+        per_layer: as for ``GradientCoherenceMonitor``.
+        every_n_steps: measure every this many optimizer steps (``"auto"``: 500).
+        **kwargs: cadence, ``name``, ``parameters`` and ``seed``: see ``CurvatureMonitor``.
+            The probe options (``micro_batch_size``, ``chunk_size``, ``probe``,
+            ``probe_batches``, ``probe_dataloader``, ``loss_fn``, ``batch_norm``,
+            ``on_train_end``) are refused unless at their defaults.
+
+    Raises:
+        MisconfigurationException: on invalid or probe-only arguments (at construction), or
+            without a logger, under a sharded strategy, with manual optimization, or when
+            there are fewer than 2 samples a step to read (at setup).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> monitor = TrainingGradientCoherenceMonitor("ddp", every_n_steps=100)
+        >>> monitor.source, GradientCoherenceMonitor(source="ddp").skipped_statistics
+        ('ddp', ('mean_cosine', 'snr'))
+    """
+
+    def __init__(
+        self,
+        source: TrainingSource = "accumulation",
+        mode: CoherenceMode = "auto",
+        *,
+        per_layer: PerLayer = False,
+        every_n_steps: EveryNSteps = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if source not in _TRAINING_SOURCES:
+            raise MisconfigurationException(
+                f"`source` must be one of {_TRAINING_SOURCES}, got {source!r}."
+            )
+        options = {"mode": mode, **kwargs}
+        given = [
+            name
+            for name, neutral in PROBE_OPTIONS.items()
+            if name in options
+            and not (type(options[name]) is type(neutral) and options[name] == neutral)
+        ]
+        if given:
+            raise MisconfigurationException(
+                f"source={source!r} reads the gradients training computes, so "
+                f"{', '.join(f'`{n}`' for n in given)} (probe-batch options) do not apply; "
+                f"got {', '.join(f'{n}={options[n]!r}' for n in given)}. Use source='probe'."
+            )
+        rest = {name: value for name, value in kwargs.items() if name not in PROBE_OPTIONS}
+        super().__init__(source, per_layer=per_layer, every_n_steps=every_n_steps, **rest)
+        self._step: _StepSamples | None = None
+
+    @property
+    @override
+    def skipped_statistics(self) -> tuple[str, ...]:
+        return ("mean_cosine", "snr") if self.source == "ddp" else ()
+
+    @property
+    @override
+    def uses_probe_data(self) -> bool:
+        return False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"source={self.source!r} reads the backward passes of automatic optimization; "
+                "with manual optimization use source='probe' with `loss_fn=`."
+            )
+        if self.source == "ddp" and trainer.world_size < 2:
+            raise MisconfigurationException(
+                "source='ddp' takes each process's gradient as one sample and needs at least "
+                f"2 processes; the Trainer has world_size={trainer.world_size}."
+            )
+        if (
+            self.source == "accumulation"
+            and trainer.accumulate_grad_batches * trainer.world_size < 2
+        ):
+            raise MisconfigurationException(
+                "source='accumulation' takes each micro-batch gradient of a step as one sample "
+                "and needs accumulate_grad_batches >= 2 (or several processes); got "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}."
+            )
+
+    # -- the samples, read from training's backward passes -------------------------------------
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._step is None and self.is_due(trainer, batch_idx):
+            self._step = self._start_step(pl_module)
+        if self._step is not None:
+            self._step.micro_batch_size = batch_size(batch)
+
+    def _start_step(self, pl_module: pl.LightningModule) -> _StepSamples:
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        layout = ParameterLayout.from_named(named)
+        params = [p for _, p in named]
+        dtype = probe_dtype(params)
+        vectors = self.source == "accumulation"
+        sums = GradientSums.zeros(
+            layout.size,
+            dtype=dtype,
+            device=params[0].device,
+            vectors=vectors,
+            blocks=layout.groups(self.blocks.functional),
+            mode=self.source,
+        )
+        local = None if vectors else torch.zeros(layout.size, dtype=dtype, device=params[0].device)
+        return _StepSamples(BackwardGradients(params, dtype), sums, local)
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self._step is not None:
+            self._step.gradients.attach()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = self._step
+        if step is None or not step.gradients.attached:
+            return
+        started = time.perf_counter()
+        gradient = step.gradients.detach()  # this micro-batch's, times Lightning's scaling
+        if step.micro_batch_size is None:
+            step.unknown_size = True
+        size = float(step.micro_batch_size or 1)
+        scale = _loss_scale(trainer)
+        if step.local is None:  # "accumulation": undo the 1/accumulate_grad_batches too
+            step.sums.add(gradient.mul_(trainer.accumulate_grad_batches / scale), size)
+        else:  # "ddp": the step's gradient is the mean of its micro-batches, as Lightning's
+            step.local.add_(gradient, alpha=1.0 / scale)
+            step.local_size += size
+            # After the step's last backward .grad is DDP's average of the steps' gradients;
+            # read here, before anything after the backward (a SAM pass) replaces it.
+            step.averaged = _flat_grad(step.gradients.parameters, step.local.dtype) / scale
+        step.seconds += time.perf_counter() - started
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        step, self._step = self._step, None
+        if step is None:
+            return
+        if step.gradients.attached:
+            step.gradients.detach()
+        self.record_measurement(
+            trainer,
+            pl_module,
+            lambda: self._measure_step(trainer, step),
+            seconds_before=step.seconds,
+        )
+
+    def _measure_step(self, trainer: pl.Trainer, step: _StepSamples) -> Measurement | None:
+        sums = step.sums
+        if step.local is not None and step.local_size > 0:
+            sums.add(step.local, step.local_size)
+        unknown = torch.tensor(float(step.unknown_size), device=sums.count.device)
+        unknown = trainer.strategy.reduce(unknown, reduce_op="sum")
+        total = self.summed_over_processes(trainer, sums)
+        if not self.enough_samples(total, trainer.global_step):
+            return None
+        if _loss_scale(trainer) != 1.0 and not all(
+            bool(torch.isfinite(value).all()) for value in total.states().values()
+        ):
+            return None  # the grad scaler skips this step too: routine, no warning
+        if float(unknown) > 0:
+            self.warn_once(
+                "size",
+                "a training batch has no tensor with a leading (example) dimension, so its "
+                "number of examples is unknown; nothing is logged (the noise scale is "
+                "counted in examples).",
+            )
+            return None
+        if step.local is None:
+            return Measurement(self.metrics(total.compute()))
+        # "ddp": Σ_r g_r = world_size · (DDP's averaged gradient), which every process holds.
+        averaged = step.averaged if step.averaged is not None else torch.zeros_like(step.local)
+        s2, blocks = total.squared_norms(averaged * total.num_samples)
+        result = total.compute(sum_sq_norm=s2, block_sum_sq_norm=blocks or None)
+        return Measurement(self.metrics(result))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._step is not None and self._step.gradients.attached:
+            self._step.gradients.detach()
+        self._step = None
+        super().on_train_end(trainer, pl_module)
