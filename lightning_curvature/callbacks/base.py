@@ -64,7 +64,13 @@ from lightning_curvature.callbacks.schedule import (
     resolve_every_n_steps,
 )
 from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.hvp import BACKENDS, AllReduce, HVPBackend, LossFn
+from lightning_curvature.functional.hvp import (
+    BACKENDS,
+    AllReduce,
+    HVPBackend,
+    LossFn,
+    check_smooth,
+)
 from lightning_curvature.functional.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.sampling import make_generator
@@ -132,11 +138,19 @@ def log_step(trainer: pl.Trainer) -> int:
     return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
-def check_strategy(trainer: pl.Trainer, callback: str, why: str) -> None:
-    """At ``setup``: refuse a sharded strategy, which ``callback`` cannot run under (``why``).
+def check_strategy(trainer: pl.Trainer, callback: str, why: str | None = None) -> None:
+    """At ``setup``: refuse a sharded strategy ``callback`` cannot run under.
+
+    FSDP1 (``FSDPStrategy``) and DeepSpeed are always refused, naming the alternative: their
+    flat-parameter sharding needs an accelerator and was not verified here. FSDP2
+    (``ModelParallelStrategy`` with ``fully_shard``, verified on CPU processes) is refused
+    only with a ``why`` (the reason ``callback`` cannot run on sharded parameters).
+
+    Raises:
+        MisconfigurationException: naming ``callback``, the strategy and what to use.
 
     Example:
-        >>> check_strategy(pl.Trainer(logger=False), "SAM", "it perturbs every parameter.")
+        >>> check_strategy(pl.Trainer(logger=False), "SAM")  # a single device: nothing to refuse
     """
     from lightning.pytorch.strategies import (
         DeepSpeedStrategy,
@@ -144,10 +158,16 @@ def check_strategy(trainer: pl.Trainer, callback: str, why: str) -> None:
         ModelParallelStrategy,
     )
 
-    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+    strategy = type(trainer.strategy).__name__
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
         raise MisconfigurationException(
-            f"`{callback}` does not support sharded strategies "
-            f"({type(trainer.strategy).__name__}): {why} Use DDP."
+            f"`{callback}` does not support {strategy}: its flat-parameter sharding was not "
+            "verified here. Use ModelParallelStrategy() with "
+            "torch.distributed.fsdp.fully_shard in `configure_model` (FSDP2), or DDP."
+        )
+    if why is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+        raise MisconfigurationException(
+            f"`{callback}` does not support {strategy} (sharded parameters): {why} Use DDP."
         )
 
 
@@ -414,13 +434,42 @@ class CurvatureMonitor(Callback):
             self.check_model(pl_module)
         except ValueError as err:
             raise MisconfigurationException(f"`{name}`: {err}") from None
-        check_strategy(trainer, name, "Hessian-vector products need every parameter on every rank.")
+        self.check_sharding(trainer, pl_module)
         if getattr(trainer, "fast_dev_run", False) and self is _monitors(trainer)[0]:
             rank_zero_warn(
                 "fast_dev_run replaces every logger with a DummyLogger: the curvature monitors "
                 "still probe (so errors show), but nothing they measure is logged. Use "
                 "`max_steps=` for a short run that logs."
             )
+
+    def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At ``setup``: refuse a sharded strategy this monitor cannot measure under.
+
+        ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``) is
+        supported by the monitors whose :attr:`shardable` is true, with the finite-difference
+        backend (``"auto"`` chooses it) on a smooth model; FSDP1 and DeepSpeed are refused.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        name, strategy = type(self).__name__, type(trainer.strategy).__name__
+        check_strategy(trainer, name, None if self.shardable else self.unshardable_reason)
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        if self.backend not in ("auto", "finite_difference"):
+            raise MisconfigurationException(
+                f"`{name}` under {strategy}: backend={self.backend!r} needs a double backward, "
+                "which FSDP2's sharded parameters do not have; use backend='auto' (which "
+                "chooses 'finite_difference' there) or 'finite_difference'."
+            )
+        try:
+            check_smooth(unwrap_model(pl_module))
+        except ValueError as err:
+            raise MisconfigurationException(f"`{name}` under {strategy}: {err}") from None
+
+    #: Whether this monitor measures under ``ModelParallelStrategy`` (FSDP2 shards).
+    shardable = False
+    #: Why not, for the refusal at ``setup``.
+    unshardable_reason = "it has not been made to work on sharded parameters."
 
     @property
     def fixed_probe(self) -> BatchList | None:

@@ -150,6 +150,13 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
         ('TrainingGradientCoherenceMonitor', True)
     """
 
+    unshardable_reason = (
+        "its probe source needs per-example or micro-batch gradients through torch.func, "
+        "which FSDP2's DTensor shards and hooks do not allow; its 'ddp' source reads each "
+        "process's gradient before the all-reduce, which FSDP2 reduce-scatters inside the "
+        "backward; its 'accumulation' source is not implemented over sharded gradients."
+    )
+
     cost_name = "coherence"
     counts_hvps = False
     default_every_n_steps = 500

@@ -74,6 +74,8 @@ class SpectralDensityMonitor(OperatorMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
+    shardable = True  # FSDP2: finite differences over sharded vectors
+
     cost_name = "density"
     default_every_n_steps = 2000
     state_key_arguments = ("num_steps", "num_runs")

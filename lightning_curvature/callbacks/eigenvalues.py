@@ -36,6 +36,7 @@ from lightning_curvature.functional.functional_model import probe_dtype
 from lightning_curvature.functional.parameters import PerLayer, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.reductions import inner_products
+from lightning_curvature.functional.sharded import local_tensor
 from lightning_curvature.functional.stability import StabilityThreshold, stability_threshold
 
 __all__ = ["HessianEigenvalueMonitor"]
@@ -145,6 +146,8 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
+    shardable = True  # FSDP2: finite differences over sharded vectors
+
     cost_name = "eigenvalue"
     default_every_n_steps = 500
     state_key_arguments = (
@@ -221,11 +224,12 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
     ) -> Any:
         kwargs = {**self.probe_kwargs(trainer, pl_module), **overrides}
         warm = self._warm.get(key) if self.warm_start else None
-        size = sum(
-            p.numel() for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"])
+        size = sum(  # this process's shard under FSDP2, whose warm starts are shards too
+            local_tensor(p).numel()
+            for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"])
         )
         if warm is not None and warm.shape[-1] != size:
-            warm = None  # the trainable parameters changed (e.g. unfreezing): start cold
+            warm = None  # the trainable parameters (or their sharding) changed: start cold
         kwargs.setdefault("return_eigenvectors", self.warm_start)
         result = hessian_eigenvalues(
             pl_module,
@@ -314,6 +318,19 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
                 f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.",
             )
         return found
+
+    @override
+    def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().check_sharding(trainer, pl_module)
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        extras = [n for n in ("gradient_share", "update_sharpness") if getattr(self, n)]
+        if extras and isinstance(trainer.strategy, ModelParallelStrategy):
+            raise MisconfigurationException(
+                f"`HessianEigenvalueMonitor` under ModelParallelStrategy: "
+                f"{', '.join(f'{n}=True' for n in extras)} is not implemented over sharded "
+                "parameters (its gradients and updates would be shards); leave it False."
+            )
 
     def _stability(
         self,

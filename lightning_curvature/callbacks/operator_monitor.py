@@ -70,6 +70,18 @@ class OperatorMonitor(CurvatureMonitor):
         return super().tag(tag)
 
     @override
+    def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().check_sharding(trainer, pl_module)
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self.curvature != "hessian" and isinstance(trainer.strategy, ModelParallelStrategy):
+            raise MisconfigurationException(
+                f"`{type(self).__name__}` under ModelParallelStrategy: curvature="
+                f"{self.curvature!r} needs Jacobian products through torch.func, which FSDP2's "
+                "sharded parameters do not allow; use curvature='hessian'."
+            )
+
+    @override
     def probe_kwargs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         return {**super().probe_kwargs(trainer, pl_module), "curvature": self.curvature}
 

@@ -80,11 +80,13 @@ from lightning_curvature.functional.sam import (
     RNGState,
     SAMDropout,
     SAMPerturbation,
+    backward_gradient_sum,
     check_sam_arguments,
     gradient_sum,
     perturbed_parameters,
     sam_perturbation,
 )
+from lightning_curvature.functional.sharded import fsdp_shards, local_tensor
 from lightning_curvature.functional.warnings import CurvatureWarning
 
 __all__ = ["SAM", "SAMPerturbationMode"]
@@ -238,7 +240,9 @@ class SAM(Callback):
         MisconfigurationException: on an argument out of range (at construction, naming it
             and its allowed range); at setup, with manual optimization (and so with several
             optimizers, which Lightning 2 allows only there), a ``training_step`` that takes
-            ``dataloader_iter``, or a sharded strategy (FSDP, DeepSpeed, model parallel).
+            ``dataloader_iter``, FSDP1 or DeepSpeed, or ``ModelParallelStrategy`` with
+            ``perturbation="per_replica"``. Under ``ModelParallelStrategy`` (FSDP2,
+            ``fully_shard``) ε comes from the global gradient norm across the shards.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -332,7 +336,17 @@ class SAM(Callback):
                 "`SAM` cannot re-evaluate a `training_step` that takes `dataloader_iter`: "
                 "the step's batches are not known to the callback. Take a batch argument."
             )
-        check_strategy(trainer, "SAM", "it perturbs every parameter in place on every rank.")
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        check_strategy(trainer, "SAM")  # FSDP2: ε from the global norm across the shards
+        if isinstance(trainer.strategy, ModelParallelStrategy) and self.perturbation != (
+            "all_reduced"
+        ):
+            raise MisconfigurationException(
+                f"`SAM` under {type(trainer.strategy).__name__}: perturbation="
+                f"{self.perturbation!r} needs each process's own gradient, which FSDP2 "
+                "reduce-scatters inside the backward; use perturbation='all_reduced'."
+            )
         if self.log_every_n_steps is None:
             self._logs.every_n_steps = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         self._install(trainer, pl_module)
@@ -458,8 +472,16 @@ class SAM(Callback):
         if not params:  # the loss does not reach any optimized parameter: nothing to perturb
             return loss
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # FSDP2: ε from the local shards of w and g with the global norm; FSDP's
+        # reduce-scatter already averaged g (and averages the SAM gradient).
+        shards = fsdp_shards(params)
         perturbation = sam_perturbation(
-            params, grads, self.rho, adaptive=self.adaptive, eta=self.eta
+            [local_tensor(p) for p in params],
+            [local_tensor(g) for g in grads],
+            self.rho,
+            adaptive=self.adaptive,
+            eta=self.eta,
+            all_sum=None if shards is None else shards.all_sum,
         )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if not perturbation.is_finite():
@@ -471,6 +493,7 @@ class SAM(Callback):
             perturbation = SAMPerturbation(
                 tuple(None if e is None else torch.zeros_like(e) for e in perturbation.tensors),
                 perturbation.gradient_norm,
+                perturbation.all_sum,
             )
 
         # The curvature along ε from the two gradients (only on steps that log it): ⟨g, ε⟩ now,
@@ -493,7 +516,7 @@ class SAM(Callback):
                 else:
                     p.grad.copy_(g)
                 final.append(p.grad)
-            if trainer.world_size > 1:
+            if trainer.world_size > 1 and shards is None:
                 _average_gradients(trainer, params, final)
         self.num_sam_steps += 1
         if before is not None:
@@ -535,10 +558,12 @@ class SAM(Callback):
         # With dropout="reuse" the RNG streams are put back to where the first pass left them.
         with (
             isolated(module, eval_mode=False, rng=self.dropout == "reuse", attributes=False),
-            perturbed_parameters(params, perturbation),
+            perturbed_parameters([local_tensor(p) for p in params], perturbation),
             frozen_running_stats(module),
             torch.enable_grad(),
         ):
+            if perturbation.all_sum is not None:  # FSDP2 shards: through their hooks
+                return backward_gradient_sum(params, losses(), list(module.parameters()))
             return gradient_sum(params, losses())
 
     def _skip(self, step: int, scaler: Any) -> None:

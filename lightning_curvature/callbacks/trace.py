@@ -67,6 +67,8 @@ class HessianTraceMonitor(PerLayerMonitor, OperatorMonitor):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, enable_progress_bar=False)
     """
 
+    shardable = True  # FSDP2: finite differences over sharded vectors
+
     cost_name = "trace"
     default_every_n_steps = 1000
     state_key_arguments = ("num_hvps", "method", "per_layer")

@@ -23,7 +23,6 @@ from lightning_curvature.functional.lanczos import lanczos_quadrature
 from lightning_curvature.functional.options import OperatorOptions, open_operator
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.sampling import rademacher
 
 __all__ = ["SpectralDensity", "check_density_arguments", "density_on_grid", "spectral_density"]
 
@@ -153,7 +152,9 @@ def spectral_density(
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
         generator: random source on the model's device (default: seeded with 0).
-        all_reduce: averages a tensor across processes (DDP).
+        all_reduce: averages a tensor across processes (DDP). Under FSDP2 (sharded
+            parameters) the vectors are sharded instead and need none (see
+            :class:`HessianOperator`).
         curvature: ``"hessian"``, or ``"ggn"`` for the density of the generalized
             Gauss–Newton matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
         options: the operator's settings as one
@@ -175,10 +176,11 @@ def spectral_density(
     all_nodes, all_weights = [], []
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     with open_operator(model, loss_fn, batch, settings, generator) as (operator, generator):
-        steps = min(num_steps, operator.size)
+        shards = operator.shards
+        steps = min(num_steps, shards.size)
         for _ in range(num_runs):
-            start = rademacher((operator.size,), generator, operator.dtype, operator.device)
-            nodes, weights = lanczos_quadrature(operator.matvec, start, steps)
+            start = shards.rademacher(generator, operator.dtype, operator.device)
+            nodes, weights = lanczos_quadrature(operator.matvec, start, steps, shards)
             pad = steps - nodes.numel()  # fewer nodes after an early (exact) breakdown
             all_nodes.append(torch.cat([nodes, nodes[-1:].expand(pad)]))
             all_weights.append(torch.cat([weights, weights.new_zeros(pad)]))
@@ -186,5 +188,5 @@ def spectral_density(
         nodes=torch.stack(all_nodes),
         weights=torch.stack(all_weights),
         num_hvps=operator.num_hvps,
-        num_parameters=operator.size,
+        num_parameters=operator.shards.size,
     )

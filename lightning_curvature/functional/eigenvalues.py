@@ -17,6 +17,7 @@ from lightning_curvature.functional.lanczos import LanczosResult, lanczos_eigenp
 from lightning_curvature.functional.options import OperatorOptions, open_operator
 from lightning_curvature.functional.parameters import ParameterPatterns
 from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.functional.sharded import VectorShards
 from lightning_curvature.functional.warnings import CurvatureWarning
 
 __all__ = [
@@ -93,29 +94,34 @@ def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter:
 
 def _start_vector(
     init: torch.Tensor | None,
-    size: int,
+    shards: VectorShards,
     generator: torch.Generator,
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    noise = torch.randn(size, generator=generator, dtype=dtype, device=device)
+    """A random start, or ``init``'s unit vectors summed plus a little noise (this shard)."""
+    size = shards.local_size
+    noise = shards.randn(generator, dtype, device)
     if init is None:
         return noise
-    vectors = (
-        init.to(device=device, dtype=dtype).reshape(-1, init.shape[-1]) if init.dim() else init
-    )
-    if init.dim() not in (1, 2) or vectors.shape[-1] != size:
+    # Checked on every process at once: one refusing alone would leave the others waiting.
+    misshapen = init.dim() not in (1, 2) or init.shape[-1] != size
+    if shards.any_true(misshapen, device):
+        where = " (this process's shard under sharding)" if shards.sharded else ""
         raise ValueError(
-            f"`init` must have shape ({size},) or (m, {size}) over the measured parameters, "
-            f"got {tuple(init.shape)}."
+            f"`init` must have shape ({size},) or (m, {size}) over the measured parameters"
+            f"{where}, got {tuple(init.shape)}."
         )
-    norms = torch.linalg.vector_norm(vectors, dim=1, keepdim=True).clamp_min(1e-30)
+    vectors = init.to(device=device, dtype=dtype).reshape(-1, size)
+    squares = shards.all_sum(vectors.double().square().sum(1, keepdim=True))
+    norms = squares.sqrt().to(dtype).clamp_min(1e-30)
     start = (vectors / norms).sum(0)
-    if not (bool(torch.isfinite(start).all()) and bool(start.any())):
+    length = shards.norm(start)
+    if shards.any_true(not bool(torch.isfinite(start).all()), device) or length == 0:
         raise ValueError("`init` must be finite and not zero (it starts the Lanczos basis).")
     # A little noise guards against a new top direction orthogonal to the old ones.
-    unit_noise = noise.div(torch.linalg.vector_norm(noise))
-    mixed: torch.Tensor = start.div(torch.linalg.vector_norm(start)).add(unit_noise, alpha=1e-3)
+    unit_noise = noise.div(shards.norm(noise))
+    mixed: torch.Tensor = start.div(length).add(unit_noise, alpha=1e-3)
     return mixed
 
 
@@ -261,12 +267,13 @@ def hessian_eigenvalues(
     check_eigenvalue_arguments(k, tol, max_iter, min_iter)
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     with open_operator(model, loss_fn, batch, settings, generator) as (operator, generator):
-        if k > operator.size:
+        shards = operator.shards
+        if k > shards.size:
             raise ValueError(
-                f"`k` ({k}) exceeds the number of measured parameters ({operator.size})."
+                f"`k` ({k}) exceeds the number of measured parameters ({shards.size})."
             )
-        steps = min(max_iter or 30 + 8 * k, operator.size)
-        start = _start_vector(init, operator.size, generator, operator.dtype, operator.device)
+        steps = min(max_iter or 30 + 8 * k, shards.size)
+        start = _start_vector(init, shards, generator, operator.dtype, operator.device)
         matvec: Callable[[torch.Tensor], torch.Tensor] = operator.matvec
         if preconditioner is not None:
             if preconditioner.shape != (operator.size,):
@@ -289,11 +296,12 @@ def hessian_eigenvalues(
             smallest=smallest,
             return_eigenvectors=return_eigenvectors,
             generator=generator,
+            shards=shards,
         )
         num_hvps = operator.num_hvps
         gradient = operator.gradient() if return_gradient else None
     # A run that spanned the whole space was not cut short by the budget.
-    budget = steps if steps < operator.size else None
+    budget = steps if steps < shards.size else None
     message = uncertified_message(found, tol, num_hvps, budget)
     if message is not None:
         warnings.warn(message, CurvatureWarning, stacklevel=2)

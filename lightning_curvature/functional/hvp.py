@@ -37,6 +37,20 @@ Backends (``backend=``):
   CPU flash kernel ``_scaled_dot_product_flash_attention_for_cpu`` that a model forcing
   fused attention runs has neither, nor have most fused kernels), to
   ``"finite_difference"`` for a smooth model; :attr:`HessianOperator.backend` says which ran.
+  Over sharded parameters (FSDP2), ``"finite_difference"``.
+
+**Sharded parameters (FSDP2).** Under ``torch.distributed.fsdp.fully_shard`` every parameter
+is a ``DTensor`` shard and there is no double backward through the sharding hooks
+(``autograd.grad(..., create_graph=True)`` reports the parameters unused; going through the
+unsharded parameters with ``unshard()`` fails too, as FSDP frees their storage in its
+backward hooks). Only ``"finite_difference"`` (and ``"auto"``, which picks it) can run; the
+others are refused. Each process then holds its shard of every vector (:attr:`size` is the
+local length, :attr:`shards` the split, see :mod:`~lightning_curvature.functional.sharded`):
+the two gradients are ordinary ``loss.backward()`` calls of the model itself at weights
+perturbed in place on the local shards, restored exactly from a saved copy after each, and
+FSDP's reduce-scatter averages them across processes (every process probes its own batch, as
+under DDP). ``.grad`` is saved before the probe and put back after it. The parameters must
+be float32 or float64 (a finite difference in bf16 resolves nothing).
 
 With ``curvature="ggn"`` the operator multiplies by the generalized Gauss–Newton matrix
 ``G = Jᵀ H_ℓ J`` instead (:mod:`~lightning_curvature.functional.ggn`; ``loss_fn`` an
@@ -74,6 +88,7 @@ from lightning_curvature.functional.functional_model import (
     FunctionalModel,
     LossFn,
     check_measurable,
+    check_scalar_loss,
     probe_dtype,
 )
 from lightning_curvature.functional.ggn import (
@@ -89,6 +104,7 @@ from lightning_curvature.functional.parameters import (
     select_parameters,
 )
 from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
+from lightning_curvature.functional.sharded import VectorShards, fsdp_shards, local_tensor
 from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
 
 __all__ = [
@@ -97,6 +113,7 @@ __all__ = [
     "HessianOperator",
     "LossFn",
     "check_curvature",
+    "check_smooth",
     "hessian_vector_product",
 ]
 
@@ -150,16 +167,22 @@ class HessianOperator:
         dropout: keep dropout on during the probe (default off).
         all_reduce: optional function averaging a tensor across processes (DDP); every
             product and the loss-finiteness check go through it, so all ranks see the same
-            operator.
+            operator. Not used over sharded parameters, whose products FSDP averages.
         curvature: ``"hessian"`` (default) or ``"ggn"``: the generalized Gauss–Newton
             matrix ``Jᵀ H_ℓ J``, for a ``loss_fn`` that is an
             :class:`~lightning_curvature.functional.ggn.OutputLoss`.
+
+    Attributes:
+        shards: how the vectors ``matvec`` takes are split across processes (whole here
+            unless the parameters are FSDP2 shards).
 
     Raises:
         ValueError: on an unknown ``backend`` or ``curvature``, ``curvature="ggn"`` without
             an ``OutputLoss`` or with ``backend="finite_difference"``, no trainable
             parameters, complex measured parameters, an empty batch iterable, or a loss
-            that is not a scalar.
+            that is not a scalar; over sharded parameters, on a backend other than
+            ``"auto"``/``"finite_difference"``, ``curvature="ggn"``, a piecewise-linear
+            model or parameters narrower than float32.
         NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
 
     Example:
@@ -194,12 +217,20 @@ class HessianOperator:
         self.model = unwrap_model(model)
         self._named = select_parameters(self.model, parameters)
         check_measurable(self._named)
-        self.layout = ParameterLayout.from_named(self._named)
         self._parameters = [p for _, p in self._named]
+        sharding = fsdp_shards(self._parameters)
+        self._locals = [local_tensor(p) for p in self._parameters]  # the parameters if whole
+        self.layout = ParameterLayout.from_named(
+            [(name, t) for (name, _), t in zip(self._named, self._locals, strict=True)]
+        )
+        self.shards = sharding or VectorShards.single(self.layout.size)
+        self._sharded = sharding is not None  # FSDP2 DTensor parameters (one shard or more)
         self.device = self._parameters[0].device
         self.dtype = probe_dtype(self._parameters)
+        if sharding is not None:
+            backend = _sharded_backend(backend, curvature, self.dtype, self._parameters)
         if backend == "finite_difference":
-            _check_smooth(self.model)
+            check_smooth(self.model)
         self.backend: HVPBackend = backend
         self._may_fall_back = backend == "auto"
         self._fallback_reason: RuntimeError | None = None
@@ -220,11 +251,14 @@ class HessianOperator:
         self._retained: list[torch.Tensor] | None = None
         self._weight_scale: float | None = None  # rms(w) for the finite-difference step
         self._compute_dtype = self.dtype  # the narrowest dtype the model computes in (FD)
+        self._saved: list[torch.Tensor] = []  # the local shards' values, while sharded
+        self._owners: list[nn.Parameter] = []  # every parameter, whose .grad is saved
+        self._fsdp: list[nn.Module] = []
         self.loss: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
-        """Number of measured parameters (length of the vectors ``matvec`` takes)."""
+        """Length of the vectors ``matvec`` takes: the measured parameters (this shard's)."""
         return self.layout.size
 
     # -- context ---------------------------------------------------------------------------
@@ -254,6 +288,7 @@ class HessianOperator:
         self._linearized = None
         self._ggn = None
         self._weight_scale = None
+        self._saved = []
         self._leaves = []
         self._inputs = []
         self._functional = None
@@ -262,6 +297,9 @@ class HessianOperator:
             stack.close()
 
     def _prepare(self) -> None:
+        if self._sharded:
+            self._prepare_sharded()
+            return
         ggn = isinstance(self._loss_fn, OutputLoss) and self.curvature == "ggn"
         called = self._loss_fn.output_fn if ggn else self._loss_fn  # type: ignore[attr-defined]
         self._functional = FunctionalModel(self.model, called, self._named)
@@ -282,6 +320,59 @@ class HessianOperator:
             loss = self._weighted_loss(self._leaves)
             self._check_graph(loss)
             self._check_finite_loss(loss.detach())
+
+    def _prepare_sharded(self) -> None:
+        """Save ``.grad`` (put back on exit) and the local shards; check the loss is finite."""
+        assert self._stack is not None
+        fsdp = _fsdp_modules(self.model)
+        owners = list(self.model.parameters())
+        grads = [p.grad for p in owners]
+
+        def restore() -> None:
+            _reshard(fsdp)  # the parameters registered again are the sharded ones
+            for p, grad in zip(owners, grads, strict=True):
+                p.grad = grad
+
+        self._stack.callback(restore)
+        for p in owners:
+            p.grad = None
+        self._owners, self._fsdp = owners, fsdp
+        _reshard(fsdp)
+        self._saved = [t.detach().clone() for t in self._locals]
+        with torch.no_grad():
+            loss = self._module_loss()
+        _reshard(fsdp)
+        self._check_finite_loss(loss)
+
+    def _module_loss(self) -> torch.Tensor:
+        """The weighted probe loss of the model itself (its hooks, e.g. FSDP's, run)."""
+        total = sum(
+            w * check_scalar_loss(self._loss_fn(self.model, b))
+            for b, w in zip(self._probe.batches, self._probe.weights, strict=True)
+        )
+        return total  # type: ignore[return-value]
+
+    def _sharded_gradient(self, vs: list[torch.Tensor], step: float) -> list[torch.Tensor]:
+        """This shard of ``∇L(w + step·v)``: the local shards moved in place, then restored."""
+        try:
+            with torch.no_grad():
+                for local, saved, v in zip(self._locals, self._saved, vs, strict=True):
+                    local.copy_(saved).add_(v, alpha=step)
+            for batch, weight in zip(self._probe.batches, self._probe.weights, strict=True):
+                loss = weight * check_scalar_loss(self._loss_fn(self.model, batch))
+                loss.backward()  # type: ignore[no-untyped-call]
+            grads = [
+                torch.zeros_like(local) if p.grad is None else local_tensor(p.grad).detach()
+                for p, local in zip(self._parameters, self._locals, strict=True)
+            ]
+        finally:
+            with torch.no_grad():
+                for local, saved in zip(self._locals, self._saved, strict=True):
+                    local.copy_(saved)
+            for p in self._owners:
+                p.grad = None
+            _reshard(self._fsdp)
+        return grads
 
     def _prepare_ggn(self) -> None:
         """The outputs' graphs (kept for ``"retained_graph"``), checked, and the loss checked."""
@@ -324,7 +415,9 @@ class HessianOperator:
     def _check_finite_loss(self, loss: torch.Tensor) -> None:
         self.loss = loss.detach()
         bad = (~torch.isfinite(self.loss)).to(self.dtype)
-        if self._all_reduce is not None:
+        if self._sharded:
+            bad = self.shards.all_sum(bad)
+        elif self._all_reduce is not None:
             bad = self._all_reduce(bad)
         if bad.item() > 0:
             raise NonFiniteCurvatureError(f"the probe loss is not finite ({self.loss.item()}).")
@@ -448,9 +541,13 @@ class HessianOperator:
             hv = self._forward_over_reverse_or_difference(vs)
         self.num_hvps += 1
         flat = self.layout.flatten(hv).detach()
-        if self._all_reduce is not None:
-            flat = self._all_reduce(flat)
-        if not bool(torch.isfinite(flat).all()):
+        if self._sharded:  # averaged by FSDP's reduce-scatter; one verdict for all
+            bad = self.shards.any_true(not bool(torch.isfinite(flat).all()), self.device)
+        else:
+            if self._all_reduce is not None:
+                flat = self._all_reduce(flat)
+            bad = not bool(torch.isfinite(flat).all())
+        if bad:
             raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
         return flat
 
@@ -532,7 +629,7 @@ class HessianOperator:
             if not (self._may_fall_back and self.num_hvps == 0 and missing):
                 raise
             try:
-                _check_smooth(self.model)
+                check_smooth(self.model)
                 self._check_finite_loss(self._finite_difference_loss())
             except ValueError as kinked:
                 raise RuntimeError(f"{err}\nbackend='auto' cannot fall back: {kinked}") from err
@@ -540,17 +637,26 @@ class HessianOperator:
             return self._finite_difference(vs)
 
     def _finite_difference(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``(∇L(w + εv) − ∇L(w − εv)) / 2ε`` at fresh copies of the weights (never in place)."""
-        primals = [leaf.detach() for leaf in self._leaves]
-        largest = float(torch.stack([v.abs().max() for v in vs]).max())  # one sync a product
+        """``(∇L(w + εv) − ∇L(w − εv)) / 2ε``.
+
+        At fresh copies of the weights (never in place), or (sharded) at the local shards
+        moved in place and restored exactly from their saved copy.
+        """
+        sharded = self._sharded
+        primals = self._saved if sharded else [leaf.detach() for leaf in self._leaves]
+        # The largest entry of v (of any shard): one device sync a product.
+        largest = self.shards.max_of([v.abs().max() for v in vs if v.numel()], self.device)
         if largest == 0.0:
             return [torch.zeros_like(v) for v in vs]
         if self._weight_scale is None:  # the weights do not change while the operator is open
-            self._weight_scale = float(_norm(primals)) / self.size**0.5
+            self._weight_scale = self.shards.norm_of(primals) / self.shards.size**0.5
         step = _finite_difference_step(self._compute_dtype, self._weight_scale) / largest
-        # One perturbed copy of the weights alive at a time; the difference taken in place.
-        upper = self._gradient_at(self._moved(primals, vs, step))
-        lower = self._gradient_at(self._moved(primals, vs, -step))
+        if sharded:
+            upper = self._sharded_gradient(vs, step)
+            lower = self._sharded_gradient(vs, -step)
+        else:  # one perturbed copy of the weights alive at a time
+            upper = self._gradient_at(self._moved(primals, vs, step))
+            lower = self._gradient_at(self._moved(primals, vs, -step))
         return [u.sub_(d).div_(2 * step) for u, d in zip(upper, lower, strict=True)]
 
     @staticmethod
@@ -585,6 +691,57 @@ class HessianOperator:
         return _explain(err, backend, suspects, self._fallback_reason)
 
 
+def _sharded_backend(
+    backend: HVPBackend,
+    curvature: Curvature,
+    dtype: torch.dtype,
+    parameters: Sequence[torch.Tensor],
+) -> HVPBackend:
+    """The backend over sharded parameters: finite differences, refusing what cannot run."""
+    if curvature != "hessian":
+        raise ValueError(
+            f"curvature={curvature!r} is not available over sharded (FSDP2 DTensor) "
+            "parameters: its Jacobian products go through torch.func, which the shards and "
+            "FSDP's hooks do not allow; use curvature='hessian' (finite differences)."
+        )
+    if backend not in ("auto", "finite_difference"):
+        raise ValueError(
+            f"backend={backend!r} needs a double backward, which sharded (FSDP2 DTensor) "
+            "parameters do not have; use backend='finite_difference' or 'auto' (which "
+            "chooses it there)."
+        )
+    narrow = sorted({str(p.dtype) for p in parameters if p.dtype not in _FD_DTYPES})
+    if narrow:
+        raise ValueError(
+            "finite-difference curvature over sharded parameters needs float32 or float64 "
+            f"parameters (in {', '.join(narrow)} the difference of two gradients is mostly "
+            "rounding); keep the sharded parameters in float32 (e.g. FSDP's "
+            "MixedPrecisionPolicy computes in bf16 from float32 shards)."
+        )
+    return "finite_difference"
+
+
+_FD_DTYPES = (torch.float32, torch.float64)
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _reshard(modules: Sequence[nn.Module]) -> None:
+    """Put FSDP2 modules back in their sharded state (a no-op for those already in it).
+
+    FSDP keeps the root's gathered parameters after a forward; the perturbations act on the
+    local shards, so a stale gathered copy must never be reused.
+    """
+    for module in modules:
+        module.reshard()  # type: ignore[operator]
+
+
 # The finite-difference step: no parameter moves by more than STEP·eps^{1/3}·max(rms(w), FLOOR).
 _STEP, _STEP_FLOOR = 0.3, 1e-2
 
@@ -605,11 +762,6 @@ def _finite_difference_step(dtype: torch.dtype, weight_rms: float) -> float:
         0.001476
     """
     return float(_STEP * torch.finfo(dtype).eps ** (1 / 3) * max(weight_rms, _STEP_FLOOR))
-
-
-def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The Euclidean norm of several tensors together, accumulated in float64."""
-    return torch.stack([t.double().square().sum() for t in tensors]).sum().sqrt()
 
 
 def check_curvature(curvature: Any, loss_fn: Any, backend: Any = "auto") -> None:
@@ -642,8 +794,15 @@ def check_curvature(curvature: Any, loss_fn: Any, backend: Any = "auto") -> None
         )
 
 
-def _check_smooth(model: nn.Module) -> None:
-    """Refuse finite differences through piecewise-linear modules (named in the message)."""
+def check_smooth(model: nn.Module) -> None:
+    """Refuse finite differences through piecewise-linear modules (named in the message).
+
+    Raises:
+        ValueError: naming every piecewise-linear module (ReLU, max-pooling, ...).
+
+    Example:
+        >>> check_smooth(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))  # smooth: nothing happens
+    """
     kinked = [
         f"{name or type(model).__name__!r} ({type(module).__name__})"
         for name, module in model.named_modules()

@@ -33,7 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from lightning_curvature.functional.reductions import inner_products, norm
+from lightning_curvature.functional.reductions import inner_products
+from lightning_curvature.functional.sharded import VectorShards
 
 __all__ = [
     "LanczosProcess",
@@ -67,6 +68,10 @@ class LanczosProcess:
         start: starting vector (normalised here).
         max_steps: most products this process may take (bounds the basis memory).
         generator: random source for restarts after a breakdown; ``None`` stops there.
+        shards: how the vectors are split across processes (default: whole here); each
+            process then holds its shard of ``start`` and of every basis vector, and the
+            inner products are summed across processes
+            (:class:`~lightning_curvature.functional.sharded.VectorShards`).
 
     Attributes:
         spanned: the basis spans the whole space (``T``'s eigenvalues are ``A``'s).
@@ -88,14 +93,22 @@ class LanczosProcess:
         start: torch.Tensor,
         max_steps: int,
         generator: torch.Generator | None = None,
+        shards: VectorShards | None = None,
     ) -> None:
         self.matvec = matvec
-        self.size = start.numel()
+        self.shards = shards or VectorShards.single(start.numel())
+        if self.shards.local_size != start.numel():
+            raise ValueError(
+                f"`start` has {start.numel()} entries but this process's shard has "
+                f"{self.shards.local_size}."
+            )
+        self.size = self.shards.size  # of the whole space
+        self._length = start.numel()  # of the vectors held here
         self.max_steps = min(max_steps, self.size)
         self._blocks: list[torch.Tensor] = []
         self._stored = 0
         self._template = start
-        self._store(start / norm(start))
+        self._store(start / self.shards.norm(start))
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
         self.residual_norm = float("nan")  # norm of the last residual before normalisation
@@ -124,7 +137,7 @@ class LanczosProcess:
         Args:
             coefficients: ``(m, c)``, one column per vector, ``m`` at most the rows stored.
         """
-        total = coefficients.new_zeros(coefficients.shape[1], self.size)
+        total = coefficients.new_zeros(coefficients.shape[1], self._length)
         for first in range(0, coefficients.shape[0], _BLOCK):
             block = self._blocks[first // _BLOCK][: coefficients.shape[0] - first]
             total += coefficients[first : first + _BLOCK].T @ block
@@ -147,7 +160,7 @@ class LanczosProcess:
     def _store(self, vector: torch.Tensor) -> None:
         if self._stored % _BLOCK == 0:
             rows = min(_BLOCK, self.max_steps + 1 - self._stored)
-            self._blocks.append(self._template.new_zeros(rows, self.size))
+            self._blocks.append(self._template.new_zeros(rows, self._length))
         self._row(self._stored).copy_(vector)
         self._stored += 1
 
@@ -159,7 +172,8 @@ class LanczosProcess:
         ]
 
         def project(vector: torch.Tensor) -> torch.Tensor:
-            return torch.cat([inner_products(block, vector) for block in blocks])
+            local = torch.cat([inner_products(block, vector) for block in blocks])
+            return self.shards.all_sum(local)  # one collective a pass
 
         def subtract(vector: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
             for start, block in zip(range(0, count, _BLOCK), blocks, strict=False):
@@ -192,11 +206,11 @@ class LanczosProcess:
             return False
         q = self._row(j)
         w = self.matvec(q)
-        image = norm(w)
+        image = self.shards.norm(w)
         w, coefficients = self._orthogonalise(w, j + 1)
         alpha = float(coefficients[j])
         self._record_rounding(coefficients)
-        beta = norm(w)
+        beta = self.shards.norm(w)
         self.alphas.append(alpha)
         self.residual_norm = beta
         if j + 1 >= self.size:  # the whole space is spanned: T is exact up to rounding
@@ -231,16 +245,11 @@ class LanczosProcess:
         assert self.generator is not None
         template = self._template
         for _ in range(attempts):
-            fresh = torch.randn(
-                template.shape,
-                generator=self.generator,
-                device=template.device,
-                dtype=template.dtype,
-            )
+            fresh = self.shards.randn(self.generator, template.dtype, template.device)
             kept, _ = self._orthogonalise(fresh, count)
-            if norm(kept) > 1e-3 * norm(fresh):
-                kept, _ = self._orthogonalise(kept / norm(kept), count)
-                return kept / norm(kept)
+            if self.shards.norm(kept) > 1e-3 * self.shards.norm(fresh):
+                kept, _ = self._orthogonalise(kept / self.shards.norm(kept), count)
+                return kept / self.shards.norm(kept)
         return None
 
     def tridiagonal(self) -> torch.Tensor:
@@ -394,6 +403,7 @@ def lanczos_eigenpairs(
     smallest: bool = False,
     return_eigenvectors: bool = False,
     generator: torch.Generator | None = None,
+    shards: VectorShards | None = None,
 ) -> LanczosResult:
     """Top-k (and optionally the smallest) eigenpairs of a symmetric operator.
 
@@ -413,6 +423,8 @@ def lanczos_eigenpairs(
         smallest: also converge the smallest (most negative) eigenvalue.
         return_eigenvectors: also return the Ritz vectors.
         generator: random source for restarts after breakdowns.
+        shards: the vectors' split across processes (see :class:`LanczosProcess`); the
+            eigenvectors and warm start returned are then this process's shards.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -425,7 +437,7 @@ def lanczos_eigenpairs(
         >>> starved.converged.tolist()  # one product certifies nothing
         [False]
     """
-    run = LanczosProcess(matvec, start, max_steps, generator=generator)
+    run = LanczosProcess(matvec, start, max_steps, generator=generator, shards=shards)
     need = max(min_steps, k + 1 + int(smallest))
     while True:
         more = run.step()
@@ -475,12 +487,14 @@ def lanczos_eigenpairs(
 
 
 def lanczos_quadrature(
-    matvec: Matvec, start: torch.Tensor, num_steps: int
+    matvec: Matvec, start: torch.Tensor, num_steps: int, shards: VectorShards | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss quadrature nodes and weights of the spectral measure seen from ``start``.
 
     The weights are the squared first components of the eigenvectors of ``T`` and sum to 1
     (Golub & Meurant 2010). Stops early, with fewer nodes, if the Krylov space is invariant.
+
+    ``shards``: the vectors' split across processes (see :class:`LanczosProcess`).
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
@@ -489,7 +503,7 @@ def lanczos_quadrature(
         >>> nodes, weights
         (tensor([1., 2.], dtype=torch.float64), tensor([0.5000, 0.5000], dtype=torch.float64))
     """
-    run = LanczosProcess(matvec, start, num_steps)
+    run = LanczosProcess(matvec, start, num_steps, shards=shards)
     while run.step():
         pass
     values, vectors = torch.linalg.eigh(run.tridiagonal())

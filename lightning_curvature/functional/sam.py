@@ -25,6 +25,13 @@ are homogeneous of degree zero in g, so gradients multiplied by a power-of-two l
 (AMP's ``GradScaler``) give the bit-identical ε. Gradients of low precision (fp16/bf16) are
 combined in fp32 and ε is cast back to each parameter's dtype.
 
+Sharded parameters (FSDP2): each process passes its local shards of w and g, and
+``all_sum`` (a sum across processes) makes the normaliser the *global* norm
+``‖g‖ = (Σ_ranks ‖g_local‖²)^½``; with a local norm each process would step ρ along its own
+piece, a perturbation √world too long and pointing elsewhere. The second gradient is then
+taken with ``loss.backward()`` (:func:`backward_gradient_sum`): autograd cannot
+differentiate through FSDP's hooks with respect to the shards directly.
+
 :func:`perturbed_parameters` applies ε in place and restores the weights from saved copies
 (bit-exact; subtracting ε again would not be). :func:`sam_gradient` is the whole SAM
 gradient of a model and a loss, for use without Lightning (the ``SAM`` callback does the same
@@ -36,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,6 +54,7 @@ from lightning_curvature.functional.batches import split_batches
 from lightning_curvature.functional.hvp import LossFn
 from lightning_curvature.functional.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.probe import frozen_running_stats, unwrap_model
+from lightning_curvature.functional.sharded import local_tensor
 from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "SAMDropout",
     "SAMGradient",
     "SAMPerturbation",
+    "backward_gradient_sum",
     "check_sam_arguments",
     "gradient_sum",
     "perturbed_parameters",
@@ -112,6 +121,8 @@ class SAMPerturbation:
 
     tensors: tuple[torch.Tensor | None, ...]
     gradient_norm: torch.Tensor
+    #: Sums across processes when ``tensors`` are local shards (see the module docstring).
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def norm(self) -> torch.Tensor:
         """``‖ε‖₂`` over all parameters (``ρ`` for SAM up to rounding, 0 for a zero gradient).
@@ -128,9 +139,7 @@ class SAMPerturbation:
         ]
         if not norms:
             return torch.zeros((), dtype=self.gradient_norm.dtype, device=self.gradient_norm.device)
-        dtype = _common_dtype(norms)
-        total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
-        return total
+        return _combined_norm(norms, self.all_sum)
 
     def dot(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """``Σ_i ⟨t_i, ε_i⟩`` in float64 (a ``None`` on either side counts as zero).
@@ -144,9 +153,9 @@ class SAMPerturbation:
         device = self.gradient_norm.device
         total = torch.zeros((), dtype=torch.float64, device=device)
         for t, e in zip(tensors, self.tensors, strict=True):
-            if t is not None and e is not None:
-                total = total + (t.double() * e.double()).sum().to(device)
-        return total
+            if t is not None and e is not None:  # (this process's piece of a DTensor gradient)
+                total = total + (local_tensor(t).double() * e.double()).sum().to(device)
+        return total if self.all_sum is None else self.all_sum(total)
 
     def curvature(
         self,
@@ -196,6 +205,17 @@ def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
+def _combined_norm(
+    norms: Sequence[torch.Tensor], all_sum: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
+    """``‖(n_1, n_2, ...)‖``, summed over the processes' shards when ``all_sum`` is given."""
+    dtype = _common_dtype(norms)
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+    if all_sum is not None:
+        total = all_sum(total.square()).sqrt()
+    return total
+
+
 def sam_perturbation(
     parameters: Sequence[torch.Tensor],
     gradients: Sequence[torch.Tensor | None],
@@ -203,6 +223,7 @@ def sam_perturbation(
     *,
     adaptive: bool = False,
     eta: float = 0.01,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SAMPerturbation:
     """SAM's ``ε = ρ g/‖g‖`` or, with ``adaptive=True``, ASAM's ``ε = ρ T²g/‖Tg‖``.
 
@@ -213,9 +234,12 @@ def sam_perturbation(
         rho: radius of the neighbourhood (``> 0``).
         adaptive: ASAM instead of SAM.
         eta: ASAM's offset η in ``T = |w| + η`` (``>= 0``); unused by SAM.
+        all_sum: with local shards of w and g (FSDP2), a sum across processes: the norm is
+            then global (every process must call this at the same point).
 
     Returns:
-        ε per parameter and the normaliser; no synchronisation with the device happens.
+        ε per parameter and the normaliser; no synchronisation with the device happens
+        (except ``all_sum``'s).
 
     Raises:
         ValueError: on ``rho``/``eta`` out of range, or as many gradients as parameters.
@@ -236,7 +260,7 @@ def sam_perturbation(
             f"for {len(parameters)} parameters."
         )
     present = [(p, g) for p, g in zip(parameters, gradients, strict=True) if g is not None]
-    if not present:
+    if not present and all_sum is None:
         return SAMPerturbation(tuple(None for _ in parameters), torch.zeros(()))
     with torch.no_grad():
         directions: list[torch.Tensor] = []
@@ -250,9 +274,8 @@ def sam_perturbation(
             else:
                 directions.append(g)
                 scales.append(None)
-        norms = [torch.linalg.vector_norm(d) for d in directions]
-        dtype = _common_dtype(norms)
-        gradient_norm = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+        norms = [torch.linalg.vector_norm(d) for d in directions] or [torch.zeros(())]
+        gradient_norm = _combined_norm(norms, all_sum)
         factor = torch.where(gradient_norm > 0, rho / gradient_norm, 0.0)
         eps = iter(
             (d if t is None else t * d) * factor.to(d.dtype)
@@ -262,7 +285,7 @@ def sam_perturbation(
             None if g is None else next(eps).to(p.dtype)
             for p, g in zip(parameters, gradients, strict=True)
         )
-    return SAMPerturbation(tensors, gradient_norm)
+    return SAMPerturbation(tensors, gradient_norm, all_sum)
 
 
 @contextlib.contextmanager
@@ -319,6 +342,38 @@ def gradient_sum(
             current = total[i]
             total[i] = grad if current is None else current + grad  # grad may be expanded
     return total
+
+
+def backward_gradient_sum(
+    parameters: Sequence[torch.Tensor],
+    losses: Iterable[torch.Tensor | None],
+    owners: Sequence[torch.Tensor],
+) -> list[torch.Tensor | None]:
+    """``Σ_j ∇ loss_j`` over ``parameters`` by ``loss_j.backward()``, ``.grad`` put back.
+
+    The route for parameters that autograd cannot differentiate with respect to directly
+    (FSDP2's sharded parameters: their hooks gather, and reduce-scatter into ``.grad``).
+    The ``.grad`` of every tensor of ``owners`` (all parameters the losses reach) is saved,
+    cleared for the backward calls and put back after them; the sums are returned in the
+    parameters' own type (``DTensor`` shards under FSDP2).
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> w.grad = torch.ones(2)
+        >>> backward_gradient_sum([w], (c * w.pow(2).sum() for c in (1.0, 2.0)), [w]), w.grad
+        ([tensor([ 6., 12.])], tensor([1., 1.]))
+    """
+    saved = [p.grad for p in owners]
+    try:
+        for p in owners:
+            p.grad = None
+        for loss in losses:
+            if loss is not None:
+                loss.backward()  # type: ignore[no-untyped-call]
+        return [p.grad for p in parameters]
+    finally:
+        for p, grad in zip(owners, saved, strict=True):
+            p.grad = grad
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_curvature.functional.sharded import local_tensor
+
 __all__ = ["StabilityThreshold", "stability_threshold"]
 
 
@@ -121,13 +123,15 @@ def _adam_preconditioner(
     for p in parameters:
         state, group = optimizer.state.get(p, {}), group_of.get(id(p))
         if group is None:  # not optimized: no motion along these coordinates
-            pieces.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
+            size = local_tensor(p).numel()  # this process's shard under FSDP2
+            pieces.append(torch.zeros(size, dtype=torch.float32, device=p.device))
             continue
         if "exp_avg_sq" not in state:
             return None  # no step taken yet
         beta1, beta2 = group["betas"]
         step = float(state["step"])
         second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        second = local_tensor(second)  # a flat vector over the shards, as the estimators take
         v_hat = second.detach().float() / (1.0 - beta2**step)
         precond = (1.0 - beta1**step) * (v_hat.sqrt() + group["eps"])
         # Per-group learning rates are absorbed relative to the reference one.

@@ -143,6 +143,7 @@ def hessian_trace(
             dtype=operator.dtype,
             device=operator.device,
             blocks=blocks,
+            shards=operator.shards,
         )
 
     def as_model(value: float) -> torch.Tensor:
@@ -156,5 +157,5 @@ def hessian_trace(
         method=method,
         per_layer={name: as_model(v[0]) for name, v in per_block.items()},
         per_layer_std_error={name: as_model(v[1]) for name, v in per_block.items()},
-        num_parameters=operator.size,
+        num_parameters=operator.shards.size,
     )

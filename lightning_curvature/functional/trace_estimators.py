@@ -11,6 +11,11 @@
   bulk, plain Hutchinson is as good or better below about 80 products (ALGORITHMS.md §3.2).
   Block traces use ``tr(P_B A) = tr(P_B A QQᵀ) + tr(P_B A (I−QQᵀ))``, each part estimated
   without bias; they sum to the total only in expectation.
+
+With ``shards`` (:class:`~lightning_curvature.functional.sharded.VectorShards`) each process
+holds its shard of every probe and product: the local parts of all samples are summed across
+processes in one collective at the end (Hutchinson), and Hutch++'s basis comes from a
+Gram-Schmidt with summed inner products; every process returns the same estimate.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_curvature.functional.sampling import rademacher
+from lightning_curvature.functional.sharded import VectorShards
 
 __all__ = ["MIN_MATVECS", "TraceSamples", "hutch_plus_plus", "hutchinson"]
 
@@ -33,8 +38,20 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 Blocks = Mapping[str, Sequence[slice]]
 
 
-def _stack_cpu(values: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(values).to("cpu", torch.float64)
+def _summed(
+    shards: VectorShards, samples: list[torch.Tensor], blocks: dict[str, list[torch.Tensor]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The samples (and block samples) summed across processes, float64 on the CPU."""
+    rows = [torch.stack(samples).double(), *(torch.stack(v).double() for v in blocks.values())]
+    total = shards.all_sum(torch.stack(rows)).to("cpu")
+    return total[0], {name: total[i + 1] for i, name in enumerate(blocks)}
+
+
+def _shards(shards: VectorShards | None, size: int) -> VectorShards:
+    shards = shards or VectorShards.single(size)
+    if shards.local_size != size:
+        raise ValueError(f"`size` ({size}) must be this process's shard ({shards.local_size}).")
+    return shards
 
 
 def _block_dot(a: torch.Tensor, b: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
@@ -91,8 +108,12 @@ def hutchinson(
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     blocks: Blocks | None = None,
+    shards: VectorShards | None = None,
 ) -> TraceSamples:
     """Hutchinson's estimator with Rademacher probes.
+
+    ``size`` is the length of the vectors ``matvec`` takes (this process's shard with
+    ``shards``); ``blocks`` slice those vectors.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
@@ -103,20 +124,22 @@ def hutchinson(
     """
     device = device or torch.device("cpu")
     blocks = blocks or {}
+    shards = _shards(shards, size)
     samples: list[torch.Tensor] = []
     block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
     for _ in range(num_matvecs):
-        z = rademacher((size,), generator, dtype, device)
+        z = shards.rademacher(generator, dtype, device)
         az = matvec(z)
         samples.append(torch.dot(z, az))
         for name, slices in blocks.items():
             block_samples[name].append(_block_dot(z, az, slices))
+    total, per_block = _summed(shards, samples, block_samples)
     return TraceSamples(
         offset=0.0,
-        samples=_stack_cpu(samples),
+        samples=total,
         num_matvecs=num_matvecs,
         block_offsets={name: 0.0 for name in blocks},
-        block_samples={name: _stack_cpu(v) for name, v in block_samples.items()},
+        block_samples=per_block,
     )
 
 
@@ -129,6 +152,7 @@ def hutch_plus_plus(
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     blocks: Blocks | None = None,
+    shards: VectorShards | None = None,
 ) -> TraceSamples:
     """Hutch++ with ``num_matvecs`` products (at least 4, see :data:`MIN_MATVECS`).
 
@@ -153,29 +177,32 @@ def hutch_plus_plus(
         )
     device = device or torch.device("cpu")
     blocks = blocks or {}
+    shards = _shards(shards, size)
     sketch = num_matvecs // 3
     residual_probes = num_matvecs - 2 * sketch
-    s = torch.stack([rademacher((size,), generator, dtype, device) for _ in range(sketch)], dim=1)
-    q, _ = torch.linalg.qr(torch.stack([matvec(col) for col in s.T], dim=1))
+    s = torch.stack([shards.rademacher(generator, dtype, device) for _ in range(sketch)], dim=1)
+    q = shards.orthonormal_columns(torch.stack([matvec(col) for col in s.T], dim=1))
     aq = torch.stack([matvec(col) for col in q.T], dim=1)
-    offset = float((q * aq).sum())
-    block_offsets = {
-        name: float(sum(float((q[sl] * aq[sl]).sum()) for sl in slices))
-        for name, slices in blocks.items()
-    }
+    exact = [(q * aq).sum()] + [
+        sum(((q[sl] * aq[sl]).sum() for sl in slices), q.new_zeros(()))
+        for slices in blocks.values()
+    ]
+    exact_total = shards.all_sum(torch.stack(exact).double()).tolist()
+    block_offsets = dict(zip(blocks, exact_total[1:], strict=True))
     samples: list[torch.Tensor] = []
     block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
     for _ in range(residual_probes):
-        g = rademacher((size,), generator, dtype, device)
-        deflated = g - q @ (q.T @ g)
+        g = shards.rademacher(generator, dtype, device)
+        deflated = g - q @ shards.all_sum(q.T @ g)
         a_deflated = matvec(deflated)
         samples.append(torch.dot(deflated, a_deflated))
         for name, slices in blocks.items():
             block_samples[name].append(_block_dot(g, a_deflated, slices))
+    total, per_block = _summed(shards, samples, block_samples)
     return TraceSamples(
-        offset=offset,
-        samples=_stack_cpu(samples),
+        offset=exact_total[0],
+        samples=total,
         num_matvecs=num_matvecs,
         block_offsets=block_offsets,
-        block_samples={name: _stack_cpu(v) for name, v in block_samples.items()},
+        block_samples=per_block,
     )
