@@ -79,6 +79,7 @@ class BatchSharpnessMonitor(CurvatureMonitor):
     """
 
     cost_name = "batch_sharpness"
+    sharpness_quantity = "batch sharpness"  # what it puts on the sharpness chart
     default_every_n_steps = 500
     state_key_arguments = ("num_batches",)
 
@@ -149,7 +150,9 @@ class BatchSharpnessMonitor(CurvatureMonitor):
     @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
         value = exact(self.tag("curvature/batch_sharpness"))
-        title = sharpness_chart_title(trainer, pl_module, self.batch_norm)
+        title = sharpness_chart_title(
+            trainer, pl_module, self.batch_norm, self.sharpness_quantity, self.name
+        )
         science: dict[str, list[Any]] = {}
         if title is not None:  # λ₁'s chart, if the eigenvalue monitor has one of that title
             science[title] = multiline(value, exact(self.tag("curvature/stability_threshold")))

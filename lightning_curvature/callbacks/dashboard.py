@@ -40,6 +40,9 @@ __all__ = [
     "write_layout",
 ]
 
+#: The raw-Hessian sharpness quantities that share one chart against the SGD threshold.
+SHARED_SHARPNESS = ("λ₁", "batch sharpness")
+
 #: ``{category: {chart title: ["Multiline", [regex, ...]] or ["Margin", [value, lower, upper]]}}``
 Charts = dict[str, dict[str, list[Any]]]
 
@@ -129,13 +132,19 @@ def threshold_label(optimizer: torch.optim.Optimizer) -> str | None:
 
 
 def sharpness_chart_title(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, batch_norm: str, quantity: str = "λ₁"
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    batch_norm: str,
+    quantity: str = "λ₁",
+    name: str | None = None,
 ) -> str | None:
     """The title of the chart of the raw sharpness against its threshold (SGD family).
 
     ``HessianEigenvalueMonitor``'s ``λ₁`` and ``BatchSharpnessMonitor``'s batch sharpness
-    both chart on it, so with the same BatchNorm mode (the same landscape) they share one
-    chart (:func:`layout` merges charts of one title). ``None`` without an SGD optimizer.
+    both chart on it, so with the same BatchNorm mode (the same landscape) and ``name`` they
+    share one chart (:func:`layout` merges charts of one title), whose title names what the
+    Trainer's monitors put on it (each says so in its ``sharpness_quantity``). ``None``
+    without an SGD optimizer.
 
     Example:
         >>> sharpness_chart_title(pl.Trainer(logger=False), nn.Linear(1, 1), "train") is None
@@ -143,9 +152,17 @@ def sharpness_chart_title(
     """
     if not trainer.optimizers or not isinstance(trainer.optimizers[0], torch.optim.SGD):
         return None
+    if quantity in SHARED_SHARPNESS:
+        charted = {
+            getattr(c, "sharpness_quantity", None)
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+            if getattr(c, "batch_norm", None) == batch_norm and getattr(c, "name", None) == name
+        }
+        quantity = " and ".join(q for q in SHARED_SHARPNESS if q in charted) or quantity
     label = threshold_label(trainer.optimizers[0])
     note = batch_norm_note(pl_module, batch_norm)
-    return f"sharpness {quantity} vs. stability threshold {label}{note}"
+    named = quantity if quantity.startswith("batch sharpness") else f"sharpness {quantity}"
+    return f"{named} vs. stability threshold {label}{note}"
 
 
 def raw_threshold(trainer: pl.Trainer) -> float | None:

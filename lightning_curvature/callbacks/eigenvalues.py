@@ -442,6 +442,16 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             dtype = probe_dtype(measured)
             self._update_start = (trainer.global_step + 1, _flat(measured, dtype))
 
+    @property
+    def sharpness_quantity(self) -> str | None:
+        """What this monitor puts on the raw sharpness chart: ``"λ₁"`` of the Hessian, if any.
+
+        Example:
+            >>> HessianEigenvalueMonitor().sharpness_quantity
+            'λ₁'
+        """
+        return "λ₁" if self.stability and self.matrix[0] == "H" else None
+
     @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
         # Adam's threshold is one of λ₁(P⁻¹H), SGD's one of λ₁(H): each chart holds the
@@ -453,7 +463,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         if self.stability and trainer.optimizers:
             threshold = threshold_label(trainer.optimizers[0])
         science: dict[str, list[Any]] = {}
-        title = sharpness_chart_title(trainer, pl_module, self.batch_norm, top_of)
+        title = sharpness_chart_title(trainer, pl_module, self.batch_norm, top_of, self.name)
         if threshold is not None and title is not None:
             science[title] = multiline(
                 exact(self.tag("curvature/eigenvalue_1")),

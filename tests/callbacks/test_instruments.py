@@ -285,7 +285,7 @@ def test_the_dashboard_puts_batch_sharpness_on_the_sharpness_chart(tmp_path: Pat
     trainer = make_trainer(monitors, logger=logger, max_steps=3)
     trainer.fit(LeastSquares(lr=0.05), loader(regression_data(n=32), batch_size=8))
     layout = read_layout(read_events(logger))["curvature"]
-    kind, regexes = layout["sharpness λ₁ vs. stability threshold 2/η"]
+    kind, regexes = layout["sharpness λ₁ and batch sharpness vs. stability threshold 2/η"]
     assert kind == "multiline"
     assert regexes == [
         "^curvature/eigenvalue_1$",
@@ -372,3 +372,22 @@ def test_a_ggn_monitor_measures_its_instruments_on_the_ggn(tmp_path: Path) -> No
         h, _ = _hessian_and_gradient(probe, recorder.weights[step])
         u = recorder.weights[step] - recorder.weights[step - 1]
         assert value == pytest.approx(_rayleigh(h, u), rel=1e-4)
+
+
+def test_the_sharpness_chart_names_only_what_is_on_it(tmp_path: Path) -> None:
+    """Batch sharpness alone is not charted under λ₁'s name, nor a named λ₁ under its."""
+    logger = tb_logger(tmp_path)
+    monitors = [
+        HessianEigenvalueMonitor(every_n_steps=2, name="heldout"),
+        BatchSharpnessMonitor(num_batches=2, every_n_steps=2),
+    ]
+    trainer = make_trainer(monitors, logger=logger, max_steps=1)
+    trainer.fit(LeastSquares(lr=0.05), loader(regression_data(n=32), batch_size=8))
+    layout = read_layout(read_events(logger))
+    alone = layout["curvature"]["batch sharpness vs. stability threshold 2/η"]
+    assert alone[1] == ["^curvature/batch_sharpness$", "^curvature/stability_threshold$"]
+    named = layout["curvature (heldout)"]["sharpness λ₁ vs. stability threshold 2/η"]
+    assert named[1] == [
+        "^curvature/heldout/eigenvalue_1$",
+        "^curvature/heldout/stability_threshold$",
+    ]
