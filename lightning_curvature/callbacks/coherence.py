@@ -151,10 +151,10 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
     """
 
     unshardable_reason = (
-        "its probe source needs per-example or micro-batch gradients through torch.func, "
-        "which FSDP2's DTensor shards and hooks do not allow; its 'ddp' source reads each "
-        "process's gradient before the all-reduce, which FSDP2 reduce-scatters inside the "
-        "backward; its 'accumulation' source is not implemented over sharded gradients."
+        "source='probe' needs per-example or micro-batch gradients through torch.func, "
+        "which FSDP2's DTensor shards and hooks do not allow. source='accumulation' measures "
+        "under FSDP2 (with accumulate_grad_batches >= 2), from training's own micro-batch "
+        "gradients."
     )
 
     cost_name = "coherence"

@@ -1,0 +1,83 @@
+"""Run by test_fsdp_coherence.py: two processes (gloo, CPU), ModelParallelStrategy + FSDP2.
+
+Usage: python fsdp_coherence_script.py OUT_DIR
+
+Trains the smooth MLP of ``fsdp_script`` sharded with ``fully_shard`` and
+``accumulate_grad_batches=ACCUMULATE`` twice, with ``GradientCoherenceMonitor(
+source="accumulation", per_layer=True)`` measuring every step and without it. Each rank writes
+rank<r>.pt: the monitor's values of every step, its training micro-batches, the full weights
+at each step start, and the final full weights of both trainings.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from fsdp_script import Capture, Sharded, data, full_weights
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader
+
+from lightning_curvature import GradientCoherenceMonitor
+
+ACCUMULATE = 3
+MAX_STEPS = 2
+BATCH_SIZE = 4
+
+
+class EveryStep(pl.Callback):
+    """The monitor's values after each optimizer step, by step."""
+
+    def __init__(self, monitor: GradientCoherenceMonitor) -> None:
+        self.monitor = monitor
+        self.values: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % ACCUMULATE == 0:  # this batch ended step global_step - 1
+            metrics = self.monitor.last_metrics
+            self.values[trainer.global_step - 1] = {k: float(v) for k, v in metrics.items()}
+
+
+def fit(callbacks: list[pl.Callback], out: Path) -> tuple[pl.Trainer, Sharded]:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=MAX_STEPS,
+        accumulate_grad_batches=ACCUMULATE,
+        callbacks=callbacks,
+        logger=CSVLogger(out),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    module = Sharded()
+    trainer.fit(module, DataLoader(data(), batch_size=BATCH_SIZE))
+    return trainer, module
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    capture = Capture()
+    monitor = GradientCoherenceMonitor(source="accumulation", per_layer=True, every_n_steps=1)
+    every_step = EveryStep(monitor)
+    trainer, module = fit([capture, monitor, every_step], out)
+    with_monitor = full_weights(module.net)
+    _, plain = fit([], out)
+    torch.save(
+        {
+            "values": every_step.values,
+            "batches": capture.batches,
+            "weights": capture.weights,
+            "final": with_monitor,
+            "final_without_monitor": full_weights(plain.net),
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
