@@ -138,12 +138,13 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
 
     Built by ``GradientCoherenceMonitor(source="accumulation")`` or ``(source="ddp")``; it
     logs the tags of :class:`~lightning_curvature.callbacks.coherence.GradientCoherenceMonitor`
-    (without ``gradient/mean_cosine`` and ``gradient/snr`` for ``"ddp"``).
+    (without ``gradient/mean_cosine`` and ``gradient/snr`` for ``"ddp"`` and under FSDP2).
 
     Args:
         source: ``"accumulation"`` (default: needs ``accumulate_grad_batches ≥ 2``, or
-            several processes) or ``"ddp"`` (needs at least 2 processes); both need
-            automatic optimization.
+            several DDP processes; under FSDP2 one sample per micro-batch over all
+            processes) or ``"ddp"`` (needs at least 2 DDP processes); both need automatic
+            optimization.
         mode: accepted at ``"auto"`` only (the samples are training's own gradients).
         per_layer: as for ``GradientCoherenceMonitor``.
         every_n_steps: measure every this many optimizer steps (``"auto"``: 500).
@@ -154,7 +155,8 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
 
     Raises:
         MisconfigurationException: on invalid or probe-only arguments (at construction), or
-            without a logger, under a sharded strategy, with manual optimization, or when
+            without a logger, under FSDP1/DeepSpeed, with ``"ddp"`` under FSDP2, with
+            manual optimization, or when
             there are fewer than 2 samples a step to read (at setup).
 
     Example:

@@ -6,7 +6,8 @@ Trains the smooth MLP of ``fsdp_script`` sharded with ``fully_shard`` and
 ``accumulate_grad_batches=ACCUMULATE`` twice, with ``GradientCoherenceMonitor(
 source="accumulation", per_layer=True)`` measuring every step and without it. Each rank writes
 rank<r>.pt: the monitor's values of every step, its training micro-batches, the full weights
-at each step start, and the final full weights of both trainings.
+at each step start, the final full weights of both trainings, and what tensor hooks on the
+sharded parameters saw (FSDP2's autograd leaves are the unsharded copies it gathers).
 """
 
 from __future__ import annotations
@@ -41,6 +42,28 @@ class EveryStep(pl.Callback):
             self.values[trainer.global_step - 1] = {k: float(v) for k, v in metrics.items()}
 
 
+class ShardHooks(pl.Callback):
+    """Counts the calls of tensor hooks on the sharded parameters during each backward."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.handles: list = []
+        self.grad_types: set[str] = set()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        for p in pl_module.parameters():
+            self.handles.append(p.register_hook(self._count))
+
+    def _count(self, grad):
+        self.calls += 1
+
+    def on_after_backward(self, trainer, pl_module):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.grad_types |= {type(p.grad).__name__ for p in pl_module.parameters()}
+
+
 def fit(callbacks: list[pl.Callback], out: Path) -> tuple[pl.Trainer, Sharded]:
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -64,12 +87,15 @@ def main() -> None:
     capture = Capture()
     monitor = GradientCoherenceMonitor(source="accumulation", per_layer=True, every_n_steps=1)
     every_step = EveryStep(monitor)
-    trainer, module = fit([capture, monitor, every_step], out)
+    hooks = ShardHooks()
+    trainer, module = fit([capture, monitor, every_step, hooks], out)
     with_monitor = full_weights(module.net)
     _, plain = fit([], out)
     torch.save(
         {
             "values": every_step.values,
+            "shard_hook_calls": hooks.calls,
+            "grad_types": sorted(hooks.grad_types),
             "batches": capture.batches,
             "weights": capture.weights,
             "final": with_monitor,
