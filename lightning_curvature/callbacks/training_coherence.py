@@ -34,6 +34,7 @@ the loss as ``training_step`` returns it. They read no probe batch, so the probe
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -91,6 +92,7 @@ class _StepSamples:
     sums: GradientSums  # sharded: over this process's shards, the counts over its micro-batches
     local: torch.Tensor | None  # "ddp": this process's gradient of the step; sharded: Σ g_i
     sizes: list[float] = field(default_factory=list)  # sharded: each micro-batch's examples
+    norms: list[torch.Tensor] = field(default_factory=list)  # sharded: this shard's ‖g_i‖²
     local_size: float = 0.0
     averaged: torch.Tensor | None = None  # "ddp": DDP's averaged .grad after the last backward
     micro_batch_size: int | None = None  # examples of the micro-batch being computed
@@ -116,6 +118,23 @@ def _padded(vector: torch.Tensor, size: int) -> torch.Tensor:
     if vector.numel() == size:
         return vector
     return torch.cat([vector, vector.new_zeros(size - vector.numel())])
+
+
+def _replicated(named: Sequence[tuple[str, torch.Tensor]], world_size: int) -> str | None:
+    """The first parameter not split into one distinct shard per process, if any.
+
+    Sums over the shards of all processes are full squared norms only when every process
+    holds its own piece of every parameter: a plain tensor (not given to ``fully_shard``)
+    or a replicated placement would be counted once per copy.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for name, p in named:
+        if not isinstance(p, DTensor):
+            return f"{name!r} is not sharded (not under fully_shard)"
+        if p.device_mesh.size() != world_size or not all(x.is_shard() for x in p.placements):
+            return f"{name!r} has placements {p.placements} over a mesh of {p.device_mesh.size()}"
+    return None
 
 
 def _is_sharded(trainer: pl.Trainer) -> bool:
@@ -245,6 +264,22 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}."
             )
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not self._sharded:
+            return
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        problem = _replicated(named, trainer.world_size)
+        if problem is not None:
+            raise MisconfigurationException(
+                f"source='accumulation' under {type(trainer.strategy).__name__} sums each "
+                "gradient's squared norm over the processes' shards, so every measured "
+                f"parameter must be sharded once over all {trainer.world_size} processes; "
+                f"{problem}. Apply fully_shard to the whole model in `configure_model`, or "
+                "choose the measured ones with `parameters=`."
+            )
+
     # -- the samples, read from training's backward passes -------------------------------------
     @override
     def on_train_batch_start(
@@ -297,10 +332,11 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         scale = _loss_scale(trainer)
         if self.source == "accumulation":  # undo the 1/accumulate_grad_batches too
             gradient.mul_(trainer.accumulate_grad_batches / scale)
-            if step.local is not None:  # sharded: this shard of Σ g_i, for ‖Σ g_i‖²
+            if step.local is not None:  # sharded: this shard of g_i, Σ g_i and ‖g_i‖²
                 gradient = _padded(gradient, step.local.numel())
                 step.local.add_(gradient)
                 step.sizes.append(size)
+                step.norms.append(torch.dot(gradient, gradient))
             step.sums.add(gradient, size)
         elif step.local is not None:  # "ddp": the step's gradient is the mean of its
             # micro-batches, as Lightning's
@@ -363,25 +399,25 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         assert local is not None
         s2, blocks = sums.squared_norms(local)  # this shard's part of ‖Σ g_i‖² (and blocks)
         block_s1 = sums.block_sq_norm_sum
+        m = len(step.norms)
         parts = [
-            sums.sq_norm_sum.reshape(1),
-            s2.reshape(1),
+            torch.stack([*step.norms, s2]),  # this shard's ‖g_i‖² of each sample, ‖Σ g_i‖²
             *(value.reshape(1) for value in blocks.values()),
             *([block_s1] if block_s1 is not None else []),
             torch.tensor([*step.sizes, float(step.unknown_size)]).to(s2),
         ]
         flat = trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")
-        s1, s2 = flat[0], flat[1]
+        norms, s2 = flat[:m], flat[m]
         n_blocks = len(blocks)
-        block_s2 = dict(zip(blocks, flat[2 : 2 + n_blocks], strict=True))
-        rest = flat[2 + n_blocks :]
+        block_s2 = dict(zip(blocks, flat[m + 1 : m + 1 + n_blocks], strict=True))
+        rest = flat[m + 1 + n_blocks :]
         if block_s1 is not None:
             block_s1, rest = rest[:n_blocks], rest[n_blocks:]
         sizes, unknown = rest[:-1], rest[-1]
         states = {
             "count": sums.count,  # m micro-batches, each one sample over every process
             "inverse_size_sum": (1.0 / sizes).sum(),
-            "sq_norm_sum": s1,
+            "sq_norm_sum": norms.sum(),
             "nonzero_count": sums.count,  # used by the mean cosine only, not logged here
             **({"block_sq_norm_sum": block_s1} if block_s1 is not None else {}),
         }
@@ -392,6 +428,15 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
             return None  # the grad scaler skips this step too: routine, no warning
         if float(unknown) > 0:
             self.warn_once("size", _UNKNOWN_SIZE)
+            return None
+        if bool((norms == 0).any()) and bool((norms > 0).any()):
+            self.warn_once(
+                "sync",
+                "a micro-batch's gradient over all processes left .grad exactly unchanged "
+                "while another did not: FSDP2 skipped its gradient reduction "
+                "(set_requires_gradient_sync(False)?), so the micro-batches cannot be told "
+                "apart; nothing is logged for such steps.",
+            )
             return None
         result = total.compute(sum_sq_norm=s2, block_sum_sq_norm=block_s2 or None)
         return Measurement(self.metrics(result))

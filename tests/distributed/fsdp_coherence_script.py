@@ -1,6 +1,6 @@
 """Run by test_fsdp_coherence.py: two processes (gloo, CPU), ModelParallelStrategy + FSDP2.
 
-Usage: python fsdp_coherence_script.py OUT_DIR
+Usage: python fsdp_coherence_script.py OUT_DIR MODE, MODE in {"train", "nosync"}.
 
 Trains the smooth MLP of ``fsdp_script`` sharded with ``fully_shard`` and
 ``accumulate_grad_batches=ACCUMULATE`` twice, with ``GradientCoherenceMonitor(
@@ -8,11 +8,14 @@ source="accumulation", per_layer=True)`` measuring every step and without it. Ea
 rank<r>.pt: the monitor's values of every step, its training micro-batches, the full weights
 at each step start, the final full weights of both trainings, and what tensor hooks on the
 sharded parameters saw (FSDP2's autograd leaves are the unsharded copies it gathers).
+``nosync``: the model turns FSDP2's gradient reduction off on all micro-batches but a step's
+last (``set_requires_gradient_sync``); each rank writes the monitor's values and warnings.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
-from lightning_curvature import GradientCoherenceMonitor
+from lightning_curvature import CurvatureWarning, GradientCoherenceMonitor
 
 ACCUMULATE = 3
 MAX_STEPS = 2
@@ -64,7 +67,14 @@ class ShardHooks(pl.Callback):
         self.grad_types |= {type(p.grad).__name__ for p in pl_module.parameters()}
 
 
-def fit(callbacks: list[pl.Callback], out: Path) -> tuple[pl.Trainer, Sharded]:
+class NoSync(Sharded):
+    def on_train_batch_start(self, batch, batch_idx):
+        self.net.set_requires_gradient_sync((batch_idx + 1) % ACCUMULATE == 0)
+
+
+def fit(
+    callbacks: list[pl.Callback], out: Path, module: Sharded | None = None
+) -> tuple[pl.Trainer, Sharded]:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -77,16 +87,24 @@ def fit(callbacks: list[pl.Callback], out: Path) -> tuple[pl.Trainer, Sharded]:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    module = Sharded()
+    module = module or Sharded()
     trainer.fit(module, DataLoader(data(), batch_size=BATCH_SIZE))
     return trainer, module
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    out, mode = Path(sys.argv[1]), sys.argv[2]
     capture = Capture()
     monitor = GradientCoherenceMonitor(source="accumulation", per_layer=True, every_n_steps=1)
     every_step = EveryStep(monitor)
+    if mode == "nosync":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CurvatureWarning)
+            trainer, _ = fit([monitor, every_step], out, NoSync())
+        messages = [str(w.message) for w in caught if w.category is CurvatureWarning]
+        report = {"values": every_step.values, "warnings": messages}
+        torch.save(report, out / f"rank{trainer.global_rank}.pt")
+        return
     hooks = ShardHooks()
     trainer, module = fit([capture, monitor, every_step, hooks], out)
     with_monitor = full_weights(module.net)

@@ -47,7 +47,7 @@ def _coherence(samples: torch.Tensor) -> float:
 
 
 def test_accumulation_coherence_under_fsdp2_is_that_of_the_union(tmp_path: Path) -> None:
-    run_script(SCRIPT, tmp_path, "", timeout=300)
+    run_script(SCRIPT, tmp_path, "train", timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # Why the gradients are read from .grad: hooks on the sharded parameters never fire.
     assert [rank["shard_hook_calls"] for rank in ranks] == [0, 0]
@@ -96,6 +96,19 @@ def test_accumulation_coherence_under_fsdp2_is_that_of_the_union(tmp_path: Path)
         assert not torch.equal(rank["final"]["0.weight"], rank["weights"][0]["0.weight"])
 
 
+def test_accumulation_under_fsdp2_refuses_micro_batches_without_reduction(tmp_path: Path) -> None:
+    """With FSDP2's reduction off, .grad changes only at a step's last micro-batch: the
+    micro-batches cannot be told apart, so nothing is logged, with one warning."""
+    run_script(SCRIPT, tmp_path, "nosync", timeout=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert set(rank["values"]) == set(range(MAX_STEPS))
+        assert all(values == {} for values in rank["values"].values())
+    (message,) = ranks[0]["warnings"]  # once, on rank zero
+    assert "set_requires_gradient_sync" in message
+    assert ranks[1]["warnings"] == []
+
+
 def _trainer(tmp_path: Path, accumulate: int = 2) -> SimpleNamespace:
     return SimpleNamespace(
         strategy=ModelParallelStrategy(),
@@ -125,3 +138,13 @@ def test_accumulation_under_fsdp2_needs_two_micro_batches(tmp_path: Path) -> Non
     assert monitor.skipped_statistics == ("mean_cosine", "snr")
     with pytest.raises(MisconfigurationException, match=r"FSDP2.*accumulate_grad_batches >= 2"):
         monitor.setup(_trainer(tmp_path, 1), TanhRegressor(), stage="fit")  # type: ignore[arg-type]
+
+
+def test_accumulation_under_fsdp2_refuses_parameters_not_sharded(tmp_path: Path) -> None:
+    """Squared norms summed over shards would count an unsharded parameter once per process."""
+    trainer, model = _trainer(tmp_path), TanhRegressor()
+    trainer.callbacks = []
+    monitor = GradientCoherenceMonitor(source="accumulation", every_n_steps=1)
+    monitor.setup(trainer, model, stage="fit")  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match=r"'net.0.weight' is not sharded"):
+        monitor.on_train_start(trainer, model)  # type: ignore[arg-type]
