@@ -137,8 +137,9 @@ class ShardGradients:
     """The change of this process's shard of ``.grad`` over each backward pass (FSDP2).
 
     The reader of :class:`BackwardGradients`' interface for sharded parameters, whose
-    autograd leaves are the unsharded copies FSDP2 gathers (see the module docstring); on
-    unsharded parameters it reads the same as :class:`BackwardGradients`.
+    autograd leaves are the unsharded copies FSDP2 gathers (see the module docstring). On
+    plain parameters in one process it reads what :class:`BackwardGradients` reads (under
+    DDP it would read the averaged gradient instead: DDP averages ``.grad`` in the backward).
 
     Args:
         parameters: the measured parameters (sharded ``DTensor`` or plain), in layout order.
