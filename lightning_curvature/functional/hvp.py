@@ -339,10 +339,12 @@ class HessianOperator:
         self._owners, self._fsdp = owners, fsdp
         _reshard(fsdp)
         self._saved = [t.detach().clone() for t in self._locals]
-        with torch.no_grad():
+        with _FloatingDtypes() as seen:  # with its graph: the kinks are looked for in it
             loss = self._module_loss()
+        _check_no_kinks(loss, None)  # every parameter is measured over shards
+        self._note_compute_dtype(seen.dtypes)
         _reshard(fsdp)
-        self._check_finite_loss(loss)
+        self._check_finite_loss(loss.detach())
 
     def _module_loss(self) -> torch.Tensor:
         """The weighted probe loss of the model itself (its hooks, e.g. FSDP's, run)."""
@@ -604,7 +606,16 @@ class HessianOperator:
         with _FloatingDtypes() as seen:
             loss = self._weighted_loss(self._leaves)
         _check_no_kinks(loss, self._leaves)
-        narrow = min(seen.dtypes | {self.dtype}, key=lambda d: torch.finfo(d).bits)
+        self._note_compute_dtype(seen.dtypes)
+        return loss.detach()
+
+    def _note_compute_dtype(self, dtypes: set[torch.dtype]) -> None:
+        """Take the narrowest dtype the forward computed in for the finite-difference step.
+
+        A bfloat16/float16 forward (a bf16 model, autocast, FSDP2's ``MixedPrecisionPolicy``)
+        limits the products' accuracy: warned once per operator.
+        """
+        narrow = min(dtypes | {self.dtype}, key=lambda d: torch.finfo(d).bits)
         if torch.finfo(narrow).bits < torch.finfo(self.dtype).bits:
             self._compute_dtype = narrow
             accuracy = torch.finfo(narrow).eps ** (2 / 3)
@@ -615,9 +626,8 @@ class HessianOperator:
                 "`tol` below that cannot be met. Compute in "
                 f"{self.dtype} for the probe, or use a double-backward `backend`.",
                 CurvatureWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        return loss.detach()
 
     def _forward_over_reverse_or_difference(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Forward over reverse; with ``backend="auto"``, finite differences where it has none."""
@@ -834,12 +844,13 @@ class _FirstOrderOnly(RuntimeError):
 _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
 
 
-def _nodes_reaching(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[Any]:
+def _nodes_reaching(loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None) -> list[Any]:
     """The autograd nodes of ``loss``'s graph through which some of ``leaves`` is reached.
 
-    The walk is iterative: graphs can be deeper than Python's recursion limit.
+    ``leaves=None``: through which any leaf is reached (every parameter is measured). The
+    walk is iterative: graphs can be deeper than Python's recursion limit.
     """
-    targets = {id(leaf) for leaf in leaves}
+    targets = None if leaves is None else {id(leaf) for leaf in leaves}
     reaches: dict[Any, bool] = {}  # keyed by node: keeps each Python wrapper alive
     stack: list[tuple[Any, bool]] = [(loss.grad_fn, False)] if loss.grad_fn is not None else []
     while stack:
@@ -852,7 +863,8 @@ def _nodes_reaching(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[
             stack.extend((child, False) for child in children if child not in reaches)
             continue
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        reaches[node] = id(variable) in targets or any(reaches.get(c, False) for c in children)
+        leaf = variable is not None and (targets is None or id(variable) in targets)
+        reaches[node] = leaf or any(reaches.get(c, False) for c in children)
     return [node for node, reached in reaches.items() if reached]
 
 
@@ -883,8 +895,10 @@ def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tenso
 _KINKED_NODES = ("Relu", "Threshold", "Hardtanh", "Shrink", "MaxPool", "Prelu", "Rrelu")
 
 
-def _check_no_kinks(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> None:
+def _check_no_kinks(loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None) -> None:
     """Refuse finite differences through piecewise-linear ops the parameters reach.
+
+    ``leaves=None``: the ops any leaf of the graph reaches.
 
     Raises:
         ValueError: naming the autograd nodes (``ReluBackward0``, ...) found.

@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_curvature import (
     SAM,
+    CurvatureWarning,
     GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
     HessianTraceMonitor,
@@ -197,3 +198,44 @@ def test_sharded_parameters_take_finite_differences_restoring_everything(
         assert p.grad is g  # the same .grad objects, untouched
         assert torch.equal(p.grad, torch.full_like(p, 7.0))
         assert torch.equal(p.to_local(), b)  # type: ignore[operator]  # weights bit-exact
+
+
+class _FunctionalRelu(nn.Module):
+    """A piecewise-linear op no module check sees: ``F.relu`` inside ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.outer = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outer(nn.functional.relu(self.inner(x)))
+
+
+def test_sharded_parameters_refuse_kinks_found_in_the_graph(one_process: None) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    sharded = fully_shard(_FunctionalRelu())
+    before = [p.to_local().clone() for p in sharded.parameters()]  # type: ignore[operator]
+    with pytest.raises(ValueError, match=r"piecewise-linear ops.*ReluBackward"):
+        HessianOperator(sharded, _loss, torch.ones(2, 3)).__enter__()
+    for p, b in zip(sharded.parameters(), before, strict=True):
+        assert torch.equal(p.to_local(), b)  # type: ignore[operator]
+        assert p.grad is None
+
+
+def test_sharded_bf16_compute_warns_of_its_accuracy(one_process: None) -> None:
+    """FSDP2's MixedPrecisionPolicy: float32 shards, a bfloat16 forward (FD's limit stated)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plain, _ = _sharded()
+    mixed = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 1))
+    mixed.load_state_dict(plain.state_dict())
+    fully_shard(mixed, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(CurvatureWarning, match=r"computes in torch.bfloat16.*no better than"):
+        found = hessian_eigenvalues(mixed, _loss, x, tol=0.1)
+    exact = hessian_eigenvalues(plain.double(), _loss, x.double(), tol=1e-10)
+    # bfloat16 products are good to about eps^(2/3) = 2.5e-2 relative (1-10% measured)
+    assert float(found.eigenvalues[0]) == pytest.approx(float(exact.eigenvalues[0]), rel=0.1)
