@@ -74,7 +74,11 @@ from lightning_curvature.functional.hvp import (
 from lightning_curvature.functional.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.sampling import make_generator
-from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
+from lightning_curvature.functional.warnings import (
+    CurvatureWarning,
+    NonFiniteCurvatureError,
+    PiecewiseLinearError,
+)
 
 __all__ = [
     "CurvatureMonitor",
@@ -654,7 +658,7 @@ class CurvatureMonitor(Callback):
                 warnings.simplefilter("always", CurvatureWarning)
                 try:
                     measured = measure()
-                except (NonFiniteCurvatureError, RuntimeError) as err:
+                except (NonFiniteCurvatureError, PiecewiseLinearError, RuntimeError) as err:
                     failure = err
         finally:
             pending, self._pending = self._pending, None

@@ -105,7 +105,11 @@ from lightning_curvature.functional.parameters import (
 )
 from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
 from lightning_curvature.functional.sharded import VectorShards, fsdp_shards, local_tensor
-from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
+from lightning_curvature.functional.warnings import (
+    CurvatureWarning,
+    NonFiniteCurvatureError,
+    PiecewiseLinearError,
+)
 
 __all__ = [
     "BACKENDS",
@@ -601,7 +605,8 @@ class HessianOperator:
         """The loss at ``w``, with the model's compute dtype and kinks checked (see module doc).
 
         Raises:
-            ValueError: if a piecewise-linear op lies between the loss and the parameters.
+            PiecewiseLinearError: if a piecewise-linear op lies between the loss and the
+                parameters.
         """
         with _FloatingDtypes() as seen:
             loss = self._weighted_loss(self._leaves)
@@ -901,7 +906,7 @@ def _check_no_kinks(loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None) -
     ``leaves=None``: the ops any leaf of the graph reaches.
 
     Raises:
-        ValueError: naming the autograd nodes (``ReluBackward0``, ...) found.
+        PiecewiseLinearError: naming the autograd nodes (``ReluBackward0``, ...) found.
     """
     kinked = sorted(
         {
@@ -911,7 +916,7 @@ def _check_no_kinks(loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None) -
         }
     )
     if kinked:
-        raise ValueError(
+        raise PiecewiseLinearError(
             "backend='finite_difference' needs a smooth model: a finite difference crosses "
             "the kinks of piecewise-linear ops, and its products then differ from the "
             f"Hessian autograd defines; the loss's graph has {', '.join(kinked)}. Use another "

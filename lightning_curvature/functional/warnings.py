@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CurvatureWarning", "NonFiniteCurvatureError"]
+__all__ = ["CurvatureWarning", "NonFiniteCurvatureError", "PiecewiseLinearError"]
 
 
 class CurvatureWarning(UserWarning):
@@ -26,5 +26,18 @@ class NonFiniteCurvatureError(ArithmeticError):
 
     Example:
         >>> issubclass(NonFiniteCurvatureError, ArithmeticError)
+        True
+    """
+
+
+class PiecewiseLinearError(ValueError):
+    """A finite difference was asked for through a piecewise-linear op (ReLU, max-pooling).
+
+    Its products would cross the kinks and differ from the Hessian autograd defines. Found
+    only once a forward has run (a functional ``F.relu`` is no module), so a monitor skips
+    that probe with one warning instead of stopping training.
+
+    Example:
+        >>> issubclass(PiecewiseLinearError, ValueError)
         True
     """
