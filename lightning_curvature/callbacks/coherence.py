@@ -126,7 +126,7 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
 
     Logged metrics:
         - ``gradient/coherence``, ``gradient/mean_cosine``, ``gradient/noise_scale``,
-          ``gradient/snr`` (the last two of these not with ``source="ddp"``: cosine, SNR)
+          ``gradient/snr`` (cosine and SNR not with ``source="ddp"`` nor under FSDP2)
         - ``gradient/grad_norm_sq`` and ``gradient/trace_sigma``: unbiased ``‖G‖²`` and
           ``tr Σ``, the parts of the noise scale
         - ``gradient/num_samples`` and ``gradient/sample_size``: ``m`` and ``b`` (examples
@@ -136,7 +136,8 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
 
     Raises:
         MisconfigurationException: on invalid arguments (at construction), or without a
-            logger, under a sharded strategy, with manual optimization (free sources, or the
+            logger, under FSDP1/DeepSpeed (every source) or FSDP2 (``"probe"``, ``"ddp"``),
+            with manual optimization (free sources, or the
             probe without ``loss_fn``), with a ``per_layer`` pattern that matches no
             measured parameter, or when the source has no samples to read (at setup).
 
@@ -151,10 +152,10 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
     """
 
     unshardable_reason = (
-        "its probe source needs per-example or micro-batch gradients through torch.func, "
-        "which FSDP2's DTensor shards and hooks do not allow; its 'ddp' source reads each "
-        "process's gradient before the all-reduce, which FSDP2 reduce-scatters inside the "
-        "backward; its 'accumulation' source is not implemented over sharded gradients."
+        "source='probe' needs per-example or micro-batch gradients through torch.func, "
+        "which FSDP2's DTensor shards and hooks do not allow. source='accumulation' measures "
+        "under FSDP2 (with accumulate_grad_batches >= 2), from training's own micro-batch "
+        "gradients."
     )
 
     cost_name = "coherence"

@@ -12,6 +12,15 @@ multiplied by the grad scaler's scale under ``16-mixed``).
 The hooks are attached in ``on_before_backward`` and removed in ``on_after_backward``, so
 they see the training step's backward and nothing else (not the probes of other monitors,
 which differentiate with ``torch.autograd.grad`` outside those hooks, nor SAM's second pass).
+
+Under FSDP2 (``fully_shard``) the leaves that autograd reaches are the unsharded parameters
+FSDP2 gathers for the pass, not the sharded ``DTensor`` parameters the model holds: hooks on
+these never fire. :class:`ShardGradients` reads the same thing there from ``.grad`` instead:
+FSDP2 reduce-scatters (averages over processes) every backward's gradient into the shards'
+``.grad``, Lightning's ``ModelParallelStrategy`` skipping no synchronization on accumulation
+micro-batches, so the change of this process's shard of ``.grad`` over one backward is its
+shard of the gradient of that micro-batch over all processes (the mean of their micro-batch
+gradients). It reads ``.grad`` only; nothing is changed.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["BackwardGradients"]
+__all__ = ["BackwardGradients", "ShardGradients", "local_flat_grad"]
 
 
 class BackwardGradients:
@@ -90,3 +99,85 @@ class BackwardGradients:
         self._handles = []
         flat, self._flat = self._flat, None
         return flat
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a ``DTensor`` (FSDP2), or ``tensor`` itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def local_shards(parameters: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's shard of each parameter (the parameters themselves when unsharded).
+
+    Example:
+        >>> local_shards([torch.zeros(2)])[0].shape
+        torch.Size([2])
+    """
+    return [_local(p) for p in parameters]
+
+
+def local_flat_grad(parameters: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """This process's shard of ``.grad`` of ``parameters`` as one flat vector (zeros for none).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> (2 * w).sum().backward()
+        >>> local_flat_grad([w, torch.nn.Parameter(torch.ones(1))], torch.float64)
+        tensor([2., 2., 0.], dtype=torch.float64)
+    """
+    pieces = [
+        (_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))).reshape(-1)
+        for p in parameters
+    ]
+    return torch.cat([piece.to(dtype) for piece in pieces])
+
+
+class ShardGradients:
+    """The change of this process's shard of ``.grad`` over each backward pass (FSDP2).
+
+    The reader of :class:`BackwardGradients`' interface for sharded parameters, whose
+    autograd leaves are the unsharded copies FSDP2 gathers (see the module docstring). On
+    plain parameters in one process it reads what :class:`BackwardGradients` reads (under
+    DDP it would read the averaged gradient instead: DDP averages ``.grad`` in the backward).
+
+    Args:
+        parameters: the measured parameters (sharded ``DTensor`` or plain), in layout order.
+        dtype: dtype of the flat gradient.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> (w * w).sum().backward()  # .grad before the pass that is read: [2, 4]
+        >>> capture = ShardGradients([w])
+        >>> capture.attach()
+        >>> (3 * w).sum().backward()
+        >>> capture.detach(), w.grad  # that pass's gradient, and .grad as without it
+        (tensor([3., 3.]), tensor([5., 7.]))
+    """
+
+    def __init__(
+        self, parameters: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.parameters = list(parameters)
+        self.dtype = dtype
+        self._before: torch.Tensor | None = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether a pass is being read (between :meth:`attach` and :meth:`detach`)."""
+        return self._before is not None
+
+    def attach(self) -> None:
+        """Note the local ``.grad`` before the next backward pass."""
+        self._before = local_flat_grad(self.parameters, self.dtype)
+
+    def detach(self) -> torch.Tensor:
+        """The local shard of the gradient of the backward pass since :meth:`attach`.
+
+        Raises:
+            RuntimeError: if :meth:`attach` was not called.
+        """
+        if self._before is None:
+            raise RuntimeError("ShardGradients.detach() without attach().")
+        before, self._before = self._before, None
+        return local_flat_grad(self.parameters, self.dtype).sub_(before)

@@ -11,6 +11,20 @@ What ``GradientCoherenceMonitor(source="accumulation")`` and ``(source="ddp")`` 
   ``‖Σ g_r‖²`` is the squared norm of ``world_size`` times the averaged ``.grad`` that every
   process holds after the backward. The mean cosine and the SNR need gradient-sized sums,
   so they are not logged in this mode.
+* ``"accumulation"`` under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``): FSDP2
+  averages each micro-batch's gradient over the processes inside the backward, so a sample
+  is the gradient of the step's ``i``-th micro-batch over all processes (their union: what a
+  single process training on the union would sample), ``m = accumulate_grad_batches``
+  samples of ``world_size × b`` examples. (Under DDP each process's micro-batch gradient is a
+  sample: ``m = accumulate_grad_batches × world_size`` of ``b`` examples.) Each process
+  reads its shard of every sample
+  (:class:`~lightning_curvature.callbacks.gradient_capture.ShardGradients`); the squared
+  norms are sums over the shards, all-reduced in one collective, and nothing gathers a full
+  gradient. The mean cosine needs each sample's full norm before its shard is added (one
+  more collective per micro-batch) and the SNR a mean over all coordinates; they are not
+  logged in this mode.
+* ``"ddp"`` is refused under FSDP2: FSDP2 reduce-scatters each process's gradient inside the
+  backward, so the per-process gradients it samples are never whole anywhere.
 
 These sources see the gradients training computes: dropout on, BatchNorm in training mode,
 the loss as ``training_step`` returns it. They read no probe batch, so the probe options of
@@ -20,7 +34,8 @@ the loss as ``training_step`` returns it. They read no probe batch, so the probe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -28,8 +43,14 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_curvature.callbacks.base import check_strategy
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
-from lightning_curvature.callbacks.gradient_capture import BackwardGradients
+from lightning_curvature.callbacks.gradient_capture import (
+    BackwardGradients,
+    ShardGradients,
+    local_flat_grad,
+    local_shards,
+)
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.batches import batch_size
@@ -67,9 +88,11 @@ PROBE_OPTIONS: dict[str, Any] = {
 class _StepSamples:
     """Gradient samples of one optimizer step, read from training's backward passes."""
 
-    gradients: BackwardGradients
-    sums: GradientSums
-    local: torch.Tensor | None  # "ddp": this process's gradient of the step, summed so far
+    gradients: BackwardGradients | ShardGradients
+    sums: GradientSums  # sharded: over this process's shards, the counts over its micro-batches
+    local: torch.Tensor | None  # "ddp": this process's gradient of the step; sharded: Σ g_i
+    sizes: list[float] = field(default_factory=list)  # sharded: each micro-batch's examples
+    norms: list[torch.Tensor] = field(default_factory=list)  # sharded: this shard's ‖g_i‖²
     local_size: float = 0.0
     averaged: torch.Tensor | None = None  # "ddp": DDP's averaged .grad after the last backward
     micro_batch_size: int | None = None  # examples of the micro-batch being computed
@@ -77,14 +100,48 @@ class _StepSamples:
     seconds: float = 0.0
 
 
-def _flat_grad(parameters: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``.grad`` of ``parameters`` as one flat vector (zeros where there is none)."""
-    return torch.cat(
-        [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-            for p in parameters
-        ]
-    )
+_DDP_UNDER_FSDP2 = (
+    "source='ddp' reads each process's whole gradient before the all-reduce, and FSDP2 "
+    "reduce-scatters it inside the backward, so it is never whole; source='accumulation' "
+    "measures under FSDP2 (with accumulate_grad_batches >= 2)."
+)
+
+
+_UNKNOWN_SIZE = (
+    "a training batch has no tensor with a leading (example) dimension, so its number of "
+    "examples is unknown; nothing is logged (the noise scale is counted in examples)."
+)
+
+
+def _padded(vector: torch.Tensor, size: int) -> torch.Tensor:
+    """``vector`` with zeros after it up to ``size`` (a process that holds no entry)."""
+    if vector.numel() == size:
+        return vector
+    return torch.cat([vector, vector.new_zeros(size - vector.numel())])
+
+
+def _replicated(named: Sequence[tuple[str, torch.Tensor]], world_size: int) -> str | None:
+    """The first parameter not split into one distinct shard per process, if any.
+
+    Sums over the shards of all processes are full squared norms only when every process
+    holds its own piece of every parameter: a plain tensor (not given to ``fully_shard``)
+    or a replicated placement would be counted once per copy.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for name, p in named:
+        if not isinstance(p, DTensor):
+            return f"{name!r} is not sharded (not under fully_shard)"
+        if p.device_mesh.size() != world_size or not all(x.is_shard() for x in p.placements):
+            return f"{name!r} has placements {p.placements} over a mesh of {p.device_mesh.size()}"
+    return None
+
+
+def _is_sharded(trainer: pl.Trainer) -> bool:
+    """Whether the parameters are FSDP2 shards (``ModelParallelStrategy``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:
@@ -100,12 +157,13 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
 
     Built by ``GradientCoherenceMonitor(source="accumulation")`` or ``(source="ddp")``; it
     logs the tags of :class:`~lightning_curvature.callbacks.coherence.GradientCoherenceMonitor`
-    (without ``gradient/mean_cosine`` and ``gradient/snr`` for ``"ddp"``).
+    (without ``gradient/mean_cosine`` and ``gradient/snr`` for ``"ddp"`` and under FSDP2).
 
     Args:
         source: ``"accumulation"`` (default: needs ``accumulate_grad_batches ≥ 2``, or
-            several processes) or ``"ddp"`` (needs at least 2 processes); both need
-            automatic optimization.
+            several DDP processes; under FSDP2 one sample per micro-batch over all
+            processes) or ``"ddp"`` (needs at least 2 DDP processes); both need automatic
+            optimization.
         mode: accepted at ``"auto"`` only (the samples are training's own gradients).
         per_layer: as for ``GradientCoherenceMonitor``.
         every_n_steps: measure every this many optimizer steps (``"auto"``: 500).
@@ -116,7 +174,8 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
 
     Raises:
         MisconfigurationException: on invalid or probe-only arguments (at construction), or
-            without a logger, under a sharded strategy, with manual optimization, or when
+            without a logger, under FSDP1/DeepSpeed, with ``"ddp"`` under FSDP2, with
+            manual optimization, or when
             there are fewer than 2 samples a step to read (at setup).
 
     Example:
@@ -155,11 +214,18 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         rest = {name: value for name, value in kwargs.items() if name not in PROBE_OPTIONS}
         super().__init__(source, per_layer=per_layer, every_n_steps=every_n_steps, **rest)
         self._step: _StepSamples | None = None
+        self._sharded = False
 
     @property
     @override
     def skipped_statistics(self) -> tuple[str, ...]:
-        return ("mean_cosine", "snr") if self.source == "ddp" else ()
+        return ("mean_cosine", "snr") if self.source == "ddp" or self._sharded else ()
+
+    @override
+    def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # No Hessian-vector products, so neither a backend nor a smooth model is needed.
+        why = _DDP_UNDER_FSDP2 if self.source == "ddp" else None
+        check_strategy(trainer, type(self).__name__, why)
 
     @property
     @override
@@ -181,6 +247,13 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
                 "source='ddp' takes each process's gradient as one sample and needs at least "
                 f"2 processes; the Trainer has world_size={trainer.world_size}."
             )
+        self._sharded = _is_sharded(trainer)
+        if self._sharded and trainer.accumulate_grad_batches < 2:
+            raise MisconfigurationException(
+                "source='accumulation' under FSDP2 takes each micro-batch gradient over all "
+                "processes (FSDP2 averages them inside the backward) as one sample and needs "
+                f"accumulate_grad_batches >= 2; got {trainer.accumulate_grad_batches}."
+            )
         if (
             self.source == "accumulation"
             and trainer.accumulate_grad_batches * trainer.world_size < 2
@@ -189,6 +262,22 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
                 "source='accumulation' takes each micro-batch gradient of a step as one sample "
                 "and needs accumulate_grad_batches >= 2 (or several processes); got "
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not self._sharded:
+            return
+        named = select_parameters(unwrap_model(pl_module), self.parameters)
+        problem = _replicated(named, trainer.world_size)
+        if problem is not None:
+            raise MisconfigurationException(
+                f"source='accumulation' under {type(trainer.strategy).__name__} sums each "
+                "gradient's squared norm over the processes' shards, so every measured "
+                f"parameter must be sharded once over all {trainer.world_size} processes; "
+                f"{problem}. Apply fully_shard to the whole model in `configure_model`, or "
+                "choose the measured ones with `parameters=`."
             )
 
     # -- the samples, read from training's backward passes -------------------------------------
@@ -203,20 +292,25 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
 
     def _start_step(self, pl_module: pl.LightningModule) -> _StepSamples:
         named = select_parameters(unwrap_model(pl_module), self.parameters)
-        layout = ParameterLayout.from_named(named)
         params = [p for _, p in named]
-        dtype = probe_dtype(params)
-        vectors = self.source == "accumulation"
+        shards = local_shards(params)  # the parameters themselves unless sharded
+        layout = ParameterLayout.from_named(
+            [(name, shard) for (name, _), shard in zip(named, shards, strict=True)]
+        )
+        dtype = probe_dtype(shards)
+        vectors = self.source == "accumulation" and not self._sharded
+        device = shards[0].device
         sums = GradientSums.zeros(
-            layout.size,
+            max(layout.size, 1),  # a process may hold no entry of a tiny model
             dtype=dtype,
-            device=params[0].device,
+            device=device,
             vectors=vectors,
             blocks=layout.groups(self.blocks.functional),
             mode=self.source,
         )
-        local = None if vectors else torch.zeros(layout.size, dtype=dtype, device=params[0].device)
-        return _StepSamples(BackwardGradients(params, dtype), sums, local)
+        local = None if vectors else torch.zeros(max(layout.size, 1), dtype=dtype, device=device)
+        reader = ShardGradients if self._sharded else BackwardGradients
+        return _StepSamples(reader(params, dtype), sums, local)
 
     @override
     def on_before_backward(
@@ -236,14 +330,21 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
             step.unknown_size = True
         size = float(step.micro_batch_size or 1)
         scale = _loss_scale(trainer)
-        if step.local is None:  # "accumulation": undo the 1/accumulate_grad_batches too
-            step.sums.add(gradient.mul_(trainer.accumulate_grad_batches / scale), size)
-        else:  # "ddp": the step's gradient is the mean of its micro-batches, as Lightning's
+        if self.source == "accumulation":  # undo the 1/accumulate_grad_batches too
+            gradient.mul_(trainer.accumulate_grad_batches / scale)
+            if step.local is not None:  # sharded: this shard of g_i, Σ g_i and ‖g_i‖²
+                gradient = _padded(gradient, step.local.numel())
+                step.local.add_(gradient)
+                step.sizes.append(size)
+                step.norms.append(torch.dot(gradient, gradient))
+            step.sums.add(gradient, size)
+        elif step.local is not None:  # "ddp": the step's gradient is the mean of its
+            # micro-batches, as Lightning's
             step.local.add_(gradient, alpha=1.0 / scale)
             step.local_size += size
             # After the step's last backward .grad is DDP's average of the steps' gradients;
             # read here, before anything after the backward (a SAM pass) replaces it.
-            step.averaged = _flat_grad(step.gradients.parameters, step.local.dtype) / scale
+            step.averaged = local_flat_grad(step.gradients.parameters, step.local.dtype) / scale
         step.seconds += time.perf_counter() - started
 
     @override
@@ -263,6 +364,8 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         )
 
     def _measure_step(self, trainer: pl.Trainer, step: _StepSamples) -> Measurement | None:
+        if self._sharded:
+            return self._measure_sharded(trainer, step)
         sums = step.sums
         if step.local is not None and step.local_size > 0:
             sums.add(step.local, step.local_size)
@@ -276,12 +379,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         ):
             return None  # the grad scaler skips this step too: routine, no warning
         if float(unknown) > 0:
-            self.warn_once(
-                "size",
-                "a training batch has no tensor with a leading (example) dimension, so its "
-                "number of examples is unknown; nothing is logged (the noise scale is "
-                "counted in examples).",
-            )
+            self.warn_once("size", _UNKNOWN_SIZE)
             return None
         if step.local is None:
             return Measurement(self.metrics(total.compute()))
@@ -289,6 +387,58 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         averaged = step.averaged if step.averaged is not None else torch.zeros_like(step.local)
         s2, blocks = total.squared_norms(averaged * total.num_samples)
         result = total.compute(sum_sq_norm=s2, block_sum_sq_norm=blocks or None)
+        return Measurement(self.metrics(result))
+
+    def _measure_sharded(self, trainer: pl.Trainer, step: _StepSamples) -> Measurement | None:
+        """The statistics from this process's shards, with one all-reduce of scalars.
+
+        Sample ``i`` is the micro-batch gradient over all processes, so ``m`` and the sizes
+        are the same on every process, and the squared norms are sums over the shards.
+        """
+        sums, local = step.sums, step.local
+        assert local is not None
+        s2, blocks = sums.squared_norms(local)  # this shard's part of ‖Σ g_i‖² (and blocks)
+        block_s1 = sums.block_sq_norm_sum
+        m = len(step.norms)
+        parts = [
+            torch.stack([*step.norms, s2]),  # this shard's ‖g_i‖² of each sample, ‖Σ g_i‖²
+            *(value.reshape(1) for value in blocks.values()),
+            *([block_s1] if block_s1 is not None else []),
+            torch.tensor([*step.sizes, float(step.unknown_size)]).to(s2),
+        ]
+        flat = trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")
+        norms, s2 = flat[:m], flat[m]
+        n_blocks = len(blocks)
+        block_s2 = dict(zip(blocks, flat[m + 1 : m + 1 + n_blocks], strict=True))
+        rest = flat[m + 1 + n_blocks :]
+        if block_s1 is not None:
+            block_s1, rest = rest[:n_blocks], rest[n_blocks:]
+        sizes, unknown = rest[:-1], rest[-1]
+        states = {
+            "count": sums.count,  # m micro-batches, each one sample over every process
+            "inverse_size_sum": (1.0 / sizes).sum(),
+            "sq_norm_sum": norms.sum(),
+            "nonzero_count": sums.count,  # used by the mean cosine only, not logged here
+            **({"block_sq_norm_sum": block_s1} if block_s1 is not None else {}),
+        }
+        total = sums.with_states(states)
+        if not self.enough_samples(total, trainer.global_step):
+            return None
+        if _loss_scale(trainer) != 1.0 and not bool(torch.isfinite(flat).all()):
+            return None  # the grad scaler skips this step too: routine, no warning
+        if float(unknown) > 0:
+            self.warn_once("size", _UNKNOWN_SIZE)
+            return None
+        if bool((norms == 0).any()) and bool((norms > 0).any()):
+            self.warn_once(
+                "sync",
+                "a micro-batch's gradient over all processes left .grad exactly unchanged "
+                "while another did not: FSDP2 skipped its gradient reduction "
+                "(set_requires_gradient_sync(False)?), so the micro-batches cannot be told "
+                "apart; nothing is logged for such steps.",
+            )
+            return None
+        result = total.compute(sum_sq_norm=s2, block_sum_sq_norm=block_s2 or None)
         return Measurement(self.metrics(result))
 
     @override
