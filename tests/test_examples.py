@@ -149,7 +149,7 @@ def test_batch_sharpness_example_charts_the_three_curvatures_and_concludes(
         (config,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
         layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(config.tensor_proto).item())
         charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-        assert charts["sharpness λ₁ vs. stability threshold 2/η"] == [
+        assert charts["sharpness λ₁ and batch sharpness vs. stability threshold 2/η"] == [
             "^curvature/eigenvalue_1$",
             "^curvature/stability_threshold$",
             "^curvature/batch_sharpness$",
