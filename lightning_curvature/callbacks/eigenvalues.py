@@ -410,16 +410,12 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
     def _probes_after_this_step(self, trainer: pl.Trainer) -> bool:
         """Whether a probe is due right after the optimizer step being taken now."""
         following, epoch = trainer.global_step + 1, trainer.current_epoch
-        schedule = self.schedule  # read, never asked is_due (which may space the budget)
-        if schedule.max_overhead is not None:
-            if following >= schedule.next_step:
-                return True
-        elif schedule.every_n_steps is not None and following % schedule.every_n_steps == 0:
+        if self.schedule.due_by_cadence(following):  # never is_due: it may space the budget
             return True
         last = trainer.max_steps == following  # training stops after this step
-        if (trainer.is_last_batch or last) and schedule.is_due_at_epoch_end(following, epoch):
+        if (trainer.is_last_batch or last) and self.schedule.is_due_at_epoch_end(following, epoch):
             return True  # an epoch-end probe (max_steps also ends the epoch it stops in)
-        return schedule.on_train_end and last
+        return self.schedule.on_train_end and last
 
     @override
     def on_before_optimizer_step(

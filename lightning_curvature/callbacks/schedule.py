@@ -206,6 +206,19 @@ class ProbeSchedule:
             timing = (clock or self._own_clock)()
             self._space(self.last_step, global_step, self._unbudgeted, timing)
             self._unbudgeted = None
+        return self.due_by_cadence(global_step, epoch, epoch_start)
+
+    def due_by_cadence(self, global_step: int, epoch: int = 0, epoch_start: bool = False) -> bool:
+        """Whether step ``global_step`` is due by the cadence as it stands, changing nothing.
+
+        :meth:`is_due` without the budget's spacing of a first probe: a look ahead (e.g. to
+        copy the weights on the step before a probe).
+
+        Example:
+            >>> schedule = ProbeSchedule(every_n_steps=5)
+            >>> [step for step in range(12) if schedule.due_by_cadence(step)]
+            [0, 5, 10]
+        """
         if global_step == self.last_step:
             return False  # already acted at this step (e.g. another micro-batch of it)
         if self.max_overhead is not None:
