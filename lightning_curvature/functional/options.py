@@ -85,7 +85,7 @@ class OperatorOptions:
             return given
         if not isinstance(options, cls):
             raise ValueError(f"`options` must be an OperatorOptions or None, got {options!r}.")
-        named = [f.name for f in fields(cls) if getattr(given, f.name) is not f.default]
+        named = [f.name for f in fields(cls) if getattr(given, f.name) != f.default]
         if named:
             raise ValueError(
                 "give the operator's settings either as `options` or as keywords, not both; "
