@@ -32,7 +32,7 @@ def _float32_inner_products(rows: torch.Tensor, vector: torch.Tensor) -> torch.T
 
 
 def run_one(size: int, mode: str, k: int, seed: int) -> dict[str, object]:
-    from lightning_curvature.functional import lanczos
+    from lightning_curvature.functional.linalg import lanczos
 
     if mode == "float32-accumulated":
         lanczos.inner_products = _float32_inner_products  # type: ignore[assignment]

@@ -26,7 +26,7 @@ from common import load_average, machine, summary
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from edge_of_stability import DigitsRegressor, digits_dataset
 
-import lightning_curvature.functional.lanczos as lanczos
+import lightning_curvature.functional.linalg.lanczos as lanczos
 from lightning_curvature import hessian_eigenvalues
 
 GUARD = lanczos._next_one_converged

@@ -58,7 +58,7 @@ from common import (
 )
 
 from lightning_curvature import CurvatureWarning, HessianOperator, hessian_eigenvalues
-from lightning_curvature.functional.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 
 TOL = 1e-3
 MAX_STEPS = 16

@@ -10,8 +10,10 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.callbacks.dashboard import (
+from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.monitor import CurvatureMonitor
+from lightning_curvature.callbacks.reporting.dashboard import (
     Charts,
     exact,
     layout,
@@ -19,11 +21,9 @@ from lightning_curvature.callbacks.dashboard import (
     raw_threshold,
     sharpness_chart_title,
 )
-from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
-from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.functional.directional import batch_sharpness
-from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.functional.model.probe import BatchNormMode
 
 __all__ = ["BatchSharpnessMonitor"]
 

@@ -26,9 +26,9 @@ function returning either class would lose the last three; one class for every s
 would mix the two sets of arguments and of hooks again.
 
 Under DDP every process logs the statistics of the union of all processes' samples: the
-sums of :class:`~lightning_curvature.functional.gradient_statistics.GradientSums` are added
+sums of :class:`~lightning_curvature.functional.gradients.accumulator.GradientSums` are added
 over processes with one collective
-(:meth:`~lightning_curvature.functional.gradient_statistics.GradientSums.all_reduce`).
+(:meth:`~lightning_curvature.functional.gradients.accumulator.GradientSums.all_reduce`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.dashboard import (
+from lightning_curvature.callbacks.layers import PerLayerMonitor
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.reporting.dashboard import (
     COST_CATEGORY,
     Charts,
     exact,
@@ -48,17 +50,15 @@ from lightning_curvature.callbacks.dashboard import (
     layout,
     multiline,
 )
-from lightning_curvature.callbacks.layers import PerLayerMonitor
-from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.coherence import (
     CoherenceMode,
     check_coherence_arguments,
     gradient_sums,
 )
-from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
-from lightning_curvature.functional.parameters import PerLayer
+from lightning_curvature.functional.gradients.accumulator import GradientCoherence, GradientSums
+from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.parameters import PerLayer
 
 __all__ = ["CoherenceSource", "GradientCoherenceMonitor"]
 
@@ -91,7 +91,7 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
     r"""Gradient coherence, mean cosine, noise scale and SNR of training's gradient samples.
 
     From ``m`` gradient samples ``g_i`` of ``b`` examples each (definitions and references in
-    :mod:`~lightning_curvature.functional.gradient_statistics`):
+    :mod:`~lightning_curvature.functional.gradients.accumulator`):
 
     * ``gradient/coherence``: m-coherence ``‖Σg_i‖² / Σ‖g_i‖²`` (Chatterjee & Zielinski 2020,
       2022): 1 when the samples are orthogonal, ``m`` when identical. Real labels give

@@ -10,8 +10,11 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import log_step
-from lightning_curvature.callbacks.dashboard import (
+from lightning_curvature.callbacks.layers import PerLayerMonitor
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.monitor import log_step
+from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
+from lightning_curvature.callbacks.reporting.dashboard import (
     Charts,
     batch_norm_note,
     exact,
@@ -21,22 +24,19 @@ from lightning_curvature.callbacks.dashboard import (
     sharpness_chart_title,
     threshold_label,
 )
-from lightning_curvature.callbacks.layers import PerLayerMonitor
-from lightning_curvature.callbacks.logging import log_scalars
-from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
+from lightning_curvature.callbacks.reporting.logging import log_scalars
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.directional import directional_curvature, subspace_share
 from lightning_curvature.functional.eigenvalues import (
     check_eigenvalue_arguments,
     hessian_eigenvalues,
 )
-from lightning_curvature.functional.functional_model import probe_dtype
-from lightning_curvature.functional.parameters import PerLayer, select_parameters
-from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
-from lightning_curvature.functional.reductions import inner_products
-from lightning_curvature.functional.sharded import local_tensor
+from lightning_curvature.functional.linalg.reductions import inner_products
+from lightning_curvature.functional.linalg.sharded import local_tensor
+from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.functional_model import probe_dtype
+from lightning_curvature.functional.model.parameters import PerLayer, select_parameters
+from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.stability import StabilityThreshold, stability_threshold
 
 __all__ = ["HessianEigenvalueMonitor"]

@@ -31,7 +31,7 @@ kept), so
 * **buffers** are put back by value: a ``spectral_norm``'s power iteration (``_u``, ``_v``)
   advances once per step, in the first pass, as without SAM;
 * **BatchNorm** normalises with the batch statistics but writes no running statistics
-  (:func:`~lightning_curvature.functional.probe.frozen_running_stats`), so they come from
+  (:func:`~lightning_curvature.functional.model.probe.frozen_running_stats`), so they come from
   the first pass only;
 * **logging**: ``self.log``/``self.log_dict`` are silenced, and the states of torchmetrics
   ``Metric`` modules are put back afterwards (in place), so logged values (and metric
@@ -71,11 +71,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import check_strategy, log_step
 from lightning_curvature.callbacks.isolation import call_training_step, isolated
-from lightning_curvature.callbacks.logging import log_scalars
+from lightning_curvature.callbacks.monitor import check_strategy, log_step
+from lightning_curvature.callbacks.reporting.logging import log_scalars
 from lightning_curvature.callbacks.schedule import ProbeSchedule
-from lightning_curvature.functional.probe import frozen_running_stats
+from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.linalg.sharded import fsdp_shards, local_tensor
+from lightning_curvature.functional.model.probe import frozen_running_stats
 from lightning_curvature.functional.sam import (
     RNGState,
     SAMDropout,
@@ -86,8 +88,6 @@ from lightning_curvature.functional.sam import (
     perturbed_parameters,
     sam_perturbation,
 )
-from lightning_curvature.functional.sharded import fsdp_shards, local_tensor
-from lightning_curvature.functional.warnings import CurvatureWarning
 
 __all__ = ["SAM", "SAMPerturbationMode"]
 

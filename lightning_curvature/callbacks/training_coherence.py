@@ -43,7 +43,6 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import check_strategy
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.gradient_capture import (
     BackwardGradients,
@@ -52,17 +51,18 @@ from lightning_curvature.callbacks.gradient_capture import (
     local_shards,
 )
 from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.monitor import check_strategy
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.batches import batch_size
 from lightning_curvature.functional.coherence import CoherenceMode
-from lightning_curvature.functional.functional_model import probe_dtype
-from lightning_curvature.functional.gradient_statistics import GradientSums
-from lightning_curvature.functional.parameters import (
+from lightning_curvature.functional.gradients.accumulator import GradientSums
+from lightning_curvature.functional.model.batches import batch_size
+from lightning_curvature.functional.model.functional_model import probe_dtype
+from lightning_curvature.functional.model.parameters import (
     ParameterLayout,
     PerLayer,
     select_parameters,
 )
-from lightning_curvature.functional.probe import unwrap_model
+from lightning_curvature.functional.model.probe import unwrap_model
 
 __all__ = ["TrainingGradientCoherenceMonitor", "TrainingSource"]
 

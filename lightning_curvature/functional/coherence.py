@@ -1,7 +1,7 @@
 """Gradient coherence of a model's loss: where the gradient samples come from.
 
 The model-level API over the accumulator of
-:mod:`~lightning_curvature.functional.gradient_statistics` (definitions and references are
+:mod:`~lightning_curvature.functional.gradients.accumulator` (definitions and references are
 in that module's docstring): which samples to take (per-example gradients, or micro-batch
 gradients where per-example ones are undefined or cannot be computed), in chunks of how many
 examples, grouped into which blocks, and the warning when they change meaning.
@@ -17,23 +17,23 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict, Unpack
 
-from lightning_curvature.functional.batches import split_batches
-from lightning_curvature.functional.gradient_statistics import (
+from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.gradients.accumulator import (
     AllReduceSum,
     GradientCoherence,
     GradientSums,
 )
-from lightning_curvature.functional.hvp import LossFn
-from lightning_curvature.functional.parameters import (
+from lightning_curvature.functional.gradients.per_example import GradientSampler
+from lightning_curvature.functional.model.batches import split_batches
+from lightning_curvature.functional.model.parameters import (
     ParameterLayout,
     ParameterPatterns,
     PerLayer,
     layer_blocks,
     select_parameters,
 )
-from lightning_curvature.functional.per_example import GradientSampler
-from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.functional.model.probe import BatchNormMode, probe_context, unwrap_model
+from lightning_curvature.functional.operator.operator import LossFn
 
 __all__ = [
     "CoherenceMode",
@@ -185,7 +185,7 @@ def gradient_sums(
       examples instead: the same samples, slower, no warning (``fallback`` says so;
       ``mode="per_example"`` does the same);
     * if even a batch of one example fails, it warns once with a
-      :class:`~lightning_curvature.functional.warnings.CurvatureWarning` naming the errors
+      :class:`~lightning_curvature.errors.CurvatureWarning` naming the errors
       and uses micro-batches. The values then describe samples of ``b`` examples
       (``mode``, and the result's ``sample_size`` and ``fallback``): coherence and cosine
       change meaning, the noise scale and its parts do not.
@@ -205,7 +205,7 @@ def gradient_sums(
             (memory ``chunk_size · P``); by default :func:`default_chunk_size`.
         per_layer: blocks with a coherence of their own (``True``: one per module; a list of
             patterns: one per pattern; a dict: block name to pattern(s); see
-            :func:`~lightning_curvature.functional.parameters.layer_blocks`).
+            :func:`~lightning_curvature.functional.model.parameters.layer_blocks`).
         parameters: glob pattern(s) selecting the measured parameters.
         batch_norm: BatchNorm mode during the probe (running statistics never change).
 
@@ -272,8 +272,8 @@ def gradient_coherence(
 
     :func:`gradient_sums` of the samples, summed over processes if asked, and
     :meth:`GradientSums.compute
-    <lightning_curvature.functional.gradient_statistics.GradientSums.compute>`. Definitions
-    and references are in :mod:`~lightning_curvature.functional.gradient_statistics`.
+    <lightning_curvature.functional.gradients.accumulator.GradientSums.compute>`. Definitions
+    and references are in :mod:`~lightning_curvature.functional.gradients.accumulator`.
 
     Args:
         model: the module (``torch.compile`` and DDP wrappers are looked through); it is left

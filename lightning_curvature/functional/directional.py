@@ -16,7 +16,7 @@ Three instruments that the top eigenvalue alone does not give:
   descent happens in a tiny subspace"); no product at all once the eigenvectors exist.
 
 Inner products and norms are accumulated in float64
-(:mod:`~lightning_curvature.functional.reductions`).
+(:mod:`~lightning_curvature.functional.linalg.reductions`).
 """
 
 from __future__ import annotations
@@ -30,14 +30,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.ggn import Curvature
-from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
-from lightning_curvature.functional.options import OperatorOptions
-from lightning_curvature.functional.parameters import ParameterPatterns
-from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.reductions import inner_products
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.linalg.reductions import inner_products
+from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.parameters import ParameterPatterns
+from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.ggn import Curvature
+from lightning_curvature.functional.operator.operator import (
+    AllReduce,
+    HessianOperator,
+    HVPBackend,
+    LossFn,
+)
+from lightning_curvature.functional.operator.options import OperatorOptions
 
 __all__ = [
     "BatchSharpness",

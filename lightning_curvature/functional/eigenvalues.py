@@ -10,15 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.checks import check_integer
-from lightning_curvature.functional.ggn import Curvature
-from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
-from lightning_curvature.functional.lanczos import LanczosResult, lanczos_eigenpairs
-from lightning_curvature.functional.options import OperatorOptions, open_operator
-from lightning_curvature.functional.parameters import ParameterPatterns
-from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.sharded import VectorShards
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.checks import check_integer
+from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.linalg.lanczos import LanczosResult, lanczos_eigenpairs
+from lightning_curvature.functional.linalg.sharded import VectorShards
+from lightning_curvature.functional.model.parameters import ParameterPatterns
+from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.ggn import Curvature
+from lightning_curvature.functional.operator.operator import AllReduce, HVPBackend, LossFn
+from lightning_curvature.functional.operator.options import OperatorOptions, open_operator
 
 __all__ = [
     "HessianEigenvalues",
@@ -239,7 +239,7 @@ def hessian_eigenvalues(
         curvature: ``"hessian"``, or ``"ggn"`` for the eigenvalues of the generalized
             Gauss–Newton matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
         options: the operator's settings (``parameters`` … ``curvature``) as one
-            :class:`~lightning_curvature.functional.options.OperatorOptions`, instead of
+            :class:`~lightning_curvature.functional.operator.options.OperatorOptions`, instead of
             the keywords.
 
     Raises:

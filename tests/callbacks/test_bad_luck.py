@@ -39,7 +39,7 @@ from lightning_curvature import (
     HessianTraceMonitor,
     SpectralDensityMonitor,
 )
-from lightning_curvature.callbacks.base import CurvatureMonitor, Measurement
+from lightning_curvature.callbacks.monitor import CurvatureMonitor, Measurement
 
 pytestmark = [
     *LIGHTNING_NOISE,

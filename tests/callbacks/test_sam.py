@@ -36,7 +36,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryPrecision
 
 from lightning_curvature.callbacks.sam import SAM
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.errors import CurvatureWarning
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),

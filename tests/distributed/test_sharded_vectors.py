@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_curvature.functional.lanczos import (
+from lightning_curvature.functional.linalg.lanczos import (
     LanczosProcess,
     lanczos_eigenpairs,
     lanczos_quadrature,
 )
+from lightning_curvature.functional.linalg.sharded import VectorShards
+from lightning_curvature.functional.linalg.trace_estimators import hutch_plus_plus, hutchinson
 from lightning_curvature.functional.sam import sam_perturbation
-from lightning_curvature.functional.sharded import VectorShards
-from lightning_curvature.functional.trace_estimators import hutch_plus_plus, hutchinson
 
 SPLITS = {"halves": [5, 5], "uneven with an empty shard": [7, 0, 3]}
 

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.density import spectral_density
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.lanczos import lanczos_eigenpairs
-from lightning_curvature.functional.sampling import make_generator, rademacher
+from lightning_curvature.functional.linalg.lanczos import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.sampling import make_generator, rademacher
 from lightning_curvature.functional.trace import hessian_trace
-from lightning_curvature.functional.warnings import CurvatureWarning
 from tests.functional.cases import CASES, cross_entropy, dense_hessian, half_squares, seeded
 
 CPU = torch.device("cpu")

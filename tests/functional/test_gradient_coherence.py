@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_curvature.functional import gradient_statistics
-from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.errors import CurvatureWarning, NonFiniteCurvatureError
 from lightning_curvature.functional.coherence import gradient_coherence, gradient_sums
-from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
-from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
+from lightning_curvature.functional.gradients import accumulator as gradient_statistics
+from lightning_curvature.functional.gradients.accumulator import GradientCoherence, GradientSums
+from lightning_curvature.functional.model.batches import BatchList
 
 RTOL = 1e-6
 FIELDS = ("coherence", "mean_cosine", "noise_scale", "snr", "grad_norm_sq", "trace_sigma")

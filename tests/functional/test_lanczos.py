@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_curvature.functional.lanczos import (
+from lightning_curvature.functional.linalg.lanczos import (
     LanczosProcess,
     lanczos_eigenpairs,
     lanczos_quadrature,

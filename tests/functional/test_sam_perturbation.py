@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.errors import NonFiniteCurvatureError
+from lightning_curvature.functional.model.batches import BatchList
 from lightning_curvature.functional.sam import (
     RNGState,
     check_sam_arguments,
@@ -18,7 +19,6 @@ from lightning_curvature.functional.sam import (
     sam_gradient,
     sam_perturbation,
 )
-from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 
 F64 = torch.float64
 

@@ -2,7 +2,7 @@
 
 TensorBoard reads one layout per run (the first written), so the monitors do not each write
 their own: the first monitor of the Trainer collects every monitor's
-:meth:`~lightning_curvature.callbacks.base.CurvatureMonitor.charts` at ``on_train_start`` and
+:meth:`~lightning_curvature.callbacks.monitor.CurvatureMonitor.charts` at ``on_train_start`` and
 writes them once (:func:`write_layout`). Chart regexes are anchored (``^tag$``), so a chart
 shows exactly the tags it names and never, say, the per-layer ``curvature/eigenvalue_1/<name>``
 next to the full model's. The cost of the probes (``*_cost/…``) gets a category of its own,
@@ -19,11 +19,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_curvature.callbacks.logging import tensorboard_writers
+from lightning_curvature.callbacks.reporting.logging import tensorboard_writers
 from lightning_curvature.functional.stability import stability_threshold
 
 if TYPE_CHECKING:
-    from lightning_curvature.callbacks.base import CurvatureMonitor
+    from lightning_curvature.callbacks.monitor import CurvatureMonitor
 
 __all__ = [
     "COST_CATEGORY",

@@ -30,7 +30,7 @@ Backends (``backend=``):
   a cast inside it) gives products no better than about ``eps^{2/3}`` relative (2.5e-2 in
   bfloat16, 1e-2 in float16) whatever the step (measured on the smooth test cases: 1-10%
   in bfloat16, 0.4-2.5% in float16); the backend then warns once per operator
-  (:class:`~lightning_curvature.functional.warnings.CurvatureWarning`) and takes its step
+  (:class:`~lightning_curvature.errors.CurvatureWarning`) and takes its step
   for that dtype.
 * ``"auto"`` (default): ``"retained_graph"``; if the model has no double backward, it falls
   back to ``"forward_over_reverse"``, and if that has no forward-mode derivative either (the
@@ -45,7 +45,7 @@ is a ``DTensor`` shard and there is no double backward through the sharding hook
 unsharded parameters with ``unshard()`` fails too, as FSDP frees their storage in its
 backward hooks). Only ``"finite_difference"`` (and ``"auto"``, which picks it) can run; the
 others are refused. Each process then holds its shard of every vector (:attr:`size` is the
-local length, :attr:`shards` the split, see :mod:`~lightning_curvature.functional.sharded`):
+local length, :attr:`shards` the split, see :mod:`~lightning_curvature.functional.linalg.sharded`):
 the two gradients are ordinary ``loss.backward()`` calls of the model itself at weights
 perturbed in place on the local shards, restored exactly from a saved copy after each, and
 FSDP's reduce-scatter averages them across processes (every process probes its own batch, as
@@ -53,14 +53,14 @@ under DDP). ``.grad`` is saved before the probe and put back after it. The param
 be float32 or float64 (a finite difference in bf16 resolves nothing).
 
 With ``curvature="ggn"`` the operator multiplies by the generalized Gauss–Newton matrix
-``G = Jᵀ H_ℓ J`` instead (:mod:`~lightning_curvature.functional.ggn`; ``loss_fn`` an
-:class:`~lightning_curvature.functional.ggn.OutputLoss`), with the same backends but
+``G = Jᵀ H_ℓ J`` instead (:mod:`~lightning_curvature.functional.operator.ggn`; ``loss_fn`` an
+:class:`~lightning_curvature.functional.operator.ggn.OutputLoss`), with the same backends but
 ``"finite_difference"``: ``"retained_graph"`` keeps the outputs' graph and takes ``J v`` by
 the double-vjp trick through it, ``"double_backward"`` rebuilds that graph for every
 product, ``"forward_over_reverse"`` takes ``J v`` by ``torch.func.jvp``.
 
 The model is called through the one functional adapter of the package,
-:class:`~lightning_curvature.functional.functional_model.FunctionalModel`: detached aliases of
+:class:`~lightning_curvature.functional.model.functional_model.FunctionalModel`: detached aliases of
 the parameters' storage (no data is copied for fp32/fp64 models), so autograd never touches
 the user's parameters or their ``.grad``, and one dtype policy (every floating parameter,
 buffer and input narrower than the probe dtype is promoted to it: fp32 for a bf16/fp16
@@ -82,33 +82,33 @@ from torch.autograd.function import once_differentiable
 from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_curvature.functional.autodiff import pullback
-from lightning_curvature.functional.batches import ProbeBatches, split_batches
-from lightning_curvature.functional.functional_model import (
+from lightning_curvature.errors import (
+    CurvatureWarning,
+    NonFiniteCurvatureError,
+    PiecewiseLinearError,
+)
+from lightning_curvature.functional.linalg.sharded import VectorShards, fsdp_shards, local_tensor
+from lightning_curvature.functional.model.batches import ProbeBatches, split_batches
+from lightning_curvature.functional.model.functional_model import (
     FunctionalModel,
     LossFn,
     check_measurable,
     check_scalar_loss,
     probe_dtype,
 )
-from lightning_curvature.functional.ggn import (
+from lightning_curvature.functional.model.parameters import (
+    ParameterLayout,
+    ParameterPatterns,
+    select_parameters,
+)
+from lightning_curvature.functional.model.probe import BatchNormMode, probe_context, unwrap_model
+from lightning_curvature.functional.operator.autodiff import pullback
+from lightning_curvature.functional.operator.ggn import (
     CURVATURES,
     Curvature,
     GaussNewtonProducts,
     Linearized,
     OutputLoss,
-)
-from lightning_curvature.functional.parameters import (
-    ParameterLayout,
-    ParameterPatterns,
-    select_parameters,
-)
-from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
-from lightning_curvature.functional.sharded import VectorShards, fsdp_shards, local_tensor
-from lightning_curvature.functional.warnings import (
-    CurvatureWarning,
-    NonFiniteCurvatureError,
-    PiecewiseLinearError,
 )
 
 __all__ = [
@@ -157,7 +157,7 @@ class HessianOperator:
     """Hessian of ``loss_fn(model, batch)`` over trainable parameters, as ``v -> H v``.
 
     Use it as a context manager: entering it puts the model in probe conditions
-    (:func:`~lightning_curvature.functional.probe.probe_context`) and builds the gradient
+    (:func:`~lightning_curvature.functional.model.probe.probe_context`) and builds the gradient
     graph for the ``"retained_graph"`` backend; leaving it frees the graph and restores the
     model exactly.
 
@@ -174,7 +174,7 @@ class HessianOperator:
             operator. Not used over sharded parameters, whose products FSDP averages.
         curvature: ``"hessian"`` (default) or ``"ggn"``: the generalized Gauss–Newton
             matrix ``Jᵀ H_ℓ J``, for a ``loss_fn`` that is an
-            :class:`~lightning_curvature.functional.ggn.OutputLoss`.
+            :class:`~lightning_curvature.functional.operator.ggn.OutputLoss`.
 
     Attributes:
         shards: how the vectors ``matvec`` takes are split across processes (whole here
@@ -995,7 +995,7 @@ def hessian_vector_product(
         backend: see :class:`HessianOperator`.
         batch_norm: BatchNorm mode during the probe.
         curvature: ``"hessian"``, or ``"ggn"`` for a Gauss–Newton product ``G v`` (``loss_fn``
-            an :class:`~lightning_curvature.functional.ggn.OutputLoss`).
+            an :class:`~lightning_curvature.functional.operator.ggn.OutputLoss`).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)

@@ -41,43 +41,43 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
-from lightning_curvature.callbacks.dashboard import (
-    COST_CATEGORY,
-    Charts,
-    exact,
-    multiline,
-    write_layout,
-)
 from lightning_curvature.callbacks.isolation import (
     isolated,
     recording_skip_reasons,
     silenced_logging,
     training_step_loss,
 )
-from lightning_curvature.callbacks.logging import check_name, log_scalars, named_tag
 from lightning_curvature.callbacks.measurement import Measurement, cost_tag
 from lightning_curvature.callbacks.probe_data import ProbePolicy, draw_batches
+from lightning_curvature.callbacks.reporting.dashboard import (
+    COST_CATEGORY,
+    Charts,
+    exact,
+    multiline,
+    write_layout,
+)
+from lightning_curvature.callbacks.reporting.logging import check_name, log_scalars, named_tag
 from lightning_curvature.callbacks.schedule import (
     EveryNSteps,
     ProbeSchedule,
     Timing,
     resolve_every_n_steps,
 )
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.hvp import (
+from lightning_curvature.errors import (
+    CurvatureWarning,
+    NonFiniteCurvatureError,
+    PiecewiseLinearError,
+)
+from lightning_curvature.functional.linalg.sampling import make_generator
+from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.parameters import ParameterPatterns, select_parameters
+from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
+from lightning_curvature.functional.operator.operator import (
     BACKENDS,
     AllReduce,
     HVPBackend,
     LossFn,
     check_smooth,
-)
-from lightning_curvature.functional.parameters import ParameterPatterns, select_parameters
-from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
-from lightning_curvature.functional.sampling import make_generator
-from lightning_curvature.functional.warnings import (
-    CurvatureWarning,
-    NonFiniteCurvatureError,
-    PiecewiseLinearError,
 )
 
 __all__ = [
@@ -335,7 +335,7 @@ class CurvatureMonitor(Callback):
         """This monitor's custom-scalars charts (subclasses add theirs to these cost charts).
 
         Called once at ``on_train_start``, when the optimizer is known; see
-        :mod:`~lightning_curvature.callbacks.dashboard`.
+        :mod:`~lightning_curvature.callbacks.reporting.dashboard`.
         """
         seconds = exact(self.tag(cost_tag(self.cost_name, "seconds")))
         cost = {"seconds per probe": multiline(seconds)}

@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.functional.warnings import NonFiniteCurvatureError
+from lightning_curvature.errors import NonFiniteCurvatureError
 
 __all__ = ["AllReduceSum", "GradientCoherence", "GradientSums"]
 
@@ -198,7 +198,7 @@ class GradientSums:
                 for ``‖Σg_i‖²`` unless it is given to :meth:`compute`).
             blocks: block name to slices of the flat gradient, for per-layer coherence
                 (:meth:`ParameterLayout.groups
-                <lightning_curvature.functional.parameters.ParameterLayout.groups>`).
+                <lightning_curvature.functional.model.parameters.ParameterLayout.groups>`).
             mode: a label reported in the result.
 
         Raises:

@@ -1,0 +1,1 @@
+"""Gradient samples, the accumulator of their sums, and SAM's perturbation."""
