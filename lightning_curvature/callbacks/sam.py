@@ -10,8 +10,9 @@ wrapper hands ``optimizer_step`` a closure that
    gradient at ``w`` accumulated over *all* micro-batches of the step, DDP-averaged (or, with
    ``perturbation="per_replica"``, this rank's own) and multiplied by the grad scaler's scale
    under ``16-mixed``;
-2. computes ε from ``.grad`` (:func:`~lightning_curvature.functional.sam.sam_perturbation`,
-   exact under a power-of-two loss scale). A non-finite ``g`` ends the SAM part here: the
+2. computes ε from ``.grad``
+   (:func:`~lightning_curvature.functional.gradients.perturbation.sam_perturbation`, exact
+   under a power-of-two loss scale). A non-finite ``g`` ends the SAM part here: the
    grad scaler then skips the step as it would without SAM;
 3. moves to ``w + ε`` and evaluates ``training_step`` again on every micro-batch of the step
    (kept as they passed through ``on_train_batch_start``, already on the device), each loss
@@ -76,18 +77,16 @@ from lightning_curvature.callbacks.monitor import check_strategy, log_step
 from lightning_curvature.callbacks.reporting.logging import log_scalars
 from lightning_curvature.callbacks.schedule import ProbeSchedule
 from lightning_curvature.errors import CurvatureWarning
-from lightning_curvature.functional.linalg.sharded import fsdp_shards, local_tensor
-from lightning_curvature.functional.model.probe import frozen_running_stats
-from lightning_curvature.functional.sam import (
-    RNGState,
-    SAMDropout,
+from lightning_curvature.functional.gradients.perturbation import (
     SAMPerturbation,
-    backward_gradient_sum,
-    check_sam_arguments,
-    gradient_sum,
     perturbed_parameters,
     sam_perturbation,
 )
+from lightning_curvature.functional.gradients.rng import RNGState
+from lightning_curvature.functional.gradients.summed import backward_gradient_sum, gradient_sum
+from lightning_curvature.functional.linalg.sharded import fsdp_shards, local_tensor
+from lightning_curvature.functional.model.probe import frozen_running_stats
+from lightning_curvature.functional.sam import SAMDropout, check_sam_arguments
 
 __all__ = ["SAM", "SAMPerturbationMode"]
 
