@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_curvature.functional.gradients.perturbation import sam_perturbation
 from lightning_curvature.functional.linalg.lanczos import (
     LanczosProcess,
     lanczos_eigenpairs,
@@ -21,7 +22,6 @@ from lightning_curvature.functional.linalg.lanczos import (
 )
 from lightning_curvature.functional.linalg.sharded import VectorShards
 from lightning_curvature.functional.linalg.trace_estimators import hutch_plus_plus, hutchinson
-from lightning_curvature.functional.sam import sam_perturbation
 
 SPLITS = {"halves": [5, 5], "uneven with an empty shard": [7, 0, 3]}
 
