@@ -14,11 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_curvature.functional.linalg.lanczos import (
-    LanczosProcess,
-    lanczos_eigenpairs,
-    lanczos_quadrature,
-)
+from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
 from lightning_curvature.functional.linalg.sharded import VectorShards
 from lightning_curvature.functional.linalg.trace_estimators import hutch_plus_plus, hutchinson
 from lightning_curvature.functional.sam import sam_perturbation
