@@ -56,7 +56,8 @@ from lightning_curvature.functional.coherence import (
     check_coherence_arguments,
     gradient_sums,
 )
-from lightning_curvature.functional.gradients.accumulator import GradientCoherence, GradientSums
+from lightning_curvature.functional.gradients.accumulator import GradientSums
+from lightning_curvature.functional.gradients.statistics import GradientCoherence
 from lightning_curvature.functional.model.batches import BatchList
 from lightning_curvature.functional.model.parameters import PerLayer
 
@@ -91,7 +92,7 @@ class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
     r"""Gradient coherence, mean cosine, noise scale and SNR of training's gradient samples.
 
     From ``m`` gradient samples ``g_i`` of ``b`` examples each (definitions and references in
-    :mod:`~lightning_curvature.functional.gradients.accumulator`):
+    :mod:`~lightning_curvature.functional.gradients.statistics`):
 
     * ``gradient/coherence``: m-coherence ``‖Σg_i‖² / Σ‖g_i‖²`` (Chatterjee & Zielinski 2020,
       2022): 1 when the samples are orthogonal, ``m`` when identical. Real labels give
