@@ -24,7 +24,7 @@ from lightning_curvature.functional.directional import (
     subspace_share,
 )
 from lightning_curvature.functional.eigenvalues import HessianEigenvalues, hessian_eigenvalues
-from lightning_curvature.functional.gradients.accumulator import GradientCoherence
+from lightning_curvature.functional.gradients.statistics import GradientCoherence
 from lightning_curvature.functional.operator.ggn import OutputLoss
 from lightning_curvature.functional.operator.operator import (
     HessianOperator,

@@ -2,9 +2,10 @@
 
 The model-level API over the accumulator of
 :mod:`~lightning_curvature.functional.gradients.accumulator` (definitions and references are
-in that module's docstring): which samples to take (per-example gradients, or micro-batch
-gradients where per-example ones are undefined or cannot be computed), in chunks of how many
-examples, grouped into which blocks, and the warning when they change meaning.
+in :mod:`~lightning_curvature.functional.gradients.statistics`): which samples to take
+(per-example gradients, or micro-batch gradients where per-example ones are undefined or
+cannot be computed), in chunks of how many examples, grouped into which blocks, and the
+warning when they change meaning.
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ from torch import nn
 from typing_extensions import TypedDict, Unpack
 
 from lightning_curvature.errors import CurvatureWarning
-from lightning_curvature.functional.gradients.accumulator import (
-    AllReduceSum,
-    GradientCoherence,
-    GradientSums,
-)
+from lightning_curvature.functional.gradients.accumulator import AllReduceSum, GradientSums
 from lightning_curvature.functional.gradients.per_example import GradientSampler
+from lightning_curvature.functional.gradients.statistics import GradientCoherence
 from lightning_curvature.functional.model.batches import split_batches
 from lightning_curvature.functional.model.parameters import (
     ParameterLayout,
@@ -273,7 +271,7 @@ def gradient_coherence(
     :func:`gradient_sums` of the samples, summed over processes if asked, and
     :meth:`GradientSums.compute
     <lightning_curvature.functional.gradients.accumulator.GradientSums.compute>`. Definitions
-    and references are in :mod:`~lightning_curvature.functional.gradients.accumulator`.
+    and references are in :mod:`~lightning_curvature.functional.gradients.statistics`.
 
     Args:
         model: the module (``torch.compile`` and DDP wrappers are looked through); it is left

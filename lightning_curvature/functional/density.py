@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_curvature.checks import check_integer
-from lightning_curvature.functional.linalg.lanczos import lanczos_quadrature
+from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
 from lightning_curvature.functional.operator.ggn import Curvature

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_curvature.checks import check_integer
 from lightning_curvature.errors import CurvatureWarning
-from lightning_curvature.functional.linalg.lanczos import LanczosResult, lanczos_eigenpairs
+from lightning_curvature.functional.linalg.eigenpairs import LanczosResult, lanczos_eigenpairs
 from lightning_curvature.functional.linalg.sharded import VectorShards
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode

@@ -15,11 +15,9 @@ import pytest
 import torch
 
 from lightning_curvature.functional.gradients.perturbation import sam_perturbation
-from lightning_curvature.functional.linalg.lanczos import (
-    LanczosProcess,
-    lanczos_eigenpairs,
-    lanczos_quadrature,
-)
+from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
 from lightning_curvature.functional.linalg.sharded import VectorShards
 from lightning_curvature.functional.linalg.trace_estimators import hutch_plus_plus, hutchinson
 

@@ -28,7 +28,7 @@ from torch import nn
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.density import spectral_density
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.linalg.lanczos import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
 from lightning_curvature.functional.linalg.sampling import make_generator, rademacher
 from lightning_curvature.functional.trace import hessian_trace
 from tests.functional.cases import CASES, cross_entropy, dense_hessian, half_squares, seeded

@@ -22,7 +22,8 @@ from torch import nn
 from lightning_curvature.errors import CurvatureWarning, NonFiniteCurvatureError
 from lightning_curvature.functional.coherence import gradient_coherence, gradient_sums
 from lightning_curvature.functional.gradients import accumulator as gradient_statistics
-from lightning_curvature.functional.gradients.accumulator import GradientCoherence, GradientSums
+from lightning_curvature.functional.gradients.accumulator import GradientSums
+from lightning_curvature.functional.gradients.statistics import GradientCoherence
 from lightning_curvature.functional.model.batches import BatchList
 
 RTOL = 1e-6

@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_curvature.functional.linalg.lanczos import (
-    LanczosProcess,
-    lanczos_eigenpairs,
-    lanczos_quadrature,
-)
+from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
 
 D = torch.float64
 
