@@ -9,6 +9,8 @@ from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
 from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
 
+TOP_TWO = torch.tensor([45.0, 50.0], dtype=torch.float64)
+
 D = torch.float64
 
 
@@ -172,3 +174,31 @@ def test_a_top_eigenvalue_the_start_vector_barely_sees_is_not_missed(seed: int) 
     )
     assert out.converged.all()
     assert abs(float(out.eigenvalues[0]) - 2.0) <= 1e-3 * 2.0
+
+
+@pytest.mark.parametrize("seed", [18, 28, 32])
+def test_a_bound_at_the_floor_keeps_going_while_the_floor_is_within_reach(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """A floor of 0.7·tol·|θ| leaves room for a certificate: a run whose bound has just
+    reached the floor, but not yet ``tol·|θ|`` less the floor, must not stop uncertified
+    (these seeds stopped there, converged=False, when reaching the floor ended the run)."""
+    monkeypatch.setattr(LanczosProcess, "resolution", lambda self, values: 0.7e-3 * values.abs())
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.cat([torch.rand(18, generator=g, dtype=torch.float64) * 30, TOP_TWO])
+    start = torch.randn(20, generator=g, dtype=torch.float64)
+    out = lanczos_eigenpairs(lambda v: spectrum * v, start, k=1, tol=1e-3, max_steps=100)
+    assert out.converged.tolist() == [True]
+    assert abs(float(out.eigenvalues[0]) - 50.0) <= 1e-3 * 50.0
+
+
+def test_a_floor_beyond_reach_still_stops_at_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the floor above ``tol·|θ|`` nothing can be certified: the run stops once the
+    bound is at the floor instead of spending the whole budget."""
+    monkeypatch.setattr(LanczosProcess, "resolution", lambda self, values: 2e-3 * values.abs())
+    g = torch.Generator().manual_seed(18)
+    spectrum = torch.cat([torch.rand(18, generator=g, dtype=torch.float64) * 30, TOP_TWO])
+    start = torch.randn(20, generator=g, dtype=torch.float64)
+    out = lanczos_eigenpairs(lambda v: spectrum * v, start, k=1, tol=1e-3, max_steps=100)
+    assert out.converged.tolist() == [False]
+    assert out.num_steps < 20
