@@ -40,8 +40,8 @@ def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 def guard(factor: float | None):  # type: ignore[no-untyped-def]
     """The library's guard at ``factor × tol``, or none at all."""
     if factor is None:
-        return lambda values, residuals, k, tol: True
-    return lambda values, residuals, k, tol: GUARD(values, residuals, k, tol * factor)
+        return lambda run, values, residuals, k, tol: True
+    return lambda run, values, residuals, k, tol: GUARD(run, values, residuals, k, tol * factor)
 
 
 def main() -> None:
