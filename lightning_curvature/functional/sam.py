@@ -53,9 +53,9 @@ from torch import nn
 from lightning_curvature.errors import NonFiniteCurvatureError
 from lightning_curvature.functional.linalg.sharded import local_tensor
 from lightning_curvature.functional.model.batches import split_batches
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.model.probe import frozen_running_stats, unwrap_model
-from lightning_curvature.functional.operator.operator import LossFn
 
 __all__ = [
     "RNGState",
