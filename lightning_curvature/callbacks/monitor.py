@@ -70,15 +70,11 @@ from lightning_curvature.errors import (
 )
 from lightning_curvature.functional.linalg.sampling import make_generator
 from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
-from lightning_curvature.functional.operator.operator import (
-    BACKENDS,
-    AllReduce,
-    HVPBackend,
-    LossFn,
-    check_smooth,
-)
+from lightning_curvature.functional.operator.backends import BACKENDS, AllReduce, HVPBackend
+from lightning_curvature.functional.operator.graph_checks import check_smooth
 
 __all__ = [
     "CurvatureMonitor",

@@ -20,8 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.monitor import CurvatureMonitor
+from lightning_curvature.functional.operator.backends import check_curvature
 from lightning_curvature.functional.operator.ggn import Curvature
-from lightning_curvature.functional.operator.operator import check_curvature
 
 __all__ = ["OperatorMonitor"]
 

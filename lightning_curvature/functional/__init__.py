@@ -26,10 +26,8 @@ from lightning_curvature.functional.directional import (
 from lightning_curvature.functional.eigenvalues import HessianEigenvalues, hessian_eigenvalues
 from lightning_curvature.functional.gradients.statistics import GradientCoherence
 from lightning_curvature.functional.operator.ggn import OutputLoss
-from lightning_curvature.functional.operator.operator import (
-    HessianOperator,
-    hessian_vector_product,
-)
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.operator.options import OperatorOptions
 from lightning_curvature.functional.sam import SAMGradient, sam_gradient
 from lightning_curvature.functional.trace import HessianTrace, hessian_trace

@@ -23,6 +23,7 @@ from lightning_curvature.functional.gradients.accumulator import AllReduceSum, G
 from lightning_curvature.functional.gradients.per_example import GradientSampler
 from lightning_curvature.functional.gradients.statistics import GradientCoherence
 from lightning_curvature.functional.model.batches import split_batches
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import (
     ParameterLayout,
     ParameterPatterns,
@@ -31,7 +32,6 @@ from lightning_curvature.functional.model.parameters import (
     select_parameters,
 )
 from lightning_curvature.functional.model.probe import BatchNormMode, probe_context, unwrap_model
-from lightning_curvature.functional.operator.operator import LossFn
 
 __all__ = [
     "CoherenceMode",

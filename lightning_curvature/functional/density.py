@@ -18,10 +18,11 @@ from torch import nn
 
 from lightning_curvature.checks import check_integer
 from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
 from lightning_curvature.functional.operator.ggn import Curvature
-from lightning_curvature.functional.operator.operator import AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.operator.options import OperatorOptions, open_operator
 
 __all__ = ["SpectralDensity", "check_density_arguments", "density_on_grid", "spectral_density"]

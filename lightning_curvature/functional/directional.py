@@ -33,15 +33,12 @@ from torch import nn
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
 from lightning_curvature.functional.operator.ggn import Curvature
-from lightning_curvature.functional.operator.operator import (
-    AllReduce,
-    HessianOperator,
-    HVPBackend,
-    LossFn,
-)
+from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.operator.options import OperatorOptions
 
 __all__ = [

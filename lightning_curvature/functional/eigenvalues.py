@@ -14,10 +14,11 @@ from lightning_curvature.checks import check_integer
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.linalg.eigenpairs import LanczosResult, lanczos_eigenpairs
 from lightning_curvature.functional.linalg.sharded import VectorShards
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
 from lightning_curvature.functional.operator.ggn import Curvature
-from lightning_curvature.functional.operator.operator import AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.operator.options import OperatorOptions, open_operator
 
 __all__ = [

@@ -33,9 +33,9 @@ from lightning_curvature.functional.gradients.perturbation import (
 from lightning_curvature.functional.gradients.rng import RNGState
 from lightning_curvature.functional.gradients.summed import gradient_sum
 from lightning_curvature.functional.model.batches import split_batches
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.model.probe import frozen_running_stats, unwrap_model
-from lightning_curvature.functional.operator.operator import LossFn
 
 __all__ = [
     "SAMDropout",

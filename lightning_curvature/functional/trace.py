@@ -13,10 +13,11 @@ from lightning_curvature.functional.linalg.trace_estimators import (
     hutch_plus_plus,
     hutchinson,
 )
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns, PerLayer
 from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
 from lightning_curvature.functional.operator.ggn import Curvature
-from lightning_curvature.functional.operator.operator import AllReduce, HVPBackend, LossFn
 from lightning_curvature.functional.operator.options import OperatorOptions, open_operator
 
 __all__ = ["HessianTrace", "TraceMethod", "check_trace_arguments", "hessian_trace"]

@@ -22,7 +22,8 @@ from lightning_curvature.functional.model.parameters import (
     layer_parameters,
     select_parameters,
 )
-from lightning_curvature.functional.operator.operator import HessianOperator, hessian_vector_product
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from tests.functional.cases import CASES_BY_NAME, FrozenAndTied, reference
 
 CPU = torch.device("cpu")

@@ -17,7 +17,8 @@ from lightning_curvature.functional.linalg.trace_estimators import hutch_plus_pl
 from lightning_curvature.functional.model.batches import BatchList, split_batches
 from lightning_curvature.functional.model.parameters import ParameterLayout, select_parameters
 from lightning_curvature.functional.model.probe import probe_context
-from lightning_curvature.functional.operator.operator import HessianOperator, hessian_vector_product
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.trace import hessian_trace
 from tests.functional.cases import CASES_BY_NAME, DTYPE
 

@@ -26,7 +26,7 @@ from lightning_curvature.functional import (
     hessian_eigenvalues,
     hessian_trace,
 )
-from lightning_curvature.functional.operator.operator import hessian_vector_product
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
 from tests.zoo import zoo
 from tests.zoo.reference import D, Reference, flat_gradient, measured
 

@@ -20,15 +20,12 @@ import torch
 from torch import nn
 
 from lightning_curvature.functional.linalg.sampling import check_generator
+from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
 from lightning_curvature.functional.operator.ggn import Curvature
-from lightning_curvature.functional.operator.operator import (
-    AllReduce,
-    HessianOperator,
-    HVPBackend,
-    LossFn,
-)
+from lightning_curvature.functional.operator.operator import HessianOperator
 
 __all__ = ["OperatorOptions", "open_operator"]
 
