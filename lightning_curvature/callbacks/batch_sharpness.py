@@ -22,7 +22,7 @@ from lightning_curvature.callbacks.reporting.dashboard import (
     sharpness_chart_title,
 )
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.directional import batch_sharpness
+from lightning_curvature.functional.batch_sharpness import batch_sharpness
 from lightning_curvature.functional.model.probe import BatchNormMode
 
 __all__ = ["BatchSharpnessMonitor"]

@@ -10,6 +10,7 @@ algorithms over any matvec), ``model/`` (the model as a function of its measured
 and ``gradients/`` (gradient samples, their sums, SAM's perturbation).
 """
 
+from lightning_curvature.functional.batch_sharpness import BatchSharpness, batch_sharpness
 from lightning_curvature.functional.coherence import gradient_coherence
 from lightning_curvature.functional.density import (
     SpectralDensity,
@@ -17,9 +18,7 @@ from lightning_curvature.functional.density import (
     spectral_density,
 )
 from lightning_curvature.functional.directional import (
-    BatchSharpness,
     DirectionalCurvature,
-    batch_sharpness,
     directional_curvature,
     subspace_share,
 )

@@ -18,11 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_curvature.functional.directional import (
-    batch_sharpness,
-    directional_curvature,
-    subspace_share,
-)
+from lightning_curvature.functional.batch_sharpness import batch_sharpness
+from lightning_curvature.functional.directional import directional_curvature, subspace_share
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
 from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.sam import sam_gradient
