@@ -33,6 +33,7 @@ from lightning_curvature.callbacks.sam_step import (
     loss_of,
 )
 from lightning_curvature.callbacks.schedule import ProbeSchedule
+from lightning_curvature.checks import check_integer
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.gradients.perturbation import SAMPerturbation
 from lightning_curvature.functional.gradients.rng import RNGState
@@ -139,14 +140,9 @@ class SAM(Callback):
             raise MisconfigurationException(str(err)) from None
         if not isinstance(adaptive, bool):
             raise MisconfigurationException(f"`adaptive` must be True or False, got {adaptive!r}.")
-        for name, value in (
-            ("every_n_steps", every_n_steps),
-            ("log_every_n_steps", log_every_n_steps),
-        ):
-            if value is None and name == "log_every_n_steps":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
+        check_integer("every_n_steps", every_n_steps, error=MisconfigurationException)
+        if log_every_n_steps is not None:  # None: the Trainer's log_every_n_steps
+            check_integer("log_every_n_steps", log_every_n_steps, error=MisconfigurationException)
         if perturbation not in _PERTURBATION:
             raise MisconfigurationException(
                 f"`perturbation` must be one of {_PERTURBATION}, got {perturbation!r}."

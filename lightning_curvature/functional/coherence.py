@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict, Unpack
 
+from lightning_curvature.checks import check_integer
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.gradients.accumulator import AllReduceSum, GradientSums
 from lightning_curvature.functional.gradients.per_example import GradientSampler
@@ -86,11 +87,8 @@ def check_coherence_arguments(
     """
     if mode not in _MODES:
         raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
-    for name, value in (("micro_batch_size", micro_batch_size), ("chunk_size", chunk_size)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+    check_integer("micro_batch_size", micro_batch_size, allow_none=True)
+    check_integer("chunk_size", chunk_size, allow_none=True)
     layer_blocks(per_layer)
 
 

@@ -88,8 +88,8 @@ def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter:
     check_integer("k", k, 1)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
         raise ValueError(f"`tol` must be > 0, got {tol!r}.")
-    if max_iter is not None and (type(max_iter) is not int or max_iter < k):
-        raise ValueError(f"`max_iter` must be an integer >= k ({k}), got {max_iter!r}.")
+    if max_iter is not None:  # None: the default budget
+        check_integer("max_iter", max_iter, k, minimum_text=f"k ({k})")
     check_integer("min_iter", min_iter, 1)
 
 

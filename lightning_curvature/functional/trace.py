@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_curvature.checks import check_integer
 from lightning_curvature.functional.linalg.trace_estimators import (
     MIN_MATVECS,
     hutch_plus_plus,
@@ -42,10 +43,7 @@ def check_trace_arguments(num_hvps: Any, method: Any) -> None:
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
     minimum = MIN_MATVECS[method]
-    if type(num_hvps) is not int or num_hvps < minimum:
-        raise ValueError(
-            f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
-        )
+    check_integer("num_hvps", num_hvps, minimum, why=f" for {method!r}")
 
 
 @dataclass(frozen=True)

@@ -618,10 +618,10 @@ def test_with_states_round_trip() -> None:
     ("kwargs", "match"),
     [
         ({"mode": "vmap"}, r"`mode` must be one of .*'vmap'"),
-        ({"micro_batch_size": 0}, r"`micro_batch_size` must be a positive integer or None, got 0"),
+        ({"micro_batch_size": 0}, r"`micro_batch_size` must be an integer >= 1 or None, got 0"),
         ({"micro_batch_size": 2.5}, r"`micro_batch_size` .* got 2.5"),
         ({"micro_batch_size": True}, r"`micro_batch_size` .* got True"),
-        ({"chunk_size": -1}, r"`chunk_size` must be a positive integer or None, got -1"),
+        ({"chunk_size": -1}, r"`chunk_size` must be an integer >= 1 or None, got -1"),
         ({"per_layer": 3}, r"`per_layer` must be a bool or glob pattern"),
         ({"per_layer": ["nope.*"]}, r"`per_layer` pattern 'nope\.\*' matches none"),
         ({"parameters": "nope"}, r"`parameters` pattern 'nope' matches no trainable"),
@@ -652,7 +652,7 @@ def test_invalid_inputs() -> None:
 
 
 def test_invalid_accumulator_use() -> None:
-    with pytest.raises(ValueError, match="`size` must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="`size` must be an integer >= 1, got 0"):
         GradientSums.zeros(0)
     with pytest.raises(ValueError, match="`dtype` must be a floating dtype"):
         GradientSums.zeros(3, dtype=torch.int64)

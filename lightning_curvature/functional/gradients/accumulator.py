@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lightning_curvature.checks import check_integer
 from lightning_curvature.functional.gradients.statistics import (
     GradientCoherence,
     coherence_statistics,
@@ -120,8 +121,7 @@ class GradientSums:
         Raises:
             ValueError: if ``size`` is not a positive integer or ``dtype`` not floating.
         """
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"`size` must be a positive integer, got {size!r}.")
+        check_integer("size", size)
         if not dtype.is_floating_point:
             raise ValueError(f"`dtype` must be a floating dtype, got {dtype}.")
 
