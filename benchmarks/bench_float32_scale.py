@@ -44,7 +44,7 @@ def run_one(size: int, mode: str, k: int, seed: int) -> dict[str, object]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     begin = time.perf_counter()
     out = eigenpairs.lanczos_eigenpairs(
-        lambda v: diagonal * v, start, k=k, tol=1e-3, max_steps=30, generator=generator
+        lambda v: diagonal * v, start, k=k, tol=1e-3, max_iter=30, generator=generator
     )
     seconds = time.perf_counter() - begin
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -20,9 +20,10 @@ from typing_extensions import TypedDict, Unpack
 
 from lightning_curvature.checks import check_integer
 from lightning_curvature.errors import CurvatureWarning
-from lightning_curvature.functional.gradients.accumulator import AllReduceSum, GradientSums
+from lightning_curvature.functional.gradients.accumulator import GradientSums
 from lightning_curvature.functional.gradients.per_example import GradientSampler
 from lightning_curvature.functional.gradients.statistics import GradientCoherence
+from lightning_curvature.functional.linalg.sharded import AllSum
 from lightning_curvature.functional.model.batches import split_batches
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import (
@@ -36,7 +37,7 @@ from lightning_curvature.functional.model.probe import BatchNormMode, probe_cont
 
 __all__ = [
     "CoherenceMode",
-    "SampleOptions",
+    "SampleKeywords",
     "check_coherence_arguments",
     "default_chunk_size",
     "gradient_coherence",
@@ -53,13 +54,13 @@ _CHUNK_ENTRIES_CPU = 2**22
 _CHUNK_ENTRIES = 2**25
 
 
-class SampleOptions(TypedDict, total=False):
+class SampleKeywords(TypedDict, total=False):
     """The keyword arguments of :func:`gradient_sums`, which :func:`gradient_coherence` passes on.
 
     Example:
-        >>> options: SampleOptions = {"mode": "micro_batch", "micro_batch_size": 4}
+        >>> sampling: SampleKeywords = {"mode": "micro_batch", "micro_batch_size": 4}
         >>> net = nn.Linear(2, 1)
-        >>> gradient_coherence(net, lambda m, b: m(b).mean(), torch.ones(8, 2), **options).mode
+        >>> gradient_coherence(net, lambda m, b: m(b).mean(), torch.ones(8, 2), **sampling).mode
         'micro_batch'
     """
 
@@ -261,8 +262,8 @@ def gradient_coherence(
     loss_fn: LossFn,
     batch: Any,
     *,
-    all_reduce_sum: AllReduceSum | None = None,
-    **options: Unpack[SampleOptions],
+    all_sum: AllSum | None = None,
+    **sampling: Unpack[SampleKeywords],
 ) -> GradientCoherence:
     """Gradient coherence, mean cosine, noise scale and SNR of ``loss_fn`` on ``batch``.
 
@@ -276,10 +277,10 @@ def gradient_coherence(
             exactly as it was (parameters, buffers, ``.grad``, modes, RNG).
         loss_fn: ``loss_fn(model, batch) -> scalar``, the *mean* loss over the batch's examples.
         batch: one batch or an iterable of batches; samples from all of them are pooled.
-        all_reduce_sum: returns the *sum* of a tensor over processes (DDP), e.g.
+        all_sum: returns the *sum* of a tensor over processes (DDP), e.g.
             ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``: the result is then that
             of the union of every process's batch, the same on every rank.
-        **options: which samples, of which parameters, in which blocks (:class:`SampleOptions`):
+        **sampling: which samples, of which parameters, in which blocks (:class:`SampleKeywords`):
             ``mode`` (``"auto"``: per-example gradients where they are defined and computable,
             else micro-batches with one warning; ``"per_example"``; ``"micro_batch"``),
             ``micro_batch_size`` (8), ``chunk_size``, ``per_layer``, ``parameters`` and
@@ -301,7 +302,7 @@ def gradient_coherence(
         >>> out.coherence, out.mean_cosine, out.num_samples  # ‖(2, 2)‖² / 6; cosines 0, 1, 0
         (tensor(1.3333), tensor(0.3333), 3)
     """
-    sums = gradient_sums(model, loss_fn, batch, **options)
-    if all_reduce_sum is not None:
-        sums = sums.all_reduce(all_reduce_sum)
+    sums = gradient_sums(model, loss_fn, batch, **sampling)
+    if all_sum is not None:
+        sums = sums.all_reduce(all_sum)
     return sums.compute()

@@ -152,7 +152,7 @@ def uncertified_message(
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
         >>> start = torch.ones(10, dtype=torch.float64)
-        >>> found = lanczos_eigenpairs(lambda v: A @ v, start, k=2, max_steps=2)
+        >>> found = lanczos_eigenpairs(lambda v: A @ v, start, k=2, max_iter=2)
         >>> print(uncertified_message(found, 1e-3, 2, 2))  # doctest: +ELLIPSIS
         Lanczos did not certify λ1, λ2 to tol=0.001 within 2 Hessian-vector products ...
     """
@@ -292,8 +292,8 @@ def hessian_eigenvalues(
             start,
             k=k,
             tol=tol,
-            max_steps=steps,
-            min_steps=min_iter,
+            max_iter=steps,
+            min_iter=min_iter,
             smallest=smallest,
             return_eigenvectors=return_eigenvectors,
             generator=generator,

@@ -266,7 +266,7 @@ def test_lanczos_keeps_its_accuracy_over_millions_of_float32_entries(size: int) 
     diagonal[:3] = torch.tensor([10.0, 9.0, 8.0])
     start = torch.randn(size, generator=generator)
     out = lanczos_eigenpairs(
-        lambda v: diagonal * v, start, k=3, tol=TOL, max_steps=60, generator=generator
+        lambda v: diagonal * v, start, k=3, tol=TOL, max_iter=60, generator=generator
     )
     assert out.converged.all()
     torch.testing.assert_close(

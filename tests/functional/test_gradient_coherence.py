@@ -536,7 +536,7 @@ def test_per_parameter_parts_and_row_blocks_give_the_same_sums(
         assert torch.allclose(parts.states()[name], value, rtol=1e-12, atol=0), name
 
 
-def test_all_reduce_sums_every_state_in_one_call() -> None:
+def test_all_sums_every_state_in_one_call() -> None:
     rows = sample_rows()
     blocks = {"a": [slice(0, 3)], "b": [slice(3, 5), slice(6, 7)]}
     mine = GradientSums.zeros(7, dtype=torch.float64, blocks=blocks)
@@ -558,10 +558,10 @@ def test_all_reduce_sums_every_state_in_one_call() -> None:
     )
 
 
-def test_all_reduce_sum_of_gradient_coherence_is_the_union_batch() -> None:
+def test_all_sum_of_gradient_coherence_is_the_union_batch() -> None:
     """Two identical 'ranks': the sum of their sums is the result on the doubled batch."""
     model, (x, y) = mlp(), classification()
-    doubled = gradient_coherence(model, cross_entropy, batch=(x, y), all_reduce_sum=lambda t: 2 * t)
+    doubled = gradient_coherence(model, cross_entropy, batch=(x, y), all_sum=lambda t: 2 * t)
     union = gradient_coherence(model, cross_entropy, (torch.cat([x, x]), torch.cat([y, y])))
     assert_same(doubled, union)
     assert doubled.num_samples == 24
@@ -691,9 +691,7 @@ def test_one_example_per_process_is_enough_once_pooled() -> None:
     theirs = gradient_sums(model, cross_entropy, (x[1:], y[1:]))
     assert theirs.num_samples == 1
     flat = torch.cat([value.reshape(-1) for value in theirs.states().values()])
-    out = gradient_coherence(
-        model, cross_entropy, (x[:1], y[:1]), all_reduce_sum=lambda t: t + flat
-    )
+    out = gradient_coherence(model, cross_entropy, (x[:1], y[:1]), all_sum=lambda t: t + flat)
     assert out.num_samples == 2
     assert_matches(out, reference(loop_gradients(model, cross_entropy, examples((x, y)))))
     with pytest.raises(ValueError, match=r"at least 2 samples, got 1: the batch gives 1"):

@@ -25,7 +25,7 @@ in that mode.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +36,11 @@ from lightning_curvature.functional.gradients.statistics import (
     GradientCoherence,
     coherence_statistics,
 )
+from lightning_curvature.functional.linalg.sharded import AllSum
 
-__all__ = ["AllReduceSum", "GradientSums"]
+__all__ = ["GradientSums"]
 
 #: Returns the elementwise *sum* of a tensor over processes (e.g. DDP's ranks).
-AllReduceSum = Callable[[torch.Tensor], torch.Tensor]
 _VECTOR_STATES = ("sum", "unit_sum", "sq_sum")
 # GradientSums.add works on blocks of rows of about this many entries. On CPU a fresh k × P
 # temporary (rows joined from per-parameter parts, their squares) costs more in page faults
@@ -211,14 +211,14 @@ class GradientSums:
             per_block = [_block_total(squares, slices) for slices in self.blocks.values()]
             self.block_sq_norm_sum.add_(torch.stack(per_block))
 
-    def all_reduce(self, all_reduce_sum: AllReduceSum) -> GradientSums:
+    def all_reduce(self, all_sum: AllSum) -> GradientSums:
         """New sums over every process's samples, with one collective call.
 
-        Every state is flattened into one vector, summed by ``all_reduce_sum`` and cut back
+        Every state is flattened into one vector, summed by ``all_sum`` and cut back
         into the states' shapes (``self`` is not changed).
 
         Args:
-            all_reduce_sum: returns the elementwise *sum* of a tensor over processes (e.g.
+            all_sum: returns the elementwise *sum* of a tensor over processes (e.g.
                 ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``).
 
         Example:
@@ -228,7 +228,7 @@ class GradientSums:
             tensor(2.)
         """
         states = self.states()
-        flat = all_reduce_sum(torch.cat([value.reshape(-1) for value in states.values()]))
+        flat = all_sum(torch.cat([value.reshape(-1) for value in states.values()]))
         pieces = torch.split(flat, [value.numel() for value in states.values()])
         return self.with_states(
             {

@@ -150,8 +150,8 @@ def lanczos_eigenpairs(
     *,
     k: int = 1,
     tol: float = 1e-3,
-    max_steps: int = 30,
-    min_steps: int = 3,
+    max_iter: int = 30,
+    min_iter: int = 3,
     smallest: bool = False,
     return_eigenvectors: bool = False,
     generator: torch.Generator | None = None,
@@ -163,7 +163,7 @@ def lanczos_eigenpairs(
     rounding floor is at most ``tol·|θ|``, and the Ritz value below the top k converged too.
     The run stops once every estimate is certified or can no longer be (its bound has reached
     the rounding floor and the floor alone exceeds ``tol·|θ|``: a ``tol`` finer than the
-    dtype resolves is then reported as not converged), or when ``max_steps`` products are
+    dtype resolves is then reported as not converged), or when ``max_iter`` products are
     spent. A bound at the floor with the floor below ``tol·|θ|`` keeps the run going: one more
     product takes the bound far below the floor and certifies the value.
 
@@ -172,8 +172,8 @@ def lanczos_eigenpairs(
         start: starting vector (a warm start, or random).
         k: number of largest-algebraic eigenvalues.
         tol: relative error bound each of them must pass.
-        max_steps: most products.
-        min_steps: fewest products before the test is trusted.
+        max_iter: most products.
+        min_iter: fewest products before the test is trusted.
         smallest: also converge the smallest (most negative) eigenvalue.
         return_eigenvectors: also return the Ritz vectors.
         generator: random source for restarts after breakdowns.
@@ -183,19 +183,19 @@ def lanczos_eigenpairs(
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
         >>> out = lanczos_eigenpairs(lambda v: A @ v, torch.ones(10, dtype=torch.float64), k=2,
-        ...                          tol=1e-10, max_steps=10)
+        ...                          tol=1e-10, max_iter=10)
         >>> out.eigenvalues.round(decimals=10), out.converged.tolist()
         (tensor([10.,  9.], dtype=torch.float64), [True, True])
         >>> starved = lanczos_eigenpairs(lambda v: A @ v, torch.ones(10, dtype=torch.float64),
-        ...                              max_steps=1)
+        ...                              max_iter=1)
         >>> starved.converged.tolist()  # one product certifies nothing
         [False]
     """
-    run = LanczosProcess(matvec, start, max_steps, generator=generator, shards=shards)
-    need = max(min_steps, k + 1 + int(smallest))
+    run = LanczosProcess(matvec, start, max_iter, generator=generator, shards=shards)
+    need = max(min_iter, k + 1 + int(smallest))
     while True:
         more = run.step()
-        if run.num_steps < min(need, run.max_steps) and more:
+        if run.num_steps < min(need, run.max_iter) and more:
             continue
         values, vectors, residuals = run.ritz()
         bounds = _absolute_bounds(values, residuals)

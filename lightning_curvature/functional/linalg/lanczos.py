@@ -53,7 +53,7 @@ class LanczosProcess:
     Args:
         matvec: the symmetric linear map.
         start: starting vector (normalised here).
-        max_steps: most products this process may take (bounds the basis memory).
+        max_iter: most products this process may take (bounds the basis memory).
         generator: random source for restarts after a breakdown; ``None`` stops there.
         shards: how the vectors are split across processes (default: whole here); each
             process then holds its shard of ``start`` and of every basis vector, and the
@@ -78,7 +78,7 @@ class LanczosProcess:
         self,
         matvec: Matvec,
         start: torch.Tensor,
-        max_steps: int,
+        max_iter: int,
         generator: torch.Generator | None = None,
         shards: VectorShards | None = None,
     ) -> None:
@@ -91,7 +91,7 @@ class LanczosProcess:
             )
         self.size = self.shards.size  # of the whole space
         self._length = start.numel()  # of the vectors held here
-        self.max_steps = min(max_steps, self.size)
+        self.max_iter = min(max_iter, self.size)
         self._blocks: list[torch.Tensor] = []
         self._stored = 0
         self._template = start
@@ -146,7 +146,7 @@ class LanczosProcess:
 
     def _store(self, vector: torch.Tensor) -> None:
         if self._stored % _BLOCK == 0:
-            rows = min(_BLOCK, self.max_steps + 1 - self._stored)
+            rows = min(_BLOCK, self.max_iter + 1 - self._stored)
             self._blocks.append(self._template.new_zeros(rows, self._length))
         self._row(self._stored).copy_(vector)
         self._stored += 1
@@ -189,7 +189,7 @@ class LanczosProcess:
     def step(self) -> bool:
         """Take one product; return ``False`` once no further step is possible."""
         j = self.num_steps
-        if j >= self.max_steps or self._stored <= j:
+        if j >= self.max_iter or self._stored <= j:
             return False
         q = self._row(j)
         w = self.matvec(q)
@@ -203,7 +203,7 @@ class LanczosProcess:
         if j + 1 >= self.size:  # the whole space is spanned: T is exact up to rounding
             self.spanned = True
             return False
-        if j + 1 >= self.max_steps:
+        if j + 1 >= self.max_iter:
             return False
         scale = max(self.scale, 1e-30)
         if beta > _BREAKDOWN * torch.finfo(w.dtype).eps * scale:
