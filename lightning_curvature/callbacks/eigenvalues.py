@@ -12,7 +12,6 @@ from typing_extensions import override
 
 from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.monitor import log_step
 from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.reporting.dashboard import (
     Charts,
@@ -26,6 +25,7 @@ from lightning_curvature.callbacks.reporting.dashboard import (
 )
 from lightning_curvature.callbacks.reporting.logging import log_scalars
 from lightning_curvature.callbacks.schedule import EveryNSteps
+from lightning_curvature.callbacks.trainer import log_step
 from lightning_curvature.functional.directional import directional_curvature, subspace_share
 from lightning_curvature.functional.eigenvalues import (
     check_eigenvalue_arguments,
@@ -428,7 +428,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
                 measured = self._measured(pl_module)
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in measured]
                 share = float(subspace_share(_flat(grads, basis.dtype), basis))
-                values = self._finite(
+                values = self._warnings.finite(
                     {self.tag("curvature/training_gradient_top_share"): share}, step
                 )
                 self.last_metrics.update(values)

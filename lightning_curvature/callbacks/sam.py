@@ -72,9 +72,9 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from typing_extensions import override
 
 from lightning_curvature.callbacks.isolation import call_training_step, isolated
-from lightning_curvature.callbacks.monitor import check_strategy, log_step
 from lightning_curvature.callbacks.reporting.logging import log_scalars
 from lightning_curvature.callbacks.schedule import ProbeSchedule
+from lightning_curvature.callbacks.trainer import check_strategy, log_step
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.linalg.sharded import fsdp_shards, local_tensor
 from lightning_curvature.functional.model.probe import frozen_running_stats

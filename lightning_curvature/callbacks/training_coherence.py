@@ -51,8 +51,8 @@ from lightning_curvature.callbacks.gradient_capture import (
     local_shards,
 )
 from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.monitor import check_strategy
 from lightning_curvature.callbacks.schedule import EveryNSteps
+from lightning_curvature.callbacks.trainer import check_strategy
 from lightning_curvature.functional.coherence import CoherenceMode
 from lightning_curvature.functional.gradients.accumulator import GradientSums
 from lightning_curvature.functional.model.batches import batch_size
