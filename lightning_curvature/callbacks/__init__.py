@@ -4,8 +4,9 @@ from lightning_curvature.callbacks.batch_sharpness import BatchSharpnessMonitor
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.density import SpectralDensityMonitor
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.isolation import training_step_loss
 from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.monitor import CurvatureMonitor, training_step_loss
+from lightning_curvature.callbacks.monitor import CurvatureMonitor
 from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.callbacks.trace import HessianTraceMonitor
 from lightning_curvature.callbacks.training_coherence import TrainingGradientCoherenceMonitor

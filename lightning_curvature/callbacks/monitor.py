@@ -1,10 +1,16 @@
-"""What every periodic monitor shares: cadence, probe data, isolation, DDP, logging, state.
+"""``CurvatureMonitor``, the base of every monitor: its hooks, its probe's path, its state.
 
 A monitor subclass implements :meth:`CurvatureMonitor.measure`, a call of the model-level API
-that returns the scalars to log; this base decides when to call it, on what data and with
-which loss, runs it so that nothing the user trains changes, and writes the result.
+that returns the scalars to log; this base decides when to call it and on what data, runs it
+so that nothing the user trains changes, writes the result, and checkpoints its state. The
+arguments it is built with, and what ``measure`` reads from them (the loss, the arguments of
+every model-level call, the tags), are its base's,
+:class:`~lightning_curvature.callbacks.settings.MonitorSettings`.
 
-Rules kept here for every monitor (``../shared/DESIGN.md``):
+Rules kept by this base for every monitor (``../shared/DESIGN.md``; the argument checks are
+in :mod:`~lightning_curvature.callbacks.arguments`, the Trainer's in
+:mod:`~lightning_curvature.callbacks.trainer`, the warnings in
+:mod:`~lightning_curvature.callbacks.warning_policy`):
 
 * **Harmless**: the probe runs on the unwrapped LightningModule through the model-level API
   (which never writes parameters or ``.grad``), inside the one isolation context of the
@@ -25,153 +31,39 @@ Rules kept here for every monitor (``../shared/DESIGN.md``):
 from __future__ import annotations
 
 import functools
-import inspect
-import math
 import time
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
-from lightning_curvature.callbacks.isolation import (
-    isolated,
-    recording_skip_reasons,
-    silenced_logging,
-    training_step_loss,
+from lightning_curvature.callbacks.isolation import isolated, recording_skip_reasons
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.probe_data import draw_batches
+from lightning_curvature.callbacks.reporting.dashboard import write_layout
+from lightning_curvature.callbacks.reporting.logging import log_scalars
+from lightning_curvature.callbacks.schedule import Timing
+from lightning_curvature.callbacks.settings import MonitorSettings
+from lightning_curvature.callbacks.trainer import (
+    callbacks_of,
+    check_fit,
+    check_sharded_probe,
+    check_strategy,
+    log_step,
+    shared_timing,
+    transfer_batches,
 )
-from lightning_curvature.callbacks.measurement import Measurement, cost_tag
-from lightning_curvature.callbacks.probe_data import ProbePolicy, draw_batches
-from lightning_curvature.callbacks.reporting.dashboard import (
-    COST_CATEGORY,
-    Charts,
-    exact,
-    multiline,
-    write_layout,
-)
-from lightning_curvature.callbacks.reporting.logging import check_name, log_scalars, named_tag
-from lightning_curvature.callbacks.schedule import (
-    EveryNSteps,
-    ProbeSchedule,
-    Timing,
-    resolve_every_n_steps,
-)
-from lightning_curvature.errors import (
-    CurvatureWarning,
-    NonFiniteCurvatureError,
-    PiecewiseLinearError,
-)
-from lightning_curvature.functional.linalg.sampling import make_generator
+from lightning_curvature.errors import NonFiniteCurvatureError, PiecewiseLinearError
 from lightning_curvature.functional.model.batches import BatchList
-from lightning_curvature.functional.model.functional_model import LossFn
-from lightning_curvature.functional.model.parameters import ParameterPatterns, select_parameters
-from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
-from lightning_curvature.functional.operator.backends import BACKENDS, AllReduce, HVPBackend
-from lightning_curvature.functional.operator.graph_checks import check_smooth
 
-__all__ = [
-    "CurvatureMonitor",
-    "Measurement",
-    "check_strategy",
-    "log_step",
-    "silenced_logging",
-    "training_step_loss",
-]
-
-_PROBES = ("fixed", "current")
-_BATCH_NORM = ("eval", "train")
+__all__ = ["CurvatureMonitor"]
 
 
-def _before_transfer(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
-    """``on_before_batch_transfer`` of the datamodule if it overrides it, else the module's.
-
-    (The rest of the transfer, ``transfer_batch_to_device`` and ``on_after_batch_transfer``,
-    is ``trainer.strategy.batch_to_device``.)
-    """
-    datamodule = getattr(trainer, "datamodule", None)  # set by fit (public, not typed)
-    if datamodule is not None and is_overridden(
-        "on_before_batch_transfer", datamodule, pl.LightningDataModule
-    ):
-        return datamodule.on_before_batch_transfer(batch, 0)
-    return pl_module.on_before_batch_transfer(batch, 0)
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise MisconfigurationException(f"`{name}` must be one of {allowed}, got {value!r}.")
-
-
-def _check_patterns(parameters: Any) -> None:
-    """``parameters`` is None, a glob pattern, or a non-empty list of them."""
-    if parameters is None or isinstance(parameters, str):
-        return
-    if (
-        not isinstance(parameters, (list, tuple))
-        or not parameters
-        or not all(isinstance(p, str) for p in parameters)
-    ):
-        raise MisconfigurationException(
-            "`parameters` must be None (every trainable parameter), a glob pattern of "
-            f"parameter names or a non-empty list of them, got {parameters!r}."
-        )
-
-
-def log_step(trainer: pl.Trainer) -> int:
-    """The step ``self.log`` writes at now: optimizer steps of the loop, once per batch.
-
-    Equal to ``trainer.global_step`` under automatic optimization; with manual optimization
-    and several optimizers ``global_step`` counts every optimizer's steps, while loggers and
-    ``self.log`` (and Lightning's own ``LearningRateMonitor``) count batches that stepped.
-
-    Example:
-        >>> log_step(pl.Trainer(logger=False, enable_progress_bar=False))
-        0
-    """
-    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
-
-
-def check_strategy(trainer: pl.Trainer, callback: str, why: str | None = None) -> None:
-    """At ``setup``: refuse a sharded strategy ``callback`` cannot run under.
-
-    FSDP1 (``FSDPStrategy``) and DeepSpeed are always refused, naming the alternative: their
-    flat-parameter sharding needs an accelerator and was not verified here. FSDP2
-    (``ModelParallelStrategy`` with ``fully_shard``, verified on CPU processes) is refused
-    only with a ``why`` (the reason ``callback`` cannot run on sharded parameters).
-
-    Raises:
-        MisconfigurationException: naming ``callback``, the strategy and what to use.
-
-    Example:
-        >>> check_strategy(pl.Trainer(logger=False), "SAM")  # a single device: nothing to refuse
-    """
-    from lightning.pytorch.strategies import (
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-    )
-
-    strategy = type(trainer.strategy).__name__
-    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
-        raise MisconfigurationException(
-            f"`{callback}` does not support {strategy}: its flat-parameter sharding was not "
-            "verified here. Use ModelParallelStrategy() with "
-            "torch.distributed.fsdp.fully_shard in `configure_model` (FSDP2), or DDP."
-        )
-    if why is not None and isinstance(trainer.strategy, ModelParallelStrategy):
-        raise MisconfigurationException(
-            f"`{callback}` does not support {strategy} (sharded parameters): {why} Use DDP."
-        )
-
-
-class CurvatureMonitor(Callback):
+class CurvatureMonitor(MonitorSettings):
     """Base of the periodic monitors; subclasses implement :meth:`measure`.
 
     Args:
@@ -216,99 +108,15 @@ class CurvatureMonitor(Callback):
         >>> trainer = pl.Trainer(callbacks=[ProbeLoss(every_n_steps=10)], max_steps=1)
     """
 
-    #: The monitor kind in its cost tags, ``probe_cost/<cost_name>_seconds|hvps``
-    #: (:func:`~lightning_curvature.callbacks.measurement.cost_tag`).
-    cost_name = ""
-    #: Whether the cost tags include ``hvps`` (monitors that compute no HVP: no).
-    counts_hvps = True
     #: Attributes, in order, of the subclass arguments (plain values) that tell two instances
     #: apart in a checkpoint's state key (see :meth:`state_key_fields`).
     state_key_arguments: tuple[str, ...] = ()
-    #: The step cadence of ``every_n_steps="auto"``.
-    default_every_n_steps = 100
 
-    def __init__(
-        self,
-        *,
-        every_n_steps: EveryNSteps = "auto",
-        every_n_epochs: int | None = None,
-        on_train_end: bool = False,
-        max_overhead: float | None = None,
-        name: str | None = None,
-        probe: ProbePolicy = "fixed",
-        probe_batches: int = 1,
-        probe_dataloader: Iterable[Any] | None = None,
-        loss_fn: LossFn | None = None,
-        batch_norm: BatchNormMode = "eval",
-        parameters: ParameterPatterns = None,
-        backend: HVPBackend = "auto",
-        seed: int = 0,
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            self._refuse_unknown(unknown)
-        steps = resolve_every_n_steps(
-            every_n_steps, self.default_every_n_steps, every_n_epochs, max_overhead
-        )
-        self.schedule = ProbeSchedule(steps, every_n_epochs, on_train_end, max_overhead)
-        check_name(name)
-        self.name = name
-        _check_choice("probe", probe, _PROBES)
-        _check_choice("batch_norm", batch_norm, _BATCH_NORM)
-        _check_choice("backend", backend, BACKENDS)
-        if (
-            isinstance(probe_batches, bool)
-            or not isinstance(probe_batches, int)
-            or probe_batches < 1
-        ):
-            raise MisconfigurationException(
-                f"`probe_batches` must be a positive integer, got {probe_batches!r}."
-            )
-        if probe == "current" and (probe_batches != 1 or probe_dataloader is not None):
-            raise MisconfigurationException(
-                "`probe_batches` and `probe_dataloader` apply to probe='fixed' only; "
-                "got probe='current'."
-            )
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(
-                f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
-        _check_patterns(parameters)
-        self.probe = probe
-        self.probe_batches = probe_batches
-        self.probe_dataloader = probe_dataloader
-        self.loss_fn = loss_fn
-        self.batch_norm = batch_norm
-        self.parameters = parameters
-        self.backend = backend
-        self.seed = seed
-        self.last_metrics: dict[str, float] = {}
-        self._fixed_batches: list[Any] | None = None
-        self._generator: torch.Generator | None = None
-        self._generator_state: torch.Tensor | None = None
-        self._warned: set[str] = set()
-        self._pending: list[str] | None = None  # warn_once's messages during a probe
-        self._batch_idx = 0  # what the probe passes as training_step's batch_idx
-        self._state_key: str | None = None
-        # probe="current": the batch (and its index) an epoch-end probe measures
-        self._last_batch: tuple[Any, int] | None = None
-
-    def _refuse_unknown(self, unknown: dict[str, Any]) -> None:
-        """A misspelt argument names the monitor the user built and what it takes."""
-        allowed: list[str] = []
-        for cls in type(self).__mro__:
-            if cls is Callback:
-                break
-            for name, param in inspect.signature(cls.__init__).parameters.items():  # type: ignore[misc]
-                variadic = param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL)
-                if name != "self" and not variadic and name not in allowed:
-                    allowed.append(name)
-        raise MisconfigurationException(
-            f"`{type(self).__name__}` got unexpected argument(s) "
-            f"{', '.join(f'`{n}`' for n in unknown)}; it takes {', '.join(allowed)}."
-        )
+    # What a fit sets (the arguments are kept by MonitorSettings.__init__):
+    _fixed_batches: list[Any] | None = None  # the fixed probe, drawn at on_train_start
+    _state_key: str | None = None
+    # probe="current": the batch (and its index) an epoch-end probe measures
+    _last_batch: tuple[Any, int] | None = None
 
     # -- what subclasses implement -----------------------------------------------------------
     def measure(
@@ -327,109 +135,13 @@ class CurvatureMonitor(Callback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`extra_state`."""
 
-    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
-        """This monitor's custom-scalars charts (subclasses add theirs to these cost charts).
-
-        Called once at ``on_train_start``, when the optimizer is known; see
-        :mod:`~lightning_curvature.callbacks.reporting.dashboard`.
-        """
-        seconds = exact(self.tag(cost_tag(self.cost_name, "seconds")))
-        cost = {"seconds per probe": multiline(seconds)}
-        if self.counts_hvps:
-            hvps = exact(self.tag(cost_tag(self.cost_name, "hvps")))
-            cost["Hessian-vector products per probe"] = multiline(hvps)
-        return {COST_CATEGORY: cost}
-
-    # -- helpers for subclasses ----------------------------------------------------------------
-    def tag(self, tag: str) -> str:
-        """``tag`` as this monitor writes it (under its ``name``, if it has one)."""
-        return named_tag(tag, self.name)
-
-    def category(self, group: str) -> str:
-        """The custom-scalars category of this monitor's charts of ``group``."""
-        return group if self.name is None else f"{group} ({self.name})"
-
-    def probe_kwargs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """Arguments shared by every model-level call of a probe."""
-        return {
-            "parameters": self.parameters,
-            "backend": self.backend,
-            "batch_norm": self.batch_norm,
-            "generator": self.generator(pl_module.device),
-            "all_reduce": self.all_reduce(trainer),
-        }
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The monitor's own generator on ``device`` (restored from a checkpoint if any)."""
-        if self._generator is None or self._generator.device.type != device.type:
-            self._generator = make_generator(device, self.seed)
-            if self._generator_state is not None:
-                self._generator.set_state(self._generator_state)
-        return self._generator
-
-    @staticmethod
-    def all_reduce(trainer: pl.Trainer) -> AllReduce | None:
-        """Mean across processes under a multi-process strategy, else ``None``."""
-        if trainer.world_size <= 1:
-            return None
-        return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="mean")
-
-    def warn_once(self, key: str, message: str) -> None:
-        """One :class:`CurvatureWarning` per kind of bad luck, on rank zero."""
-        if key not in self._warned:
-            self._warned.add(key)
-            text = f"{type(self).__name__}: {message}"
-            if self._pending is not None:  # inside a probe, whose warnings are being collected
-                self._pending.append(text)
-            else:
-                rank_zero_warn(text, category=CurvatureWarning)
-
-    def probe_loss_fn(self) -> LossFn:
-        """The loss used by probes.
-
-        ``loss_fn``, or :func:`training_step_loss` with the probe's ``batch_idx`` (the
-        training batch's for ``probe="current"``, else 0).
-        """
-        if self.loss_fn is not None:
-            return self.loss_fn
-        return functools.partial(training_step_loss, batch_idx=self._batch_idx)  # type: ignore[return-value]
-
-    def check_model(self, pl_module: pl.LightningModule) -> None:
-        """At ``setup``: refuse arguments that do not fit the model.
-
-        Raise a ``MisconfigurationException``, or a ``ValueError`` (raised on as one, naming
-        the monitor).
-        """
-        self.measured_size(pl_module)
-
-    def measured_size(self, pl_module: pl.LightningModule) -> int:
-        """Number of parameters the monitor measures (``parameters=`` of the module)."""
-        named = select_parameters(unwrap_model(pl_module), self.parameters)
-        return sum(p.numel() for _, p in named)
-
     # -- Lightning hooks -------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         name = type(self).__name__
-        if not trainer.loggers:
-            raise MisconfigurationException(
-                f"Cannot use `{name}` with a Trainer that has no logger."
-            )
-        if not pl_module.automatic_optimization and self.loss_fn is None:
-            raise MisconfigurationException(
-                f"`{name}` with manual optimization needs `loss_fn=`: calling a "
-                "manual-optimization "
-                "training_step would step the optimizer."
-            )
-        if self.loss_fn is None and is_param_in_hook_signature(
-            pl_module.training_step, "dataloader_iter", explicit=True
-        ):
-            raise MisconfigurationException(
-                f"`{name}` cannot call a `training_step` that takes `dataloader_iter` on a "
-                "probe batch: pass `loss_fn=`."
-            )
+        check_fit(trainer, pl_module, name, self.loss_fn)
         try:
             self.check_model(pl_module)
         except ValueError as err:
@@ -449,22 +161,9 @@ class CurvatureMonitor(Callback):
         supported by the monitors whose :attr:`shardable` is true, with the finite-difference
         backend (``"auto"`` chooses it) on a smooth model; FSDP1 and DeepSpeed are refused.
         """
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        name, strategy = type(self).__name__, type(trainer.strategy).__name__
+        name = type(self).__name__
         check_strategy(trainer, name, None if self.shardable else self.unshardable_reason)
-        if not isinstance(trainer.strategy, ModelParallelStrategy):
-            return
-        if self.backend not in ("auto", "finite_difference"):
-            raise MisconfigurationException(
-                f"`{name}` under {strategy}: backend={self.backend!r} needs a double backward, "
-                "which FSDP2's sharded parameters do not have; use backend='auto' (which "
-                "chooses 'finite_difference' there) or 'finite_difference'."
-            )
-        try:
-            check_smooth(unwrap_model(pl_module))
-        except ValueError as err:
-            raise MisconfigurationException(f"`{name}` under {strategy}: {err}") from None
+        check_sharded_probe(trainer, pl_module, name, self.backend)
 
     #: Whether this monitor measures under ``ModelParallelStrategy`` (FSDP2 shards).
     shardable = False
@@ -498,18 +197,11 @@ class CurvatureMonitor(Callback):
                     f"`{type(self).__name__}` found no training dataloader to probe."
                 )
             drawn = draw_batches(source, self.probe_batches, torch.device("cpu"), self.seed)
-            # Through the batch-transfer hooks, as every training batch goes: the probe must
-            # see what training_step sees (e.g. a dict unpacked, or normalisation on device).
-            with isolated(pl_module, eval_mode=False):
-                torch.manual_seed(self.seed)
-                self._fixed_batches = [
-                    trainer.strategy.batch_to_device(_before_transfer(trainer, pl_module, b))
-                    for b in drawn
-                ]
+            self._fixed_batches = transfer_batches(trainer, pl_module, drawn, self.seed)
         self.schedule.start()
         monitors = _monitors(trainer)
         if monitors and self is monitors[0]:  # one layout per run, holding every monitor's
-            write_layout(trainer, pl_module, monitors)
+            write_layout(trainer, (monitor.charts(trainer, pl_module) for monitor in monitors))
 
     @override
     def on_train_batch_start(
@@ -644,77 +336,37 @@ class CurvatureMonitor(Callback):
         started = time.perf_counter()
         measured: Measurement | None = None
         failure: Exception | None = None
-        self._pending = []
-        try:
-            with (
-                warnings.catch_warnings(record=True) as caught,
-                recording_skip_reasons() as reasons,
-                isolated(pl_module),
-            ):
-                warnings.simplefilter("always", CurvatureWarning)
-                try:
-                    measured = measure()
-                except (NonFiniteCurvatureError, PiecewiseLinearError, RuntimeError) as err:
-                    failure = err
-        finally:
-            pending, self._pending = self._pending, None
-        for record in caught:
-            if issubclass(record.category, CurvatureWarning):
-                # One warning per place that warns (e.g. Lanczos not converging), not one per
-                # category: every CurvatureWarning shares the category.
-                key = f"{record.filename}:{record.lineno}"
-                self.warn_once(key, f"at step {step}: {record.message}")
-            else:
-                warnings.warn_explicit(
-                    record.message, record.category, record.filename, record.lineno
-                )
-        for text in pending:  # warn_once calls made by measure(), already deduplicated
-            rank_zero_warn(text, category=CurvatureWarning)
+        with (
+            self._warnings.collected(step),
+            recording_skip_reasons() as reasons,
+            isolated(pl_module),
+        ):
+            try:
+                measured = measure()
+            except (NonFiniteCurvatureError, PiecewiseLinearError, RuntimeError) as err:
+                failure = err
         if failure is not None:
-            self._warn_skipped(step, failure, reasons)
+            self._warnings.skipped(step, failure, reasons)
             measured = None
         seconds = seconds_before + time.perf_counter() - started
         self.schedule.probed(step, seconds, clock=functools.partial(_timing, trainer))
         if measured is None:
             return
-        values = self._finite({key: float(v) for key, v in measured.metrics.items()}, step)
+        values = self._warnings.finite({key: float(v) for key, v in measured.metrics.items()}, step)
         values.update(measured.cost(self.cost_name, seconds))
         self.last_metrics = {self.tag(key): value for key, value in values.items()}
         log_scalars(trainer, self.last_metrics, log_step(trainer))
         self.log_extras(trainer, step)
 
-    def _warn_skipped(self, step: int, failure: Exception, reasons: list[str]) -> None:
-        """One warning per reason a probe could not run."""
-        if reasons:  # what training_step ran into explains the non-finite loss
-            key, why = "none_loss", "; ".join(dict.fromkeys(reasons))
-        elif isinstance(failure, NonFiniteCurvatureError):
-            key, why = "nonfinite", str(failure)
-        else:
-            key, why = "runtime", f"{type(failure).__name__}: {failure}"
-        why = why.strip().rstrip(".")
-        self.warn_once(key, f"skipped the probe at step {step} ({why}); training goes on.")
-
-    def _finite(self, metrics: dict[str, float], step: int) -> dict[str, float]:
-        """``metrics`` without its non-finite values (one warning names them)."""
-        bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-        if bad:
-            self.warn_once(
-                "nonfinite_values",
-                f"left the non-finite value(s) of {', '.join(bad)} out at step {step}.",
-            )
-        return {name: value for name, value in metrics.items() if name not in bad}
-
 
 def _monitors(trainer: pl.Trainer) -> list[CurvatureMonitor]:
-    return [c for c in trainer.callbacks if isinstance(c, CurvatureMonitor)]  # type: ignore[attr-defined]
+    return callbacks_of(trainer, CurvatureMonitor)
 
 
 def _timing(trainer: pl.Trainer) -> Timing:
-    """The clock of the budget the monitors of ``trainer`` share (read by their schedules)."""
-    schedules = [monitor.schedule for monitor in _monitors(trainer)]
-    return Timing(
-        now=time.perf_counter(),
-        probe_seconds=sum(schedule.probe_seconds for schedule in schedules),
-        sharers=sum(schedule.max_overhead is not None for schedule in schedules),
-        broadcast=lambda interval: trainer.strategy.broadcast(interval, src=0),
-    )
+    """The clock of the budget the monitors of ``trainer`` share (read by their schedules).
+
+    Its time is read here, from the clock that times the probes.
+    """
+    now = time.perf_counter()
+    return shared_timing(trainer, now, [monitor.schedule for monitor in _monitors(trainer)])

@@ -23,7 +23,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
-from lightning_curvature.callbacks.monitor import check_strategy, log_step
 from lightning_curvature.callbacks.reporting.logging import log_scalars
 from lightning_curvature.callbacks.sam_step import (
     MicroBatch,
@@ -33,6 +32,7 @@ from lightning_curvature.callbacks.sam_step import (
     loss_of,
 )
 from lightning_curvature.callbacks.schedule import ProbeSchedule
+from lightning_curvature.callbacks.trainer import check_strategy, log_step
 from lightning_curvature.checks import check_integer
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.gradients.perturbation import SAMPerturbation

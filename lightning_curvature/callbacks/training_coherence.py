@@ -46,8 +46,8 @@ from typing_extensions import override
 
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.monitor import check_strategy
 from lightning_curvature.callbacks.schedule import EveryNSteps
+from lightning_curvature.callbacks.trainer import check_strategy
 from lightning_curvature.callbacks.training_samples import (
     StepSamples,
     is_sharded,
