@@ -52,14 +52,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from lightning_curvature.errors import NonFiniteCurvatureError
-
-if TYPE_CHECKING:  # the accumulator calls this module: no import back at run time
-    from lightning_curvature.functional.gradients.accumulator import GradientSums
 
 __all__ = ["GradientCoherence", "coherence_statistics"]
 
@@ -114,8 +111,38 @@ class GradientCoherence:
     fallback: str = ""
 
 
+class Sums(Protocol):
+    """What the statistics read of the sums.
+
+    The fields and methods of
+    :class:`~lightning_curvature.functional.gradients.accumulator.GradientSums`, which calls
+    this module, so they are described here instead of imported.
+    """
+
+    count: torch.Tensor
+    inverse_size_sum: torch.Tensor
+    sq_norm_sum: torch.Tensor
+    nonzero_count: torch.Tensor
+    sum: torch.Tensor | None
+    unit_sum: torch.Tensor | None
+    sq_sum: torch.Tensor | None
+    block_sq_norm_sum: torch.Tensor | None
+    blocks: dict[str, list[slice]]
+    mode: str
+    fallback: str
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def states(self) -> dict[str, torch.Tensor]: ...
+
+    def squared_norms(
+        self, vector: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
 def coherence_statistics(
-    sums: GradientSums,
+    sums: Sums,
     *,
     sum_sq_norm: torch.Tensor | None = None,
     block_sum_sq_norm: Mapping[str, torch.Tensor] | None = None,
@@ -168,13 +195,13 @@ def coherence_statistics(
     )
 
 
-def _mean_cosine(sums: GradientSums) -> torch.Tensor:
+def _mean_cosine(sums: Sums) -> torch.Tensor:
     assert sums.unit_sum is not None
     n = sums.nonzero_count
     return (_sq_norm(sums.unit_sum) - n) / (n * (n - 1))
 
 
-def _snr(sums: GradientSums) -> torch.Tensor:
+def _snr(sums: Sums) -> torch.Tensor:
     assert sums.sum is not None
     assert sums.sq_sum is not None
     m = sums.count
@@ -188,9 +215,7 @@ def _snr(sums: GradientSums) -> torch.Tensor:
     return torch.where(valid, ratios, 0.0).sum() / valid.sum()
 
 
-def _per_layer(
-    sums: GradientSums, given: Mapping[str, torch.Tensor] | None
-) -> dict[str, torch.Tensor]:
+def _per_layer(sums: Sums, given: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     if sums.block_sq_norm_sum is None:
         return {}
     if sums.sum is not None:
