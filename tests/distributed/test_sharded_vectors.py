@@ -98,7 +98,7 @@ def test_sharded_lanczos_is_the_unsharded_lanczos(sizes: list[int], dtype: torch
     a = _symmetric(n, dtype)
     start = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=dtype)
     whole = lanczos_eigenpairs(
-        lambda v: a @ v, start, k=2, tol=1e-6, max_steps=n, return_eigenvectors=True
+        lambda v: a @ v, start, k=2, tol=1e-6, max_iter=n, return_eigenvectors=True
     )
     threads = Threads(sizes)
 
@@ -108,7 +108,7 @@ def test_sharded_lanczos_is_the_unsharded_lanczos(sizes: list[int], dtype: torch
             threads.local(rank, start),
             k=2,
             tol=1e-6,
-            max_steps=n,
+            max_iter=n,
             return_eigenvectors=True,
             shards=threads.shards(rank),
         )
