@@ -36,7 +36,7 @@ from common import (
 )
 
 from lightning_curvature.functional.coherence import default_chunk_size, gradient_coherence
-from lightning_curvature.functional.per_example import GradientSampler
+from lightning_curvature.functional.gradients.per_example import GradientSampler
 
 
 def cases(

@@ -26,8 +26,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from lightning_curvature.functional.hvp import HessianOperator
-from lightning_curvature.functional.sharded import local_tensor
+from lightning_curvature.functional.linalg.sharded import local_tensor
+from lightning_curvature.functional.operator.operator import HessianOperator
 
 
 def _net(width: int, dtype: torch.dtype) -> nn.Sequential:

@@ -20,7 +20,7 @@ The double-backward backends run attention on the math kernel (the probe selects
 fused CPU kernel has no second derivative); ``finite_difference`` runs the fused kernel
 training runs. The Lanczos basis: ``(max_iter + 1) × P`` floats preallocated before (the
 default ``max_iter = 30 + 8k`` = 38 for k = 1), blocks of 8 rows allocated as the run goes
-now (``functional/lanczos.py``), i.e. ``8·⌈(steps + 1)/8⌉ × P``.
+now (``functional/linalg/lanczos.py``), i.e. ``8·⌈(steps + 1)/8⌉ × P``.
 
     nice -n 10 python benchmarks/bench_hvp_backends.py  # 13 min on 2 shared cores
     nice -n 10 python benchmarks/bench_hvp_backends.py --skip-eigen  # products only
@@ -72,7 +72,7 @@ def _peak_mib() -> float:
 
 def _worker(backend: str, repeats: int, skip_eigen: bool) -> dict[str, Any]:
     from lightning_curvature.functional import hessian_eigenvalues
-    from lightning_curvature.functional.hvp import HessianOperator
+    from lightning_curvature.functional.operator.operator import HessianOperator
 
     torch.set_num_threads(1)
     model, ids = _build()

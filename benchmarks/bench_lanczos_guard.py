@@ -26,10 +26,10 @@ from common import load_average, machine, summary
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from edge_of_stability import DigitsRegressor, digits_dataset
 
-import lightning_curvature.functional.lanczos as lanczos
+import lightning_curvature.functional.linalg.eigenpairs as eigenpairs
 from lightning_curvature import hessian_eigenvalues
 
-GUARD = lanczos._next_one_converged
+GUARD = eigenpairs._next_one_converged
 
 
 def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -40,8 +40,8 @@ def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 def guard(factor: float | None):  # type: ignore[no-untyped-def]
     """The library's guard at ``factor × tol``, or none at all."""
     if factor is None:
-        return lambda values, residuals, k, tol: True
-    return lambda values, residuals, k, tol: GUARD(values, residuals, k, tol * factor)
+        return lambda run, values, residuals, k, tol: True
+    return lambda run, values, residuals, k, tol: GUARD(run, values, residuals, k, tol * factor)
 
 
 def main() -> None:
@@ -63,11 +63,11 @@ def main() -> None:
     previous: dict[str, torch.Tensor] | None = None
     for i, state in enumerate(states):
         model.load_state_dict(state)
-        lanczos._next_one_converged = GUARD
+        eigenpairs._next_one_converged = GUARD
         truth = hessian_eigenvalues(model, loss_fn, batch, tol=1e-9, max_iter=80)
         top = float(truth.eigenvalues[0])
         for label, factor in (("tol", 1.0), ("10 tol", 10.0), ("31.6 tol", 31.6), ("none", None)):
-            lanczos._next_one_converged = guard(factor)
+            eigenpairs._next_one_converged = guard(factor)
             for start in ("cold", "warm", "warm, k+1"):
                 if start != "cold" and previous is None:
                     continue
@@ -81,7 +81,7 @@ def main() -> None:
                 )
                 error = abs(float(out.eigenvalues[0]) - top) / abs(top)
                 rows.setdefault((start, label), []).append((out.num_hvps, error))
-        lanczos._next_one_converged = GUARD
+        eigenpairs._next_one_converged = GUARD
         found = hessian_eigenvalues(
             model,
             loss_fn,

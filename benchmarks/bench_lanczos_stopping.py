@@ -14,7 +14,7 @@ points of a training run, and replays candidate stopping rules on the recorded R
 * the rule before the guard (bound ≤ tol, at least 3 products);
 * ``min_iter=6``: the same rule, trusted from 6 products on;
 * ``guard``: also require the *second* Ritz value's bound (relative to |θ₁|) ≤ tol, the
-  library's rule since this benchmark (``lanczos._next_one_converged``);
+  library's rule since this benchmark (``eigenpairs._next_one_converged``);
 * ``residual``: ``r/|θ₁| ≤ tol`` alone (no gap);
 * ``oracle``: the first product whose θ₁ is within ``tol`` of the truth, which no rule can
   beat (it bounds what any stopping rule, and so any warm start's saving, can reach).
@@ -58,7 +58,7 @@ from common import (
 )
 
 from lightning_curvature import CurvatureWarning, HessianOperator, hessian_eigenvalues
-from lightning_curvature.functional.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 
 TOL = 1e-3
 MAX_STEPS = 16

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from common import digits, head, load_average, machine, make_mlp, summary
 from torch import nn
 
-from lightning_curvature.functional.gradient_statistics import GradientSums
-from lightning_curvature.functional.parameters import ParameterLayout, select_parameters
-from lightning_curvature.functional.per_example import GradientSampler
-from lightning_curvature.functional.probe import probe_context
+from lightning_curvature.functional.gradients.accumulator import GradientSums
+from lightning_curvature.functional.gradients.per_example import GradientSampler
+from lightning_curvature.functional.model.parameters import ParameterLayout, select_parameters
+from lightning_curvature.functional.model.probe import probe_context
 
 Case = tuple[nn.Module, Callable[[nn.Module, Any], torch.Tensor], Any]
 

@@ -46,9 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, machine, summary
 
+from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional import hessian_eigenvalues
-from lightning_curvature.functional.sampling import make_generator
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.functional.linalg.sampling import make_generator
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 BATCH, LENGTH, VOCAB = 8, 16, 96

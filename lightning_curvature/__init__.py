@@ -1,28 +1,25 @@
 """lightning_curvature: see the loss landscape's geometry while your model trains.
 
 Model-level functions (pure torch, usable without a Trainer) and Lightning callbacks that
-log them to TensorBoard and any other Lightning logger.
+log them to TensorBoard and any other Lightning logger. The callbacks are imported on first
+use, so ``import lightning_curvature.functional`` (or the functions from here) never loads
+Lightning.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lightning_curvature.__about__ import __version__
-from lightning_curvature.callbacks import (
-    SAM,
-    BatchSharpnessMonitor,
-    CurvatureMonitor,
-    GradientCoherenceMonitor,
-    HessianEigenvalueMonitor,
-    HessianTraceMonitor,
-    SpectralDensityMonitor,
-)
+from lightning_curvature.errors import CurvatureWarning, NonFiniteCurvatureError
 from lightning_curvature.functional import (
     BatchSharpness,
-    CurvatureWarning,
     DirectionalCurvature,
     GradientCoherence,
     HessianEigenvalues,
     HessianOperator,
     HessianTrace,
-    NonFiniteCurvatureError,
     OperatorOptions,
     OutputLoss,
     SAMGradient,
@@ -38,6 +35,41 @@ from lightning_curvature.functional import (
     spectral_density,
     subspace_share,
 )
+
+if TYPE_CHECKING:
+    from lightning_curvature.callbacks import (
+        SAM,
+        BatchSharpnessMonitor,
+        CurvatureMonitor,
+        GradientCoherenceMonitor,
+        HessianEigenvalueMonitor,
+        HessianTraceMonitor,
+        SpectralDensityMonitor,
+        TrainingGradientCoherenceMonitor,
+    )
+
+_CALLBACKS = (
+    "SAM",
+    "BatchSharpnessMonitor",
+    "CurvatureMonitor",
+    "GradientCoherenceMonitor",
+    "HessianEigenvalueMonitor",
+    "HessianTraceMonitor",
+    "SpectralDensityMonitor",
+    "TrainingGradientCoherenceMonitor",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """The callbacks, imported (with Lightning) the first time one is asked for."""
+    if name in _CALLBACKS:
+        return getattr(importlib.import_module("lightning_curvature.callbacks"), name)
+    raise AttributeError(f"module 'lightning_curvature' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CALLBACKS))
+
 
 __all__ = [
     "SAM",
@@ -59,6 +91,7 @@ __all__ = [
     "SAMGradient",
     "SpectralDensity",
     "SpectralDensityMonitor",
+    "TrainingGradientCoherenceMonitor",
     "__version__",
     "batch_sharpness",
     "density_on_grid",

@@ -1,13 +1,15 @@
 """Lightning callbacks: when to measure, on what data, and how to log it."""
 
-from lightning_curvature.callbacks.base import CurvatureMonitor, training_step_loss
 from lightning_curvature.callbacks.batch_sharpness import BatchSharpnessMonitor
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.density import SpectralDensityMonitor
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.isolation import training_step_loss
 from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.monitor import CurvatureMonitor
 from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.callbacks.trace import HessianTraceMonitor
+from lightning_curvature.callbacks.training_coherence import TrainingGradientCoherenceMonitor
 
 __all__ = [
     "SAM",
@@ -18,5 +20,6 @@ __all__ = [
     "HessianTraceMonitor",
     "Measurement",
     "SpectralDensityMonitor",
+    "TrainingGradientCoherenceMonitor",
     "training_step_loss",
 ]

@@ -10,8 +10,10 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.callbacks.dashboard import (
+from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.monitor import CurvatureMonitor
+from lightning_curvature.callbacks.reporting.dashboard import (
     Charts,
     exact,
     layout,
@@ -19,11 +21,10 @@ from lightning_curvature.callbacks.dashboard import (
     raw_threshold,
     sharpness_chart_title,
 )
-from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
-from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.directional import batch_sharpness
-from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.checks import check_integer
+from lightning_curvature.functional.batch_sharpness import batch_sharpness
+from lightning_curvature.functional.model.probe import BatchNormMode
 
 __all__ = ["BatchSharpnessMonitor"]
 
@@ -91,11 +92,13 @@ class BatchSharpnessMonitor(CurvatureMonitor):
         batch_norm: BatchNormMode = "train",
         **kwargs: Any,
     ) -> None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 2:
-            raise MisconfigurationException(
-                f"`num_batches` must be an integer >= 2 (the standard error needs two "
-                f"batches), got {num_batches!r}."
-            )
+        check_integer(
+            "num_batches",
+            num_batches,
+            2,
+            why=" (the standard error needs two batches)",
+            error=MisconfigurationException,
+        )
         for taken in ("probe", "probe_batches"):
             if taken in kwargs:
                 raise MisconfigurationException(

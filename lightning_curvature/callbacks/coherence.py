@@ -18,29 +18,45 @@ gradients through hooks (none of those apply, and it refuses them, except at the
 values, which LightningCLI passes for every argument). What they share — the statistics and
 their tags, the charts, the ``per_layer`` blocks, the sum over processes, the checkpoint
 key — is this class, which the free kind subclasses. ``GradientCoherenceMonitor(source=...)``
-builds the kind its source needs (its metaclass picks the class before ``__init__`` runs,
-much as ``pathlib.Path()`` builds a ``PosixPath``), so the public constructor, ``isinstance``
-checks, LightningCLI's ``class_path`` (it reads ``__init__``, which a ``__new__`` would
-hide) and checkpoints keyed ``GradientCoherenceMonitor{...}`` work for every source. A
-function returning either class would lose the last three; one class for every source
-would mix the two sets of arguments and of hooks again.
+builds the kind its source needs, much as ``pathlib.Path()`` built a ``PosixPath``, so the
+public constructor, ``isinstance`` checks, LightningCLI's ``class_path`` and checkpoints
+keyed ``GradientCoherenceMonitor{...}`` work for every source. A function returning either
+class would lose the last three; one class for every source would mix the two sets of
+arguments and of hooks again.
+
+**How the class is picked** (:class:`_BuiltBySource`, the base of this class). Each kind
+names the sources it reads in its class statement (``sources=``, handed to
+``__init_subclass__``), and ``__new__`` builds the kind registered for ``source`` before
+``__init__`` runs. So this module does not import the free kind's module (no import circle:
+the free kind registers itself when :mod:`lightning_curvature.callbacks` imports it, which
+any import of this module does first). ``__new__`` sits on the base, not on this class,
+because ``inspect.signature`` (so ``help``) and jsonargparse (so LightningCLI) read a class's
+own ``__new__`` in preference to its ``__init__``, and an inherited one not at all: both show
+each kind's real ``__init__``. Not chosen: a metaclass ``__call__`` (what this used before:
+every signature reader then saw ``(*args, **kwargs)``), and one class that delegates to a
+source object chosen in ``__init__`` (cleaner, but every source would then build the same
+class, while the public ``TrainingGradientCoherenceMonitor`` is what the free sources build
+and what a ``class_path`` or an ``isinstance`` check may name).
 
 Under DDP every process logs the statistics of the union of all processes' samples: the
-sums of :class:`~lightning_curvature.functional.gradient_statistics.GradientSums` are added
+sums of :class:`~lightning_curvature.functional.gradients.accumulator.GradientSums` are added
 over processes with one collective
-(:meth:`~lightning_curvature.functional.gradient_statistics.GradientSums.all_reduce`).
+(:meth:`~lightning_curvature.functional.gradients.accumulator.GradientSums.all_reduce`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.dashboard import (
+from lightning_curvature.callbacks.layers import PerLayerMonitor
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.reporting.dashboard import (
     COST_CATEGORY,
     Charts,
     exact,
@@ -48,17 +64,16 @@ from lightning_curvature.callbacks.dashboard import (
     layout,
     multiline,
 )
-from lightning_curvature.callbacks.layers import PerLayerMonitor
-from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.batches import BatchList
 from lightning_curvature.functional.coherence import (
     CoherenceMode,
     check_coherence_arguments,
     gradient_sums,
 )
-from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
-from lightning_curvature.functional.parameters import PerLayer
+from lightning_curvature.functional.gradients.accumulator import GradientSums
+from lightning_curvature.functional.gradients.statistics import GradientCoherence
+from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.parameters import PerLayer
 
 __all__ = ["CoherenceSource", "GradientCoherenceMonitor"]
 
@@ -67,31 +82,37 @@ _SOURCES = get_args(CoherenceSource)
 _STATISTICS = ("coherence", "mean_cosine", "noise_scale", "snr", "grad_norm_sq", "trace_sigma")
 
 
-class _BuiltBySource(type):
-    """``GradientCoherenceMonitor(source=...)`` builds the kind of monitor ``source`` reads."""
+class _BuiltBySource:
+    """``GradientCoherenceMonitor(source=...)`` builds the kind of monitor ``source`` reads.
 
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        kind = cls
+    A kind registers the sources it reads with ``sources=`` in its class statement; see the
+    module docstring for why ``__new__`` is here and not on ``GradientCoherenceMonitor``.
+    """
+
+    _kinds: ClassVar[dict[str, type[_BuiltBySource]]] = {}
+
+    def __init_subclass__(cls, sources: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for source in sources:
+            _BuiltBySource._kinds[source] = cls
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _BuiltBySource:
+        kind: type[_BuiltBySource] = cls
         if cls is GradientCoherenceMonitor:
             source = args[0] if args else kwargs.get("source", "probe")
             if source not in _SOURCES:
                 raise MisconfigurationException(
                     f"`source` must be one of {_SOURCES}, got {source!r}."
                 )
-            if source != "probe":
-                from lightning_curvature.callbacks.training_coherence import (
-                    TrainingGradientCoherenceMonitor,
-                )
-
-                kind = TrainingGradientCoherenceMonitor
-        return type.__call__(kind, *args, **kwargs)
+            kind = _BuiltBySource._kinds[source]
+        return super().__new__(kind)
 
 
-class GradientCoherenceMonitor(PerLayerMonitor, metaclass=_BuiltBySource):
+class GradientCoherenceMonitor(_BuiltBySource, PerLayerMonitor, sources=("probe",)):
     r"""Gradient coherence, mean cosine, noise scale and SNR of training's gradient samples.
 
     From ``m`` gradient samples ``g_i`` of ``b`` examples each (definitions and references in
-    :mod:`~lightning_curvature.functional.gradient_statistics`):
+    :mod:`~lightning_curvature.functional.gradients.statistics`):
 
     * ``gradient/coherence``: m-coherence ``‖Σg_i‖² / Σ‖g_i‖²`` (Chatterjee & Zielinski 2020,
       2022): 1 when the samples are orthogonal, ``m`` when identical. Real labels give

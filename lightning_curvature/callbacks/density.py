@@ -8,7 +8,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.dashboard import (
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
+from lightning_curvature.callbacks.reporting.dashboard import (
     Charts,
     batch_norm_note,
     exact,
@@ -16,18 +18,16 @@ from lightning_curvature.callbacks.dashboard import (
     multiline,
     raw_threshold,
 )
-from lightning_curvature.callbacks.logging import tensorboard_writers
-from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
-from lightning_curvature.callbacks.rendering import density_image
+from lightning_curvature.callbacks.reporting.logging import tensorboard_writers
+from lightning_curvature.callbacks.reporting.rendering import density_image
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.checks import check_integer
+from lightning_curvature.checks import check_integer
 from lightning_curvature.functional.density import (
     SpectralDensity,
     check_density_arguments,
     spectral_density,
 )
+from lightning_curvature.functional.model.batches import BatchList
 
 __all__ = ["SpectralDensityMonitor"]
 

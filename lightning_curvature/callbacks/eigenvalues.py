@@ -10,33 +10,22 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import log_step
-from lightning_curvature.callbacks.dashboard import (
-    Charts,
-    batch_norm_note,
-    exact,
-    family,
-    layout,
-    multiline,
-    sharpness_chart_title,
-    threshold_label,
-)
+from lightning_curvature.callbacks.arguments import check_choice, check_flag
+from lightning_curvature.callbacks.eigenvalue_charts import eigenvalue_charts
 from lightning_curvature.callbacks.layers import PerLayerMonitor
-from lightning_curvature.callbacks.logging import log_scalars
 from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
+from lightning_curvature.callbacks.reporting.dashboard import Charts, layout
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.directional import directional_curvature, subspace_share
+from lightning_curvature.callbacks.step_instruments import StepInstrumentsMonitor
+from lightning_curvature.functional.directional import subspace_share
 from lightning_curvature.functional.eigenvalues import (
     check_eigenvalue_arguments,
     hessian_eigenvalues,
 )
-from lightning_curvature.functional.functional_model import probe_dtype
-from lightning_curvature.functional.parameters import PerLayer, select_parameters
-from lightning_curvature.functional.probe import BatchNormMode, unwrap_model
-from lightning_curvature.functional.reductions import inner_products
-from lightning_curvature.functional.sharded import local_tensor
+from lightning_curvature.functional.linalg.sharded import local_tensor
+from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.parameters import PerLayer, select_parameters
+from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
 from lightning_curvature.functional.stability import StabilityThreshold, stability_threshold
 
 __all__ = ["HessianEigenvalueMonitor"]
@@ -44,7 +33,7 @@ __all__ = ["HessianEigenvalueMonitor"]
 _WARM_START_DEVICES = ("model", "cpu")
 
 
-class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
+class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
     """Top-k Hessian eigenvalues (sharpness) next to the optimizer's stability threshold.
 
     Lanczos with full reorthogonalisation, warm-started from the previous probe's top
@@ -182,21 +171,19 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            per_layer=per_layer, every_n_steps=every_n_steps, batch_norm=batch_norm, **kwargs
+            per_layer=per_layer,
+            gradient_share=gradient_share,
+            update_sharpness=update_sharpness,
+            every_n_steps=every_n_steps,
+            batch_norm=batch_norm,
+            **kwargs,
         )
         try:
             check_eigenvalue_arguments(k, tol, max_iter)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
-        if warm_start_device not in _WARM_START_DEVICES:
-            raise MisconfigurationException(
-                f"`warm_start_device` must be one of {_WARM_START_DEVICES}, "
-                f"got {warm_start_device!r}."
-            )
-        if not isinstance(checkpoint_warm_start, bool):
-            raise MisconfigurationException(
-                f"`checkpoint_warm_start` must be True or False, got {checkpoint_warm_start!r}."
-            )
+        check_choice("warm_start_device", warm_start_device, _WARM_START_DEVICES)
+        check_flag("checkpoint_warm_start", checkpoint_warm_start)
         self.warm_start_device, self.checkpoint_warm_start = (
             warm_start_device,
             checkpoint_warm_start,
@@ -208,9 +195,6 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             warm_start,
             prog_bar,
         )
-        self.gradient_share, self.update_sharpness = gradient_share, update_sharpness
-        self._basis: tuple[int, torch.Tensor] | None = None  # (step, top-k eigenvectors)
-        self._update_start: tuple[int, torch.Tensor] | None = None  # (probe step, w_{t−1})
         self._warm: dict[str, torch.Tensor] = {}
         self._final_probe = False  # Lightning forbids self.log in on_train_end
 
@@ -302,9 +286,6 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
             )
         super().check_model(pl_module)  # the per_layer blocks
 
-    def _measured(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
-        return [p for _, p in select_parameters(unwrap_model(pl_module), self.parameters)]
-
     def _threshold(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> StabilityThreshold | None:
@@ -318,19 +299,6 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
                 f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.",
             )
         return found
-
-    @override
-    def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().check_sharding(trainer, pl_module)
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        extras = [n for n in ("gradient_share", "update_sharpness") if getattr(self, n)]
-        if extras and isinstance(trainer.strategy, ModelParallelStrategy):
-            raise MisconfigurationException(
-                f"`HessianEigenvalueMonitor` under ModelParallelStrategy: "
-                f"{', '.join(f'{n}=True' for n in extras)} is not implemented over sharded "
-                "parameters (its gradients and updates would be shards); leave it False."
-            )
 
     def _stability(
         self,
@@ -366,78 +334,6 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         metrics["curvature/sharpness_ratio"] = float(precond.eigenvalues[0]) / found.threshold
         return int(precond.num_hvps)
 
-    def _update_sharpness(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batches: list[Any],
-        found: StabilityThreshold | None,
-        metrics: dict[str, float | torch.Tensor],
-    ) -> int:
-        """``uᵀHu/‖u‖²`` along the last update (one product); 0 products if none is known."""
-        start, self._update_start = self._update_start, None
-        if start is None or start[0] != trainer.global_step:
-            return 0  # no copy from the step before (step 0, a resumed run's first probe)
-        measured = self._measured(pl_module)
-        update = _flat(measured, start[1].dtype).to(start[1].device).sub_(start[1])
-        out = directional_curvature(
-            pl_module,
-            self.probe_loss_fn(),
-            BatchList(batches),
-            update,
-            parameters=self.parameters,
-            backend=self.backend,
-            batch_norm=self.batch_norm,
-            all_reduce=self.all_reduce(trainer),
-            curvature=self.curvature,
-        )
-        metrics["curvature/update_sharpness"] = out.value
-        if found is None or not math.isfinite(found.threshold):
-            return out.num_hvps
-        if found.kind == "sgd":
-            metrics["curvature/update_sharpness_ratio"] = float(out.value) / found.limit
-        elif found.preconditioner is not None:
-            # P⁻¹H ~ D H D with D = P^{-1/2}: along z = D⁻¹u its Rayleigh quotient is
-            # uᵀHu / uᵀD⁻²u (coordinates with D = 0 are not optimized: u is 0 there).
-            scale = found.preconditioner.to(update)
-            moved = scale > 0
-            metric = inner_products(update[moved] / scale[moved], update[moved] / scale[moved])
-            preconditioned = out.quadratic_form / metric
-            metrics["curvature/preconditioned_update_sharpness"] = preconditioned
-            metrics["curvature/update_sharpness_ratio"] = float(preconditioned) / found.threshold
-        return out.num_hvps
-
-    def _probes_after_this_step(self, trainer: pl.Trainer) -> bool:
-        """Whether a probe is due right after the optimizer step being taken now."""
-        following, epoch = trainer.global_step + 1, trainer.current_epoch
-        if self.schedule.due_by_cadence(following):  # never is_due: it may space the budget
-            return True
-        last = trainer.max_steps == following  # training stops after this step
-        if (trainer.is_last_batch or last) and self.schedule.is_due_at_epoch_end(following, epoch):
-            return True  # an epoch-end probe (max_steps also ends the epoch it stops in)
-        return self.schedule.on_train_end and last
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self._basis is not None:
-            step, basis = self._basis
-            self._basis = None
-            if step == trainer.global_step:  # the training gradient of the probed weights
-                measured = self._measured(pl_module)
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in measured]
-                share = float(subspace_share(_flat(grads, basis.dtype), basis))
-                values = self._finite(
-                    {self.tag("curvature/training_gradient_top_share"): share}, step
-                )
-                self.last_metrics.update(values)
-                log_scalars(trainer, values, log_step(trainer))
-        if self.update_sharpness and self._probes_after_this_step(trainer):
-            measured = self._measured(pl_module)
-            dtype = probe_dtype(measured)
-            self._update_start = (trainer.global_step + 1, _flat(measured, dtype))
-
     @property
     def sharpness_quantity(self) -> str | None:
         """What this monitor puts on the raw sharpness chart: ``"λ₁"`` of the Hessian, if any.
@@ -450,54 +346,20 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
 
     @override
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
-        # Adam's threshold is one of λ₁(P⁻¹H), SGD's one of λ₁(H): each chart holds the
-        # quantity its threshold refers to, and the raw spectrum has a chart of its own.
-        note = batch_norm_note(pl_module, self.batch_norm)
-        symbol = self.matrix[0]  # H or G
-        top_of = "λ₁" if symbol == "H" else f"λ₁({symbol})"
-        ratio, threshold = self.tag("curvature/sharpness_ratio"), None
-        if self.stability and trainer.optimizers:
-            threshold = threshold_label(trainer.optimizers[0])
-        science: dict[str, list[Any]] = {}
-        title = sharpness_chart_title(trainer, pl_module, self.batch_norm, top_of, self.name)
-        if threshold is not None and title is not None:
-            science[title] = multiline(
-                exact(self.tag("curvature/eigenvalue_1")),
-                exact(self.tag("curvature/stability_threshold")),
-            )
-            science[f"sharpness ratio {top_of} / threshold"] = multiline(exact(ratio))
-        elif threshold is not None:
-            science[f"preconditioned sharpness λ₁(P⁻¹{symbol}) vs. threshold {threshold}{note}"] = (
-                multiline(
-                    exact(self.tag("curvature/preconditioned_eigenvalue_1")),
-                    exact(self.tag("curvature/stability_threshold")),
-                )
-            )
-            science[f"sharpness ratio λ₁(P⁻¹{symbol}) / threshold"] = multiline(exact(ratio))
-        spectrum = [family(self.tag("curvature/eigenvalue_"), r"\d+")]
-        if self.smallest:
-            spectrum.append(exact(self.tag("curvature/eigenvalue_min")))
-        matrix = self.matrix
-        top = f"top {matrix} eigenvalue λ₁" if self.k == 1 else f"top {self.k} {matrix} eigenvalues"
-        smallest = " and the smallest" if self.smallest else ""
-        science[f"{top}{smallest} (raw {symbol}){note}"] = multiline(*spectrum)
-        if self.blocks.requested:
-            science["top eigenvalue per block"] = multiline(
-                family(self.tag("curvature/eigenvalue_1/"), ".+")
-            )
-        if self.gradient_share:
-            science[f"gradient's share of the top-{self.k} eigenspace ‖P_k g‖²/‖g‖²"] = multiline(
-                exact(self.tag("curvature/gradient_top_share")),
-                exact(self.tag("curvature/training_gradient_top_share")),
-            )
-        if self.update_sharpness:
-            science["curvature along the last update uᵀHu/‖u‖²"] = multiline(
-                exact(self.tag("curvature/update_sharpness")),
-                exact(self.tag("curvature/preconditioned_update_sharpness")),
-            )
-            science["update sharpness / threshold"] = multiline(
-                exact(self.tag("curvature/update_sharpness_ratio"))
-            )
+        science = eigenvalue_charts(
+            trainer,
+            pl_module,
+            self.tag,
+            matrix=self.matrix,
+            k=self.k,
+            batch_norm=self.batch_norm,
+            name=self.name,
+            stability=self.stability,
+            smallest=self.smallest,
+            blocks=self.blocks.requested,
+            gradient_share=self.gradient_share,
+            update_sharpness=self.update_sharpness,
+        )
         return layout([{self.category("curvature"): science}, super().charts(trainer, pl_module)])
 
     @override
@@ -513,18 +375,9 @@ class HessianEigenvalueMonitor(PerLayerMonitor, OperatorMonitor):
         state: dict[str, Any] = {}
         if self.checkpoint_warm_start:
             state["warm_start"] = {key: value.cpu() for key, value in self._warm.items()}
-        if self._update_start is not None:  # a checkpoint between the copy and its probe
-            step, weights = self._update_start
-            state["update_start"] = {"step": step, "weights": weights.cpu()}
-        return state
+        return {**state, **super().extra_state()}  # the update's copy, if pending
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._warm = dict(state.get("warm_start", {}))
-        start = state.get("update_start")
-        self._update_start = None if start is None else (int(start["step"]), start["weights"])
-
-
-def _flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """One flat detached copy of ``tensors`` in ``dtype`` (the layout of the operator)."""
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+        super().load_extra_state(state)

@@ -47,7 +47,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import nn
 
 from lightning_curvature.callbacks.probe_data import isolated_rng
-from lightning_curvature.functional.probe import restored_module_attributes
+from lightning_curvature.functional.model.probe import restored_module_attributes
 
 __all__ = [
     "call_training_step",

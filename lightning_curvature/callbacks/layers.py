@@ -1,7 +1,7 @@
 """The ``per_layer`` argument of every monitor: which blocks of parameters get their own tag.
 
 One grammar for every monitor that takes it, parsed by the functional layer's one parser
-(:func:`~lightning_curvature.functional.parameters.layer_blocks`):
+(:func:`~lightning_curvature.functional.model.parameters.layer_blocks`):
 
 * ``True``: one block per module (the parameter name up to its last dot), tagged by the
   module's name;
@@ -31,15 +31,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.functional.parameters import (
+from lightning_curvature.callbacks.monitor import CurvatureMonitor
+from lightning_curvature.functional.model.parameters import (
     ParameterPatterns,
     PerLayer,
     layer_blocks,
     layer_parameters,
     select_parameters,
 )
-from lightning_curvature.functional.probe import unwrap_model
+from lightning_curvature.functional.model.probe import unwrap_model
 
 __all__ = ["LayerBlocks", "PerLayerMonitor"]
 

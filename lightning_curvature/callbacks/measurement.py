@@ -1,6 +1,6 @@
 """What one probe of a monitor returns, and the names of the cost tags it is logged with.
 
-A monitor's :meth:`~lightning_curvature.callbacks.base.CurvatureMonitor.measure` returns a
+A monitor's :meth:`~lightning_curvature.callbacks.monitor.CurvatureMonitor.measure` returns a
 :class:`Measurement` (or ``None``: nothing to log this time); the base class adds what the
 probe cost under the tags :func:`cost_tag` names, ``probe_cost/<monitor>_hvps`` and
 ``probe_cost/<monitor>_seconds``.

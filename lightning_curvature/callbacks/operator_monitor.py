@@ -2,7 +2,7 @@
 
 The eigenvalue, trace and density monitors measure the Hessian, or with ``curvature="ggn"``
 the generalized Gauss–Newton matrix ``Jᵀ H_ℓ J``
-(:mod:`~lightning_curvature.functional.ggn`). For the GGN the monitor must know where the
+(:mod:`~lightning_curvature.functional.operator.ggn`). For the GGN the monitor must know where the
 model's outputs end and the loss begins, which a ``training_step`` does not say: such a
 monitor needs ``loss_fn=OutputLoss(output_fn, loss)`` and refuses to be built without it.
 
@@ -19,9 +19,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.functional.ggn import Curvature
-from lightning_curvature.functional.hvp import check_curvature
+from lightning_curvature.callbacks.monitor import CurvatureMonitor
+from lightning_curvature.functional.operator.backends import check_curvature
+from lightning_curvature.functional.operator.ggn import Curvature
 
 __all__ = ["OperatorMonitor"]
 

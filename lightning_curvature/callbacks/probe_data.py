@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_curvature.functional.batches import move_to_device
+from lightning_curvature.functional.model.batches import move_to_device
 
 __all__ = ["ProbePolicy", "draw_batches", "isolated_rng"]
 

@@ -1,93 +1,43 @@
 """``SAM``: sharpness-aware training of any automatic-optimization LightningModule.
 
-Mechanism (Lightning 2.x; ``../shared/ALGORITHMS.md`` §7 shows what the alternatives break).
-In ``setup`` the callback wraps the module's ``optimizer_step`` hook (an instance attribute,
-removed again in ``teardown``; a user override of the hook keeps running). On a SAM step the
-wrapper hands ``optimizer_step`` a closure that
-
-1. runs Lightning's own closure for the step's last micro-batch (``training_step``,
-   ``zero_grad``, backward with Lightning's loss scaling). ``.grad`` now holds ``g``, the
-   gradient at ``w`` accumulated over *all* micro-batches of the step, DDP-averaged (or, with
-   ``perturbation="per_replica"``, this rank's own) and multiplied by the grad scaler's scale
-   under ``16-mixed``;
-2. computes ε from ``.grad`` (:func:`~lightning_curvature.functional.sam.sam_perturbation`,
-   exact under a power-of-two loss scale). A non-finite ``g`` ends the SAM part here: the
-   grad scaler then skips the step as it would without SAM;
-3. moves to ``w + ε`` and evaluates ``training_step`` again on every micro-batch of the step
-   (kept as they passed through ``on_train_batch_start``, already on the device), each loss
-   divided by ``accumulate_grad_batches`` and multiplied by the scaler's scale exactly as
-   Lightning does, under the precision plugin's autocast; their summed gradient replaces
-   ``.grad`` (averaged across processes under DDP);
-4. restores ``w`` from saved copies (bit-exact) and returns the first pass's loss.
-
-Lightning then, once and on ``g_SAM``: unscales (``16-mixed``), calls
-``on_before_optimizer_step``, clips, and steps the optimizer (``GradScaler.step`` skips the
-step if ``g_SAM`` is not finite); lr schedulers are untouched.
-
-The second pass is harmless: it runs in the isolation context every monitor's probe runs in
-(:func:`~lightning_curvature.callbacks.isolation.isolated`, here with the modules' modes
-kept), so
-
-* **buffers** are put back by value: a ``spectral_norm``'s power iteration (``_u``, ``_v``)
-  advances once per step, in the first pass, as without SAM;
-* **BatchNorm** normalises with the batch statistics but writes no running statistics
-  (:func:`~lightning_curvature.functional.probe.frozen_running_stats`), so they come from
-  the first pass only;
-* **logging**: ``self.log``/``self.log_dict`` are silenced, and the states of torchmetrics
-  ``Metric`` modules are put back afterwards (in place), so logged values (and metric
-  objects updated in ``training_step``) see every step once;
-* **randomness** (``dropout="reuse"``, the default): the global RNG states (torch CPU and the
-  module's CUDA device, python, numpy) captured when each micro-batch reached
-  ``on_train_batch_start`` are replayed, so dropout masks and any other draw of
-  ``training_step`` are the first pass's, and the states are then put back to where the
-  first pass left them: the run's random stream is exactly the one it has without SAM. With
-  ``dropout="resample"`` the second pass draws new masks from the global stream (which then
-  advances, so later draws differ from a run without SAM).
-
-Requirements: ``training_step`` must not change its batch in place, and everything but its
-random draws must be deterministic between the two calls; other side effects of
-``training_step`` on plain attributes (counters, caches, a recurrent ``self.hidden``) happen
-twice (the monitors' probes undo those too; SAM's second pass is a second training-mode
-evaluation, documented as such). ``training_step(self, batch)`` without ``batch_idx`` is
-called that way. No ``on_before_backward`` /
-``on_after_backward`` hooks run for the second pass.
+The callback: its arguments and their checks, the Lightning hooks (``setup`` checks the run
+and installs the wrapped ``optimizer_step``, ``teardown`` removes it,
+``on_train_batch_start`` keeps the micro-batches of each SAM step, ``on_train_batch_end``
+their first losses), its two schedules (SAM steps, log windows), its checkpoint state and
+what it logs. The step itself (Lightning's closure, ε, the second pass at ``w + ε`` and why
+it is harmless, the SAM gradient across processes) is
+:mod:`~lightning_curvature.callbacks.sam_step`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import check_strategy, log_step
-from lightning_curvature.callbacks.isolation import call_training_step, isolated
-from lightning_curvature.callbacks.logging import log_scalars
-from lightning_curvature.callbacks.schedule import ProbeSchedule
-from lightning_curvature.functional.probe import frozen_running_stats
-from lightning_curvature.functional.sam import (
-    RNGState,
-    SAMDropout,
-    SAMPerturbation,
-    backward_gradient_sum,
-    check_sam_arguments,
-    gradient_sum,
-    perturbed_parameters,
-    sam_perturbation,
+from lightning_curvature.callbacks.reporting.logging import log_scalars
+from lightning_curvature.callbacks.sam_step import (
+    MicroBatch,
+    SAMOptimizerStep,
+    SAMStep,
+    first_pass,
+    loss_of,
 )
-from lightning_curvature.functional.sharded import fsdp_shards, local_tensor
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.callbacks.schedule import ProbeSchedule
+from lightning_curvature.callbacks.trainer import check_strategy, log_step
+from lightning_curvature.checks import check_integer
+from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.gradients.perturbation import SAMPerturbation
+from lightning_curvature.functional.gradients.rng import RNGState
+from lightning_curvature.functional.sam import SAMDropout, check_sam_arguments
 
 __all__ = ["SAM", "SAMPerturbationMode"]
 
@@ -97,101 +47,6 @@ SAMPerturbationMode = Literal["all_reduced", "per_replica"]
 _PERTURBATION = ("all_reduced", "per_replica")
 #: What a checkpoint holds of SAM (plain integers), and their values before any step.
 _STATE_DEFAULTS = {"num_sam_steps": 0, "num_skipped_steps": 0, "last_log_step": -1}
-
-
-@dataclass(frozen=True)
-class _MicroBatch:
-    batch: Any
-    batch_idx: int
-    rng: RNGState | None
-
-
-def _loss_of(output: Any) -> torch.Tensor | None:
-    """The loss Lightning takes from a ``training_step`` output (tensor, dict or None)."""
-    if isinstance(output, Mapping):
-        output = output.get("loss")
-    return output if isinstance(output, torch.Tensor) else None
-
-
-def _optimized_parameters(optimizer: Any, with_grad_only: bool = True) -> list[torch.Tensor]:
-    """Parameters of ``optimizer`` that require grad (and, by default, have one now), once each.
-
-    Without ``with_grad_only`` the list is fixed by the optimizer alone, so it is the same
-    on every process whatever parameters each one's loss reached.
-    """
-    seen: set[int] = set()
-    found: list[torch.Tensor] = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            usable = p.requires_grad and (p.grad is not None or not with_grad_only)
-            if id(p) not in seen and usable:
-                seen.add(id(p))
-                found.append(p)
-    return found
-
-
-def _all_reduce_mean(trainer: pl.Trainer, tensors: Sequence[torch.Tensor]) -> None:
-    """Average ``tensors`` in place across processes: one collective per dtype and device."""
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-    for group in groups.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        flat = trainer.strategy.reduce(flat, reduce_op="mean")
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-def _average_gradients(
-    trainer: pl.Trainer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
-) -> None:
-    """``.grad`` of each parameter := the mean over processes of their ``grads``.
-
-    A process without a gradient for a parameter contributes zeros, as DDP's reducer does for
-    unused parameters; a parameter with a gradient on no process keeps ``.grad = None``.
-    The tensors all-reduced are the same on every process (one per parameter, and one flag
-    each), whichever parameters each process reached.
-    """
-    present = torch.tensor(
-        [float(g is not None) for g in grads], dtype=torch.float32, device=params[0].device
-    )
-    tensors = [
-        g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)
-    ]
-    _all_reduce_mean(trainer, [*tensors, present])
-    for p, tensor, reached in zip(params, tensors, present.tolist(), strict=True):
-        if reached > 0 and p.grad is not tensor:
-            p.grad = tensor
-
-
-class _SAMOptimizerStep:
-    """What ``module.optimizer_step`` is while SAM is installed: SAM around the original hook.
-
-    A copy of the module made meanwhile (``deepcopy`` by SWA/EMA callbacks, ``pickle``) gets
-    the original hook bound to the copy, never SAM or its Trainer.
-    """
-
-    def __init__(self, sam: SAM, original: Callable[..., Any]) -> None:
-        self.sam, self.original = sam, original
-
-    def __call__(
-        self,
-        epoch: int,
-        batch_idx: int,
-        optimizer: Any,
-        optimizer_closure: Callable[[], Any] | None = None,
-    ) -> Any:
-        return self.sam._optimizer_step(
-            self.original, epoch, batch_idx, optimizer, optimizer_closure
-        )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return copy.deepcopy(self.original, memo)
-
-    def __reduce__(self) -> Any:
-        return self.original.__reduce__()  # type: ignore[attr-defined]
 
 
 class SAM(Callback):
@@ -210,8 +65,8 @@ class SAM(Callback):
     not finite is skipped by the scaler with no SAM pass, one whose SAM gradient is not
     finite is skipped by the scaler too). DDP: ε from the all-reduced gradient (default) or
     per replica, the SAM gradient averaged across processes, so every rank holds the same
-    weights. See the module docstring for the mechanism and the harmlessness of the second
-    pass (BatchNorm, logging, dropout).
+    weights. See :mod:`~lightning_curvature.callbacks.sam_step` for the mechanism and the
+    harmlessness of the second pass (BatchNorm, logging, dropout).
 
     Args:
         rho: neighbourhood radius ρ (> 0). About 0.05 for SAM; about 10x that for ASAM.
@@ -285,14 +140,9 @@ class SAM(Callback):
             raise MisconfigurationException(str(err)) from None
         if not isinstance(adaptive, bool):
             raise MisconfigurationException(f"`adaptive` must be True or False, got {adaptive!r}.")
-        for name, value in (
-            ("every_n_steps", every_n_steps),
-            ("log_every_n_steps", log_every_n_steps),
-        ):
-            if value is None and name == "log_every_n_steps":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MisconfigurationException(f"`{name}` must be an integer >= 1, got {value!r}.")
+        check_integer("every_n_steps", every_n_steps, error=MisconfigurationException)
+        if log_every_n_steps is not None:  # None: the Trainer's log_every_n_steps
+            check_integer("log_every_n_steps", log_every_n_steps, error=MisconfigurationException)
         if perturbation not in _PERTURBATION:
             raise MisconfigurationException(
                 f"`perturbation` must be one of {_PERTURBATION}, got {perturbation!r}."
@@ -314,9 +164,9 @@ class SAM(Callback):
         # 50 until setup reads it) unless log_every_n_steps is given
         self._logs = ProbeSchedule(log_every_n_steps or 50, once_per_window=True)
         self._window_step = -1
-        self._window: list[_MicroBatch] = []
+        self._window: list[MicroBatch] = []
         self._first_losses: list[torch.Tensor] = []
-        self._installed: tuple[pl.LightningModule, _SAMOptimizerStep, bool] | None = None
+        self._installed: tuple[pl.LightningModule, SAMOptimizerStep, bool] | None = None
         self._trainer: pl.Trainer | None = None
         self._warned = False
 
@@ -367,7 +217,7 @@ class SAM(Callback):
             self._window_step, self._window, self._first_losses = step, [], []
         if self._sam_steps.is_due(step):
             rng = RNGState.capture(pl_module.device) if self.dropout == "reuse" else None
-            self._window.append(_MicroBatch(batch, batch_idx, rng))
+            self._window.append(MicroBatch(batch, batch_idx, rng))
 
     @override
     def on_train_batch_end(
@@ -383,7 +233,7 @@ class SAM(Callback):
         elif self._window:
             # A micro-batch that did not end the step: keep its loss (divided by the number of
             # micro-batches, as Lightning reports it) for ``sam/sharpness``.
-            loss = _loss_of(outputs)
+            loss = loss_of(outputs)
             if loss is not None:
                 self._first_losses.append(loss.detach())
 
@@ -416,7 +266,7 @@ class SAM(Callback):
     def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall()
         had_attribute = "optimizer_step" in vars(pl_module)
-        hook = _SAMOptimizerStep(self, pl_module.optimizer_step)
+        hook = SAMOptimizerStep(self._optimizer_step, pl_module.optimizer_step)
         self._installed = (pl_module, hook, had_attribute)
         self._trainer = trainer
         pl_module.optimizer_step = hook  # type: ignore[method-assign]
@@ -456,115 +306,41 @@ class SAM(Callback):
     def _sam_closure(self, trainer: pl.Trainer, optimizer: Any, closure: Callable[[], Any]) -> Any:
         window, first_losses = self._window, self._first_losses  # freed once the step is done
         step = trainer.global_step
-        module = trainer.lightning_module
         per_replica = self.perturbation == "per_replica" and trainer.world_size > 1
-        no_sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if per_replica and isinstance(trainer.strategy, ParallelStrategy):
-            no_sync = trainer.strategy.block_backward_sync()
-        with no_sync:
-            loss = closure()  # Lightning's: training_step, zero_grad, scaled backward
+        loss = first_pass(trainer, closure, per_replica)
         if loss is None:  # training_step returned None: Lightning skips backward
             return loss
-
-        # Per replica, each rank may leave other parameters unused (MoE, find_unused_parameters):
-        # one list fixed by the optimizer, so every rank all-reduces the same tensors.
-        params = _optimized_parameters(optimizer, with_grad_only=not per_replica)
-        if not params:  # the loss does not reach any optimized parameter: nothing to perturb
-            return loss
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        # FSDP2: ε from the local shards of w and g with the global norm; FSDP's
-        # reduce-scatter already averaged g (and averages the SAM gradient).
-        shards = fsdp_shards(params)
-        perturbation = sam_perturbation(
-            [local_tensor(p) for p in params],
-            [local_tensor(g) for g in grads],
+        sam_step = SAMStep.of(
+            trainer,
+            optimizer,
             self.rho,
             adaptive=self.adaptive,
             eta=self.eta,
-            all_sum=None if shards is None else shards.all_sum,
+            per_replica=per_replica,
         )
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if not perturbation.is_finite():
+        if sam_step is None:  # the loss does not reach any optimized parameter
+            return loss
+        if not sam_step.perturbation.is_finite():
             if not per_replica:  # every rank holds the same g: all skip alike
-                self._skip(step, scaler)
+                self._skip(step, sam_step.scaler)
                 return loss
-            # Other ranks may go on: take the second pass at w (ε = 0) so the collectives
-            # match; the averaged gradient is then not finite and the scaler skips the step.
-            perturbation = SAMPerturbation(
-                tuple(None if e is None else torch.zeros_like(e) for e in perturbation.tensors),
-                perturbation.gradient_norm,
-                perturbation.all_sum,
-            )
-
-        # The curvature along ε from the two gradients (only on steps that log it): ⟨g, ε⟩ now,
-        # before .grad is overwritten; ⟨g_SAM, ε⟩ with the g_SAM of the same data as g.
+            sam_step.stay_at_w()  # other ranks may go on: the second pass at w
+        # The curvature along ε from the two gradients (only on steps that log it).
         logging = self._logs.is_due(step)
-        before = perturbation.dot(grads) if logging else None
-        perturbed_losses: list[torch.Tensor] = []
-        sam_grads = self._second_pass(
-            trainer, module, window, params, perturbation, scaler, perturbed_losses
+        curvature = sam_step.replace_gradients(
+            trainer, window, reuse_rng=self.dropout == "reuse", curvature=logging
         )
-        after = perturbation.dot(sam_grads) if logging and per_replica else None
-        with torch.no_grad():
-            final: list[torch.Tensor | None] = []
-            for p, g in zip(params, sam_grads, strict=True):
-                if p.grad is None:  # per replica: not reached on this rank at w
-                    final.append(g)
-                    continue
-                if g is None:
-                    p.grad.zero_()
-                else:
-                    p.grad.copy_(g)
-                final.append(p.grad)
-            if trainer.world_size > 1 and shards is None:
-                _average_gradients(trainer, params, final)
         self.num_sam_steps += 1
-        if before is not None:
-            if after is None:  # ε from the averaged g: compare with the averaged g_SAM
-                after = perturbation.dot([p.grad for p in params])
-            scale = float(scaler.get_scale()) if scaler is not None else 1.0
-            curvature = (after - before) / (scale * perturbation.norm().double().square())
+        if curvature is not None:
             self._log(
-                trainer, step, perturbation, [*first_losses, loss], perturbed_losses, curvature
+                trainer,
+                step,
+                sam_step.perturbation,
+                [*first_losses, loss],
+                sam_step.perturbed_losses,
+                curvature,
             )
         return loss
-
-    def _second_pass(
-        self,
-        trainer: pl.Trainer,
-        module: pl.LightningModule,
-        window: list[_MicroBatch],
-        params: list[torch.Tensor],
-        perturbation: SAMPerturbation,
-        scaler: Any,
-        perturbed_losses: list[torch.Tensor],
-    ) -> list[torch.Tensor | None]:
-        """``Σ_j ∇(scale · L_j(w + ε) / k)`` over the step's micro-batches, ``.grad`` untouched."""
-        accumulate = trainer.accumulate_grad_batches
-
-        def losses() -> Iterator[torch.Tensor | None]:
-            for micro in window:
-                if micro.rng is not None:
-                    micro.rng.restore()
-                with trainer.precision_plugin.train_step_context():
-                    loss = _loss_of(call_training_step(module, micro.batch, micro.batch_idx))
-                if loss is None:
-                    yield None
-                    continue
-                loss = loss / accumulate  # as Lightning's closure does
-                perturbed_losses.append(loss.detach())
-                yield scaler.scale(loss) if scaler is not None else loss
-
-        # With dropout="reuse" the RNG streams are put back to where the first pass left them.
-        with (
-            isolated(module, eval_mode=False, rng=self.dropout == "reuse", attributes=False),
-            perturbed_parameters([local_tensor(p) for p in params], perturbation),
-            frozen_running_stats(module),
-            torch.enable_grad(),
-        ):
-            if perturbation.all_sum is not None:  # FSDP2 shards: through their hooks
-                return backward_gradient_sum(params, losses(), list(module.parameters()))
-            return gradient_sum(params, losses())
 
     def _skip(self, step: int, scaler: Any) -> None:
         self.num_skipped_steps += 1

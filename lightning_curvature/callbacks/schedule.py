@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_curvature.checks import check_integer
+
 __all__ = ["EveryNSteps", "ProbeSchedule", "Timing", "resolve_every_n_steps"]
 
 #: ``every_n_steps`` as a monitor takes it: ``"auto"`` is the monitor's own default cadence.
@@ -56,14 +58,6 @@ class Timing:
     probe_seconds: float
     sharers: int = 1
     broadcast: Callable[[int], int] = _unchanged
-
-
-def _check_positive_int(name: str, value: int | None, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive integer or None" if allow_none else "a positive integer"
-        raise MisconfigurationException(f"`{name}` must be {allowed}, got {value!r}.")
 
 
 def resolve_every_n_steps(
@@ -148,8 +142,8 @@ class ProbeSchedule:
         max_overhead: float | None = None,
         once_per_window: bool = False,
     ) -> None:
-        _check_positive_int("every_n_steps", every_n_steps)
-        _check_positive_int("every_n_epochs", every_n_epochs)
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            check_integer(name, value, allow_none=True, error=MisconfigurationException)
         if max_overhead is not None and not (
             isinstance(max_overhead, (int, float)) and 0 < max_overhead < 1
         ):

@@ -9,7 +9,10 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.dashboard import (
+from lightning_curvature.callbacks.layers import PerLayerMonitor
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
+from lightning_curvature.callbacks.reporting.dashboard import (
     Charts,
     exact,
     family,
@@ -17,12 +20,9 @@ from lightning_curvature.callbacks.dashboard import (
     margin,
     multiline,
 )
-from lightning_curvature.callbacks.layers import PerLayerMonitor
-from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.parameters import PerLayer
+from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.model.parameters import PerLayer
 from lightning_curvature.functional.trace import check_trace_arguments, hessian_trace
 
 __all__ = ["HessianTraceMonitor"]

@@ -29,13 +29,14 @@ What ``GradientCoherenceMonitor(source="accumulation")`` and ``(source="ddp")`` 
 These sources see the gradients training computes: dropout on, BatchNorm in training mode,
 the loss as ``training_step`` returns it. They read no probe batch, so the probe options of
 :class:`~lightning_curvature.callbacks.coherence.GradientCoherenceMonitor` do not apply.
+
+This module is the monitor: its arguments, the checks at setup, the hooks, and the
+statistics of each step's samples over all processes; reading the samples from the backward
+passes is the job of :mod:`~lightning_curvature.callbacks.training_samples`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -43,26 +44,20 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.base import check_strategy
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
-from lightning_curvature.callbacks.gradient_capture import (
-    BackwardGradients,
-    ShardGradients,
-    local_flat_grad,
-    local_shards,
-)
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.functional.batches import batch_size
-from lightning_curvature.functional.coherence import CoherenceMode
-from lightning_curvature.functional.functional_model import probe_dtype
-from lightning_curvature.functional.gradient_statistics import GradientSums
-from lightning_curvature.functional.parameters import (
-    ParameterLayout,
-    PerLayer,
-    select_parameters,
+from lightning_curvature.callbacks.trainer import check_strategy
+from lightning_curvature.callbacks.training_samples import (
+    StepSamples,
+    is_sharded,
+    loss_scale,
+    replicated,
 )
-from lightning_curvature.functional.probe import unwrap_model
+from lightning_curvature.functional.coherence import CoherenceMode
+from lightning_curvature.functional.model.batches import batch_size
+from lightning_curvature.functional.model.parameters import PerLayer, select_parameters
+from lightning_curvature.functional.model.probe import unwrap_model
 
 __all__ = ["TrainingGradientCoherenceMonitor", "TrainingSource"]
 
@@ -84,22 +79,6 @@ PROBE_OPTIONS: dict[str, Any] = {
 }
 
 
-@dataclass
-class _StepSamples:
-    """Gradient samples of one optimizer step, read from training's backward passes."""
-
-    gradients: BackwardGradients | ShardGradients
-    sums: GradientSums  # sharded: over this process's shards, the counts over its micro-batches
-    local: torch.Tensor | None  # "ddp": this process's gradient of the step; sharded: Σ g_i
-    sizes: list[float] = field(default_factory=list)  # sharded: each micro-batch's examples
-    norms: list[torch.Tensor] = field(default_factory=list)  # sharded: this shard's ‖g_i‖²
-    local_size: float = 0.0
-    averaged: torch.Tensor | None = None  # "ddp": DDP's averaged .grad after the last backward
-    micro_batch_size: int | None = None  # examples of the micro-batch being computed
-    unknown_size: bool = False
-    seconds: float = 0.0
-
-
 _DDP_UNDER_FSDP2 = (
     "source='ddp' reads each process's whole gradient before the all-reduce, and FSDP2 "
     "reduce-scatters it inside the backward, so it is never whole; source='accumulation' "
@@ -113,46 +92,7 @@ _UNKNOWN_SIZE = (
 )
 
 
-def _padded(vector: torch.Tensor, size: int) -> torch.Tensor:
-    """``vector`` with zeros after it up to ``size`` (a process that holds no entry)."""
-    if vector.numel() == size:
-        return vector
-    return torch.cat([vector, vector.new_zeros(size - vector.numel())])
-
-
-def _replicated(named: Sequence[tuple[str, torch.Tensor]], world_size: int) -> str | None:
-    """The first parameter not split into one distinct shard per process, if any.
-
-    Sums over the shards of all processes are full squared norms only when every process
-    holds its own piece of every parameter: a plain tensor (not given to ``fully_shard``)
-    or a replicated placement would be counted once per copy.
-    """
-    from torch.distributed.tensor import DTensor
-
-    for name, p in named:
-        if not isinstance(p, DTensor):
-            return f"{name!r} is not sharded (not under fully_shard)"
-        if p.device_mesh.size() != world_size or not all(x.is_shard() for x in p.placements):
-            return f"{name!r} has placements {p.placements} over a mesh of {p.device_mesh.size()}"
-    return None
-
-
-def _is_sharded(trainer: pl.Trainer) -> bool:
-    """Whether the parameters are FSDP2 shards (``ModelParallelStrategy``)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return isinstance(trainer.strategy, ModelParallelStrategy)
-
-
-def _loss_scale(trainer: pl.Trainer) -> float:
-    """The grad scaler's scale (``16-mixed``), by which backward's gradients are multiplied."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())
-
-
-class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
+class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor, sources=_TRAINING_SOURCES):
     """The gradient statistics of training's own micro-batch or per-process gradients.
 
     Built by ``GradientCoherenceMonitor(source="accumulation")`` or ``(source="ddp")``; it
@@ -213,7 +153,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
             )
         rest = {name: value for name, value in kwargs.items() if name not in PROBE_OPTIONS}
         super().__init__(source, per_layer=per_layer, every_n_steps=every_n_steps, **rest)
-        self._step: _StepSamples | None = None
+        self._step: StepSamples | None = None
         self._sharded = False
 
     @property
@@ -247,7 +187,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
                 "source='ddp' takes each process's gradient as one sample and needs at least "
                 f"2 processes; the Trainer has world_size={trainer.world_size}."
             )
-        self._sharded = _is_sharded(trainer)
+        self._sharded = is_sharded(trainer)
         if self._sharded and trainer.accumulate_grad_batches < 2:
             raise MisconfigurationException(
                 "source='accumulation' under FSDP2 takes each micro-batch gradient over all "
@@ -270,7 +210,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         if not self._sharded:
             return
         named = select_parameters(unwrap_model(pl_module), self.parameters)
-        problem = _replicated(named, trainer.world_size)
+        problem = replicated(named, trainer.world_size)
         if problem is not None:
             raise MisconfigurationException(
                 f"source='accumulation' under {type(trainer.strategy).__name__} sums each "
@@ -290,27 +230,11 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         if self._step is not None:
             self._step.micro_batch_size = batch_size(batch)
 
-    def _start_step(self, pl_module: pl.LightningModule) -> _StepSamples:
+    def _start_step(self, pl_module: pl.LightningModule) -> StepSamples:
         named = select_parameters(unwrap_model(pl_module), self.parameters)
-        params = [p for _, p in named]
-        shards = local_shards(params)  # the parameters themselves unless sharded
-        layout = ParameterLayout.from_named(
-            [(name, shard) for (name, _), shard in zip(named, shards, strict=True)]
+        return StepSamples.start(
+            named, self.source, sharded=self._sharded, per_layer=self.blocks.functional
         )
-        dtype = probe_dtype(shards)
-        vectors = self.source == "accumulation" and not self._sharded
-        device = shards[0].device
-        sums = GradientSums.zeros(
-            max(layout.size, 1),  # a process may hold no entry of a tiny model
-            dtype=dtype,
-            device=device,
-            vectors=vectors,
-            blocks=layout.groups(self.blocks.functional),
-            mode=self.source,
-        )
-        local = None if vectors else torch.zeros(max(layout.size, 1), dtype=dtype, device=device)
-        reader = ShardGradients if self._sharded else BackwardGradients
-        return _StepSamples(reader(params, dtype), sums, local)
 
     @override
     def on_before_backward(
@@ -324,28 +248,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         step = self._step
         if step is None or not step.gradients.attached:
             return
-        started = time.perf_counter()
-        gradient = step.gradients.detach()  # this micro-batch's, times Lightning's scaling
-        if step.micro_batch_size is None:
-            step.unknown_size = True
-        size = float(step.micro_batch_size or 1)
-        scale = _loss_scale(trainer)
-        if self.source == "accumulation":  # undo the 1/accumulate_grad_batches too
-            gradient.mul_(trainer.accumulate_grad_batches / scale)
-            if step.local is not None:  # sharded: this shard of g_i, Σ g_i and ‖g_i‖²
-                gradient = _padded(gradient, step.local.numel())
-                step.local.add_(gradient)
-                step.sizes.append(size)
-                step.norms.append(torch.dot(gradient, gradient))
-            step.sums.add(gradient, size)
-        elif step.local is not None:  # "ddp": the step's gradient is the mean of its
-            # micro-batches, as Lightning's
-            step.local.add_(gradient, alpha=1.0 / scale)
-            step.local_size += size
-            # After the step's last backward .grad is DDP's average of the steps' gradients;
-            # read here, before anything after the backward (a SAM pass) replaces it.
-            step.averaged = local_flat_grad(step.gradients.parameters, step.local.dtype) / scale
-        step.seconds += time.perf_counter() - started
+        step.add_backward(trainer, self.source)
 
     @override
     def on_before_optimizer_step(
@@ -363,7 +266,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
             seconds_before=step.seconds,
         )
 
-    def _measure_step(self, trainer: pl.Trainer, step: _StepSamples) -> Measurement | None:
+    def _measure_step(self, trainer: pl.Trainer, step: StepSamples) -> Measurement | None:
         if self._sharded:
             return self._measure_sharded(trainer, step)
         sums = step.sums
@@ -374,7 +277,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         total = self.summed_over_processes(trainer, sums)
         if not self.enough_samples(total, trainer.global_step):
             return None
-        if _loss_scale(trainer) != 1.0 and not all(
+        if loss_scale(trainer) != 1.0 and not all(
             bool(torch.isfinite(value).all()) for value in total.states().values()
         ):
             return None  # the grad scaler skips this step too: routine, no warning
@@ -389,7 +292,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         result = total.compute(sum_sq_norm=s2, block_sum_sq_norm=blocks or None)
         return Measurement(self.metrics(result))
 
-    def _measure_sharded(self, trainer: pl.Trainer, step: _StepSamples) -> Measurement | None:
+    def _measure_sharded(self, trainer: pl.Trainer, step: StepSamples) -> Measurement | None:
         """The statistics from this process's shards, with one all-reduce of scalars.
 
         Sample ``i`` is the micro-batch gradient over all processes, so ``m`` and the sizes
@@ -424,7 +327,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor):
         total = sums.with_states(states)
         if not self.enough_samples(total, trainer.global_step):
             return None
-        if _loss_scale(trainer) != 1.0 and not bool(torch.isfinite(flat).all()):
+        if loss_scale(trainer) != 1.0 and not bool(torch.isfinite(flat).all()):
             return None  # the grad scaler skips this step too: routine, no warning
         if float(unknown) > 0:
             self.warn_once("size", _UNKNOWN_SIZE)

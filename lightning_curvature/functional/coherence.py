@@ -1,10 +1,11 @@
 """Gradient coherence of a model's loss: where the gradient samples come from.
 
 The model-level API over the accumulator of
-:mod:`~lightning_curvature.functional.gradient_statistics` (definitions and references are
-in that module's docstring): which samples to take (per-example gradients, or micro-batch
-gradients where per-example ones are undefined or cannot be computed), in chunks of how many
-examples, grouped into which blocks, and the warning when they change meaning.
+:mod:`~lightning_curvature.functional.gradients.accumulator` (definitions and references are
+in :mod:`~lightning_curvature.functional.gradients.statistics`): which samples to take
+(per-example gradients, or micro-batch gradients where per-example ones are undefined or
+cannot be computed), in chunks of how many examples, grouped into which blocks, and the
+warning when they change meaning.
 """
 
 from __future__ import annotations
@@ -17,27 +18,26 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict, Unpack
 
-from lightning_curvature.functional.batches import split_batches
-from lightning_curvature.functional.gradient_statistics import (
-    AllReduceSum,
-    GradientCoherence,
-    GradientSums,
-)
-from lightning_curvature.functional.hvp import LossFn
-from lightning_curvature.functional.parameters import (
+from lightning_curvature.checks import check_integer
+from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.gradients.accumulator import GradientSums
+from lightning_curvature.functional.gradients.per_example import GradientSampler
+from lightning_curvature.functional.gradients.statistics import GradientCoherence
+from lightning_curvature.functional.linalg.sharded import AllSum
+from lightning_curvature.functional.model.batches import split_batches
+from lightning_curvature.functional.model.functional_model import LossFn
+from lightning_curvature.functional.model.parameters import (
     ParameterLayout,
     ParameterPatterns,
     PerLayer,
     layer_blocks,
     select_parameters,
 )
-from lightning_curvature.functional.per_example import GradientSampler
-from lightning_curvature.functional.probe import BatchNormMode, probe_context, unwrap_model
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.functional.model.probe import BatchNormMode, probe_context, unwrap_model
 
 __all__ = [
     "CoherenceMode",
-    "SampleOptions",
+    "SampleKeywords",
     "check_coherence_arguments",
     "default_chunk_size",
     "gradient_coherence",
@@ -54,13 +54,13 @@ _CHUNK_ENTRIES_CPU = 2**22
 _CHUNK_ENTRIES = 2**25
 
 
-class SampleOptions(TypedDict, total=False):
+class SampleKeywords(TypedDict, total=False):
     """The keyword arguments of :func:`gradient_sums`, which :func:`gradient_coherence` passes on.
 
     Example:
-        >>> options: SampleOptions = {"mode": "micro_batch", "micro_batch_size": 4}
+        >>> sampling: SampleKeywords = {"mode": "micro_batch", "micro_batch_size": 4}
         >>> net = nn.Linear(2, 1)
-        >>> gradient_coherence(net, lambda m, b: m(b).mean(), torch.ones(8, 2), **options).mode
+        >>> gradient_coherence(net, lambda m, b: m(b).mean(), torch.ones(8, 2), **sampling).mode
         'micro_batch'
     """
 
@@ -88,11 +88,8 @@ def check_coherence_arguments(
     """
     if mode not in _MODES:
         raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
-    for name, value in (("micro_batch_size", micro_batch_size), ("chunk_size", chunk_size)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+    check_integer("micro_batch_size", micro_batch_size, allow_none=True)
+    check_integer("chunk_size", chunk_size, allow_none=True)
     layer_blocks(per_layer)
 
 
@@ -185,7 +182,7 @@ def gradient_sums(
       examples instead: the same samples, slower, no warning (``fallback`` says so;
       ``mode="per_example"`` does the same);
     * if even a batch of one example fails, it warns once with a
-      :class:`~lightning_curvature.functional.warnings.CurvatureWarning` naming the errors
+      :class:`~lightning_curvature.errors.CurvatureWarning` naming the errors
       and uses micro-batches. The values then describe samples of ``b`` examples
       (``mode``, and the result's ``sample_size`` and ``fallback``): coherence and cosine
       change meaning, the noise scale and its parts do not.
@@ -205,7 +202,7 @@ def gradient_sums(
             (memory ``chunk_size · P``); by default :func:`default_chunk_size`.
         per_layer: blocks with a coherence of their own (``True``: one per module; a list of
             patterns: one per pattern; a dict: block name to pattern(s); see
-            :func:`~lightning_curvature.functional.parameters.layer_blocks`).
+            :func:`~lightning_curvature.functional.model.parameters.layer_blocks`).
         parameters: glob pattern(s) selecting the measured parameters.
         batch_norm: BatchNorm mode during the probe (running statistics never change).
 
@@ -265,25 +262,25 @@ def gradient_coherence(
     loss_fn: LossFn,
     batch: Any,
     *,
-    all_reduce_sum: AllReduceSum | None = None,
-    **options: Unpack[SampleOptions],
+    all_sum: AllSum | None = None,
+    **sampling: Unpack[SampleKeywords],
 ) -> GradientCoherence:
     """Gradient coherence, mean cosine, noise scale and SNR of ``loss_fn`` on ``batch``.
 
     :func:`gradient_sums` of the samples, summed over processes if asked, and
     :meth:`GradientSums.compute
-    <lightning_curvature.functional.gradient_statistics.GradientSums.compute>`. Definitions
-    and references are in :mod:`~lightning_curvature.functional.gradient_statistics`.
+    <lightning_curvature.functional.gradients.accumulator.GradientSums.compute>`. Definitions
+    and references are in :mod:`~lightning_curvature.functional.gradients.statistics`.
 
     Args:
         model: the module (``torch.compile`` and DDP wrappers are looked through); it is left
             exactly as it was (parameters, buffers, ``.grad``, modes, RNG).
         loss_fn: ``loss_fn(model, batch) -> scalar``, the *mean* loss over the batch's examples.
         batch: one batch or an iterable of batches; samples from all of them are pooled.
-        all_reduce_sum: returns the *sum* of a tensor over processes (DDP), e.g.
+        all_sum: returns the *sum* of a tensor over processes (DDP), e.g.
             ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``: the result is then that
             of the union of every process's batch, the same on every rank.
-        **options: which samples, of which parameters, in which blocks (:class:`SampleOptions`):
+        **sampling: which samples, of which parameters, in which blocks (:class:`SampleKeywords`):
             ``mode`` (``"auto"``: per-example gradients where they are defined and computable,
             else micro-batches with one warning; ``"per_example"``; ``"micro_batch"``),
             ``micro_batch_size`` (8), ``chunk_size``, ``per_layer``, ``parameters`` and
@@ -305,7 +302,7 @@ def gradient_coherence(
         >>> out.coherence, out.mean_cosine, out.num_samples  # ‖(2, 2)‖² / 6; cosines 0, 1, 0
         (tensor(1.3333), tensor(0.3333), 3)
     """
-    sums = gradient_sums(model, loss_fn, batch, **options)
-    if all_reduce_sum is not None:
-        sums = sums.all_reduce(all_reduce_sum)
+    sums = gradient_sums(model, loss_fn, batch, **sampling)
+    if all_sum is not None:
+        sums = sums.all_reduce(all_sum)
     return sums.compute()

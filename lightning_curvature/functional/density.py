@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.checks import check_integer
-from lightning_curvature.functional.ggn import Curvature
-from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
-from lightning_curvature.functional.lanczos import lanczos_quadrature
-from lightning_curvature.functional.options import OperatorOptions, open_operator
-from lightning_curvature.functional.parameters import ParameterPatterns
-from lightning_curvature.functional.probe import BatchNormMode
+from lightning_curvature.checks import check_integer
+from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
+from lightning_curvature.functional.model.functional_model import LossFn
+from lightning_curvature.functional.model.parameters import ParameterPatterns
+from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
+from lightning_curvature.functional.operator.ggn import Curvature
+from lightning_curvature.functional.operator.options import OperatorOptions, open_operator
 
 __all__ = ["SpectralDensity", "check_density_arguments", "density_on_grid", "spectral_density"]
 
@@ -158,7 +159,7 @@ def spectral_density(
         curvature: ``"hessian"``, or ``"ggn"`` for the density of the generalized
             Gauss–Newton matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
         options: the operator's settings as one
-            :class:`~lightning_curvature.functional.options.OperatorOptions`, instead of
+            :class:`~lightning_curvature.functional.operator.options.OperatorOptions`, instead of
             the keywords.
 
     Raises:

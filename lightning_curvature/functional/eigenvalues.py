@@ -10,15 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.checks import check_integer
-from lightning_curvature.functional.ggn import Curvature
-from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
-from lightning_curvature.functional.lanczos import LanczosResult, lanczos_eigenpairs
-from lightning_curvature.functional.options import OperatorOptions, open_operator
-from lightning_curvature.functional.parameters import ParameterPatterns
-from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.sharded import VectorShards
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.checks import check_integer
+from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.linalg.eigenpairs import LanczosResult, lanczos_eigenpairs
+from lightning_curvature.functional.linalg.sharded import VectorShards
+from lightning_curvature.functional.model.functional_model import LossFn
+from lightning_curvature.functional.model.parameters import ParameterPatterns
+from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
+from lightning_curvature.functional.operator.ggn import Curvature
+from lightning_curvature.functional.operator.options import OperatorOptions, open_operator
 
 __all__ = [
     "HessianEigenvalues",
@@ -87,8 +88,8 @@ def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter:
     check_integer("k", k, 1)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
         raise ValueError(f"`tol` must be > 0, got {tol!r}.")
-    if max_iter is not None and (type(max_iter) is not int or max_iter < k):
-        raise ValueError(f"`max_iter` must be an integer >= k ({k}), got {max_iter!r}.")
+    if max_iter is not None:  # None: the default budget
+        check_integer("max_iter", max_iter, k, minimum_text=f"k ({k})")
     check_integer("min_iter", min_iter, 1)
 
 
@@ -151,7 +152,7 @@ def uncertified_message(
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
         >>> start = torch.ones(10, dtype=torch.float64)
-        >>> found = lanczos_eigenpairs(lambda v: A @ v, start, k=2, max_steps=2)
+        >>> found = lanczos_eigenpairs(lambda v: A @ v, start, k=2, max_iter=2)
         >>> print(uncertified_message(found, 1e-3, 2, 2))  # doctest: +ELLIPSIS
         Lanczos did not certify λ1, λ2 to tol=0.001 within 2 Hessian-vector products ...
     """
@@ -239,7 +240,7 @@ def hessian_eigenvalues(
         curvature: ``"hessian"``, or ``"ggn"`` for the eigenvalues of the generalized
             Gauss–Newton matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
         options: the operator's settings (``parameters`` … ``curvature``) as one
-            :class:`~lightning_curvature.functional.options.OperatorOptions`, instead of
+            :class:`~lightning_curvature.functional.operator.options.OperatorOptions`, instead of
             the keywords.
 
     Raises:
@@ -291,8 +292,8 @@ def hessian_eigenvalues(
             start,
             k=k,
             tol=tol,
-            max_steps=steps,
-            min_steps=min_iter,
+            max_iter=steps,
+            min_iter=min_iter,
             smallest=smallest,
             return_eigenvectors=return_eigenvectors,
             generator=generator,

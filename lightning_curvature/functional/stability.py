@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_curvature.functional.sharded import local_tensor
+from lightning_curvature.functional.linalg.sharded import local_tensor
 
 __all__ = ["StabilityThreshold", "stability_threshold"]
 

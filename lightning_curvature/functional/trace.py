@@ -8,16 +8,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_curvature.functional.ggn import Curvature
-from lightning_curvature.functional.hvp import AllReduce, HVPBackend, LossFn
-from lightning_curvature.functional.options import OperatorOptions, open_operator
-from lightning_curvature.functional.parameters import ParameterPatterns, PerLayer
-from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.trace_estimators import (
+from lightning_curvature.checks import check_integer
+from lightning_curvature.functional.linalg.trace_estimators import (
     MIN_MATVECS,
     hutch_plus_plus,
     hutchinson,
 )
+from lightning_curvature.functional.model.functional_model import LossFn
+from lightning_curvature.functional.model.parameters import ParameterPatterns, PerLayer
+from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
+from lightning_curvature.functional.operator.ggn import Curvature
+from lightning_curvature.functional.operator.options import OperatorOptions, open_operator
 
 __all__ = ["HessianTrace", "TraceMethod", "check_trace_arguments", "hessian_trace"]
 
@@ -41,10 +43,7 @@ def check_trace_arguments(num_hvps: Any, method: Any) -> None:
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
     minimum = MIN_MATVECS[method]
-    if type(num_hvps) is not int or num_hvps < minimum:
-        raise ValueError(
-            f"`num_hvps` must be an integer >= {minimum} for {method!r}, got {num_hvps!r}."
-        )
+    check_integer("num_hvps", num_hvps, minimum, why=f" for {method!r}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def hessian_trace(
         method: ``"hutchinson"`` or ``"hutch++"``.
         per_layer: blocks with a trace of their own: ``True`` (one per module), a list of
             glob patterns (one per pattern) or a dict of block name to pattern(s), see
-            :func:`~lightning_curvature.functional.parameters.layer_blocks`.
+            :func:`~lightning_curvature.functional.model.parameters.layer_blocks`.
         parameters: glob pattern(s) selecting the measured parameters.
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
@@ -117,7 +116,7 @@ def hessian_trace(
         curvature: ``"hessian"``, or ``"ggn"`` for the trace of the generalized Gauss–Newton
             matrix (``loss_fn`` an :class:`~lightning_curvature.OutputLoss`).
         options: the operator's settings as one
-            :class:`~lightning_curvature.functional.options.OperatorOptions`, instead of
+            :class:`~lightning_curvature.functional.operator.options.OperatorOptions`, instead of
             the keywords.
 
     Raises:

@@ -34,7 +34,7 @@ from lightning_curvature import (
     hessian_eigenvalues,
 )
 from lightning_curvature.callbacks import training_step_loss
-from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.linalg.sampling import make_generator
 
 pytestmark = LIGHTNING_NOISE
 

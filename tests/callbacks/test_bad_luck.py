@@ -39,7 +39,8 @@ from lightning_curvature import (
     HessianTraceMonitor,
     SpectralDensityMonitor,
 )
-from lightning_curvature.callbacks.base import CurvatureMonitor, Measurement
+from lightning_curvature.callbacks.measurement import Measurement
+from lightning_curvature.callbacks.monitor import CurvatureMonitor
 
 pytestmark = [
     *LIGHTNING_NOISE,

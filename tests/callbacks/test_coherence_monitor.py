@@ -49,8 +49,8 @@ from lightning_curvature.callbacks.training_coherence import (
     PROBE_OPTIONS,
     TrainingGradientCoherenceMonitor,
 )
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.gradient_statistics import GradientSums
+from lightning_curvature.functional.gradients.accumulator import GradientSums
+from lightning_curvature.functional.model.batches import BatchList
 
 pytestmark = [
     *LIGHTNING_NOISE,

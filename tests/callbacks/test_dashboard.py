@@ -37,7 +37,7 @@ from tensorboard.util import tensor_util
 from torch import nn
 from torch.nn import functional as F
 
-import lightning_curvature.callbacks.base as base
+import lightning_curvature.callbacks.monitor as base
 from lightning_curvature import (
     GradientCoherenceMonitor,
     HessianEigenvalueMonitor,
@@ -46,7 +46,7 @@ from lightning_curvature import (
     hessian_eigenvalues,
 )
 from lightning_curvature.callbacks import CurvatureMonitor, Measurement, training_step_loss
-from lightning_curvature.callbacks.rendering import density_image
+from lightning_curvature.callbacks.reporting.rendering import density_image
 
 pytestmark = LIGHTNING_NOISE
 

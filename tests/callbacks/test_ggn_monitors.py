@@ -32,7 +32,7 @@ from lightning_curvature import (
     hessian_trace,
     spectral_density,
 )
-from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.linalg.sampling import make_generator
 
 pytestmark = LIGHTNING_NOISE
 MONITORS = [HessianEigenvalueMonitor, HessianTraceMonitor, SpectralDensityMonitor]

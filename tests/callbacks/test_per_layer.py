@@ -37,9 +37,9 @@ from lightning_curvature import (
     gradient_coherence,
     hessian_eigenvalues,
 )
-from lightning_curvature.callbacks.base import CurvatureMonitor
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.callbacks.monitor import CurvatureMonitor
+from lightning_curvature.functional.linalg.sampling import make_generator
+from lightning_curvature.functional.model.batches import BatchList
 
 pytestmark = LIGHTNING_NOISE
 

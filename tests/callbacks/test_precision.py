@@ -36,9 +36,9 @@ from lightning_curvature import (
 )
 from lightning_curvature.callbacks import training_step_loss
 from lightning_curvature.callbacks.probe_data import draw_batches
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.sampling import make_generator
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.linalg.sampling import make_generator
+from lightning_curvature.functional.model.batches import BatchList
 
 pytestmark = [
     *LIGHTNING_NOISE,

@@ -25,7 +25,7 @@ from lightning_curvature import (
     HessianTraceMonitor,
     SpectralDensityMonitor,
 )
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.errors import CurvatureWarning
 
 pytestmark = [
     *LIGHTNING_NOISE,

@@ -2,7 +2,8 @@
 
 The reference loop below is plain PyTorch written from the papers' formulas (Foret et al.
 2021; Kwon et al. 2021 for ASAM), with the arithmetic order fixed in
-``lightning_curvature/functional/sam.py``, so float64 runs must agree bit for bit.
+``lightning_curvature/functional/gradients/perturbation.py``, so float64 runs must agree bit
+for bit.
 
 This file is also the script that the DDP test runs (``python test_sam.py OUT``): Lightning's
 ``ddp`` strategy then starts the second process itself by running it again.
@@ -36,7 +37,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryPrecision
 
 from lightning_curvature.callbacks.sam import SAM
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.errors import CurvatureWarning
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),

@@ -26,7 +26,7 @@ from models import (
 )
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_curvature.callbacks.base as base
+import lightning_curvature.callbacks.monitor as base
 from lightning_curvature import HessianEigenvalueMonitor, HessianTraceMonitor
 from lightning_curvature.callbacks import CurvatureMonitor, Measurement
 from lightning_curvature.callbacks.probe_data import draw_batches

@@ -36,7 +36,7 @@ from lightning_curvature import (
     HessianTraceMonitor,
     SpectralDensityMonitor,
 )
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.errors import CurvatureWarning
 
 
 class TwoBranches(pl.LightningModule):

@@ -20,7 +20,7 @@ import torch
 from launch import run_script
 
 from lightning_curvature import gradient_coherence
-from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.functional.model.batches import BatchList
 
 pytestmark = pytest.mark.distributed
 SCRIPT = Path(__file__).with_name("ddp_coherence_script.py")

@@ -12,7 +12,7 @@ import torch
 from launch import run_script
 
 from lightning_curvature import batch_sharpness, directional_curvature
-from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.functional.model.batches import BatchList
 
 pytestmark = pytest.mark.distributed
 SCRIPT = Path(__file__).with_name("ddp_instruments_script.py")

@@ -12,7 +12,7 @@ import torch
 from launch import run_script
 
 from lightning_curvature import hessian_eigenvalues, hessian_trace, spectral_density
-from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.linalg.sampling import make_generator
 
 pytestmark = pytest.mark.distributed
 SCRIPT = Path(__file__).with_name("ddp_monitor_script.py")

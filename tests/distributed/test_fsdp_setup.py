@@ -24,8 +24,8 @@ from lightning_curvature import (
     SpectralDensityMonitor,
     hessian_eigenvalues,
 )
-from lightning_curvature.functional.hvp import HessianOperator
-from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.linalg.sampling import make_generator
+from lightning_curvature.functional.operator.operator import HessianOperator
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "callbacks"))
 from models import TanhRegressor, csv_logger

@@ -14,14 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_curvature.functional.lanczos import (
-    LanczosProcess,
-    lanczos_eigenpairs,
-    lanczos_quadrature,
-)
-from lightning_curvature.functional.sam import sam_perturbation
-from lightning_curvature.functional.sharded import VectorShards
-from lightning_curvature.functional.trace_estimators import hutch_plus_plus, hutchinson
+from lightning_curvature.functional.gradients.perturbation import sam_perturbation
+from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
+from lightning_curvature.functional.linalg.sharded import VectorShards
+from lightning_curvature.functional.linalg.trace_estimators import hutch_plus_plus, hutchinson
 
 SPLITS = {"halves": [5, 5], "uneven with an empty shard": [7, 0, 3]}
 
@@ -100,7 +98,7 @@ def test_sharded_lanczos_is_the_unsharded_lanczos(sizes: list[int], dtype: torch
     a = _symmetric(n, dtype)
     start = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=dtype)
     whole = lanczos_eigenpairs(
-        lambda v: a @ v, start, k=2, tol=1e-6, max_steps=n, return_eigenvectors=True
+        lambda v: a @ v, start, k=2, tol=1e-6, max_iter=n, return_eigenvectors=True
     )
     threads = Threads(sizes)
 
@@ -110,7 +108,7 @@ def test_sharded_lanczos_is_the_unsharded_lanczos(sizes: list[int], dtype: torch
             threads.local(rank, start),
             k=2,
             tol=1e-6,
-            max_steps=n,
+            max_iter=n,
             return_eigenvectors=True,
             shards=threads.shards(rank),
         )

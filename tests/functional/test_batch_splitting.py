@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, default_collate
 
 from lightning_curvature.functional import hessian_trace
-from lightning_curvature.functional.batches import BatchList, batch_size, split_batches
+from lightning_curvature.functional.model.batches import BatchList, batch_size, split_batches
 
 CPU = torch.device("cpu")
 Sample = namedtuple("Sample", ["x", "y"])

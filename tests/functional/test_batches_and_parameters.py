@@ -10,19 +10,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_curvature.functional.batches import (
+from lightning_curvature.functional.model.batches import (
     BatchList,
     batch_size,
     move_to_device,
     split_batches,
 )
-from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
-from lightning_curvature.functional.parameters import (
+from lightning_curvature.functional.model.parameters import (
     ParameterLayout,
     layer_blocks,
     layer_parameters,
     select_parameters,
 )
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from tests.functional.cases import CASES_BY_NAME, FrozenAndTied, reference
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_curvature.functional.density import density_on_grid, spectral_density
-from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.linalg.sampling import make_generator
 from tests.functional.cases import CASES, CASES_BY_NAME, Case, mse, reference, seeded
 
 CPU = torch.device("cpu")

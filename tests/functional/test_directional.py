@@ -18,13 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_curvature.functional.directional import (
-    batch_sharpness,
-    directional_curvature,
-    subspace_share,
-)
+from lightning_curvature.functional.batch_sharpness import batch_sharpness
+from lightning_curvature.functional.directional import directional_curvature, subspace_share
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.hvp import HessianOperator
+from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.sam import sam_gradient
 from tests.functional.cases import CASES, dense_hessian, flat_loss, half_squares, seeded
 from tests.functional.test_float32 import _to

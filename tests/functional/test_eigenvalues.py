@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.sampling import make_generator
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.functional.linalg.sampling import make_generator
 from tests.functional.cases import CASES, CASES_BY_NAME, Case, reference, seeded
 
 CPU = torch.device("cpu")

@@ -9,16 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_curvature.functional.batches import BatchList, split_batches
+from lightning_curvature.errors import NonFiniteCurvatureError
 from lightning_curvature.functional.density import density_on_grid, spectral_density
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
-from lightning_curvature.functional.parameters import ParameterLayout, select_parameters
-from lightning_curvature.functional.probe import probe_context
-from lightning_curvature.functional.sampling import check_generator, make_generator
+from lightning_curvature.functional.linalg.sampling import check_generator, make_generator
+from lightning_curvature.functional.linalg.trace_estimators import hutch_plus_plus
+from lightning_curvature.functional.model.batches import BatchList, split_batches
+from lightning_curvature.functional.model.parameters import ParameterLayout, select_parameters
+from lightning_curvature.functional.model.probe import probe_context
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.trace import hessian_trace
-from lightning_curvature.functional.trace_estimators import hutch_plus_plus
-from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 from tests.functional.cases import CASES_BY_NAME, DTYPE
 
 CPU = torch.device("cpu")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.hvp import HessianOperator
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.functional.operator.operator import HessianOperator
 from tests.functional.cases import (
     CASES_BY_NAME,
     assert_unchanged,

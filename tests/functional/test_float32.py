@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.density import spectral_density
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.lanczos import lanczos_eigenpairs
-from lightning_curvature.functional.sampling import make_generator, rademacher
+from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.sampling import make_generator, rademacher
 from lightning_curvature.functional.trace import hessian_trace
-from lightning_curvature.functional.warnings import CurvatureWarning
 from tests.functional.cases import CASES, cross_entropy, dense_hessian, half_squares, seeded
 
 CPU = torch.device("cpu")
@@ -266,7 +266,7 @@ def test_lanczos_keeps_its_accuracy_over_millions_of_float32_entries(size: int) 
     diagonal[:3] = torch.tensor([10.0, 9.0, 8.0])
     start = torch.randn(size, generator=generator)
     out = lanczos_eigenpairs(
-        lambda v: diagonal * v, start, k=3, tol=TOL, max_steps=60, generator=generator
+        lambda v: diagonal * v, start, k=3, tol=TOL, max_iter=60, generator=generator
     )
     assert out.converged.all()
     torch.testing.assert_close(

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_curvature.functional.batches import map_tensors
 from lightning_curvature.functional.coherence import gradient_coherence
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.functional_model import FunctionalModel
-from lightning_curvature.functional.hvp import HessianOperator
-from lightning_curvature.functional.parameters import select_parameters
+from lightning_curvature.functional.model.batches import map_tensors
+from lightning_curvature.functional.model.functional_model import FunctionalModel
+from lightning_curvature.functional.model.parameters import select_parameters
+from lightning_curvature.functional.operator.operator import HessianOperator
 
 BF16 = torch.bfloat16
 

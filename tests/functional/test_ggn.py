@@ -28,9 +28,9 @@ from lightning_curvature import (
     hessian_vector_product,
     spectral_density,
 )
-from lightning_curvature.functional.batches import BatchList, map_tensors
-from lightning_curvature.functional.sampling import make_generator, rademacher
-from lightning_curvature.functional.trace_estimators import hutchinson
+from lightning_curvature.functional.linalg.sampling import make_generator, rademacher
+from lightning_curvature.functional.linalg.trace_estimators import hutchinson
+from lightning_curvature.functional.model.batches import BatchList, map_tensors
 from tests.functional.cases import (
     CASES,
     CASES_BY_NAME,

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_curvature.functional import gradient_statistics
-from lightning_curvature.functional.batches import BatchList
+from lightning_curvature.errors import CurvatureWarning, NonFiniteCurvatureError
 from lightning_curvature.functional.coherence import gradient_coherence, gradient_sums
-from lightning_curvature.functional.gradient_statistics import GradientCoherence, GradientSums
-from lightning_curvature.functional.warnings import CurvatureWarning, NonFiniteCurvatureError
+from lightning_curvature.functional.gradients import accumulator as gradient_statistics
+from lightning_curvature.functional.gradients.accumulator import GradientSums
+from lightning_curvature.functional.gradients.statistics import GradientCoherence
+from lightning_curvature.functional.model.batches import BatchList
 
 RTOL = 1e-6
 FIELDS = ("coherence", "mean_cosine", "noise_scale", "snr", "grad_norm_sq", "trace_sigma")
@@ -535,7 +536,7 @@ def test_per_parameter_parts_and_row_blocks_give_the_same_sums(
         assert torch.allclose(parts.states()[name], value, rtol=1e-12, atol=0), name
 
 
-def test_all_reduce_sums_every_state_in_one_call() -> None:
+def test_all_sums_every_state_in_one_call() -> None:
     rows = sample_rows()
     blocks = {"a": [slice(0, 3)], "b": [slice(3, 5), slice(6, 7)]}
     mine = GradientSums.zeros(7, dtype=torch.float64, blocks=blocks)
@@ -557,10 +558,10 @@ def test_all_reduce_sums_every_state_in_one_call() -> None:
     )
 
 
-def test_all_reduce_sum_of_gradient_coherence_is_the_union_batch() -> None:
+def test_all_sum_of_gradient_coherence_is_the_union_batch() -> None:
     """Two identical 'ranks': the sum of their sums is the result on the doubled batch."""
     model, (x, y) = mlp(), classification()
-    doubled = gradient_coherence(model, cross_entropy, batch=(x, y), all_reduce_sum=lambda t: 2 * t)
+    doubled = gradient_coherence(model, cross_entropy, batch=(x, y), all_sum=lambda t: 2 * t)
     union = gradient_coherence(model, cross_entropy, (torch.cat([x, x]), torch.cat([y, y])))
     assert_same(doubled, union)
     assert doubled.num_samples == 24
@@ -617,10 +618,10 @@ def test_with_states_round_trip() -> None:
     ("kwargs", "match"),
     [
         ({"mode": "vmap"}, r"`mode` must be one of .*'vmap'"),
-        ({"micro_batch_size": 0}, r"`micro_batch_size` must be a positive integer or None, got 0"),
+        ({"micro_batch_size": 0}, r"`micro_batch_size` must be an integer >= 1 or None, got 0"),
         ({"micro_batch_size": 2.5}, r"`micro_batch_size` .* got 2.5"),
         ({"micro_batch_size": True}, r"`micro_batch_size` .* got True"),
-        ({"chunk_size": -1}, r"`chunk_size` must be a positive integer or None, got -1"),
+        ({"chunk_size": -1}, r"`chunk_size` must be an integer >= 1 or None, got -1"),
         ({"per_layer": 3}, r"`per_layer` must be a bool or glob pattern"),
         ({"per_layer": ["nope.*"]}, r"`per_layer` pattern 'nope\.\*' matches none"),
         ({"parameters": "nope"}, r"`parameters` pattern 'nope' matches no trainable"),
@@ -651,7 +652,7 @@ def test_invalid_inputs() -> None:
 
 
 def test_invalid_accumulator_use() -> None:
-    with pytest.raises(ValueError, match="`size` must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="`size` must be an integer >= 1, got 0"):
         GradientSums.zeros(0)
     with pytest.raises(ValueError, match="`dtype` must be a floating dtype"):
         GradientSums.zeros(3, dtype=torch.int64)
@@ -690,9 +691,7 @@ def test_one_example_per_process_is_enough_once_pooled() -> None:
     theirs = gradient_sums(model, cross_entropy, (x[1:], y[1:]))
     assert theirs.num_samples == 1
     flat = torch.cat([value.reshape(-1) for value in theirs.states().values()])
-    out = gradient_coherence(
-        model, cross_entropy, (x[:1], y[:1]), all_reduce_sum=lambda t: t + flat
-    )
+    out = gradient_coherence(model, cross_entropy, (x[:1], y[:1]), all_sum=lambda t: t + flat)
     assert out.num_samples == 2
     assert_matches(out, reference(loop_gradients(model, cross_entropy, examples((x, y)))))
     with pytest.raises(ValueError, match=r"at least 2 samples, got 1: the batch gives 1"):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from tests.functional.cases import CASES, Case, flat_loss, reference, trainable
 
 EXACT_BACKENDS = ("auto", "retained_graph", "double_backward", "forward_over_reverse")

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_curvature.errors import NonFiniteCurvatureError
 from lightning_curvature.functional.density import spectral_density
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.trace import hessian_trace
-from lightning_curvature.functional.warnings import NonFiniteCurvatureError
 from tests.functional.cases import (
     CASES_BY_NAME,
     LossFn,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_curvature.functional.lanczos import (
-    LanczosProcess,
-    lanczos_eigenpairs,
-    lanczos_quadrature,
-)
+from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
+
+TOP_TWO = torch.tensor([45.0, 50.0], dtype=torch.float64)
 
 D = torch.float64
 
@@ -49,7 +49,7 @@ def test_repeated_eigenvalues_are_found_with_their_multiplicity(
         _random_start(n, seed),
         k=k,
         tol=1e-10,
-        max_steps=n,
+        max_iter=n,
         smallest=True,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -66,7 +66,7 @@ def test_one_krylov_space_holds_one_copy_of_each_eigenvalue() -> None:
     restarts): one step per distinct eigenvalue, each seen once."""
     spectrum = [5.0, 5.0, 3.0, 2.0, 1.0]
     a = torch.diag(torch.tensor(spectrum, dtype=D))
-    out = lanczos_eigenpairs(lambda v: a @ v, _random_start(5), k=2, tol=1e-10, max_steps=5)
+    out = lanczos_eigenpairs(lambda v: a @ v, _random_start(5), k=2, tol=1e-10, max_iter=5)
     assert out.num_steps == 4
     torch.testing.assert_close(out.eigenvalues, torch.tensor([5.0, 3.0], dtype=D))
 
@@ -76,7 +76,7 @@ def test_null_space_after_breakdown_costs_one_product() -> None:
     that finds only zeros, not after all n products."""
     a = torch.diag(torch.tensor([3.0, 1.0] + [0.0] * 10, dtype=D))
     out = lanczos_eigenpairs(
-        lambda v: a @ v, _random_start(12), k=2, tol=1e-10, max_steps=12,
+        lambda v: a @ v, _random_start(12), k=2, tol=1e-10, max_iter=12,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     torch.testing.assert_close(out.eigenvalues, torch.tensor([3.0, 1.0], dtype=D))
@@ -89,7 +89,7 @@ def test_indefinite_order_is_algebraic(seed: int) -> None:
     spectrum = [-10.0, 3.0, 2.5, 2.0, 1.0, 0.5, -0.5, -1.0, -2.0, 0.1]
     a = _rotated(spectrum, seed)
     out = lanczos_eigenpairs(
-        lambda v: a @ v, _random_start(10, seed), k=3, tol=1e-10, max_steps=10, smallest=True,
+        lambda v: a @ v, _random_start(10, seed), k=3, tol=1e-10, max_iter=10, smallest=True,
         generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
     torch.testing.assert_close(out.eigenvalues, torch.tensor([3.0, 2.5, 2.0], dtype=D))
@@ -103,7 +103,7 @@ def test_eigenvectors_satisfy_the_eigen_equation() -> None:
     spectrum = torch.linspace(-2.0, 6.0, 40, dtype=D).tolist()
     a = _rotated(spectrum)
     out = lanczos_eigenpairs(
-        lambda v: a @ v, _random_start(40), k=3, tol=1e-10, max_steps=40, return_eigenvectors=True
+        lambda v: a @ v, _random_start(40), k=3, tol=1e-10, max_iter=40, return_eigenvectors=True
     )
     assert out.eigenvectors is not None
     assert out.eigenvectors.shape == (3, 40)
@@ -122,17 +122,17 @@ def test_stopping_test_bounds_the_error_and_reports_nonconvergence() -> None:
     a = _rotated(spectrum)
     top = max(spectrum)
     for tol in (1e-2, 1e-4, 1e-8):
-        out = lanczos_eigenpairs(lambda v: a @ v, _random_start(200), tol=tol, max_steps=200)
+        out = lanczos_eigenpairs(lambda v: a @ v, _random_start(200), tol=tol, max_iter=200)
         assert out.converged.all()
         assert abs(float(out.eigenvalues[0]) - top) / top <= tol
-    short = lanczos_eigenpairs(lambda v: a @ v, _random_start(200), tol=1e-12, max_steps=5)
+    short = lanczos_eigenpairs(lambda v: a @ v, _random_start(200), tol=1e-12, max_iter=5)
     assert short.num_steps == 5
     assert not short.converged.any()
 
 
 def test_tridiagonal_holds_the_projected_matrix() -> None:
     a = _rotated([4.0, 3.0, 1.0, -1.0, -2.0, 0.5])
-    run = LanczosProcess(lambda v: a @ v, _random_start(6), max_steps=4)
+    run = LanczosProcess(lambda v: a @ v, _random_start(6), max_iter=4)
     while run.step():
         pass
     q = run.basis[: run.num_steps]
@@ -174,3 +174,31 @@ def test_a_top_eigenvalue_the_start_vector_barely_sees_is_not_missed(seed: int) 
     )
     assert out.converged.all()
     assert abs(float(out.eigenvalues[0]) - 2.0) <= 1e-3 * 2.0
+
+
+@pytest.mark.parametrize("seed", [18, 28, 32])
+def test_a_bound_at_the_floor_keeps_going_while_the_floor_is_within_reach(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """A floor of 0.7·tol·|θ| leaves room for a certificate: a run whose bound has just
+    reached the floor, but not yet ``tol·|θ|`` less the floor, must not stop uncertified
+    (these seeds stopped there, converged=False, when reaching the floor ended the run)."""
+    monkeypatch.setattr(LanczosProcess, "resolution", lambda self, values: 0.7e-3 * values.abs())
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.cat([torch.rand(18, generator=g, dtype=torch.float64) * 30, TOP_TWO])
+    start = torch.randn(20, generator=g, dtype=torch.float64)
+    out = lanczos_eigenpairs(lambda v: spectrum * v, start, k=1, tol=1e-3, max_iter=100)
+    assert out.converged.tolist() == [True]
+    assert abs(float(out.eigenvalues[0]) - 50.0) <= 1e-3 * 50.0
+
+
+def test_a_floor_beyond_reach_still_stops_at_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the floor above ``tol·|θ|`` nothing can be certified: the run stops once the
+    bound is at the floor instead of spending the whole budget."""
+    monkeypatch.setattr(LanczosProcess, "resolution", lambda self, values: 2e-3 * values.abs())
+    g = torch.Generator().manual_seed(18)
+    spectrum = torch.cat([torch.rand(18, generator=g, dtype=torch.float64) * 30, TOP_TWO])
+    start = torch.randn(20, generator=g, dtype=torch.float64)
+    out = lanczos_eigenpairs(lambda v: spectrum * v, start, k=1, tol=1e-3, max_iter=100)
+    assert out.converged.tolist() == [False]
+    assert out.num_steps < 20

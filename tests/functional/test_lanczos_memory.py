@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from lightning_curvature.functional.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 
-BLOCK = 8  # rows allocated at a time (functional/lanczos.py)
+BLOCK = 8  # rows allocated at a time (functional/linalg/lanczos.py)
 
 
 def _allocated_rows(run: LanczosProcess) -> int:

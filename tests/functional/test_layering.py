@@ -1,5 +1,6 @@
 """The math layer is pure torch: no module of ``lightning_curvature.functional`` imports
-Lightning (the callbacks layer sits on top of it, never the other way round)."""
+Lightning (the callbacks layer sits on top of it, never the other way round), and importing it
+through the top-level package does not load the callbacks either."""
 
 from __future__ import annotations
 
@@ -13,19 +14,17 @@ import lightning_curvature
 PACKAGE = Path(lightning_curvature.__file__).parent
 FUNCTIONAL = PACKAGE / "functional"
 
-# The top-level package imports the callbacks (and so Lightning); a stub with the real
-# __path__ lets the child import the functional subpackage without that __init__.
+# A plain import of the subpackage (through the real top-level __init__), then every module
+# below it, then the modules the functional layer shares with the callbacks.
 SCRIPT = """
-import importlib, json, pkgutil, sys, types
-stub = types.ModuleType("lightning_curvature")
-stub.__path__ = [{package!r}]
-sys.modules["lightning_curvature"] = stub
+import importlib, json, pkgutil, sys
+{preamble}
 functional = importlib.import_module("lightning_curvature.functional")
 names = ["lightning_curvature.functional"] + [
-    "lightning_curvature.functional." + info.name
-    for info in pkgutil.iter_modules(functional.__path__)
+    info.name
+    for info in pkgutil.walk_packages(functional.__path__, "lightning_curvature.functional.")
 ]
-for name in names:
+for name in names + ["lightning_curvature.errors", "lightning_curvature.checks"]:
     importlib.import_module(name)
 heavy = sorted(
     m for m in sys.modules
@@ -36,16 +35,23 @@ print(json.dumps({{"imported": names, "heavy": heavy}}))
 """
 
 
-def test_functional_modules_import_without_lightning() -> None:
+def _report(preamble: str = "") -> dict[str, list[str]]:
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(package=str(PACKAGE))],
+        [sys.executable, "-c", SCRIPT.format(preamble=preamble)],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
     )
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    modules = {f"lightning_curvature.functional.{p.stem}" for p in FUNCTIONAL.glob("*.py")}
+    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_functional_modules_import_without_lightning() -> None:
+    report = _report()
+    modules = {
+        "lightning_curvature." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+        for p in FUNCTIONAL.rglob("*.py")
+    }
     modules = {m.removesuffix(".__init__") for m in modules}
     assert set(report["imported"]) == modules
     assert len(modules) >= 12
@@ -54,12 +60,5 @@ def test_functional_modules_import_without_lightning() -> None:
 
 def test_the_check_sees_a_lightning_module() -> None:
     """The same probe reports a module named ``lightning`` once one is loaded."""
-    script = SCRIPT.format(package=str(PACKAGE)).replace(
-        "for name in names:",
-        'sys.modules["lightning"] = types.ModuleType("lightning")\nfor name in names:',
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
-    )
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _report('import types; sys.modules["lightning"] = types.ModuleType("lightning")')
     assert report["heavy"] == ["lightning"]

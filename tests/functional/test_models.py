@@ -14,7 +14,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
-from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.trace import hessian_trace
 from tests.functional.cases import (
     CASES_BY_NAME,

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from lightning_curvature.functional.batches import map_tensors
 from lightning_curvature.functional.coherence import gradient_coherence, gradient_sums
+from lightning_curvature.functional.model.batches import map_tensors
 from tests.functional.test_gradient_coherence import FIELDS, reference
 
 N = 16
@@ -184,7 +184,7 @@ def test_hvp_of_a_bf16_bert_equals_float64_double_backward() -> None:
     """Every parameter, buffer and input of a bf16 BertModel promoted: the probe is float32."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from lightning_curvature.functional.hvp import HessianOperator
+    from lightning_curvature.functional.operator.operator import HessianOperator
 
     model, loss_fn, batch = bert()
     model, batch = as_dtype(model, batch, torch.bfloat16)

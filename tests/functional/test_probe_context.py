@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_curvature.functional.hvp import HessianOperator, hessian_vector_product
-from lightning_curvature.functional.probe import probe_context
+from lightning_curvature.functional.model.probe import probe_context
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
+from lightning_curvature.functional.operator.operator import HessianOperator
 from tests.functional.cases import assert_unchanged, seeded, snapshot
 
 

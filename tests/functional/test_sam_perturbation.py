@@ -9,16 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_curvature.functional.batches import BatchList
-from lightning_curvature.functional.sam import (
-    RNGState,
-    check_sam_arguments,
-    gradient_sum,
+from lightning_curvature.errors import NonFiniteCurvatureError
+from lightning_curvature.functional.gradients.perturbation import (
     perturbed_parameters,
-    sam_gradient,
     sam_perturbation,
 )
-from lightning_curvature.functional.warnings import NonFiniteCurvatureError
+from lightning_curvature.functional.gradients.rng import RNGState
+from lightning_curvature.functional.gradients.summed import gradient_sum
+from lightning_curvature.functional.model.batches import BatchList
+from lightning_curvature.functional.sam import check_sam_arguments, sam_gradient
 
 F64 = torch.float64
 

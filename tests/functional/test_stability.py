@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_curvature import hessian_eigenvalues
-from lightning_curvature.functional.sampling import make_generator
+from lightning_curvature.functional.linalg.sampling import make_generator
 from lightning_curvature.functional.stability import stability_threshold
 
 CPU = torch.device("cpu")

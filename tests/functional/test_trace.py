@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_curvature.functional.parameters import ParameterLayout
-from lightning_curvature.functional.sampling import make_generator, rademacher
-from lightning_curvature.functional.trace import hessian_trace
-from lightning_curvature.functional.trace_estimators import (
+from lightning_curvature.functional.linalg.sampling import make_generator, rademacher
+from lightning_curvature.functional.linalg.trace_estimators import (
     MIN_MATVECS,
     hutch_plus_plus,
     hutchinson,
 )
+from lightning_curvature.functional.model.parameters import ParameterLayout
+from lightning_curvature.functional.trace import hessian_trace
 from tests.functional.cases import CASES_BY_NAME, mse, reference, seeded, trainable
 
 CPU = torch.device("cpu")

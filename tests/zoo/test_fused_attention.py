@@ -21,9 +21,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional import hessian_eigenvalues
-from lightning_curvature.functional.hvp import HessianOperator
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.functional.operator.operator import HessianOperator
 from tests.zoo import zoo
 from tests.zoo.reference import Reference
 

@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional import (
     gradient_coherence,
     hessian_eigenvalues,
     hessian_trace,
 )
-from lightning_curvature.functional.hvp import hessian_vector_product
-from lightning_curvature.functional.warnings import CurvatureWarning
+from lightning_curvature.functional.operator.hvp import hessian_vector_product
 from tests.zoo import zoo
 from tests.zoo.reference import D, Reference, flat_gradient, measured
 

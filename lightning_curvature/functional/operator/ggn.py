@@ -18,7 +18,7 @@ from one object. A product ``G v`` is ``Jᵀ (H_ℓ (J v))``:
 * ``H_ℓ u``: a double backward through the loss on the outputs only (small);
 * ``Jᵀ``: one backward through the outputs' graph.
 
-:class:`~lightning_curvature.functional.hvp.HessianOperator` runs these products with
+:class:`~lightning_curvature.functional.operator.operator.HessianOperator` runs these products with
 ``curvature="ggn"``, inside the same probe conditions, batches, all-reduce and checks as its
 Hessian products, so every estimator measures ``G`` unchanged.
 """
@@ -32,8 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_curvature.functional.autodiff import pullback
-from lightning_curvature.functional.functional_model import FunctionalModel, check_scalar_loss
+from lightning_curvature.functional.model.functional_model import FunctionalModel, check_scalar_loss
+from lightning_curvature.functional.operator.autodiff import pullback
 
 __all__ = ["CURVATURES", "Curvature", "GaussNewtonProducts", "Linearized", "OutputLoss"]
 
@@ -145,7 +145,7 @@ class GaussNewtonProducts:
         leaves: the measured parameters the graphs are built from (``requires_grad``).
 
     Example:
-        >>> from lightning_curvature.functional.parameters import select_parameters
+        >>> from lightning_curvature.functional.model.parameters import select_parameters
         >>> net = nn.Linear(2, 1, bias=False)  # ½‖Xw‖²/n, X = diag(1, 2): G = H = diag(1, 4)/2
         >>> split = OutputLoss(lambda m, x: (m(x), None), lambda z, _: 0.5 * z.pow(2).mean())
         >>> functional = FunctionalModel(net, split.output_fn, select_parameters(net))

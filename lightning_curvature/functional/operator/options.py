@@ -19,18 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.ggn import Curvature
-from lightning_curvature.functional.hvp import AllReduce, HessianOperator, HVPBackend, LossFn
-from lightning_curvature.functional.parameters import ParameterPatterns
-from lightning_curvature.functional.probe import BatchNormMode
-from lightning_curvature.functional.sampling import check_generator
+from lightning_curvature.functional.linalg.sampling import check_generator
+from lightning_curvature.functional.model.functional_model import LossFn
+from lightning_curvature.functional.model.parameters import ParameterPatterns
+from lightning_curvature.functional.model.probe import BatchNormMode
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
+from lightning_curvature.functional.operator.ggn import Curvature
+from lightning_curvature.functional.operator.operator import HessianOperator
 
 __all__ = ["OperatorOptions", "open_operator"]
 
 
 @dataclass(frozen=True)
 class OperatorOptions:
-    """How :class:`~lightning_curvature.functional.hvp.HessianOperator` is built.
+    """How :class:`~lightning_curvature.functional.operator.operator.HessianOperator` is built.
 
     Attributes:
         parameters: glob pattern(s) selecting the measured parameters (all trainable ones
@@ -39,7 +41,8 @@ class OperatorOptions:
         batch_norm: BatchNorm mode during the probe (running statistics never change).
         dropout: keep dropout on during the probe (default off).
         curvature: ``"hessian"`` or ``"ggn"`` (the generalized Gauss–Newton matrix, for a
-            ``loss_fn`` that is an :class:`~lightning_curvature.functional.ggn.OutputLoss`).
+            ``loss_fn`` that is an
+            :class:`~lightning_curvature.functional.operator.ggn.OutputLoss`).
         all_reduce: averages a tensor across processes (DDP).
 
     Example:

@@ -12,7 +12,7 @@
   Block traces use ``tr(P_B A) = tr(P_B A QQᵀ) + tr(P_B A (I−QQᵀ))``, each part estimated
   without bias; they sum to the total only in expectation.
 
-With ``shards`` (:class:`~lightning_curvature.functional.sharded.VectorShards`) each process
+With ``shards`` (:class:`~lightning_curvature.functional.linalg.sharded.VectorShards`) each process
 holds its shard of every probe and product: the local parts of all samples are summed across
 processes in one collective at the end (Hutchinson), and Hutch++'s basis comes from a
 Gram-Schmidt with summed inner products; every process returns the same estimate.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_curvature.functional.sharded import VectorShards
+from lightning_curvature.functional.linalg.sharded import VectorShards
 
 __all__ = ["MIN_MATVECS", "TraceSamples", "hutch_plus_plus", "hutchinson"]
 

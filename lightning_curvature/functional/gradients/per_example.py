@@ -3,7 +3,7 @@
 :class:`GradientSampler` turns ``loss_fn(model, batch) -> scalar`` into a stream of flat
 gradient *samples* over the measured parameters, yielded in chunks of ``k`` samples (one
 ``(k, *shape)`` tensor per parameter, the input of
-:meth:`~lightning_curvature.functional.gradient_statistics.GradientSums.add`) together
+:meth:`~lightning_curvature.functional.gradients.accumulator.GradientSums.add`) together
 with the number of examples each sample averages:
 
 * **per example** (:meth:`GradientSampler.per_example`): ``torch.func.vmap`` of
@@ -18,9 +18,9 @@ with the number of examples each sample averages:
   (BatchNorm in train mode, backward hooks, data-dependent control flow).
 
 The model is called through the package's one functional adapter,
-:class:`~lightning_curvature.functional.functional_model.FunctionalModel` (detached aliases
+:class:`~lightning_curvature.functional.model.functional_model.FunctionalModel` (detached aliases
 of the parameters, one dtype policy), so its ``.grad`` and parameters are never written.
-Callers run the sampler inside :func:`~lightning_curvature.functional.probe.probe_context`.
+Callers run the sampler inside :func:`~lightning_curvature.functional.model.probe.probe_context`.
 
 How a batch is cut into examples: a batch is a tensor or a (nested) tuple, list or mapping
 of them; every tensor whose leading dimension equals the batch size (the leading dimension
@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.batches import batch_size, map_tensors
-from lightning_curvature.functional.functional_model import FunctionalModel, LossFn
-from lightning_curvature.functional.probe import restored_module_attributes
+from lightning_curvature.functional.model.batches import batch_size, map_tensors
+from lightning_curvature.functional.model.functional_model import FunctionalModel, LossFn
+from lightning_curvature.functional.model.probe import restored_module_attributes
 
 __all__ = ["ExampleSplitter", "GradientSampler"]
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_curvature.functional import reductions
+from lightning_curvature.functional.linalg import reductions
 
-__all__ = ["SUM_NOTHING", "VectorShards", "fsdp_shards", "local_tensor"]
+__all__ = ["SUM_NOTHING", "AllSum", "VectorShards", "fsdp_shards", "local_tensor"]
 
 AllSum = Callable[[torch.Tensor], torch.Tensor]
 

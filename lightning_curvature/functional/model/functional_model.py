@@ -3,9 +3,10 @@
 Every probe differentiates ``loss_fn(model, batch)`` with respect to *detached copies* of the
 measured parameters, never the parameters themselves, so autograd does not write ``.grad``
 and the weights are never touched. :class:`FunctionalModel` is the only place where that
-happens; the Hessian-vector products (:class:`~lightning_curvature.functional.hvp.HessianOperator`)
-and the gradient samples (:class:`~lightning_curvature.functional.per_example.GradientSampler`)
-both go through it.
+happens; the Hessian-vector products
+(:class:`~lightning_curvature.functional.operator.operator.HessianOperator`) and the gradient
+samples (:class:`~lightning_curvature.functional.gradients.per_example.GradientSampler`) both
+go through it.
 
 The model is called with ``torch.func.functional_call`` on a wrapper whose ``forward(batch)``
 is ``loss_fn(model, batch)``, so any loss (a ``training_step``, a loss that calls several
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.functional.batches import map_tensors
+from lightning_curvature.functional.model.batches import map_tensors
 
 __all__ = ["FunctionalModel", "LossFn", "check_measurable", "check_scalar_loss", "probe_dtype"]
 
@@ -135,7 +136,7 @@ class FunctionalModel:
             name is not that parameter's name in ``model.named_parameters()``.
 
     Example:
-        >>> from lightning_curvature.functional.parameters import select_parameters
+        >>> from lightning_curvature.functional.model.parameters import select_parameters
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).to(torch.bfloat16)
         >>> fm = FunctionalModel(net, lambda m, b: m(b).sum(), select_parameters(net, "1.*"))
         >>> fm.dtype, [p.dtype for p in fm.primals]

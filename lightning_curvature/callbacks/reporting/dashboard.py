@@ -2,8 +2,9 @@
 
 TensorBoard reads one layout per run (the first written), so the monitors do not each write
 their own: the first monitor of the Trainer collects every monitor's
-:meth:`~lightning_curvature.callbacks.base.CurvatureMonitor.charts` at ``on_train_start`` and
-writes them once (:func:`write_layout`). Chart regexes are anchored (``^tag$``), so a chart
+:meth:`~lightning_curvature.callbacks.monitor.CurvatureMonitor.charts` at ``on_train_start`` and
+hands them here to be written once (:func:`write_layout`); this module knows charts, not
+monitors. Chart regexes are anchored (``^tag$``), so a chart
 shows exactly the tags it names and never, say, the per-layer ``curvature/eigenvalue_1/<name>``
 next to the full model's. The cost of the probes (``*_cost/…``) gets a category of its own,
 after the science.
@@ -12,18 +13,15 @@ after the science.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_curvature.callbacks.logging import tensorboard_writers
+from lightning_curvature.callbacks.reporting.logging import tensorboard_writers
 from lightning_curvature.functional.stability import stability_threshold
-
-if TYPE_CHECKING:
-    from lightning_curvature.callbacks.base import CurvatureMonitor
 
 __all__ = [
     "COST_CATEGORY",
@@ -205,14 +203,16 @@ def layout(parts: Iterable[Charts]) -> Charts:
     return merged
 
 
-def write_layout(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, monitors: Sequence[CurvatureMonitor]
-) -> None:
-    """Write the merged layout of ``monitors`` to every TensorBoard logger (once per run)."""
+def write_layout(trainer: pl.Trainer, parts: Iterable[Charts]) -> None:
+    """Write the merged layout of ``parts`` to every TensorBoard logger of ``trainer``.
+
+    ``parts`` (each monitor's charts) is read only if there is such a logger: a lazy
+    iterable spares the monitors drawing charts nothing shows.
+    """
     writers = list(tensorboard_writers(trainer))
     if not writers:
         return
-    charts = layout(monitor.charts(trainer, pl_module) for monitor in monitors)
+    charts = layout(parts)
     if charts:
         for writer in writers:
             writer.add_custom_scalars(charts)

@@ -1,0 +1,1 @@
+"""What a monitor shows: scalars to every logger, TensorBoard's layout, rendered pictures."""

@@ -1,0 +1,206 @@
+"""What the callbacks read from Lightning: the log step, the strategy, the batch transfer.
+
+Every callback of the project asks the Trainer the same few things, here: the step
+``self.log`` writes at (:func:`log_step`), whether its strategy shards parameters in a way a
+callback cannot measure under (:func:`check_strategy`, :func:`check_sharded_probe`), whether
+the Trainer and the module fit a probe at all (:func:`check_fit`), how a batch reaches the
+device (:func:`transfer_batches`), which callbacks of a kind it holds (:func:`callbacks_of`)
+and the clock of the probe budget they share (:func:`shared_timing`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+from lightning_curvature.callbacks.isolation import isolated
+from lightning_curvature.callbacks.schedule import ProbeSchedule, Timing
+from lightning_curvature.functional.model.functional_model import LossFn
+from lightning_curvature.functional.model.probe import unwrap_model
+from lightning_curvature.functional.operator.graph_checks import check_smooth
+
+__all__ = [
+    "callbacks_of",
+    "check_fit",
+    "check_sharded_probe",
+    "check_strategy",
+    "log_step",
+    "shared_timing",
+    "transfer_batches",
+]
+
+_C = TypeVar("_C", bound=Callback)
+
+
+def log_step(trainer: pl.Trainer) -> int:
+    """The step ``self.log`` writes at now: optimizer steps of the loop, once per batch.
+
+    Equal to ``trainer.global_step`` under automatic optimization; with manual optimization
+    and several optimizers ``global_step`` counts every optimizer's steps, while loggers and
+    ``self.log`` (and Lightning's own ``LearningRateMonitor``) count batches that stepped.
+
+    Example:
+        >>> log_step(pl.Trainer(logger=False, enable_progress_bar=False))
+        0
+    """
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+def check_strategy(trainer: pl.Trainer, callback: str, why: str | None = None) -> None:
+    """At ``setup``: refuse a sharded strategy ``callback`` cannot run under.
+
+    FSDP1 (``FSDPStrategy``) and DeepSpeed are always refused, naming the alternative: their
+    flat-parameter sharding needs an accelerator and was not verified here. FSDP2
+    (``ModelParallelStrategy`` with ``fully_shard``, verified on CPU processes) is refused
+    only with a ``why`` (the reason ``callback`` cannot run on sharded parameters).
+
+    Raises:
+        MisconfigurationException: naming ``callback``, the strategy and what to use.
+
+    Example:
+        >>> check_strategy(pl.Trainer(logger=False), "SAM")  # a single device: nothing to refuse
+    """
+    from lightning.pytorch.strategies import (
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
+
+    strategy = type(trainer.strategy).__name__
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise MisconfigurationException(
+            f"`{callback}` does not support {strategy}: its flat-parameter sharding was not "
+            "verified here. Use ModelParallelStrategy() with "
+            "torch.distributed.fsdp.fully_shard in `configure_model` (FSDP2), or DDP."
+        )
+    if why is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+        raise MisconfigurationException(
+            f"`{callback}` does not support {strategy} (sharded parameters): {why} Use DDP."
+        )
+
+
+def check_sharded_probe(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, callback: str, backend: str
+) -> None:
+    """At ``setup``, under ``ModelParallelStrategy`` (FSDP2): refuse what shards cannot do.
+
+    Sharded parameters have no double backward, so only the finite-difference backend
+    (``"auto"`` chooses it there) measures them, and only on a smooth model. Under any
+    other strategy nothing is refused here.
+
+    Raises:
+        MisconfigurationException: naming ``callback``, the strategy and the misfit.
+
+    Example:
+        >>> check_sharded_probe(pl.Trainer(logger=False), torch.nn.Linear(1, 1), "M", "auto")
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(trainer.strategy, ModelParallelStrategy):
+        return
+    strategy = type(trainer.strategy).__name__
+    if backend not in ("auto", "finite_difference"):
+        raise MisconfigurationException(
+            f"`{callback}` under {strategy}: backend={backend!r} needs a double backward, "
+            "which FSDP2's sharded parameters do not have; use backend='auto' (which "
+            "chooses 'finite_difference' there) or 'finite_difference'."
+        )
+    try:
+        check_smooth(unwrap_model(pl_module))
+    except ValueError as err:
+        raise MisconfigurationException(f"`{callback}` under {strategy}: {err}") from None
+
+
+def check_fit(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, callback: str, loss_fn: LossFn | None
+) -> None:
+    """At ``setup``: refuse a Trainer without a logger, and a module a probe cannot call.
+
+    Without ``loss_fn`` a probe calls ``training_step``, which a manual-optimization module
+    steps the optimizer in, and which cannot take a ``dataloader_iter`` on a probe batch.
+
+    Raises:
+        MisconfigurationException: naming ``callback`` and what to change.
+    """
+    if not trainer.loggers:
+        raise MisconfigurationException(
+            f"Cannot use `{callback}` with a Trainer that has no logger."
+        )
+    if not pl_module.automatic_optimization and loss_fn is None:
+        raise MisconfigurationException(
+            f"`{callback}` with manual optimization needs `loss_fn=`: calling a "
+            "manual-optimization "
+            "training_step would step the optimizer."
+        )
+    if loss_fn is None and is_param_in_hook_signature(
+        pl_module.training_step, "dataloader_iter", explicit=True
+    ):
+        raise MisconfigurationException(
+            f"`{callback}` cannot call a `training_step` that takes `dataloader_iter` on a "
+            "probe batch: pass `loss_fn=`."
+        )
+
+
+def _before_transfer(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """``on_before_batch_transfer`` of the datamodule if it overrides it, else the module's.
+
+    (The rest of the transfer, ``transfer_batch_to_device`` and ``on_after_batch_transfer``,
+    is ``trainer.strategy.batch_to_device``.)
+    """
+    datamodule = getattr(trainer, "datamodule", None)  # set by fit (public, not typed)
+    if datamodule is not None and is_overridden(
+        "on_before_batch_transfer", datamodule, pl.LightningDataModule
+    ):
+        return datamodule.on_before_batch_transfer(batch, 0)
+    return pl_module.on_before_batch_transfer(batch, 0)
+
+
+def transfer_batches(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Sequence[Any], seed: int
+) -> list[Any]:
+    """``batches`` moved to the device through the batch-transfer hooks, as training's go.
+
+    A probe must see what ``training_step`` sees (e.g. a dict unpacked, or normalisation on
+    device); the hooks run isolated (:func:`~lightning_curvature.callbacks.isolation.isolated`,
+    modes left as they are) with the torch RNG seeded with ``seed``.
+    """
+    with isolated(pl_module, eval_mode=False):
+        torch.manual_seed(seed)
+        return [
+            trainer.strategy.batch_to_device(_before_transfer(trainer, pl_module, b))
+            for b in batches
+        ]
+
+
+def callbacks_of(trainer: pl.Trainer, kind: type[_C]) -> list[_C]:
+    """The callbacks of ``trainer`` that are ``kind``, in the Trainer's order.
+
+    Example:
+        >>> from lightning.pytorch.callbacks import LearningRateMonitor
+        >>> trainer = pl.Trainer(callbacks=[LearningRateMonitor()], logger=False)
+        >>> [type(c).__name__ for c in callbacks_of(trainer, LearningRateMonitor)]
+        ['LearningRateMonitor']
+    """
+    return [c for c in trainer.callbacks if isinstance(c, kind)]  # type: ignore[attr-defined]
+
+
+def shared_timing(trainer: pl.Trainer, now: float, schedules: Sequence[ProbeSchedule]) -> Timing:
+    """The clock of the budget ``schedules`` share at time ``now`` (read by each of them).
+
+    Their probe time together, how many keep to a ``max_overhead`` share, and the Trainer's
+    broadcast of rank zero's interval.
+    """
+    return Timing(
+        now=now,
+        probe_seconds=sum(schedule.probe_seconds for schedule in schedules),
+        sharers=sum(schedule.max_overhead is not None for schedule in schedules),
+        broadcast=lambda interval: trainer.strategy.broadcast(interval, src=0),
+    )
