@@ -36,7 +36,7 @@ __all__ = ["BatchSharpness", "batch_sharpness"]
 
 @dataclass(frozen=True)
 class BatchSharpness:
-    """Result of :func:`batch_sharpness`; tensors are float64 on the model's device.
+    """Result of :func:`batch_sharpness`; tensors on the model's device, in its compute dtype.
 
     Attributes:
         estimate: the mean of ``g_Bᵀ H_B g_B / ‖g_B‖²`` over the sampled batches.
@@ -111,13 +111,15 @@ def batch_sharpness(
         >>> two = (torch.tensor([[0.0, 1.0]]), torch.tensor([1.0]))  # H = diag(0, 2), g ∝ e₂
         >>> out = batch_sharpness(net, loss_fn, [one, two])
         >>> out.estimate, out.std_error, out.num_hvps
-        (tensor(2., dtype=torch.float64), tensor(0., dtype=torch.float64), 2)
+        (tensor(2.), tensor(0.), 2)
     """
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
-    values: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []  # float64, like their mean and its standard error
     num_hvps = 0
+    dtype = torch.get_default_dtype()
     for batch in batches:
         with settings.operator(model, loss_fn, BatchList([batch])) as operator:
+            dtype = operator.dtype
             gradient = operator.gradient()
             squared = inner_products(gradient, gradient)
             if float(squared) == 0.0:
@@ -143,4 +145,4 @@ def batch_sharpness(
     nan = torch.full_like(stacked[0], math.nan)
     estimate = usable.mean() if n else nan
     std_error = usable.std(correction=1) / math.sqrt(n) if n >= 2 else nan
-    return BatchSharpness(estimate, std_error, stacked, n, num_hvps)
+    return BatchSharpness(estimate.to(dtype), std_error.to(dtype), stacked.to(dtype), n, num_hvps)

@@ -81,7 +81,7 @@ def density_on_grid(
         raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
     if num_points < 2:
         raise ValueError(f"`num_points` must be >= 2, got {num_points!r}.")
-    nodes = nodes.reshape(-1, nodes.shape[-1]).to(torch.float64)
+    nodes = nodes.reshape(-1, nodes.shape[-1]).to(device="cpu", dtype=torch.float64)
     weights = weights.reshape(nodes.shape).to(nodes)
     low, high = float(nodes.min()), float(nodes.max())
     width = sigma if sigma is not None else 0.01 * (high - low) or 0.01 * max(abs(high), 1.0)
@@ -96,7 +96,10 @@ def density_on_grid(
 
 @dataclass(frozen=True)
 class SpectralDensity:
-    """Result of :func:`spectral_density` (nodes and weights on the CPU, float64).
+    """Result of :func:`spectral_density`: tensors on the model's device, in its compute dtype.
+
+    The quadrature itself runs in float64; the nodes and weights are returned like every
+    other result, in the dtype the probe computes in.
 
     Attributes:
         nodes: ``(num_runs, num_steps)`` quadrature nodes (Ritz values) per run.
@@ -109,7 +112,7 @@ class SpectralDensity:
         >>> X = torch.diag(torch.tensor([3.0, 1.0]))
         >>> out = spectral_density(net, lambda m, x: 0.5 * m(x).pow(2).mean(), X, num_steps=2)
         >>> out.nodes.round(decimals=4), round(out.weights.sum().item(), 12)
-        (tensor([[0.5000, 4.5000]], dtype=torch.float64), 1.0)
+        (tensor([[0.5000, 4.5000]]), 1.0)
     """
 
     nodes: torch.Tensor
@@ -171,7 +174,7 @@ def spectral_density(
         >>> x = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
         >>> esd = spectral_density(net, lambda m, b: m(b).pow(2).mean(), x, num_steps=3)
         >>> esd.nodes  # the three eigenvalues 2/3, 8/3 and 6, each of weight 1/3 on average
-        tensor([[0.6667, 2.6667, 6.0000]], dtype=torch.float64)
+        tensor([[0.6667, 2.6667, 6.0000]])
     """
     check_density_arguments(num_steps, num_runs)
     all_nodes, all_weights = [], []
@@ -185,9 +188,10 @@ def spectral_density(
             pad = steps - nodes.numel()  # fewer nodes after an early (exact) breakdown
             all_nodes.append(torch.cat([nodes, nodes[-1:].expand(pad)]))
             all_weights.append(torch.cat([weights, weights.new_zeros(pad)]))
+    device, dtype = operator.device, operator.dtype
     return SpectralDensity(
-        nodes=torch.stack(all_nodes),
-        weights=torch.stack(all_weights),
+        nodes=torch.stack(all_nodes).to(device=device, dtype=dtype),
+        weights=torch.stack(all_weights).to(device=device, dtype=dtype),
         num_hvps=operator.num_hvps,
         num_parameters=operator.shards.size,
     )

@@ -40,8 +40,8 @@ class DirectionalCurvature:
     """Result of :func:`directional_curvature`.
 
     Attributes:
-        quadratic_form: ``vᵀHv`` (float64).
-        squared_norm: ``‖v‖²`` (float64).
+        quadratic_form: ``vᵀHv`` (accumulated in float64, returned in the compute dtype).
+        squared_norm: ``‖v‖²`` (likewise).
         num_hvps: Hessian-vector products used (1).
 
     Example:
@@ -115,14 +115,17 @@ def directional_curvature(
         >>> out = directional_curvature(net, lambda m, b: m(b).pow(2).mean(), x,
         ...                             torch.tensor([1.0, 1.0]))
         >>> out.value, out.num_hvps  # (1 + 4) / 2
-        (tensor(2.5000, dtype=torch.float64), 1)
+        (tensor(2.5000), 1)
     """
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     with settings.operator(model, loss_fn, batch) as operator:
         _check_direction(direction, operator.size)
         form = quadratic_form(operator, direction)
         vector = direction.to(device=operator.device, dtype=operator.dtype)
-        return DirectionalCurvature(form, inner_products(vector, vector), operator.num_hvps)
+        squared = inner_products(vector, vector)
+        return DirectionalCurvature(
+            form.to(operator.dtype), squared.to(operator.dtype), operator.num_hvps
+        )
 
 
 def subspace_share(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,8 @@ class SAMGradient:
         perturbed_loss: ``L(w + ε)``.
         perturbation: ε and the gradient norm it was normalised by.
         curvature: ``(∇L(w + ε) − ∇L(w))·ε / ‖ε‖²``, the curvature along ε that the two
-            gradients give for free (float64; see :meth:`SAMPerturbation.curvature`).
+            gradients give for free (accumulated in float64, returned in the loss's dtype; see
+            :meth:`SAMPerturbation.curvature`).
         parameter_names: the measured parameters, in the order of ``gradients``.
 
     Example:
@@ -151,7 +152,7 @@ def sam_gradient(
         >>> out.sharpness  # f(w + ε) − f(w) = 1.5546875 − 0.9375
         tensor(0.6172)
         >>> out.curvature  # εᵀAε/‖ε‖² with ε ∝ (1, 1, 1, 1): (1 + 2 + 4 + 8) / 4
-        tensor(3.7500, dtype=torch.float64)
+        tensor(3.7500)
     """
     check_sam_arguments(rho, eta, dropout)
     model = unwrap_model(model)
@@ -206,5 +207,5 @@ def sam_gradient(
         perturbed_loss=torch.stack(perturbed_losses).sum(),
         perturbation=perturbation,
         parameter_names=tuple(name for name, _ in named),
-        curvature=perturbation.curvature(grads, sam_grads),
+        curvature=perturbation.curvature(grads, sam_grads).to(loss.dtype),
     )

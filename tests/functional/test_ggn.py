@@ -243,12 +243,13 @@ def test_density_edges_and_quadrature_are_the_dense_ggns(name: str, dtype: torch
     tolerance = 1e-8 if dtype == torch.float64 else 1e-3
     assert float(esd.nodes.max()) == pytest.approx(lam1, rel=tolerance)
     assert float(esd.nodes.min()) >= -tolerance * lam1  # PSD: no node below 0
-    assert torch.allclose(esd.weights.sum(1), torch.ones(2, dtype=torch.float64))
+    weights, nodes = esd.weights.double(), esd.nodes.double()  # results: the model's dtype
+    assert torch.allclose(weights.sum(1), torch.ones(2, dtype=torch.float64))
     # Gauss quadrature is exact for t ↦ t: Σ w θ = vᵀGv/‖v‖² for each run's Rademacher start
     generator = make_generator(CPU)  # the default generator the call drew its starts from
     starts = [rademacher((size,), generator, dtype, CPU).double() for _ in range(2)]
     forms = torch.stack([v @ ggn @ v / size for v in starts])
-    assert torch.allclose((esd.weights * esd.nodes).sum(1), forms, rtol=tolerance)
+    assert torch.allclose((weights * nodes).sum(1), forms, rtol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
