@@ -58,6 +58,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_curvature.callbacks.monitor import CurvatureMonitor
+from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.callbacks.training_coherence import TrainingGradientCoherenceMonitor
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.probe import unwrap_model
@@ -120,15 +121,14 @@ def _refusal(monitor: object) -> str | None:
             "passes through the Trainer's backward hooks and its accumulation and precision "
             "settings, which a Fabric loop does not have; use source='probe'."
         )
-    if not isinstance(monitor, CurvatureMonitor):
-        why = (
-            " replaces the LightningModule's `optimizer_step` and replays `training_step` in "
-            "the Trainer's closure; a Fabric loop owns its step: compute the SAM gradient "
+    if isinstance(monitor, SAM):
+        return (
+            "`SAM` replaces the LightningModule's `optimizer_step` and replays `training_step` "
+            "in the Trainer's closure; a Fabric loop owns its step: compute the SAM gradient "
             "there with `lightning_curvature.sam_gradient`."
-            if name == "SAM"
-            else " is not a curvature monitor."
         )
-        return f"`{name}`{why}"
+    if not isinstance(monitor, CurvatureMonitor):
+        return f"`{name}` is not a curvature monitor."
     if getattr(monitor, "prog_bar", False):
         return f"`{name}(prog_bar=True)`: a Fabric loop has no progress bar; leave it False."
     return None

@@ -28,6 +28,7 @@ from fabric_loops import (
     regression_data,
 )
 from lightning.fabric import Fabric
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -180,6 +181,7 @@ def _fabric_parts(tmp_path: Path, logger: bool = True) -> tuple[Fabric, Any, Any
             {},
             r"prog_bar=True.*no progress bar",
         ),
+        (lambda: LearningRateMonitor(), {}, r"`LearningRateMonitor` is not a curvature monitor"),
         (lambda: HessianTraceMonitor(), {"loss_fn": None}, r"needs a loss: pass `loss_fn=`"),
         (lambda: HessianTraceMonitor(), {"probe_data": None}, r"pass `probe_data=`"),
         (lambda: HessianEigenvalueMonitor(k=99), {}, r"`k` must be at most .* \(57\) of TanhNet"),

@@ -11,6 +11,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from fabric_loops import TanhNet, fit, make_fabric, mse, regression_data
 from torch.utils.data import DataLoader
@@ -102,3 +103,16 @@ def test_the_first_probe_after_fabric_load_is_the_uninterrupted_runs(tmp_path: P
     assert fresh[(6, "curvature/trace")] != uninterrupted[(6, "curvature/trace")]
     hvps = (6, "probe_cost/eigenvalue_hvps")
     assert fresh[hvps] > uninterrupted[hvps]  # a cold start takes more products
+
+
+def test_a_checkpoint_state_no_monitor_claims_is_named_in_one_warning(tmp_path: Path) -> None:
+    fabric = make_fabric(tmp_path)
+    net = TanhNet()
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    loader = DataLoader(regression_data(), batch_size=8)
+    eigen = HessianEigenvalueMonitor(every_n_steps=2)
+    curvature = FabricMonitors(fabric, model, optimizer, [eigen], loss_fn=mse, probe_data=loader)
+    state = {eigen.state_key: {"schedule": {"next_step": 0, "last_step": 6}}, "Gone{}": {}}
+    with pytest.warns(UserWarning, match=r"not restored: \['Gone\{\}'\]"):
+        curvature.load_state_dict(state)
+    assert eigen.schedule.last_step == 6
