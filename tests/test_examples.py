@@ -163,3 +163,37 @@ def test_batch_sharpness_example_charts_the_three_curvatures_and_concludes(
             "curvature/gradient_top_share",
             "curvature/training_gradient_top_share",
         } <= tags
+
+
+@pytest.mark.slow
+def test_fabric_litgpt_example_logs_what_the_model_level_api_computes(tmp_path: Path) -> None:
+    out = _run("fabric_litgpt.py", tmp_path)
+    found = re.search(
+        r"CONCLUSION: over 60 AdamW steps of a 2-layer litgpt GPT \((\d+) parameters\) the loss "
+        r"fell from ([\d.]+) to ([\d.]+); the top Hessian eigenvalue went from ([\d.]+) at step 0 "
+        r"to ([\d.]+) at step 60 \(hessian_eigenvalues at the final weights: ([\d.]+)\), the "
+        r"trace from ([\d.]+) ± ([\d.]+) to ([\d.]+) ± ([\d.]+); λ₁\(P⁻¹H\) peaked at ([\d.]+) "
+        r"of Adam's stability threshold 38/lr \(step (\d+)\), far from the edge\. 6 probes took",
+        out,
+    )
+    assert found, out
+    params, first_loss, last_loss, top0, top, direct, trace0, _, trace, error = (
+        float(g) for g in found.groups()[:10]
+    )
+    assert params > 20_000
+    assert last_loss < first_loss - 1  # it learned the chain
+    assert top == pytest.approx(direct, rel=1e-3)  # logged through Fabric = computed directly
+    assert top > top0 > 0
+    assert trace > trace0 + 3 * error > 0  # curvature grows as the model learns
+    assert 0 < float(found.group(11)) < 1
+    (log_dir,) = tmp_path.glob("fabric_litgpt/version_0")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("curvature/eigenvalue_1")] == [0, 20, 40, 60]
+    assert {"curvature/preconditioned_eigenvalue_1", "curvature/trace", "loss"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert events.Tensors("custom_scalars__config__")  # the layout a Trainer run writes
+    assert (log_dir / "final.ckpt").exists()

@@ -4,6 +4,7 @@ from lightning_curvature.callbacks.batch_sharpness import BatchSharpnessMonitor
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.density import SpectralDensityMonitor
 from lightning_curvature.callbacks.eigenvalues import HessianEigenvalueMonitor
+from lightning_curvature.callbacks.fabric import FabricMonitors
 from lightning_curvature.callbacks.isolation import training_step_loss
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.monitor import CurvatureMonitor
@@ -15,6 +16,7 @@ __all__ = [
     "SAM",
     "BatchSharpnessMonitor",
     "CurvatureMonitor",
+    "FabricMonitors",
     "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",
     "HessianTraceMonitor",

@@ -25,7 +25,11 @@ from lightning_curvature.functional.eigenvalues import (
 from lightning_curvature.functional.linalg.sharded import local_tensor
 from lightning_curvature.functional.model.batches import BatchList
 from lightning_curvature.functional.model.parameters import PerLayer, select_parameters
-from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
+from lightning_curvature.functional.model.probe import (
+    BatchNormMode,
+    module_device,
+    unwrap_model,
+)
 from lightning_curvature.functional.stability import StabilityThreshold, stability_threshold
 
 __all__ = ["HessianEigenvalueMonitor"]
@@ -222,7 +226,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             kwargs.pop("k", self.k),
             self.tol,
             max_iter=self.max_iter,
-            init=None if warm is None else warm.to(pl_module.device),
+            init=None if warm is None else warm.to(module_device(pl_module)),
             **kwargs,
         )
         if self.warm_start and result.warm_start is not None:

@@ -47,7 +47,10 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import nn
 
 from lightning_curvature.callbacks.probe_data import isolated_rng
-from lightning_curvature.functional.model.probe import restored_module_attributes
+from lightning_curvature.functional.model.probe import (
+    module_device,
+    restored_module_attributes,
+)
 
 __all__ = [
     "call_training_step",
@@ -194,7 +197,7 @@ def isolated(
         if attributes:
             stack.enter_context(restored_module_attributes(module))
         if rng:
-            stack.enter_context(isolated_rng(module.device))
+            stack.enter_context(isolated_rng(module_device(module)))
         stack.enter_context(_restored_buffers(module))
         stack.enter_context(restored_metric_states(module))
         stack.enter_context(silenced_logging(module))

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_curvature.callbacks.monitor import CurvatureMonitor
+from lightning_curvature.callbacks.trainer import sharding
 from lightning_curvature.functional.operator.backends import check_curvature
 from lightning_curvature.functional.operator.ggn import Curvature
 
@@ -72,9 +73,7 @@ class OperatorMonitor(CurvatureMonitor):
     @override
     def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().check_sharding(trainer, pl_module)
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if self.curvature != "hessian" and isinstance(trainer.strategy, ModelParallelStrategy):
+        if self.curvature != "hessian" and sharding(trainer) == "fsdp2":
             raise MisconfigurationException(
                 f"`{type(self).__name__}` under ModelParallelStrategy: curvature="
                 f"{self.curvature!r} needs Jacobian products through torch.func, which FSDP2's "

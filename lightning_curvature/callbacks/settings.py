@@ -35,11 +35,12 @@ from lightning_curvature.callbacks.schedule import (
     ProbeSchedule,
     resolve_every_n_steps,
 )
+from lightning_curvature.callbacks.trainer import reduce
 from lightning_curvature.callbacks.warning_policy import WarningPolicy
 from lightning_curvature.functional.linalg.sampling import make_generator
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns, select_parameters
-from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
+from lightning_curvature.functional.model.probe import BatchNormMode, module_device, unwrap_model
 from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
 
 __all__ = ["MonitorSettings"]
@@ -141,7 +142,7 @@ class MonitorSettings(Callback):
             "parameters": self.parameters,
             "backend": self.backend,
             "batch_norm": self.batch_norm,
-            "generator": self.generator(pl_module.device),
+            "generator": self.generator(module_device(pl_module)),
             "all_reduce": self.all_reduce(trainer),
         }
 
@@ -158,7 +159,7 @@ class MonitorSettings(Callback):
         """Mean across processes under a multi-process strategy, else ``None``."""
         if trainer.world_size <= 1:
             return None
-        return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="mean")
+        return lambda tensor: reduce(trainer, tensor, "mean")
 
     def warn_once(self, key: str, message: str) -> None:
         """One :class:`~lightning_curvature.errors.CurvatureWarning` per kind of bad luck.

@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.reporting.logging import log_scalars
-from lightning_curvature.callbacks.trainer import log_step
+from lightning_curvature.callbacks.trainer import log_step, sharding
 from lightning_curvature.functional.directional import directional_curvature, subspace_share
 from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.batches import BatchList
@@ -64,10 +64,8 @@ class StepInstrumentsMonitor(OperatorMonitor):
     @override
     def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().check_sharding(trainer, pl_module)
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
         extras = [n for n in ("gradient_share", "update_sharpness") if getattr(self, n)]
-        if extras and isinstance(trainer.strategy, ModelParallelStrategy):
+        if extras and sharding(trainer) == "fsdp2":
             raise MisconfigurationException(
                 f"`HessianEigenvalueMonitor` under ModelParallelStrategy: "
                 f"{', '.join(f'{n}=True' for n in extras)} is not implemented over sharded "

@@ -1,17 +1,25 @@
 """What the callbacks read from Lightning: the log step, the strategy, the batch transfer.
 
 Every callback of the project asks the Trainer the same few things, here: the step
-``self.log`` writes at (:func:`log_step`), whether its strategy shards parameters in a way a
-callback cannot measure under (:func:`check_strategy`, :func:`check_sharded_probe`), whether
-the Trainer and the module fit a probe at all (:func:`check_fit`), how a batch reaches the
-device (:func:`transfer_batches`), which callbacks of a kind it holds (:func:`callbacks_of`)
-and the clock of the probe budget they share (:func:`shared_timing`).
+``self.log`` writes at (:func:`log_step`), how its strategy shards parameters
+(:func:`sharding`) and whether a callback can measure under it (:func:`check_strategy`,
+:func:`check_sharded_probe`), the mean or sum of a tensor over its processes
+(:func:`reduce`), whether the Trainer and the module fit a probe at all (:func:`check_fit`),
+how a batch reaches the device (:func:`transfer_batches`), which callbacks of a kind it holds
+(:func:`callbacks_of`) and the clock of the probe budget they share (:func:`shared_timing`).
+
+Besides these, a probe reads only public facts of the Trainer: ``global_step``,
+``current_epoch``, ``world_size``, ``global_rank``, ``loggers``, ``optimizers``,
+``callbacks``, ``train_dataloader`` and ``strategy.broadcast``/``batch_to_device``. That short
+list is what :class:`~lightning_curvature.callbacks.fabric.FabricMonitors` presents to run the
+same monitors in a Lightning Fabric loop, so the functions here take a Fabric strategy as
+well as a Trainer's (the two strategy families share no base class).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -27,14 +35,21 @@ from lightning_curvature.functional.model.probe import unwrap_model
 from lightning_curvature.functional.operator.graph_checks import check_smooth
 
 __all__ = [
+    "Sharding",
     "callbacks_of",
     "check_fit",
     "check_sharded_probe",
     "check_strategy",
     "log_step",
+    "reduce",
+    "sharding",
     "shared_timing",
     "transfer_batches",
 ]
+
+#: How a strategy shards parameters: ``"fsdp2"`` (``ModelParallelStrategy``, ``fully_shard``),
+#: ``"flat"`` (FSDP1's or DeepSpeed's flat parameters) or ``None`` (every process holds them).
+Sharding = Literal["fsdp2", "flat"] | None
 
 _C = TypeVar("_C", bound=Callback)
 
@@ -54,6 +69,48 @@ def log_step(trainer: pl.Trainer) -> int:
     return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
+def sharding(trainer: pl.Trainer) -> Sharding:
+    """How the strategy of ``trainer`` (a Trainer's, or Fabric's) shards parameters.
+
+    Example:
+        >>> sharding(pl.Trainer(logger=False)) is None  # a single device
+        True
+    """
+    from lightning.fabric import strategies as fabric
+    from lightning.pytorch import strategies as trainer_strategies
+
+    strategy = trainer.strategy
+    if isinstance(
+        strategy, (trainer_strategies.ModelParallelStrategy, fabric.ModelParallelStrategy)
+    ):
+        return "fsdp2"
+    flat = (
+        trainer_strategies.FSDPStrategy,
+        trainer_strategies.DeepSpeedStrategy,
+        fabric.FSDPStrategy,
+        fabric.DeepSpeedStrategy,
+    )
+    return "flat" if isinstance(strategy, flat) else None
+
+
+def reduce(trainer: pl.Trainer, tensor: torch.Tensor, reduce_op: Literal["mean", "sum"]) -> Any:
+    """``tensor`` reduced over the processes of ``trainer`` (a Trainer's or Fabric's strategy).
+
+    A Trainer's strategy calls it ``reduce``, Fabric's ``all_reduce``; both all-reduce in one
+    collective, and return ``tensor`` as it is on one process.
+
+    Example:
+        >>> reduce(pl.Trainer(logger=False), torch.tensor(2.0), "mean")
+        tensor(2.)
+    """
+    from lightning.fabric.strategies import Strategy as FabricStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FabricStrategy):
+        return strategy.all_reduce(tensor, reduce_op=reduce_op)
+    return strategy.reduce(tensor, reduce_op=reduce_op)
+
+
 def check_strategy(trainer: pl.Trainer, callback: str, why: str | None = None) -> None:
     """At ``setup``: refuse a sharded strategy ``callback`` cannot run under.
 
@@ -68,20 +125,15 @@ def check_strategy(trainer: pl.Trainer, callback: str, why: str | None = None) -
     Example:
         >>> check_strategy(pl.Trainer(logger=False), "SAM")  # a single device: nothing to refuse
     """
-    from lightning.pytorch.strategies import (
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-    )
-
     strategy = type(trainer.strategy).__name__
-    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+    sharded = sharding(trainer)
+    if sharded == "flat":
         raise MisconfigurationException(
             f"`{callback}` does not support {strategy}: its flat-parameter sharding was not "
             "verified here. Use ModelParallelStrategy() with "
             "torch.distributed.fsdp.fully_shard in `configure_model` (FSDP2), or DDP."
         )
-    if why is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+    if why is not None and sharded == "fsdp2":
         raise MisconfigurationException(
             f"`{callback}` does not support {strategy} (sharded parameters): {why} Use DDP."
         )
@@ -102,9 +154,7 @@ def check_sharded_probe(
     Example:
         >>> check_sharded_probe(pl.Trainer(logger=False), torch.nn.Linear(1, 1), "M", "auto")
     """
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    if not isinstance(trainer.strategy, ModelParallelStrategy):
+    if sharding(trainer) != "fsdp2":
         return
     strategy = type(trainer.strategy).__name__
     if backend not in ("auto", "finite_difference"):
@@ -134,7 +184,7 @@ def check_fit(
         raise MisconfigurationException(
             f"Cannot use `{callback}` with a Trainer that has no logger."
         )
-    if not pl_module.automatic_optimization and loss_fn is None:
+    if loss_fn is None and not pl_module.automatic_optimization:
         raise MisconfigurationException(
             f"`{callback}` with manual optimization needs `loss_fn=`: calling a "
             "manual-optimization "
@@ -153,13 +203,16 @@ def _before_transfer(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: 
     """``on_before_batch_transfer`` of the datamodule if it overrides it, else the module's.
 
     (The rest of the transfer, ``transfer_batch_to_device`` and ``on_after_batch_transfer``,
-    is ``trainer.strategy.batch_to_device``.)
+    is ``trainer.strategy.batch_to_device``.) A module that is no LightningModule (in a
+    Fabric loop) has no such hook: the batch is passed on as it is.
     """
     datamodule = getattr(trainer, "datamodule", None)  # set by fit (public, not typed)
     if datamodule is not None and is_overridden(
         "on_before_batch_transfer", datamodule, pl.LightningDataModule
     ):
         return datamodule.on_before_batch_transfer(batch, 0)
+    if not isinstance(pl_module, pl.LightningModule):
+        return batch
     return pl_module.on_before_batch_transfer(batch, 0)
 
 

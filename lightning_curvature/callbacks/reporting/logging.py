@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.fabric.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 __all__ = ["check_name", "log_scalars", "named_tag", "tensorboard_writers"]
@@ -82,6 +82,9 @@ def log_scalars(
 
 def tensorboard_writers(trainer: pl.Trainer) -> Iterator[Any]:
     """The ``SummaryWriter`` of each TensorBoard logger of ``trainer`` (rank zero only).
+
+    Lightning's TensorBoard logger is Fabric's with more: both count, so a Fabric loop's
+    ``lightning.fabric.loggers.TensorBoardLogger`` gets the same extras as a Trainer's.
 
     Example:
         >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)

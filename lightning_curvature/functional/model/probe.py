@@ -42,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 __all__ = [
     "BatchNormMode",
     "frozen_running_stats",
+    "module_device",
     "probe_context",
     "restored_module_attributes",
     "unwrap_model",
@@ -70,6 +71,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device ``module`` lives on: its ``device`` if it has one, else its first tensor's.
+
+    A LightningModule (or a module set up by Fabric) knows its device; any other module is
+    where its first parameter (or buffer) is, and a module without tensors is on the CPU.
+
+    Example:
+        >>> module_device(nn.Linear(2, 1)), module_device(nn.Identity())
+        (device(type='cpu'), device(type='cpu'))
+    """
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return next(tensors, torch.empty(0)).device
 
 
 def _check_batch_norm_mode(batch_norm: str) -> None:
