@@ -20,9 +20,9 @@ from lightning_curvature import hessian_eigenvalues, hessian_trace, spectral_den
 from lightning_curvature.functional.linalg.sampling import make_generator
 
 pytestmark = pytest.mark.distributed
-SCRIPT = Path(__file__).with_name("distributed_script.py")
+SCRIPT = Path(__file__).with_name("fabric_distributed_script.py")
 sys.path.insert(0, str(SCRIPT.parent))
-from distributed_script import loss_fn, make_net  # noqa: E402
+from fabric_distributed_script import loss_fn, make_net  # noqa: E402
 
 
 def _run(tmp_path: Path, mode: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -1,6 +1,6 @@
 """Run by test_distributed.py: a two-process Fabric loop (CPU, gloo) with the monitors.
 
-Usage: python distributed_script.py OUT_DIR MODE, MODE in {"ddp", "fsdp2"}.
+Usage: python fabric_distributed_script.py OUT_DIR MODE, MODE in {"ddp", "fsdp2"}.
 
 ``ddp``: ``Fabric(strategy="ddp")``; ``fsdp2``: ``ModelParallelStrategy`` whose
 ``parallelize_fn`` shards every linear layer and the net with ``fully_shard``. Each mode
