@@ -10,13 +10,14 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.arguments import check_choice, check_flag
+from lightning_curvature.callbacks.arguments import check_flags
 from lightning_curvature.callbacks.eigenvalue_charts import eigenvalue_charts
 from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.reporting.dashboard import Charts, layout
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.callbacks.step_instruments import StepInstrumentsMonitor
+from lightning_curvature.checks import check_choice
 from lightning_curvature.functional.directional import subspace_share
 from lightning_curvature.functional.eigenvalues import (
     check_eigenvalue_arguments,
@@ -186,8 +187,21 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             check_eigenvalue_arguments(k, tol, max_iter)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
-        check_choice("warm_start_device", warm_start_device, _WARM_START_DEVICES)
-        check_flag("checkpoint_warm_start", checkpoint_warm_start)
+        check_choice(
+            "warm_start_device",
+            warm_start_device,
+            _WARM_START_DEVICES,
+            error=MisconfigurationException,
+        )
+        check_flags(
+            stability=stability,
+            smallest=smallest,
+            warm_start=warm_start,
+            checkpoint_warm_start=checkpoint_warm_start,
+            gradient_share=gradient_share,
+            update_sharpness=update_sharpness,
+            prog_bar=prog_bar,
+        )
         self.warm_start_device, self.checkpoint_warm_start = (
             warm_start_device,
             checkpoint_warm_start,

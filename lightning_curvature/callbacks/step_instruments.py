@@ -133,7 +133,9 @@ class StepInstrumentsMonitor(OperatorMonitor):
             if step == trainer.global_step:  # the training gradient of the probed weights
                 measured = self._measured(pl_module)
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in measured]
-                share = float(subspace_share(_flat(grads, basis.dtype), basis))
+                flat = _flat(grads, basis.dtype)
+                finite = bool(torch.isfinite(flat).all())  # (an overflowed AMP step: not)
+                share = float(subspace_share(flat, basis)) if finite else math.nan
                 values = self._warnings.finite(
                     {self.tag("curvature/training_gradient_top_share"): share}, step
                 )

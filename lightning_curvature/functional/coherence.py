@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict, Unpack
 
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import check_callable, check_choice, check_integer
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.gradients.accumulator import GradientSums
 from lightning_curvature.functional.gradients.per_example import GradientSampler
@@ -86,8 +86,7 @@ def check_coherence_arguments(
         ...
         ValueError: `mode` must be one of ('auto', 'per_example', 'micro_batch'), got 'vmap'.
     """
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
+    check_choice("mode", mode, _MODES)
     check_integer("micro_batch_size", micro_batch_size, allow_none=True)
     check_integer("chunk_size", chunk_size, allow_none=True)
     layer_blocks(per_layer)
@@ -217,8 +216,7 @@ def gradient_sums(
         ('per_example', 2, 2.0)
     """
     check_coherence_arguments(mode, micro_batch_size, chunk_size, per_layer)
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+    check_callable("loss_fn", loss_fn, "loss_fn(model, batch)")
     model = unwrap_model(model)
     named = select_parameters(model, parameters)
     layout = ParameterLayout.from_named(named)
@@ -302,6 +300,7 @@ def gradient_coherence(
         >>> out.coherence, out.mean_cosine, out.num_samples  # ‖(2, 2)‖² / 6; cosines 0, 1, 0
         (tensor(1.3333), tensor(0.3333), 3)
     """
+    check_callable("all_sum", all_sum, "all_sum(tensor) -> tensor", allow_none=True)
     sums = gradient_sums(model, loss_fn, batch, **sampling)
     if all_sum is not None:
         sums = sums.all_reduce(all_sum)
