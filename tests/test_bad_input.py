@@ -353,8 +353,7 @@ FUNCTIONS: dict[str, Signature] = {
     "directional_curvature": Signature(
         lc.directional_curvature,
         lambda: {**_model_args(), "direction": torch.ones(P)},
-        {**MODEL, "direction": Tensor(shape=(P,), nonzero=True), **OPERATOR}
-        | {"options": Options()},
+        {**MODEL, "direction": Tensor(shape=(P,)), **OPERATOR} | {"options": Options()},
     ),
     "hessian_vector_product": Signature(
         lc.hessian_vector_product,

@@ -98,8 +98,8 @@ def directional_curvature(
         options: the operator's settings as one ``OperatorOptions`` instead of keywords.
 
     Raises:
-        ValueError: if ``direction`` is not a finite, nonzero flat vector over the measured
-            parameters.
+        ValueError: if ``direction`` is not a finite flat vector over the measured parameters
+            (a zero one gives a NaN quotient, as :func:`subspace_share` of a zero vector).
         NonFiniteCurvatureError: if the loss or the product is not finite.
 
     Example:
@@ -113,7 +113,7 @@ def directional_curvature(
     check_tensor("direction", direction, values=False)  # its values: with the operator's layout
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     with settings.operator(model, loss_fn, batch) as operator:
-        operator.shards.check_vector("direction", direction, operator.device, nonzero=True)
+        operator.shards.check_vector("direction", direction, operator.device)
         form = quadratic_form(operator, direction)
         vector = direction.to(device=operator.device, dtype=operator.dtype)
         squared = inner_products(vector, vector)
