@@ -2,9 +2,8 @@
 
 Each raises a ``MisconfigurationException`` naming the argument, what it takes and what it
 got, before any training: :func:`check_probe_arguments` for the arguments every monitor
-shares, :func:`check_flags` for a subclass's boolean ones, and :func:`refuse_unknown` for a
-misspelt one. The checks themselves are the package's one set,
-:mod:`lightning_curvature.checks`, given Lightning's exception.
+shares, and :func:`refuse_unknown` for a misspelt one. The checks themselves are the
+package's one set, :mod:`lightning_curvature.checks`, given Lightning's exception.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_curvature.checks import (
     check_callable,
     check_choice,
-    check_flag,
     check_integer,
     check_patterns,
     check_seed,
@@ -27,24 +25,11 @@ from lightning_curvature.checks import (
 )
 from lightning_curvature.functional.operator.backends import BACKENDS
 
-__all__ = ["check_flags", "check_probe_arguments", "refuse_unknown"]
+__all__ = ["check_probe_arguments", "refuse_unknown"]
 
 _PROBES = ("fixed", "current")
 _BATCH_NORM = ("eval", "train")
 _ERROR = MisconfigurationException
-
-
-def check_flags(**flags: Any) -> None:
-    """Refuse each of ``flags`` (argument name to value) that is not ``True`` or ``False``.
-
-    Example:
-        >>> check_flags(smallest=False, stability="yes")
-        Traceback (most recent call last):
-        ...
-        lightning.fabric.utilities.exceptions.MisconfigurationException: `stability` must be True or False, got 'yes'.
-    """  # noqa: E501
-    for name, value in flags.items():
-        check_flag(name, value, error=_ERROR)
 
 
 def check_probe_arguments(

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.arguments import check_flags
 from lightning_curvature.callbacks.eigenvalue_charts import eigenvalue_charts
 from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.reporting.dashboard import Charts, layout
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.callbacks.step_instruments import StepInstrumentsMonitor
+from lightning_curvature.callbacks.warm_starts import WarmStartDevice, WarmStarts
 from lightning_curvature.checks import check_choice
 from lightning_curvature.functional.directional import subspace_share
 from lightning_curvature.functional.eigenvalues import (
@@ -35,7 +35,7 @@ from lightning_curvature.functional.stability import StabilityThreshold, stabili
 
 __all__ = ["HessianEigenvalueMonitor"]
 
-_WARM_START_DEVICES = ("model", "cpu")
+_WARM_START_DEVICES = get_args(WarmStartDevice)
 
 
 class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
@@ -166,7 +166,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         smallest: bool = False,
         per_layer: PerLayer = False,
         warm_start: bool = True,
-        warm_start_device: Literal["model", "cpu"] = "model",
+        warm_start_device: WarmStartDevice = "model",
         checkpoint_warm_start: bool = True,
         gradient_share: bool = False,
         update_sharpness: bool = False,
@@ -183,37 +183,19 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             batch_norm=batch_norm,
             **kwargs,
         )
+        flags = {"stability": stability, "smallest": smallest, "warm_start": warm_start}
+        flags |= {"checkpoint_warm_start": checkpoint_warm_start, "prog_bar": prog_bar}
+        flags |= {"gradient_share": gradient_share, "update_sharpness": update_sharpness}
         try:
-            check_eigenvalue_arguments(k, tol, max_iter)
+            check_eigenvalue_arguments(k, tol, max_iter, **flags)
+            check_choice("warm_start_device", warm_start_device, _WARM_START_DEVICES)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
-        check_choice(
-            "warm_start_device",
-            warm_start_device,
-            _WARM_START_DEVICES,
-            error=MisconfigurationException,
-        )
-        check_flags(
-            stability=stability,
-            smallest=smallest,
-            warm_start=warm_start,
-            checkpoint_warm_start=checkpoint_warm_start,
-            gradient_share=gradient_share,
-            update_sharpness=update_sharpness,
-            prog_bar=prog_bar,
-        )
-        self.warm_start_device, self.checkpoint_warm_start = (
-            warm_start_device,
-            checkpoint_warm_start,
-        )
         self.k, self.tol, self.max_iter = k, float(tol), max_iter
-        self.stability, self.smallest, self.warm_start, self.prog_bar = (
-            stability,
-            smallest,
-            warm_start,
-            prog_bar,
-        )
-        self._warm: dict[str, torch.Tensor] = {}
+        self.stability, self.smallest, self.prog_bar = stability, smallest, prog_bar
+        self.warm_start, self.warm_start_device = warm_start, warm_start_device
+        self.checkpoint_warm_start = checkpoint_warm_start
+        self._warm = WarmStarts(warm_start_device, checkpoint_warm_start)
         self._final_probe = False  # Lightning forbids self.log in on_train_end
 
     def _eigenvalues(
@@ -225,13 +207,11 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         **overrides: Any,
     ) -> Any:
         kwargs = {**self.probe_kwargs(trainer, pl_module), **overrides}
-        warm = self._warm.get(key) if self.warm_start else None
-        size = sum(  # this process's shard under FSDP2, whose warm starts are shards too
-            local_tensor(p).numel()
-            for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"])
-        )
-        if warm is not None and warm.shape[-1] != size:
-            warm = None  # the trainable parameters (or their sharding) changed: start cold
+        named = select_parameters(unwrap_model(pl_module), kwargs["parameters"])
+        names = tuple(name for name, _ in named)
+        # this process's shard under FSDP2, whose warm starts are shards too
+        size = sum(local_tensor(p).numel() for _, p in named)
+        warm = self._warm.get(key, names, size) if self.warm_start else None
         kwargs.setdefault("return_eigenvectors", self.warm_start)
         result = hessian_eigenvalues(
             pl_module,
@@ -244,8 +224,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             **kwargs,
         )
         if self.warm_start and result.warm_start is not None:
-            warm = result.warm_start.detach()
-            self._warm[key] = warm.cpu() if self.warm_start_device == "cpu" else warm
+            self._warm.put(key, names, result.warm_start)
         return result
 
     @override
@@ -278,7 +257,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             )
         if self.update_sharpness:
             hvps += self._update_sharpness(trainer, pl_module, batches, found, metrics)
-        for name, names in self.blocks.of_module(pl_module, self.parameters).items():
+        for name, names in self.block_parameters(pl_module).items():
             block = self._eigenvalues(
                 trainer, pl_module, batches, f"layer:{name}", k=1, parameters=names
             )
@@ -296,13 +275,34 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
 
     @override
     def check_model(self, pl_module: pl.LightningModule) -> None:
+        super().check_model(pl_module)  # the patterns, the per_layer blocks
         size = self.measured_size(pl_module)
         if self.k > size:
             raise MisconfigurationException(
                 f"`k` must be at most the number of measured parameters ({size}) of "
                 f"{type(pl_module).__name__}, got k={self.k}."
             )
-        super().check_model(pl_module)  # the per_layer blocks
+
+    parameter_change_effect = (
+        "probes measure the new set from this one on, starting cold (warm starts over the "
+        "old coordinates are dropped)"
+    )
+
+    @override
+    def resolve_parameters(
+        self, pl_module: pl.LightningModule, step: int, effect: str | None = None
+    ) -> bool:
+        if not super().resolve_parameters(pl_module, step, effect):
+            return False
+        size = self.measured_size(pl_module)
+        if self.k <= size:
+            return True
+        self.warn_once(
+            f"k:{size}",
+            f"at step {step} only {size} measured parameters are trainable, fewer than k="
+            f"{self.k}: probes are skipped while so.",
+        )
+        return False
 
     def _threshold(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -390,12 +390,10 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        if self.checkpoint_warm_start:
-            state["warm_start"] = {key: value.cpu() for key, value in self._warm.items()}
-        return {**state, **super().extra_state()}  # the update's copy, if pending
+        # the update's copy too, if pending
+        return {**self._warm.state_dict(), **super().extra_state()}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._warm = dict(state.get("warm_start", {}))
+        self._warm.load_state_dict(state)
         super().load_extra_state(state)

@@ -299,6 +299,8 @@ class CurvatureMonitor(MonitorSettings):
         batches = self._fixed_batches if self.probe == "fixed" else [batch]
         if batches is None or batches == [None]:
             return  # "current" probe at train end: no batch to probe
+        if not self.resolve_parameters(pl_module, trainer.global_step):
+            return  # no measured parameter is trainable now (said once, on the change)
         self._batch_idx = batch_idx if self.probe == "current" else 0
         self.record_measurement(
             trainer, pl_module, lambda: self.measure(trainer, pl_module, batches)
