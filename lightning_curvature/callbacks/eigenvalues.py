@@ -70,11 +70,13 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             the model's device) or ``"cpu"`` (host memory; moved to the device for the run
             only, ``(k + 1) × P`` values each way per probe), which frees ``(k + 1) × P``
             of accelerator memory per run between probes.
-        checkpoint_warm_start: save them in checkpoints (default), so that a resumed run
-            logs exactly what the uninterrupted run does; ``False`` keeps checkpoints free
-            of them (``(k + 1) × P`` values per run less on disk), and the first probe after
-            a resume starts cold (its values agree to ``tol``, not exactly, and it takes
-            more products).
+        checkpoint_warm_start: save them in checkpoints too, so that a resumed run logs
+            exactly what the uninterrupted run does, for ``(k + 1) × P`` float32 values per
+            run on disk (twice the weights for ``k = 1``). ``False`` (default) keeps
+            checkpoints within a few kB of the model's: the first probe after a resume
+            starts cold (its values agree to ``tol``, not bit for bit, and it takes a few
+            more products; ``benchmarks/README.md``); see
+            :mod:`~lightning_curvature.callbacks.warm_starts`.
         gradient_share: also log the share ``‖P_k g‖²/‖g‖²`` of the gradient in the span of
             the top-k eigenvectors (Gur-Ari, Roberts & Dyer 2018): of the probe gradient
             (free: the Lanczos operator holds it) and of the training gradient of the probed
@@ -167,7 +169,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         per_layer: PerLayer = False,
         warm_start: bool = True,
         warm_start_device: WarmStartDevice = "model",
-        checkpoint_warm_start: bool = True,
+        checkpoint_warm_start: bool = False,
         gradient_share: bool = False,
         update_sharpness: bool = False,
         prog_bar: bool = False,

@@ -7,9 +7,17 @@ over: a run whose measured parameters changed (``requires_grad``, see
 :mod:`~lightning_curvature.callbacks.measured`) starts cold rather than from vectors over
 other coordinates.
 
-**Checkpoints.** With ``checkpoint=True`` :meth:`WarmStarts.state_dict` holds them
-(``weights_only``-loadable: tensors, and names as lists of strings), so that a resumed run
-logs exactly what the uninterrupted one does.
+**Checkpoints.** ``(k + 1) × P`` float32 values are twice the model's own weights for
+``k = 1`` (``benchmarks/bench_checkpoint.py``: +7.98 MB on a 1.0 M-parameter model whose
+checkpoint is 3.99 MB), and no smaller form fits a budget of a few percent: half precision
+is still ``(k + 1) × 2`` bytes per parameter, and any vector over the parameters is at least
+the model's size over four. So by default they stay out of checkpoints
+(``checkpoint=False``): a resumed run's first probe starts cold (its values agree with the
+uninterrupted run's to ``tol``, not bit for bit, for the cost of a cold start measured in
+``benchmarks/README.md``), and every probe after it is warm again. ``checkpoint=True`` stores
+them (``weights_only``-loadable: tensors, and names as lists of strings) for a resumed run
+that logs exactly what the uninterrupted one does. A checkpoint that holds them is used,
+whatever ``checkpoint`` says.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ class WarmStarts(Mapping[str, torch.Tensor]):
         (['warm_start', 'warm_start_parameters'], ['full'])
     """
 
-    def __init__(self, device: WarmStartDevice = "model", checkpoint: bool = True) -> None:
+    def __init__(self, device: WarmStartDevice = "model", checkpoint: bool = False) -> None:
         self.device = device
         self.checkpoint = checkpoint
         self._vectors: dict[str, torch.Tensor] = {}
