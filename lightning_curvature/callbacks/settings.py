@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 
 from lightning_curvature.callbacks.arguments import check_probe_arguments, refuse_unknown
+from lightning_curvature.callbacks.fixed_probe import FixedProbe
 from lightning_curvature.callbacks.isolation import training_step_loss
 from lightning_curvature.callbacks.measured import (
     MeasuredParameters,
@@ -121,7 +122,10 @@ class MonitorSettings(Callback):
         self.last_metrics: dict[str, float] = {}
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
+        self._fixed = FixedProbe(probe_batches, seed, probe_dataloader, type(self).__name__)
         self._warnings = WarningPolicy(type(self).__name__)
+        if probe == "fixed":
+            self._warnings.none_note = "another fixed probe batch is drawn for the next probes"
         self._batch_idx = 0  # what the probe passes as training_step's batch_idx
 
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:

@@ -134,14 +134,18 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _warn_micro_batches(err: Exception, sampler: GradientSampler, size: int | None) -> str:
-    """Warn that the samples change meaning; return the result's ``fallback`` note."""
+def _fallback_note(err: Exception, sampler: GradientSampler, size: int | None) -> str:
+    """The result's ``fallback`` note: why micro-batches replace per-example gradients."""
     vmap = f"vmap ({_first_line(sampler.vmap_error)}) nor " if sampler.vmap_error else ""
     pieces = f"micro-batches of {size} examples" if size else "whole batches"
-    note = (
+    return (
         f"{pieces} instead of per-example gradients: neither {vmap}a loop over single "
         f"examples ({_first_line(err)}) runs on this model"
     )
+
+
+def _warn_micro_batches(note: str, size: int | None) -> None:
+    """Warn that the samples changed meaning (once the micro-batches have been taken)."""
     warnings.warn(
         f"gradient statistics from {note}. Coherence, mean cosine and SNR now describe samples "
         f"of {size or 'a batch of'} examples, not single examples (the noise scale keeps its "
@@ -150,7 +154,6 @@ def _warn_micro_batches(err: Exception, sampler: GradientSampler, size: int | No
         CurvatureWarning,
         stacklevel=3,
     )
-    return note
 
 
 def gradient_sums(
@@ -241,7 +244,7 @@ def gradient_sums(
             except (RuntimeError, NotImplementedError) as err:
                 if mode != "auto":
                     raise
-                fallback = _warn_micro_batches(err, sampler, micro_batch_size)
+                fallback = _fallback_note(err, sampler, micro_batch_size)
             else:
                 if sampler.vmap_error is not None:
                     sums.fallback = (
@@ -250,7 +253,9 @@ def gradient_sums(
                     )
                 return sums
         samples = (s for b in batches for s in sampler.micro_batches(b, micro_batch_size))
-        sums = _accumulate(new_sums("micro_batch"), samples)
+        sums = _accumulate(new_sums("micro_batch"), samples)  # (raises: no fallback to warn of)
+        if fallback:
+            _warn_micro_batches(fallback, micro_batch_size)
         sums.fallback = fallback
         return sums
 

@@ -255,7 +255,7 @@ class HessianOperator:
         elif self._all_reduce is not None:
             bad = self._all_reduce(bad)
         if bad.item() > 0:
-            raise NonFiniteCurvatureError(f"the probe loss is not finite ({self.loss.item()}).")
+            raise NonFiniteCurvatureError.agreed("the probe loss", self.loss.item())
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient ``∇L(w)`` of the probe loss (all-reduced like the products).
