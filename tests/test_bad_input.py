@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,6 +256,22 @@ class Loader(Kind):
         yield from (("int", 3), ("str", "data"), ("bool", True), ("nan", NAN))
 
 
+@dataclass(frozen=True)
+class Instance(Kind):
+    """An object of one class (a ``Fabric``, an optimizer)."""
+
+    def own(self) -> Iterator[tuple[str, Any]]:
+        yield from (("int", 3), ("str", "object"), ("nan", NAN))
+
+
+@dataclass(frozen=True)
+class Monitors(Kind):
+    """``monitors`` of ``FabricMonitors``: a list of curvature monitors."""
+
+    def own(self) -> Iterator[tuple[str, Any]]:
+        yield from (("int", 3), ("str", "monitors"), ("list of int", [3]), ("nan", NAN))
+
+
 # -- the public names ----------------------------------------------------------------------------
 P = 13  # parameters of the tiny model below
 
@@ -483,6 +500,40 @@ CALLBACKS: dict[str, Signature] = {
         },
     ),
 }
+_LOGS = tempfile.mkdtemp()
+
+
+def _fabric_args() -> dict[str, Any]:
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import CSVLogger
+
+    fabric = Fabric(accelerator="cpu", devices=1, loggers=CSVLogger(_LOGS))
+    module = tiny_model()
+    model, optimizer = fabric.setup(module, torch.optim.SGD(module.parameters(), lr=0.1))
+    monitors = [lc.HessianEigenvalueMonitor(every_n_steps=10)]
+    loader = fabric.setup_dataloaders(torch.utils.data.DataLoader(batch(), batch_size=4))
+    return {
+        "fabric": fabric,
+        "model": model,
+        "optimizer": optimizer,
+        "monitors": monitors,
+        "loss_fn": loss,
+        "probe_data": loader,
+    }
+
+
+CALLBACKS["FabricMonitors"] = Signature(
+    lc.FabricMonitors,
+    _fabric_args,
+    {
+        "fabric": Instance(),
+        "model": Module(),
+        "optimizer": Instance(none_ok=True),
+        "monitors": Monitors(),
+        "loss_fn": Function(none_ok=True),
+        "probe_data": Loader(none_ok=False),  # the monitor draws a fixed probe
+    },
+)
 SIGNATURES = {**FUNCTIONS, **CALLBACKS}
 
 #: Public names a user does not call with arguments to check: results the functions return
@@ -518,7 +569,7 @@ def cases() -> Iterator[Any]:
 
 def expected_error(name: str) -> tuple[type[Exception], ...]:
     """The functions raise ``ValueError``/``TypeError``, the callbacks Lightning's error."""
-    if isinstance(getattr(lc, name), type) and issubclass(getattr(lc, name), Callback):
+    if getattr(lc, name).__module__.startswith("lightning_curvature.callbacks"):
         return (MisconfigurationException,)
     return (ValueError, TypeError)
 

@@ -285,10 +285,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
                 f"{type(pl_module).__name__}, got k={self.k}."
             )
 
-    parameter_change_effect = (
-        "probes measure the new set from this one on, starting cold (warm starts over the "
-        "old coordinates are dropped)"
-    )
+    parameter_change_effect = "probes measure the new set from this one on, starting cold"
 
     @override
     def resolve_parameters(
@@ -297,14 +294,10 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         if not super().resolve_parameters(pl_module, step, effect):
             return False
         size = self.measured_size(pl_module)
-        if self.k <= size:
-            return True
-        self.warn_once(
-            f"k:{size}",
-            f"at step {step} only {size} measured parameters are trainable, fewer than k="
-            f"{self.k}: probes are skipped while so.",
-        )
-        return False
+        if self.k > size:
+            why = f"at step {step} only {size} measured parameters are trainable, fewer than k"
+            self.warn_once(f"k:{size}", f"{why}={self.k}: probes are skipped while so.")
+        return self.k <= size
 
     def _threshold(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule

@@ -154,3 +154,15 @@ def test_warm_starts_over_other_parameters_are_dropped(
     (warning,) = run["warnings"]
     assert "newly trainable: ['net.2.weight']" in warning
     assert "starting cold" in warning
+
+
+def test_fewer_trainable_parameters_than_k_skip_the_probe(tmp_path: Path) -> None:
+    """k=5 over net.2 (9 parameters): with its weight frozen, 1 is left."""
+    monitor = HessianEigenvalueMonitor(k=5, every_n_steps=1, parameters="net.2.*")
+    run = fit(tmp_path, [monitor], freeze="net.2.weight")
+    changed, too_few = run["warnings"]
+    assert "no longer trainable: ['net.2.weight']" in changed
+    assert f"at step {FREEZE + 1} only 1 measured parameters are trainable, fewer than k=5" in (
+        too_few
+    )
+    assert [step for step, _ in run["logged"]["curvature/eigenvalue_5"]] == list(range(FREEZE + 1))
