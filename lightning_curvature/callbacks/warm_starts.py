@@ -8,10 +8,11 @@ over: a run whose measured parameters changed (``requires_grad``, see
 other coordinates.
 
 **Checkpoints.** ``(k + 1) × P`` float32 values are twice the model's own weights for
-``k = 1`` (``benchmarks/bench_checkpoint.py``: +7.98 MB on a 1.0 M-parameter model whose
-checkpoint is 3.99 MB), and no smaller form fits a budget of a few percent: half precision
-is still ``(k + 1) × 2`` bytes per parameter, and any vector over the parameters is at least
-the model's size over four. So by default they stay out of checkpoints
+``k = 1`` (``benchmarks/bench_checkpoint.py``: +8.0 MB on a 1.0 M-parameter model whose
+checkpoint is 4.0 MB), and no smaller form fits a budget of a few percent: half precision is
+``(k + 1) × 2`` bytes per parameter (100 % at ``k = 1``), and even one bit per entry (signs
+only) is ``(k + 1) / 32`` of the model (6 % at ``k = 1``), for a start that would save a few
+products once per resume. So by default they stay out of checkpoints
 (``checkpoint=False``): a resumed run's first probe starts cold (its values agree with the
 uninterrupted run's to ``tol``, not bit for bit, for the cost of a cold start measured in
 ``benchmarks/README.md``), and every probe after it is warm again. ``checkpoint=True`` stores
