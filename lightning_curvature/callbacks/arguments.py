@@ -2,67 +2,34 @@
 
 Each raises a ``MisconfigurationException`` naming the argument, what it takes and what it
 got, before any training: :func:`check_probe_arguments` for the arguments every monitor
-shares, :func:`check_choice` and :func:`check_flag` for a subclass's own, and
-:func:`refuse_unknown` for a misspelt one.
+shares, and :func:`refuse_unknown` for a misspelt one. The checks themselves are the
+package's one set, :mod:`lightning_curvature.checks`, given Lightning's exception.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import (
+    check_callable,
+    check_choice,
+    check_integer,
+    check_patterns,
+    check_seed,
+    shown,
+)
 from lightning_curvature.functional.operator.backends import BACKENDS
 
-__all__ = ["check_choice", "check_flag", "check_probe_arguments", "refuse_unknown"]
+__all__ = ["check_probe_arguments", "refuse_unknown"]
 
 _PROBES = ("fixed", "current")
 _BATCH_NORM = ("eval", "train")
-
-
-def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    """Refuse ``value`` of argument ``name`` unless it is one of ``allowed``.
-
-    Example:
-        >>> check_choice("probe", "current", ("fixed", "current"))
-        >>> check_choice("probe", "all", ("fixed", "current"))
-        Traceback (most recent call last):
-        ...
-        lightning.fabric.utilities.exceptions.MisconfigurationException: `probe` must be one of ('fixed', 'current'), got 'all'.
-    """  # noqa: E501
-    if value not in allowed:
-        raise MisconfigurationException(f"`{name}` must be one of {allowed}, got {value!r}.")
-
-
-def check_flag(name: str, value: Any) -> None:
-    """Refuse ``value`` of argument ``name`` unless it is ``True`` or ``False``.
-
-    Example:
-        >>> check_flag("checkpoint_warm_start", 1)
-        Traceback (most recent call last):
-        ...
-        lightning.fabric.utilities.exceptions.MisconfigurationException: `checkpoint_warm_start` must be True or False, got 1.
-    """  # noqa: E501
-    if not isinstance(value, bool):
-        raise MisconfigurationException(f"`{name}` must be True or False, got {value!r}.")
-
-
-def _check_patterns(parameters: Any) -> None:
-    """``parameters`` is None, a glob pattern, or a non-empty list of them."""
-    if parameters is None or isinstance(parameters, str):
-        return
-    if (
-        not isinstance(parameters, (list, tuple))
-        or not parameters
-        or not all(isinstance(p, str) for p in parameters)
-    ):
-        raise MisconfigurationException(
-            "`parameters` must be None (every trainable parameter), a glob pattern of "
-            f"parameter names or a non-empty list of them, got {parameters!r}."
-        )
+_ERROR = MisconfigurationException
 
 
 def check_probe_arguments(
@@ -82,22 +49,25 @@ def check_probe_arguments(
         >>> check_probe_arguments(probe="fixed", batch_norm="eval", backend="auto",
         ...     probe_batches=2, probe_dataloader=None, loss_fn=None, seed=0, parameters="0.*")
     """
-    check_choice("probe", probe, _PROBES)
-    check_choice("batch_norm", batch_norm, _BATCH_NORM)
-    check_choice("backend", backend, BACKENDS)
-    check_integer("probe_batches", probe_batches, error=MisconfigurationException)
+    check_choice("probe", probe, _PROBES, error=_ERROR)
+    check_choice("batch_norm", batch_norm, _BATCH_NORM, error=_ERROR)
+    check_choice("backend", backend, BACKENDS, error=_ERROR)
+    check_integer("probe_batches", probe_batches, error=_ERROR)
+    if probe_dataloader is not None and (
+        not isinstance(probe_dataloader, Iterable) or isinstance(probe_dataloader, (str, bytes))
+    ):
+        raise MisconfigurationException(
+            "`probe_dataloader` must be None (the training data) or an iterable of batches "
+            f"such as a DataLoader, got {shown(probe_dataloader)}."
+        )
     if probe == "current" and (probe_batches != 1 or probe_dataloader is not None):
         raise MisconfigurationException(
             "`probe_batches` and `probe_dataloader` apply to probe='fixed' only; "
             "got probe='current'."
         )
-    if loss_fn is not None and not callable(loss_fn):
-        raise MisconfigurationException(
-            f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}."
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}.")
-    _check_patterns(parameters)
+    check_callable("loss_fn", loss_fn, "loss_fn(module, batch)", allow_none=True, error=_ERROR)
+    check_seed("seed", seed, error=_ERROR)
+    check_patterns("parameters", parameters, error=_ERROR)
 
 
 def refuse_unknown(monitor: type[Callback], unknown: dict[str, Any]) -> NoReturn:

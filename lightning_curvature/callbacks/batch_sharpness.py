@@ -134,7 +134,7 @@ class BatchSharpnessMonitor(CurvatureMonitor):
             pl_module,
             self.probe_loss_fn(),
             batches,
-            parameters=self.parameters,
+            parameters=self.measured_parameters,
             backend=self.backend,
             batch_norm=self.batch_norm,
             all_reduce=self.all_reduce(trainer),

@@ -297,8 +297,8 @@ class GradientCoherenceMonitor(_BuiltBySource, PerLayerMonitor, sources=("probe"
             mode=self.mode,
             micro_batch_size=self.micro_batch_size,
             chunk_size=self.chunk_size,
-            per_layer=self.blocks.functional,
-            parameters=self.parameters,
+            per_layer=self.measured_blocks,
+            parameters=self.measured_parameters,
             batch_norm=self.batch_norm,
         )
         total = self.summed_over_processes(trainer, sums)

@@ -21,7 +21,7 @@ from lightning_curvature.callbacks.reporting.dashboard import (
 from lightning_curvature.callbacks.reporting.logging import tensorboard_writers
 from lightning_curvature.callbacks.reporting.rendering import density_image
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import check_budget
 from lightning_curvature.functional.density import (
     SpectralDensity,
     check_density_arguments,
@@ -92,7 +92,7 @@ class SpectralDensityMonitor(OperatorMonitor):
         super().__init__(every_n_steps=every_n_steps, **kwargs)
         try:
             check_density_arguments(num_steps, num_runs, min_steps=2)  # one node: no density
-            check_integer("num_points", num_points, 2)
+            check_budget("num_points", num_points, 2)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
         self.num_steps, self.num_runs, self.num_points = num_steps, num_runs, num_points

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_curvature.callbacks.arguments import check_choice, check_flag
 from lightning_curvature.callbacks.eigenvalue_charts import eigenvalue_charts
 from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.reporting.dashboard import Charts, layout
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.callbacks.step_instruments import StepInstrumentsMonitor
+from lightning_curvature.callbacks.warm_starts import WarmStartDevice, WarmStarts
+from lightning_curvature.checks import check_choice
 from lightning_curvature.functional.directional import subspace_share
 from lightning_curvature.functional.eigenvalues import (
     check_eigenvalue_arguments,
@@ -34,7 +35,7 @@ from lightning_curvature.functional.stability import StabilityThreshold, stabili
 
 __all__ = ["HessianEigenvalueMonitor"]
 
-_WARM_START_DEVICES = ("model", "cpu")
+_WARM_START_DEVICES = get_args(WarmStartDevice)
 
 
 class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
@@ -69,11 +70,13 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             the model's device) or ``"cpu"`` (host memory; moved to the device for the run
             only, ``(k + 1) × P`` values each way per probe), which frees ``(k + 1) × P``
             of accelerator memory per run between probes.
-        checkpoint_warm_start: save them in checkpoints (default), so that a resumed run
-            logs exactly what the uninterrupted run does; ``False`` keeps checkpoints free
-            of them (``(k + 1) × P`` values per run less on disk), and the first probe after
-            a resume starts cold (its values agree to ``tol``, not exactly, and it takes
-            more products).
+        checkpoint_warm_start: save them in checkpoints too, so that a resumed run logs
+            exactly what the uninterrupted run does, for ``(k + 1) × P`` float32 values per
+            run on disk (twice the weights for ``k = 1``). ``False`` (default) keeps
+            checkpoints within a few kB of the model's: the first probe after a resume
+            starts cold (its values agree to ``tol``, not bit for bit, and it takes a few
+            more products; ``benchmarks/README.md``); see
+            :mod:`~lightning_curvature.callbacks.warm_starts`.
         gradient_share: also log the share ``‖P_k g‖²/‖g‖²`` of the gradient in the span of
             the top-k eigenvectors (Gur-Ari, Roberts & Dyer 2018): of the probe gradient
             (free: the Lanczos operator holds it) and of the training gradient of the probed
@@ -165,8 +168,8 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         smallest: bool = False,
         per_layer: PerLayer = False,
         warm_start: bool = True,
-        warm_start_device: Literal["model", "cpu"] = "model",
-        checkpoint_warm_start: bool = True,
+        warm_start_device: WarmStartDevice = "model",
+        checkpoint_warm_start: bool = False,
         gradient_share: bool = False,
         update_sharpness: bool = False,
         prog_bar: bool = False,
@@ -182,24 +185,19 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             batch_norm=batch_norm,
             **kwargs,
         )
+        flags = {"stability": stability, "smallest": smallest, "warm_start": warm_start}
+        flags |= {"checkpoint_warm_start": checkpoint_warm_start, "prog_bar": prog_bar}
+        flags |= {"gradient_share": gradient_share, "update_sharpness": update_sharpness}
         try:
-            check_eigenvalue_arguments(k, tol, max_iter)
+            check_eigenvalue_arguments(k, tol, max_iter, **flags)
+            check_choice("warm_start_device", warm_start_device, _WARM_START_DEVICES)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
-        check_choice("warm_start_device", warm_start_device, _WARM_START_DEVICES)
-        check_flag("checkpoint_warm_start", checkpoint_warm_start)
-        self.warm_start_device, self.checkpoint_warm_start = (
-            warm_start_device,
-            checkpoint_warm_start,
-        )
         self.k, self.tol, self.max_iter = k, float(tol), max_iter
-        self.stability, self.smallest, self.warm_start, self.prog_bar = (
-            stability,
-            smallest,
-            warm_start,
-            prog_bar,
-        )
-        self._warm: dict[str, torch.Tensor] = {}
+        self.stability, self.smallest, self.prog_bar = stability, smallest, prog_bar
+        self.warm_start, self.warm_start_device = warm_start, warm_start_device
+        self.checkpoint_warm_start = checkpoint_warm_start
+        self._warm = WarmStarts(warm_start_device, checkpoint_warm_start)
         self._final_probe = False  # Lightning forbids self.log in on_train_end
 
     def _eigenvalues(
@@ -211,13 +209,11 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         **overrides: Any,
     ) -> Any:
         kwargs = {**self.probe_kwargs(trainer, pl_module), **overrides}
-        warm = self._warm.get(key) if self.warm_start else None
-        size = sum(  # this process's shard under FSDP2, whose warm starts are shards too
-            local_tensor(p).numel()
-            for _, p in select_parameters(unwrap_model(pl_module), kwargs["parameters"])
-        )
-        if warm is not None and warm.shape[-1] != size:
-            warm = None  # the trainable parameters (or their sharding) changed: start cold
+        named = select_parameters(unwrap_model(pl_module), kwargs["parameters"])
+        names = tuple(name for name, _ in named)
+        # this process's shard under FSDP2, whose warm starts are shards too
+        size = sum(local_tensor(p).numel() for _, p in named)
+        warm = self._warm.get(key, names, size) if self.warm_start else None
         kwargs.setdefault("return_eigenvectors", self.warm_start)
         result = hessian_eigenvalues(
             pl_module,
@@ -230,8 +226,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             **kwargs,
         )
         if self.warm_start and result.warm_start is not None:
-            warm = result.warm_start.detach()
-            self._warm[key] = warm.cpu() if self.warm_start_device == "cpu" else warm
+            self._warm.put(key, names, result.warm_start)
         return result
 
     @override
@@ -264,7 +259,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             )
         if self.update_sharpness:
             hvps += self._update_sharpness(trainer, pl_module, batches, found, metrics)
-        for name, names in self.blocks.of_module(pl_module, self.parameters).items():
+        for name, names in self.block_parameters(pl_module).items():
             block = self._eigenvalues(
                 trainer, pl_module, batches, f"layer:{name}", k=1, parameters=names
             )
@@ -282,13 +277,27 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
 
     @override
     def check_model(self, pl_module: pl.LightningModule) -> None:
+        super().check_model(pl_module)  # the patterns, the per_layer blocks
         size = self.measured_size(pl_module)
         if self.k > size:
             raise MisconfigurationException(
                 f"`k` must be at most the number of measured parameters ({size}) of "
                 f"{type(pl_module).__name__}, got k={self.k}."
             )
-        super().check_model(pl_module)  # the per_layer blocks
+
+    parameter_change_effect = "probes measure the new set from this one on, starting cold"
+
+    @override
+    def resolve_parameters(
+        self, pl_module: pl.LightningModule, step: int, effect: str | None = None
+    ) -> bool:
+        if not super().resolve_parameters(pl_module, step, effect):
+            return False
+        size = self.measured_size(pl_module)
+        if self.k > size:
+            why = f"at step {step} only {size} measured parameters are trainable, fewer than k"
+            self.warn_once(f"k:{size}", f"{why}={self.k}: probes are skipped while so.")
+        return self.k <= size
 
     def _threshold(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -376,12 +385,10 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        if self.checkpoint_warm_start:
-            state["warm_start"] = {key: value.cpu() for key, value in self._warm.items()}
-        return {**state, **super().extra_state()}  # the update's copy, if pending
+        # the update's copy too, if pending
+        return {**self._warm.state_dict(), **super().extra_state()}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._warm = dict(state.get("warm_start", {}))
+        self._warm.load_state_dict(state)
         super().load_extra_state(state)

@@ -60,6 +60,7 @@ from torch import nn
 from lightning_curvature.callbacks.monitor import CurvatureMonitor
 from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.callbacks.training_coherence import TrainingGradientCoherenceMonitor
+from lightning_curvature.checks import check_callable, check_module, shown
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.probe import unwrap_model
 
@@ -128,7 +129,7 @@ def _refusal(monitor: object) -> str | None:
             "there with `lightning_curvature.sam_gradient`."
         )
     if not isinstance(monitor, CurvatureMonitor):
-        return f"`{name}` is not a curvature monitor."
+        return f"`{name}` is not a curvature monitor (`monitors` holds only those)."
     if getattr(monitor, "prog_bar", False):
         return f"`{name}(prog_bar=True)`: a Fabric loop has no progress bar; leave it False."
     return None
@@ -160,6 +161,34 @@ def _probe_source(probe_data: Iterable[Any] | None) -> Iterable[Any] | None:
     return (
         copy.copy(probe_data) if probe_data is not None and is_wrapped(probe_data) else probe_data
     )
+
+
+def _check_arguments(
+    fabric: Any,
+    model: Any,
+    optimizer: Any,
+    monitors: Any,
+    loss_fn: Any,
+    probe_data: Any,
+) -> None:
+    """Refuse an argument of :class:`FabricMonitors` of the wrong kind, naming it."""
+    from lightning.fabric import Fabric
+
+    error = MisconfigurationException
+    if not isinstance(fabric, Fabric):
+        raise error(f"`fabric` must be a lightning.fabric.Fabric, got {shown(fabric)}.")
+    check_module("model", model, error=error)
+    if optimizer is not None and not isinstance(_optimizer_of(optimizer), torch.optim.Optimizer):
+        raise error(f"`optimizer` must be a torch.optim.Optimizer or None, got {shown(optimizer)}.")
+    if not isinstance(monitors, (list, tuple)):
+        raise error(f"`monitors` must be a list of curvature monitors, got {shown(monitors)}.")
+    check_callable("loss_fn", loss_fn, "loss_fn(module, batch)", allow_none=True, error=error)
+    if probe_data is not None and (
+        not isinstance(probe_data, Iterable) or isinstance(probe_data, (str, bytes))
+    ):
+        raise error(
+            f"`probe_data` must be an iterable of batches or None, got {shown(probe_data)}."
+        )
 
 
 class FabricMonitors:
@@ -236,6 +265,7 @@ class FabricMonitors:
         loss_fn: LossFn | None = None,
         probe_data: Iterable[Any] | None = None,
     ) -> None:
+        _check_arguments(fabric, model, optimizer, monitors, loss_fn, probe_data)
         for monitor in monitors:
             why = _refusal(monitor)
             if why is not None:
@@ -259,7 +289,7 @@ class FabricMonitors:
             if monitor.probe == "fixed" and probe_data is None and monitor.probe_dataloader is None:
                 raise MisconfigurationException(
                     f"`{type(monitor).__name__}` draws a fixed probe: pass `probe_data=` (the "
-                    "loader the loop trains on) to FabricMonitors."
+                    "loader the loop trains on) to FabricMonitors; `probe_data` is None."
                 )
         self._run = _FabricRun(fabric, _optimizer_of(optimizer), self.monitors, probe_data)
         for monitor in self.monitors:

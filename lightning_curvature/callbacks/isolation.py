@@ -53,6 +53,7 @@ from lightning_curvature.functional.model.probe import (
 )
 
 __all__ = [
+    "RETURNED_NONE",
     "call_training_step",
     "isolated",
     "recording_skip_reasons",
@@ -62,10 +63,15 @@ __all__ = [
     "training_step_loss",
 ]
 
-# The reasons recorded by the probe that is running (None: no probe is running).
-_REASONS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
-    "lightning_curvature_probe_reasons", default=None
+# The lists recording the reasons of the probe that is running, innermost last: every open
+# recorder gets each reason (empty: no probe is running).
+_REASONS: contextvars.ContextVar[tuple[list[str], ...]] = contextvars.ContextVar(
+    "lightning_curvature_probe_reasons", default=()
 )
+
+
+#: The reason recorded when ``training_step`` returns ``None`` for a probe's batch.
+RETURNED_NONE = "the module's training_step returned None for the probe batch"
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -226,14 +232,17 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 def recording_skip_reasons() -> Iterator[list[str]]:
     """Collect what :func:`training_step_loss` ran into during a probe (see :func:`isolated`).
 
+    Recorders nest: each reason goes to every recorder open (the probe's own, and one
+    around it that decides what to do next, such as drawing another fixed probe batch).
+
     Example:
-        >>> with recording_skip_reasons() as reasons:
+        >>> with recording_skip_reasons() as outer, recording_skip_reasons() as inner:
         ...     pass
-        >>> reasons
-        []
+        >>> outer, inner
+        ([], [])
     """
     reasons: list[str] = []
-    token = _REASONS.set(reasons)
+    token = _REASONS.set((*_REASONS.get(), reasons))
     try:
         yield reasons
     finally:
@@ -247,7 +256,8 @@ def skip_reasons() -> list[str] | None:
         >>> skip_reasons() is None
         True
     """
-    return _REASONS.get()
+    recorders = _REASONS.get()
+    return recorders[-1] if recorders else None
 
 
 def call_training_step(module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
@@ -313,9 +323,10 @@ def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int = 
         output = call_training_step(module, batch, batch_idx)
     if isinstance(output, Mapping) and "loss" in output:
         output = output["loss"]
-    reasons = _REASONS.get()
-    if output is None and reasons is not None:
-        reasons.append("the module's training_step returned None for the probe batch")
+    recorders = _REASONS.get()
+    if output is None and recorders:
+        for reasons in recorders:
+            reasons.append(RETURNED_NONE)
         return _not_finite_loss(module)
     if not isinstance(output, torch.Tensor):
         raise ValueError(

@@ -15,9 +15,11 @@ Every block is made of *measured* parameters (``parameters=`` of the monitor). A
 whose blocks come for free from one measurement over all parameters (traces, gradient
 coherence) passes :attr:`LayerBlocks.functional` to its model-level function, whose result
 is then keyed by tag; one that measures each block on its own (the top eigenvalue of each
-block) asks :meth:`LayerBlocks.of_module` for each block's parameter names. Every such
-monitor is a :class:`PerLayerMonitor`, which parses ``per_layer`` at construction and
-checks its patterns against the measured parameters at ``setup``.
+block) asks :meth:`PerLayerMonitor.block_parameters` for each block's parameter names.
+Every such monitor is a :class:`PerLayerMonitor`, which parses ``per_layer`` at
+construction, checks its patterns against the measured parameters at ``setup``, and at each
+probe measures the blocks that still have trainable parameters
+(:attr:`PerLayerMonitor.measured_blocks`; see :mod:`~lightning_curvature.callbacks.measured`).
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ class PerLayerMonitor(CurvatureMonitor):
     Example:
         >>> class BlockNorms(PerLayerMonitor):
         ...     def measure(self, trainer, pl_module, batches):
-        ...         blocks = self.blocks.of_module(pl_module, self.parameters)
+        ...         blocks = self.block_parameters(pl_module)
         ...         params = dict(pl_module.named_parameters())
         ...         norms = {
         ...             f"norm/{tag}": sum(float(params[n].norm()) ** 2 for n in names) ** 0.5
@@ -175,3 +177,21 @@ class PerLayerMonitor(CurvatureMonitor):
     def check_model(self, pl_module: pl.LightningModule) -> None:
         super().check_model(pl_module)
         self.blocks.of_module(pl_module, self.parameters)
+
+    @override
+    def layer_spec(self) -> PerLayer:
+        return self.blocks.functional
+
+    @property
+    def measured_blocks(self) -> PerLayer:
+        """The blocks with measured parameters now, as the model-level functions take them.
+
+        Those none of whose parameters is trainable any more are left out (one warning,
+        :meth:`resolve_parameters`).
+        """
+        return self.blocks.functional if self._resolved is None else self._resolved.per_layer
+
+    def block_parameters(self, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+        """Tag name to the parameter names of each block measured now."""
+        names = [name for name, _ in self.measured_tensors(pl_module)]
+        return layer_parameters(self.measured_blocks, names)

@@ -36,14 +36,16 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_curvature.callbacks.isolation import isolated, recording_skip_reasons
+from lightning_curvature.callbacks.isolation import (
+    RETURNED_NONE,
+    isolated,
+    recording_skip_reasons,
+)
 from lightning_curvature.callbacks.measurement import Measurement
-from lightning_curvature.callbacks.probe_data import draw_batches
 from lightning_curvature.callbacks.reporting.dashboard import write_layout
 from lightning_curvature.callbacks.reporting.logging import log_scalars
 from lightning_curvature.callbacks.schedule import Timing
@@ -55,7 +57,6 @@ from lightning_curvature.callbacks.trainer import (
     check_strategy,
     log_step,
     shared_timing,
-    transfer_batches,
 )
 from lightning_curvature.errors import NonFiniteCurvatureError, PiecewiseLinearError
 from lightning_curvature.functional.model.batches import BatchList
@@ -113,7 +114,6 @@ class CurvatureMonitor(MonitorSettings):
     state_key_arguments: tuple[str, ...] = ()
 
     # What a fit sets (the arguments are kept by MonitorSettings.__init__):
-    _fixed_batches: list[Any] | None = None  # the fixed probe, drawn at on_train_start
     _state_key: str | None = None
     # probe="current": the batch (and its index) an epoch-end probe measures
     _last_batch: tuple[Any, int] | None = None
@@ -171,6 +171,11 @@ class CurvatureMonitor(MonitorSettings):
     unshardable_reason = "it has not been made to work on sharded parameters."
 
     @property
+    def _fixed_batches(self) -> list[Any] | None:
+        """The fixed probe's batches (:class:`~.fixed_probe.FixedProbe`, drawn at train start)."""
+        return self._fixed.batches
+
+    @property
     def fixed_probe(self) -> BatchList | None:
         """The fixed probe's batches, on the trainer's device (``None`` before training).
 
@@ -187,17 +192,7 @@ class CurvatureMonitor(MonitorSettings):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe == "fixed" and self.uses_probe_data:
-            source = (
-                self.probe_dataloader
-                if self.probe_dataloader is not None
-                else trainer.train_dataloader
-            )
-            if source is None:
-                raise MisconfigurationException(
-                    f"`{type(self).__name__}` found no training dataloader to probe."
-                )
-            drawn = draw_batches(source, self.probe_batches, torch.device("cpu"), self.seed)
-            self._fixed_batches = transfer_batches(trainer, pl_module, drawn, self.seed)
+            self._fixed.draw(trainer, pl_module)
         self.schedule.start()
         monitors = _monitors(trainer)
         if monitors and self is monitors[0]:  # one layout per run, holding every monitor's
@@ -279,9 +274,11 @@ class CurvatureMonitor(MonitorSettings):
         generator = (
             self._generator.get_state() if self._generator is not None else self._generator_state
         )
+        draws = {"probe_draws": self._fixed.draws} if self._fixed.draws else {}
         return {
             "schedule": self.schedule.state_dict(),
             "generator": generator,
+            **draws,
             **self.extra_state(),
         }
 
@@ -290,6 +287,7 @@ class CurvatureMonitor(MonitorSettings):
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
         self._generator_state = state_dict.get("generator")
         self._generator = None
+        self._fixed.draws = int(state_dict.get("probe_draws", 0))
         self.load_extra_state(state_dict)
 
     # -- the probe ---------------------------------------------------------------------------------
@@ -299,10 +297,17 @@ class CurvatureMonitor(MonitorSettings):
         batches = self._fixed_batches if self.probe == "fixed" else [batch]
         if batches is None or batches == [None]:
             return  # "current" probe at train end: no batch to probe
+        if not self.resolve_parameters(pl_module, trainer.global_step):
+            return  # no measured parameter is trainable now (said once, on the change)
         self._batch_idx = batch_idx if self.probe == "current" else 0
-        self.record_measurement(
-            trainer, pl_module, lambda: self.measure(trainer, pl_module, batches)
-        )
+        with recording_skip_reasons() as reasons:
+            self.record_measurement(
+                trainer, pl_module, lambda: self.measure(trainer, pl_module, batches)
+            )
+        if self.probe == "fixed" and RETURNED_NONE in reasons:  # (its one warning says so)
+            exhausted = self._fixed.redraw(trainer, pl_module)
+            if exhausted is not None:
+                self.warn_once("redraw", exhausted)
 
     @property
     def probe_seconds(self) -> float:

@@ -94,12 +94,12 @@ def _without_persistent_workers(dataloader: Any) -> Any:
 
 
 def draw_batches(
-    dataloader: Iterable[Any], count: int, device: torch.device, seed: int
+    dataloader: Iterable[Any], count: int, device: torch.device, seed: int, skip: int = 0
 ) -> list[Any]:
-    """The first ``count`` batches of ``dataloader`` under ``seed``, on ``device``.
+    """The first ``count`` batches of ``dataloader`` under ``seed`` (after ``skip``), on ``device``.
 
     Raises:
-        ValueError: if the dataloader yields no batch.
+        ValueError: if the dataloader yields no batch (after the ``skip`` first).
 
     Example:
         >>> loader = torch.utils.data.DataLoader(torch.arange(10.0), batch_size=4, shuffle=True)
@@ -112,7 +112,8 @@ def draw_batches(
         for generator in _sampler_generators(dataloader):
             generator.manual_seed(seed)
         source = _without_persistent_workers(dataloader)
-        batches = [move_to_device(batch, device) for batch in itertools.islice(iter(source), count)]
+        drawn = itertools.islice(iter(source), skip, skip + count)
+        batches = [move_to_device(batch, device) for batch in drawn]
     if not batches:
         raise ValueError("the probe dataloader yielded no batch.")
     return batches

@@ -33,7 +33,7 @@ from lightning_curvature.callbacks.sam_step import (
 )
 from lightning_curvature.callbacks.schedule import ProbeSchedule
 from lightning_curvature.callbacks.trainer import check_strategy, log_step
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import check_choice, check_integer
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.gradients.perturbation import SAMPerturbation
 from lightning_curvature.functional.gradients.rng import RNGState
@@ -135,18 +135,15 @@ class SAM(Callback):
         log_every_n_steps: int | None = None,
     ) -> None:
         try:
-            check_sam_arguments(rho, eta, dropout)
+            check_sam_arguments(rho, eta, dropout, adaptive)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
-        if not isinstance(adaptive, bool):
-            raise MisconfigurationException(f"`adaptive` must be True or False, got {adaptive!r}.")
         check_integer("every_n_steps", every_n_steps, error=MisconfigurationException)
-        if log_every_n_steps is not None:  # None: the Trainer's log_every_n_steps
-            check_integer("log_every_n_steps", log_every_n_steps, error=MisconfigurationException)
-        if perturbation not in _PERTURBATION:
-            raise MisconfigurationException(
-                f"`perturbation` must be one of {_PERTURBATION}, got {perturbation!r}."
-            )
+        # None: the Trainer's log_every_n_steps
+        check_integer(
+            "log_every_n_steps", log_every_n_steps, allow_none=True, error=MisconfigurationException
+        )
+        check_choice("perturbation", perturbation, _PERTURBATION, error=MisconfigurationException)
         self.rho = float(rho)
         self.adaptive = adaptive
         self.every_n_steps = every_n_steps

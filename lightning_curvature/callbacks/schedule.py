@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import check_flag, check_integer, check_real
 
 __all__ = ["EveryNSteps", "ProbeSchedule", "Timing", "resolve_every_n_steps"]
 
@@ -144,13 +144,17 @@ class ProbeSchedule:
     ) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             check_integer(name, value, allow_none=True, error=MisconfigurationException)
-        if max_overhead is not None and not (
-            isinstance(max_overhead, (int, float)) and 0 < max_overhead < 1
-        ):
-            raise MisconfigurationException(
-                "`max_overhead` must be a fraction in (0, 1) such as 0.05, or None; "
-                f"got {max_overhead!r}."
-            )
+        check_real(
+            "max_overhead",
+            max_overhead,
+            0,
+            1,
+            low_open=True,
+            high_open=True,
+            allow_none=True,
+            error=MisconfigurationException,
+        )
+        check_flag("on_train_end", on_train_end, error=MisconfigurationException)
         if (
             every_n_steps is None
             and every_n_epochs is None

@@ -20,7 +20,13 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 
 from lightning_curvature.callbacks.arguments import check_probe_arguments, refuse_unknown
+from lightning_curvature.callbacks.fixed_probe import FixedProbe
 from lightning_curvature.callbacks.isolation import training_step_loss
+from lightning_curvature.callbacks.measured import (
+    MeasuredParameters,
+    change_message,
+    resolve_measured,
+)
 from lightning_curvature.callbacks.measurement import cost_tag
 from lightning_curvature.callbacks.probe_data import ProbePolicy
 from lightning_curvature.callbacks.reporting.dashboard import (
@@ -39,7 +45,11 @@ from lightning_curvature.callbacks.trainer import reduce
 from lightning_curvature.callbacks.warning_policy import WarningPolicy
 from lightning_curvature.functional.linalg.sampling import make_generator
 from lightning_curvature.functional.model.functional_model import LossFn
-from lightning_curvature.functional.model.parameters import ParameterPatterns, select_parameters
+from lightning_curvature.functional.model.parameters import (
+    ParameterPatterns,
+    PerLayer,
+    select_parameters,
+)
 from lightning_curvature.functional.model.probe import BatchNormMode, module_device, unwrap_model
 from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
 
@@ -112,7 +122,10 @@ class MonitorSettings(Callback):
         self.last_metrics: dict[str, float] = {}
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
+        self._fixed = FixedProbe(probe_batches, seed, probe_dataloader, type(self).__name__)
         self._warnings = WarningPolicy(type(self).__name__)
+        if probe == "fixed":
+            self._warnings.none_note = "another fixed probe batch is drawn for the next probes"
         self._batch_idx = 0  # what the probe passes as training_step's batch_idx
 
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Charts:
@@ -139,7 +152,7 @@ class MonitorSettings(Callback):
     def probe_kwargs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Arguments shared by every model-level call of a probe."""
         return {
-            "parameters": self.parameters,
+            "parameters": self.measured_parameters,
             "backend": self.backend,
             "batch_norm": self.batch_norm,
             "generator": self.generator(module_device(pl_module)),
@@ -183,11 +196,50 @@ class MonitorSettings(Callback):
         """At ``setup``: refuse arguments that do not fit the model.
 
         Raise a ``MisconfigurationException``, or a ``ValueError`` (raised on as one, naming
-        the monitor).
+        the monitor). Then note what the monitor measures (see :meth:`resolve_parameters`).
         """
-        self.measured_size(pl_module)
+        select_parameters(unwrap_model(pl_module), self.parameters)  # every pattern matches
+        self._resolved = resolve_measured(pl_module, self.parameters, self.layer_spec())
+
+    #: What a probe does when the measured parameters changed since the last one (the end of
+    #: its one warning, :func:`~lightning_curvature.callbacks.measured.change_message`).
+    parameter_change_effect = "probes measure the new set from this one on"
+    _resolved: MeasuredParameters | None = None  # what the last probe (or setup) resolved
+
+    def layer_spec(self) -> PerLayer:
+        """The ``per_layer`` blocks, as the model-level functions take them (none here)."""
+        return False
+
+    def resolve_parameters(
+        self, pl_module: pl.LightningModule, step: int, effect: str | None = None
+    ) -> bool:
+        """Resolve again which parameters this probe measures; whether there is any.
+
+        ``requires_grad`` may have changed since the last probe (a layer frozen or
+        unfrozen): a new measured set is said in one warning per set, ending with
+        ``effect`` (default :attr:`parameter_change_effect`); see
+        :mod:`~lightning_curvature.callbacks.measured`.
+        """
+        now = resolve_measured(pl_module, self.parameters, self.layer_spec())
+        before, self._resolved = self._resolved, now
+        if before is not None and before.names != now.names:
+            why = change_message(before, now, step, effect or self.parameter_change_effect)
+            self.warn_once(f"parameters:{hash(now.names)}", why)
+        return bool(now.names)
+
+    @property
+    def measured_parameters(self) -> ParameterPatterns:
+        """``parameters=`` narrowed to the patterns that match a trainable parameter now."""
+        return self.parameters if self._resolved is None else self._resolved.parameters
+
+    def measured_tensors(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.Tensor]]:
+        """The measured parameters by name, as last resolved (``parameters=`` before that)."""
+        module = unwrap_model(pl_module)
+        if self._resolved is None:
+            return list(select_parameters(module, self.parameters))
+        params = dict(module.named_parameters())
+        return [(name, params[name]) for name in self._resolved.names]
 
     def measured_size(self, pl_module: pl.LightningModule) -> int:
-        """Number of parameters the monitor measures (``parameters=`` of the module)."""
-        named = select_parameters(unwrap_model(pl_module), self.parameters)
-        return sum(p.numel() for _, p in named)
+        """Number of parameters the monitor measures now (``parameters=`` of the module)."""
+        return sum(p.numel() for _, p in self.measured_tensors(pl_module))

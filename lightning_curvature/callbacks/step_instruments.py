@@ -26,8 +26,6 @@ from lightning_curvature.functional.directional import directional_curvature, su
 from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.batches import BatchList
 from lightning_curvature.functional.model.functional_model import probe_dtype
-from lightning_curvature.functional.model.parameters import select_parameters
-from lightning_curvature.functional.model.probe import unwrap_model
 from lightning_curvature.functional.stability import StabilityThreshold
 
 __all__ = ["StepInstrumentsMonitor"]
@@ -56,10 +54,15 @@ class StepInstrumentsMonitor(OperatorMonitor):
         super().__init__(**kwargs)
         self.gradient_share, self.update_sharpness = gradient_share, update_sharpness
         self._basis: tuple[int, torch.Tensor] | None = None  # (step, top-k eigenvectors)
-        self._update_start: tuple[int, torch.Tensor] | None = None  # (probe step, w_{t−1})
+        # (probe step, the parameter names, w_{t−1} over them)
+        self._update_start: tuple[int, tuple[str, ...], torch.Tensor] | None = None
 
     def _measured(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
-        return [p for _, p in select_parameters(unwrap_model(pl_module), self.parameters)]
+        """The parameters the last probe measured (their names resolved then)."""
+        return [p for _, p in self.measured_tensors(pl_module)]
+
+    def _measured_names(self, pl_module: pl.LightningModule) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.measured_tensors(pl_module))
 
     @override
     def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -84,14 +87,19 @@ class StepInstrumentsMonitor(OperatorMonitor):
         start, self._update_start = self._update_start, None
         if start is None or start[0] != trainer.global_step:
             return 0  # no copy from the step before (step 0, a resumed run's first probe)
+        _, names, before = start
+        if names and names != self._measured_names(pl_module):
+            return 0  # the measured parameters changed since the copy (said in one warning)
         measured = self._measured(pl_module)
-        update = _flat(measured, start[1].dtype).to(start[1].device).sub_(start[1])
+        if sum(p.numel() for p in measured) != before.numel():
+            return 0  # (a copy from an older checkpoint, without names)
+        update = _flat(measured, before.dtype).to(before.device).sub_(before)
         out = directional_curvature(
             pl_module,
             self.probe_loss_fn(),
             BatchList(batches),
             update,
-            parameters=self.parameters,
+            parameters=self.measured_parameters,
             backend=self.backend,
             batch_norm=self.batch_norm,
             all_reduce=self.all_reduce(trainer),
@@ -133,7 +141,9 @@ class StepInstrumentsMonitor(OperatorMonitor):
             if step == trainer.global_step:  # the training gradient of the probed weights
                 measured = self._measured(pl_module)
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in measured]
-                share = float(subspace_share(_flat(grads, basis.dtype), basis))
+                flat = _flat(grads, basis.dtype)
+                finite = bool(torch.isfinite(flat).all())  # (an overflowed AMP step: not)
+                share = float(subspace_share(flat, basis)) if finite else math.nan
                 values = self._warnings.finite(
                     {self.tag("curvature/training_gradient_top_share"): share}, step
                 )
@@ -141,22 +151,30 @@ class StepInstrumentsMonitor(OperatorMonitor):
                 log_scalars(trainer, values, log_step(trainer))
         if self.update_sharpness and self._probes_after_this_step(trainer):
             measured = self._measured(pl_module)
-            dtype = probe_dtype(measured)
-            self._update_start = (trainer.global_step + 1, _flat(measured, dtype))
+            names = self._measured_names(pl_module)
+            self._update_start = (
+                trainer.global_step + 1,
+                names,
+                _flat(measured, probe_dtype(measured)),
+            )
 
     @override
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
         if self._update_start is not None:  # a checkpoint between the copy and its probe
-            step, weights = self._update_start
-            state["update_start"] = {"step": step, "weights": weights.cpu()}
+            step, names, weights = self._update_start
+            state["update_start"] = {"step": step, "names": list(names), "weights": weights.cpu()}
         return state
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         start = state.get("update_start")
-        self._update_start = None if start is None else (int(start["step"]), start["weights"])
+        self._update_start = (
+            None
+            if start is None
+            else (int(start["step"]), tuple(start.get("names", ())), start["weights"])
+        )
 
 
 def _flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

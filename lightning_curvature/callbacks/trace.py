@@ -113,7 +113,7 @@ class HessianTraceMonitor(PerLayerMonitor, OperatorMonitor):
             BatchList(batches),
             self.num_hvps,
             self.method,
-            per_layer=self.blocks.functional,
+            per_layer=self.measured_blocks,
             **self.probe_kwargs(trainer, pl_module),
         )
         metrics: dict[str, float | torch.Tensor] = {

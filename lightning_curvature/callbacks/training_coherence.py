@@ -154,6 +154,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor, sources=_TRAINI
         rest = {name: value for name, value in kwargs.items() if name not in PROBE_OPTIONS}
         super().__init__(source, per_layer=per_layer, every_n_steps=every_n_steps, **rest)
         self._step: StepSamples | None = None
+        self._dropped = -1  # a step given up midway (its parameters changed)
         self._sharded = False
 
     @property
@@ -225,23 +226,37 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor, sources=_TRAINI
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._step is None and self.is_due(trainer, batch_idx):
-            self._step = self._start_step(pl_module)
+        dropped = self._dropped == trainer.global_step  # (its later micro-batches)
+        if self._step is None and not dropped and self.is_due(trainer, batch_idx):
+            self._step = self._start_step(trainer, pl_module)
         if self._step is not None:
             self._step.micro_batch_size = batch_size(batch)
 
-    def _start_step(self, pl_module: pl.LightningModule) -> StepSamples:
-        named = select_parameters(unwrap_model(pl_module), self.parameters)
+    parameter_change_effect = "the steps from this one on measure the new set"
+
+    def _start_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StepSamples | None:
+        if not self.resolve_parameters(pl_module, trainer.global_step):
+            return None  # nothing measured is trainable now (said once, on the change)
         return StepSamples.start(
-            named, self.source, sharded=self._sharded, per_layer=self.blocks.functional
+            self.measured_tensors(pl_module),
+            self.source,
+            sharded=self._sharded,
+            per_layer=self.measured_blocks,
         )
 
     @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        if self._step is not None:
-            self._step.gradients.attach()
+        step = self._step
+        if step is not None and not all(p.requires_grad for p in step.gradients.parameters):
+            # frozen since the step began (a module hook of this step): its samples would mix
+            # two sets of parameters, so the step is dropped
+            self._step, self._dropped = None, trainer.global_step
+            effect = "this step is not measured, the next ones measure the new set"
+            self.resolve_parameters(pl_module, trainer.global_step, effect)
+        elif step is not None:
+            step.gradients.attach()
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

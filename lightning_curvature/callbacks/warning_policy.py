@@ -38,6 +38,9 @@ class WarningPolicy:
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
+        #: What follows a probe skipped because ``training_step`` returned ``None`` (said
+        #: after the reason, e.g. that another fixed probe batch is drawn).
+        self.none_note = ""
         self._warned: set[str] = set()
         self._pending: list[str] | None = None  # warn_once's messages during a probe
 
@@ -82,7 +85,8 @@ class WarningPolicy:
     def skipped(self, step: int, failure: Exception, reasons: list[str]) -> None:
         """One warning per reason a probe could not run (``reasons``: the loss's, if any)."""
         if reasons:  # what training_step ran into explains the non-finite loss
-            key, why = "none_loss", "; ".join(dict.fromkeys(reasons))
+            notes = [*dict.fromkeys(reasons), *([self.none_note] if self.none_note else [])]
+            key, why = "none_loss", "; ".join(notes)
         elif isinstance(failure, NonFiniteCurvatureError):
             key, why = "nonfinite", str(failure)
         else:

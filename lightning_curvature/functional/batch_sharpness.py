@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_curvature.checks import shown
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.directional import quadratic_form
 from lightning_curvature.functional.linalg.reductions import inner_products
@@ -97,7 +98,7 @@ def batch_sharpness(
         options: the operator's settings as one ``OperatorOptions`` instead of keywords.
 
     Raises:
-        ValueError: with fewer than two batches.
+        ValueError: if ``batches`` is not an iterable of at least two batches.
         NonFiniteCurvatureError: if a loss, gradient or product is not finite.
 
     Warns:
@@ -113,6 +114,13 @@ def batch_sharpness(
         >>> out.estimate, out.std_error, out.num_hvps
         (tensor(2.), tensor(0.), 2)
     """
+    if not isinstance(batches, Iterable) or isinstance(
+        batches, (str, bytes, torch.Tensor, Mapping)
+    ):
+        raise ValueError(
+            "`batches` must be an iterable of batches (a list, a BatchList, a DataLoader), "
+            f"each one sample, got {shown(batches)}."
+        )
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     values: list[torch.Tensor] = []  # float64, like their mean and its standard error
     num_hvps = 0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict, Unpack
 
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import check_callable, check_choice, check_integer
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.gradients.accumulator import GradientSums
 from lightning_curvature.functional.gradients.per_example import GradientSampler
@@ -86,8 +86,7 @@ def check_coherence_arguments(
         ...
         ValueError: `mode` must be one of ('auto', 'per_example', 'micro_batch'), got 'vmap'.
     """
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
+    check_choice("mode", mode, _MODES)
     check_integer("micro_batch_size", micro_batch_size, allow_none=True)
     check_integer("chunk_size", chunk_size, allow_none=True)
     layer_blocks(per_layer)
@@ -135,14 +134,18 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _warn_micro_batches(err: Exception, sampler: GradientSampler, size: int | None) -> str:
-    """Warn that the samples change meaning; return the result's ``fallback`` note."""
+def _fallback_note(err: Exception, sampler: GradientSampler, size: int | None) -> str:
+    """The result's ``fallback`` note: why micro-batches replace per-example gradients."""
     vmap = f"vmap ({_first_line(sampler.vmap_error)}) nor " if sampler.vmap_error else ""
     pieces = f"micro-batches of {size} examples" if size else "whole batches"
-    note = (
+    return (
         f"{pieces} instead of per-example gradients: neither {vmap}a loop over single "
         f"examples ({_first_line(err)}) runs on this model"
     )
+
+
+def _warn_micro_batches(note: str, size: int | None) -> None:
+    """Warn that the samples changed meaning (once the micro-batches have been taken)."""
     warnings.warn(
         f"gradient statistics from {note}. Coherence, mean cosine and SNR now describe samples "
         f"of {size or 'a batch of'} examples, not single examples (the noise scale keeps its "
@@ -151,7 +154,6 @@ def _warn_micro_batches(err: Exception, sampler: GradientSampler, size: int | No
         CurvatureWarning,
         stacklevel=3,
     )
-    return note
 
 
 def gradient_sums(
@@ -217,8 +219,7 @@ def gradient_sums(
         ('per_example', 2, 2.0)
     """
     check_coherence_arguments(mode, micro_batch_size, chunk_size, per_layer)
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+    check_callable("loss_fn", loss_fn, "loss_fn(model, batch)")
     model = unwrap_model(model)
     named = select_parameters(model, parameters)
     layout = ParameterLayout.from_named(named)
@@ -243,7 +244,7 @@ def gradient_sums(
             except (RuntimeError, NotImplementedError) as err:
                 if mode != "auto":
                     raise
-                fallback = _warn_micro_batches(err, sampler, micro_batch_size)
+                fallback = _fallback_note(err, sampler, micro_batch_size)
             else:
                 if sampler.vmap_error is not None:
                     sums.fallback = (
@@ -252,7 +253,9 @@ def gradient_sums(
                     )
                 return sums
         samples = (s for b in batches for s in sampler.micro_batches(b, micro_batch_size))
-        sums = _accumulate(new_sums("micro_batch"), samples)
+        sums = _accumulate(new_sums("micro_batch"), samples)  # (raises: no fallback to warn of)
+        if fallback:
+            _warn_micro_batches(fallback, micro_batch_size)
         sums.fallback = fallback
         return sums
 
@@ -302,6 +305,7 @@ def gradient_coherence(
         >>> out.coherence, out.mean_cosine, out.num_samples  # ‖(2, 2)‖² / 6; cosines 0, 1, 0
         (tensor(1.3333), tensor(0.3333), 3)
     """
+    check_callable("all_sum", all_sum, "all_sum(tensor) -> tensor", allow_none=True)
     sums = gradient_sums(model, loss_fn, batch, **sampling)
     if all_sum is not None:
         sums = sums.all_reduce(all_sum)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import MAX_BUDGET, check_budget, check_real, check_tensor
 from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
@@ -42,10 +42,15 @@ def check_density_arguments(num_steps: Any, num_runs: Any, *, min_steps: int = 1
         >>> check_density_arguments(80, 0)
         Traceback (most recent call last):
         ...
-        ValueError: `num_runs` must be an integer >= 1, got 0.
+        ValueError: `num_runs` must be an integer >= 1 and <= 1000000, got 0.
     """
-    check_integer("num_steps", num_steps, min_steps)
-    check_integer("num_runs", num_runs, 1)
+    check_budget("num_steps", num_steps, min_steps)
+    check_budget("num_runs", num_runs, 1)
+    if num_steps * num_runs > MAX_BUDGET:
+        raise ValueError(
+            f"`num_steps` × `num_runs` (Hessian-vector products) must be at most {MAX_BUDGET}, "
+            f"got {num_steps} × {num_runs}."
+        )
 
 
 def density_on_grid(
@@ -70,17 +75,29 @@ def density_on_grid(
         ``(grid, density)``; the density integrates to 1 over the default grid.
 
     Raises:
-        ValueError: if ``sigma`` is not positive or ``num_points < 2``.
+        ValueError: naming the argument: ``nodes`` or ``weights`` not finite tensors of one
+            shape, negative or all-zero ``weights``, a ``grid`` that is not a finite 1-D
+            tensor, ``num_points`` not an integer in ``[2, MAX_BUDGET]``, or ``sigma`` not a
+            finite number > 0.
 
     Example:
         >>> grid, density = density_on_grid(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
         >>> round(float(torch.trapezoid(density, grid)), 4)
         1.0
     """
-    if sigma is not None and (isinstance(sigma, bool) or not sigma > 0):
-        raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
-    if num_points < 2:
-        raise ValueError(f"`num_points` must be >= 2, got {num_points!r}.")
+    check_tensor("nodes", nodes)
+    check_tensor("weights", weights, sign="nonnegative", nonzero=True)
+    if weights.shape != nodes.shape:
+        raise ValueError(
+            f"`weights` must have the shape of `nodes` {tuple(nodes.shape)}, "
+            f"got {tuple(weights.shape)}."
+        )
+    if grid is not None:
+        check_tensor("grid", grid)
+        if grid.dim() != 1:
+            raise ValueError(f"`grid` must be one-dimensional, got shape {tuple(grid.shape)}.")
+    check_budget("num_points", num_points, 2)
+    check_real("sigma", sigma, 0, low_open=True, allow_none=True)
     nodes = nodes.reshape(-1, nodes.shape[-1]).to(device="cpu", dtype=torch.float64)
     weights = weights.reshape(nodes.shape).to(nodes)
     low, high = float(nodes.min()), float(nodes.max())

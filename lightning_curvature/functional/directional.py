@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_curvature.checks import check_tensor
 from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
@@ -67,15 +68,6 @@ def quadratic_form(operator: HessianOperator, vector: torch.Tensor) -> torch.Ten
     return inner_products(vector, operator.matvec(vector))
 
 
-def _check_direction(direction: torch.Tensor, size: int) -> None:
-    if not isinstance(direction, torch.Tensor) or direction.shape != (size,):
-        shape = tuple(direction.shape) if isinstance(direction, torch.Tensor) else direction
-        raise ValueError(
-            f"`direction` must be a flat tensor of shape ({size},) over the measured "
-            f"parameters, got {shape!r}."
-        )
-
-
 def directional_curvature(
     model: nn.Module,
     loss_fn: LossFn,
@@ -106,7 +98,8 @@ def directional_curvature(
         options: the operator's settings as one ``OperatorOptions`` instead of keywords.
 
     Raises:
-        ValueError: if ``direction`` is not a flat vector over the measured parameters.
+        ValueError: if ``direction`` is not a finite flat vector over the measured parameters
+            (a zero one gives a NaN quotient, as :func:`subspace_share` of a zero vector).
         NonFiniteCurvatureError: if the loss or the product is not finite.
 
     Example:
@@ -117,9 +110,10 @@ def directional_curvature(
         >>> out.value, out.num_hvps  # (1 + 4) / 2
         (tensor(2.5000), 1)
     """
+    check_tensor("direction", direction, values=False)  # its values: with the operator's layout
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     with settings.operator(model, loss_fn, batch) as operator:
-        _check_direction(direction, operator.size)
+        operator.shards.check_vector("direction", direction, operator.device)
         form = quadratic_form(operator, direction)
         vector = direction.to(device=operator.device, dtype=operator.dtype)
         squared = inner_products(vector, vector)
@@ -142,12 +136,15 @@ def subspace_share(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         basis: ``(k, P)`` orthonormal rows (or one ``(P,)`` unit vector).
 
     Raises:
-        ValueError: if the shapes do not match.
+        ValueError: if either is not a non-empty tensor of finite entries, or the shapes do
+            not match.
 
     Example:
         >>> subspace_share(torch.tensor([3.0, 4.0, 0.0]), torch.eye(3)[:1])  # 9 / 25
         tensor(0.3600, dtype=torch.float64)
     """
+    check_tensor("vector", vector)
+    check_tensor("basis", basis)
     rows = basis.reshape(-1, basis.shape[-1]) if basis.dim() else basis
     if vector.dim() != 1 or basis.dim() not in (1, 2) or rows.shape[-1] != vector.shape[0]:
         raise ValueError(

@@ -10,7 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import (
+    check_budget,
+    check_flag,
+    check_real,
+    check_tensor,
+)
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.linalg.eigenpairs import LanczosResult, lanczos_eigenpairs
 from lightning_curvature.functional.linalg.sharded import VectorShards
@@ -72,8 +77,14 @@ class HessianEigenvalues:
     gradient: torch.Tensor | None = None
 
 
-def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter: Any = 3) -> None:
+def check_eigenvalue_arguments(
+    k: Any, tol: Any, max_iter: Any = None, min_iter: Any = 3, **flags: Any
+) -> None:
     """Raise if an argument of :func:`hessian_eigenvalues` is out of range.
+
+    ``flags``: the boolean arguments by name (``smallest=...``), each ``True`` or ``False``.
+    The budgets (``k``, ``max_iter``, ``min_iter``) are at most
+    :data:`~lightning_curvature.checks.MAX_BUDGET`.
 
     Raises:
         ValueError: naming the argument, what it allows and what it got.
@@ -83,14 +94,15 @@ def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter:
         >>> check_eigenvalue_arguments(3, 1e-3, max_iter=2)
         Traceback (most recent call last):
         ...
-        ValueError: `max_iter` must be an integer >= k (3), got 2.
+        ValueError: `max_iter` must be an integer >= k (3) and <= 1000000, got 2.
     """
-    check_integer("k", k, 1)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise ValueError(f"`tol` must be > 0, got {tol!r}.")
+    check_budget("k", k)
+    check_real("tol", tol, 0, 1, low_open=True, high_open=True)
     if max_iter is not None:  # None: the default budget
-        check_integer("max_iter", max_iter, k, minimum_text=f"k ({k})")
-    check_integer("min_iter", min_iter, 1)
+        check_budget("max_iter", max_iter, k, minimum_text=f"k ({k})")
+    check_budget("min_iter", min_iter)
+    for name, value in flags.items():
+        check_flag(name, value)
 
 
 def _start_vector(
@@ -230,8 +242,9 @@ def hessian_eigenvalues(
             ``"retained_graph"`` backend, one more gradient with the others).
         init: warm start, one vector ``(P,)`` or several ``(m, P)`` (e.g. the previous
             call's ``warm_start``); a little random noise is added.
-        preconditioner: a flat positive vector ``D``; the eigenvalues are then those of
-            ``D H D`` (e.g. Adam's preconditioned sharpness, see ``stability_threshold``).
+        preconditioner: a flat vector ``D`` of entries ``>= 0``, not all zero (0 where a
+            coordinate is not optimized); the eigenvalues are then those of ``D H D`` (e.g.
+            Adam's preconditioned sharpness, see ``stability_threshold``).
         parameters: glob pattern(s) selecting the measured parameters (a block's Hessian).
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
@@ -265,7 +278,17 @@ def hessian_eigenvalues(
         >>> again.eigenvalues, again.num_hvps
         (tensor([6.]), 3)
     """
-    check_eigenvalue_arguments(k, tol, max_iter, min_iter)
+    check_eigenvalue_arguments(
+        k,
+        tol,
+        max_iter,
+        min_iter,
+        smallest=smallest,
+        return_eigenvectors=return_eigenvectors,
+        return_gradient=return_gradient,
+    )
+    check_tensor("init", init, values=False, allow_none=True)  # its values: _start_vector
+    check_tensor("preconditioner", preconditioner, values=False, allow_none=True)
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     with open_operator(model, loss_fn, batch, settings, generator) as (operator, generator):
         shards = operator.shards
@@ -277,11 +300,9 @@ def hessian_eigenvalues(
         start = _start_vector(init, shards, generator, operator.dtype, operator.device)
         matvec: Callable[[torch.Tensor], torch.Tensor] = operator.matvec
         if preconditioner is not None:
-            if preconditioner.shape != (operator.size,):
-                raise ValueError(
-                    f"`preconditioner` must have shape ({operator.size},), "
-                    f"got {tuple(preconditioner.shape)}."
-                )
+            shards.check_vector(
+                "preconditioner", preconditioner, operator.device, nonnegative=True, nonzero=True
+            )
             scale = preconditioner.to(device=operator.device, dtype=operator.dtype)
 
             def matvec(vector: torch.Tensor) -> torch.Tensor:

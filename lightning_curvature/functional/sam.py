@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_curvature.checks import check_callable, check_choice, check_flag
 from lightning_curvature.errors import NonFiniteCurvatureError
 from lightning_curvature.functional.gradients.perturbation import (
     SAMPerturbation,
@@ -33,7 +34,7 @@ from lightning_curvature.functional.gradients.perturbation import (
 from lightning_curvature.functional.gradients.rng import RNGState
 from lightning_curvature.functional.gradients.summed import gradient_sum
 from lightning_curvature.functional.model.batches import split_batches
-from lightning_curvature.functional.model.functional_model import LossFn
+from lightning_curvature.functional.model.functional_model import LossFn, call_loss
 from lightning_curvature.functional.model.parameters import ParameterPatterns, select_parameters
 from lightning_curvature.functional.model.probe import frozen_running_stats, unwrap_model
 
@@ -50,12 +51,14 @@ SAMDropout = Literal["reuse", "resample"]
 _DROPOUT = ("reuse", "resample")
 
 
-def check_sam_arguments(rho: float, eta: float = 0.01, dropout: Any = "reuse") -> None:
-    """Raise if ``rho``, ``eta`` or ``dropout`` is out of range.
+def check_sam_arguments(
+    rho: float, eta: float = 0.01, dropout: Any = "reuse", adaptive: Any = False
+) -> None:
+    """Raise if ``rho``, ``eta``, ``dropout`` or ``adaptive`` is out of range.
 
     Raises:
         ValueError: if ``rho`` is not a finite number > 0, ``eta`` not a finite number >= 0,
-            or ``dropout`` not ``"reuse"`` or ``"resample"``.
+            ``dropout`` not ``"reuse"`` or ``"resample"``, or ``adaptive`` not a bool.
 
     Example:
         >>> check_sam_arguments(0.05, 0.01)  # fine: returns None
@@ -65,8 +68,8 @@ def check_sam_arguments(rho: float, eta: float = 0.01, dropout: Any = "reuse") -
         ValueError: `rho` must be a finite number > 0, got 0.0.
     """
     check_perturbation_arguments(rho, eta)
-    if dropout not in _DROPOUT:
-        raise ValueError(f"`dropout` must be one of {_DROPOUT}, got {dropout!r}.")
+    check_choice("dropout", dropout, _DROPOUT)
+    check_flag("adaptive", adaptive)
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,8 @@ def sam_gradient(
         >>> out.curvature  # εᵀAε/‖ε‖² with ε ∝ (1, 1, 1, 1): (1 + 2 + 4 + 8) / 4
         tensor(3.7500)
     """
-    check_sam_arguments(rho, eta, dropout)
+    check_sam_arguments(rho, eta, dropout, adaptive)
+    check_callable("loss_fn", loss_fn, "loss_fn(model, batch)")
     model = unwrap_model(model)
     named = select_parameters(model, parameters)
     params = [p for _, p in named]
@@ -167,7 +171,7 @@ def sam_gradient(
         for item, weight in zip(probe.batches, probe.weights, strict=True):
             if dropout == "reuse":
                 states.append(RNGState.capture(device))
-            loss = weight * loss_fn(model, item)
+            loss = weight * call_loss(loss_fn, model, item)
             losses.append(loss.detach())
             yield loss
 
@@ -187,7 +191,7 @@ def sam_gradient(
         for j, (item, weight) in enumerate(zip(probe.batches, probe.weights, strict=True)):
             if dropout == "reuse":
                 states[j].restore()
-            loss = weight * loss_fn(model, item)
+            loss = weight * call_loss(loss_fn, model, item)
             perturbed_losses.append(loss.detach())
             yield loss
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_curvature.checks import check_integer
+from lightning_curvature.checks import check_budget, check_choice
 from lightning_curvature.functional.linalg.trace_estimators import (
     MIN_MATVECS,
     hutch_plus_plus,
@@ -38,12 +38,10 @@ def check_trace_arguments(num_hvps: Any, method: Any) -> None:
         >>> check_trace_arguments(3, "hutch++")
         Traceback (most recent call last):
         ...
-        ValueError: `num_hvps` must be an integer >= 4 for 'hutch++', got 3.
+        ValueError: `num_hvps` must be an integer >= 4 and <= 1000000 for 'hutch++', got 3.
     """
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}.")
-    minimum = MIN_MATVECS[method]
-    check_integer("num_hvps", num_hvps, minimum, why=f" for {method!r}")
+    check_choice("method", method, tuple(_METHODS))
+    check_budget("num_hvps", num_hvps, MIN_MATVECS[method], why=f" for {method!r}")
 
 
 @dataclass(frozen=True)

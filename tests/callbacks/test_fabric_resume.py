@@ -1,8 +1,9 @@
 """Saved and loaded mid-run through ``fabric.save``/``fabric.load``, a loop probes on as before.
 
-The schedule's position, the eigenvalue monitor's warm starts and every monitor's generator
-travel in the state Fabric saves, so the first probe after loading (and every later one)
-equals the uninterrupted run's, bit for bit; without that state it does not.
+The schedule's position, the eigenvalue monitor's warm starts (stored: it opts in with
+``checkpoint_warm_start=True``) and every monitor's generator travel in the state Fabric
+saves, so the first probe after loading (and every later one) equals the uninterrupted
+run's, bit for bit; without that state it does not.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ SAVED_AT = 5  # one epoch of 5 batches, in order: the resumed loop sees the same
 
 def monitors() -> list[Any]:
     return [
-        HessianEigenvalueMonitor(k=2, tol=1e-4, every_n_steps=2),  # warm-started: steps 0, 2, 4
+        # warm-started: steps 0, 2, 4, the warm starts in the checkpoint
+        HessianEigenvalueMonitor(k=2, tol=1e-4, every_n_steps=2, checkpoint_warm_start=True),
         HessianTraceMonitor(num_hvps=6, every_n_steps=3),  # random probes: generator state
         SpectralDensityMonitor(num_steps=6, every_n_steps=3, on_train_end=True),
     ]

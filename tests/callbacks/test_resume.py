@@ -33,7 +33,9 @@ STEPS = 10
 
 def monitors() -> list[pl.Callback]:
     return [
-        HessianEigenvalueMonitor(k=2, tol=1e-4, every_n_steps=1, per_layer=["net.2.*"]),
+        HessianEigenvalueMonitor(
+            k=2, tol=1e-4, every_n_steps=1, per_layer=["net.2.*"], checkpoint_warm_start=True
+        ),
         HessianTraceMonitor(num_hvps=6, every_n_steps=2),  # random probes: generator state
         SpectralDensityMonitor(num_steps=6, every_n_steps=3, on_train_end=True),
     ]
@@ -128,8 +130,8 @@ def test_monitors_of_one_class_that_measure_different_things_checkpoint_side_by_
     monitors that differ in anything they measure, not only in their cadence."""
     held_out = loader(regression_data(n=16, seed=3), batch_size=16)
     eigen = [
-        HessianEigenvalueMonitor(k=1, every_n_steps=1),
-        HessianEigenvalueMonitor(k=2, every_n_steps=1),
+        HessianEigenvalueMonitor(k=1, every_n_steps=1, checkpoint_warm_start=True),
+        HessianEigenvalueMonitor(k=2, every_n_steps=1, checkpoint_warm_start=True),
         HessianEigenvalueMonitor(k=1, every_n_steps=1, batch_norm="eval"),
         HessianEigenvalueMonitor(k=1, every_n_steps=1, probe_dataloader=held_out),
     ]

@@ -716,7 +716,7 @@ def test_a_non_finite_gradient_without_scaler_warns_once_and_skips_the_sam_pass(
         ({"every_n_steps": 0}, r"`every_n_steps` must be an integer >= 1, got 0"),
         ({"every_n_steps": 1.5}, r"`every_n_steps` must be an integer >= 1, got 1.5"),
         ({"every_n_steps": True}, r"`every_n_steps` must be an integer >= 1, got True"),
-        ({"log_every_n_steps": 0}, r"`log_every_n_steps` must be an integer >= 1, got 0"),
+        ({"log_every_n_steps": 0}, r"`log_every_n_steps` must be an integer >= 1 or None, got 0"),
         ({"dropout": "fresh"}, r"`dropout` must be one of \('reuse', 'resample'\), got 'fresh'"),
         (
             {"perturbation": "local"},

@@ -45,7 +45,8 @@ def fit(tmp_path: Path, name: str, ckpt_path: Path | None = None, **options: Any
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return fit(tmp_path_factory.mktemp("warm"), "default")
+    """Warm starts on the model's device and in checkpoints (opted in)."""
+    return fit(tmp_path_factory.mktemp("warm"), "default", checkpoint_warm_start=True)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_bad_options_name_the_argument(options: dict[str, Any], name: str) -> No
 
 
 def test_host_warm_start_logs_the_same_values(tmp_path: Path, default_run: dict[str, Any]) -> None:
-    host = fit(tmp_path, "host", warm_start_device="cpu")
+    host = fit(tmp_path, "host", warm_start_device="cpu", checkpoint_warm_start=True)
     assert host["top"] == default_run["top"]  # the same floats, step by step
     assert host["hvps"] == default_run["hvps"]
     assert all(

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_curvature.checks import check_real
 from lightning_curvature.functional.linalg.sharded import local_tensor
 
 __all__ = [
@@ -66,10 +67,8 @@ def check_perturbation_arguments(rho: float, eta: float = 0.01) -> None:
         ...
         ValueError: `eta` must be a finite number >= 0, got -1.0.
     """
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf:
-        raise ValueError(f"`rho` must be a finite number > 0, got {rho!r}.")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
-        raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
+    check_real("rho", rho, 0, low_open=True)
+    check_real("eta", eta, 0)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -23,6 +23,7 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
     """``generator``, or a new one seeded with 0, checked to live on ``device``'s type.
 
     Raises:
+        TypeError: if ``generator`` is not a ``torch.Generator`` (or ``None``).
         ValueError: if the generator is on another device type than the model.
 
     Example:
@@ -31,6 +32,8 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
     """
     if generator is None:
         return make_generator(device)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {generator!r}.")
     if generator.device.type != device.type:
         raise ValueError(
             f"`generator` is on {generator.device.type!r} but the model is on {device.type!r}; "

@@ -101,6 +101,55 @@ class VectorShards:
         slots[self.shard] = local
         return float(self.all_sum(slots).max())
 
+    def check_vector(
+        self,
+        name: str,
+        vector: torch.Tensor,
+        device: torch.device,
+        *,
+        nonnegative: bool = False,
+        nonzero: bool = False,
+    ) -> None:
+        """Refuse argument ``name``, a vector over the measured parameters, on every process.
+
+        Its shape must be ``(local_size,)``, its entries finite (``>= 0`` with
+        ``nonnegative``) and, with ``nonzero``, not all zero over the processes. The verdict
+        takes one ``all_sum``, so every process raises together and none waits alone.
+
+        Raises:
+            ValueError: naming ``name``, what it must be, and where it is not.
+
+        Example:
+            >>> VectorShards.single(2).check_vector("direction", torch.zeros(2), torch.device(
+            ...     "cpu"), nonzero=True)
+            Traceback (most recent call last):
+            ...
+            ValueError: `direction` must not be zero everywhere, got only zeros.
+        """
+        shaped = tuple(vector.shape) == (self.local_size,)
+        finite = shaped and bool(torch.isfinite(vector).all())
+        signed = finite and not (nonnegative and bool((vector < 0).any()))
+        moved = float((vector != 0).sum()) if shaped else 1.0
+        local = (not shaped, not finite, not signed)
+        flags = torch.tensor([*local, moved], dtype=torch.float64, device=device)
+        total = self.all_sum(flags).tolist()
+        shard = " (this process's shard)" if self.sharded else ""
+        problems = (
+            (
+                f"have shape ({self.local_size},) over the measured parameters{shard}",
+                f"got {tuple(vector.shape)}",
+            ),
+            ("be finite", "got NaN or infinite entries"),
+            ("have entries >= 0", "got a negative one"),
+        )
+        for failed, mine, (rule, got) in zip(total[:3], local, problems, strict=True):
+            if failed:
+                raise ValueError(
+                    f"`{name}` must {rule}, {got if mine else 'not on another process'}."
+                )
+        if nonzero and total[3] == 0:
+            raise ValueError(f"`{name}` must not be zero everywhere, got only zeros.")
+
     def any_true(self, flag: bool | torch.Tensor, device: torch.device) -> bool:
         """Whether ``flag`` holds on any process (every process gets the same answer)."""
         value = torch.as_tensor(flag, dtype=torch.float64, device=device).reshape(())

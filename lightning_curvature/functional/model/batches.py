@@ -176,7 +176,8 @@ def split_batches(batch: Any, device: torch.device) -> ProbeBatches:
         device: where every tensor is moved.
 
     Raises:
-        ValueError: if ``batch`` is an empty iterable.
+        ValueError: if ``batch`` is ``None``, an empty iterable, or holds a batch of no
+            examples.
 
     Example:
         >>> x = torch.zeros(6, 2)
@@ -184,11 +185,18 @@ def split_batches(batch: Any, device: torch.device) -> ProbeBatches:
         >>> probe.weights
         (0.3333333333333333, 0.6666666666666666)
     """
+    if batch is None:
+        raise ValueError("`batch` must be one batch or an iterable of batches, got None.")
     items = [batch] if _is_single_batch(batch) else list(batch)
     if not items:
         raise ValueError("`batch` is an empty iterable: give one batch or at least one batch.")
     moved = tuple(move_to_device(item, device) for item in items)
     sizes = [batch_size(item) for item in moved]
+    if any(item is None or size == 0 for item, size in zip(moved, sizes, strict=True)):
+        raise ValueError(
+            "`batch` must hold examples: it is or contains a batch of 0 examples (or None), "
+            f"got sizes {sizes}."
+        )
     if any(size is None for size in sizes) or sum(sizes) == 0:  # type: ignore[arg-type]
         weights = tuple(1.0 / len(moved) for _ in moved)
     else:

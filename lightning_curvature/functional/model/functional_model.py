@@ -32,7 +32,7 @@ are used as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +40,15 @@ from torch import nn
 
 from lightning_curvature.functional.model.batches import map_tensors
 
-__all__ = ["FunctionalModel", "LossFn", "check_measurable", "check_scalar_loss", "probe_dtype"]
+__all__ = [
+    "FunctionalModel",
+    "LossFn",
+    "call_loss",
+    "check_measurable",
+    "check_scalar_loss",
+    "describe",
+    "probe_dtype",
+]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -112,7 +120,55 @@ class _LossModule(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+        return call_loss(self.loss_fn, self.model, batch)
+
+
+def call_loss(loss_fn: LossFn, model: nn.Module, batch: Any) -> torch.Tensor:
+    """``loss_fn(model, batch)``; what it raises carries a note naming ``batch`` and its shapes.
+
+    A batch of the wrong shape fails inside the user's model (``mat1 and mat2 shapes cannot
+    be multiplied``); the note (Python 3.11+, printed under the message) says that it was the
+    ``batch`` given to the measurement. The exception itself is raised unchanged.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> try:
+        ...     call_loss(lambda m, b: m(b).sum(), net, torch.ones(4, 3))
+        ... except RuntimeError as err:
+        ...     notes = getattr(err, "__notes__", ["Tensor(4, 3) (Python 3.10: no notes)"])
+        >>> "Tensor(4, 3)" in notes[-1]
+        True
+    """
+    try:
+        return loss_fn(model, batch)
+    except Exception as err:
+        note = (
+            f"while computing loss_fn(model, batch) on a batch given ({describe(batch)}): "
+            "check that `batch` (each of `batches`) is what the loss and the model take."
+        )
+        add_note = getattr(err, "add_note", None)
+        if add_note is not None and note not in getattr(err, "__notes__", ()):
+            add_note(note)
+        raise
+
+
+def describe(batch: Any) -> str:
+    """A short description of ``batch``: its containers and its tensors' shapes.
+
+    Example:
+        >>> describe((torch.zeros(8, 3), {"y": torch.zeros(8)}))
+        'tuple(Tensor(8, 3), dict(y=Tensor(8,)))'
+    """
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        inner = ", ".join(f"{key}={describe(value)}" for key, value in list(batch.items())[:8])
+        return f"{type(batch).__name__}({inner})"
+    if isinstance(batch, (list, tuple)):
+        inner = ", ".join(describe(value) for value in batch[:8])
+        more = ", ..." if len(batch) > 8 else ""
+        return f"{type(batch).__name__}({inner}{more})"
+    return type(batch).__name__
 
 
 class FunctionalModel:

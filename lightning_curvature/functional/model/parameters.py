@@ -16,6 +16,8 @@ from typing import Literal, NoReturn
 import torch
 from torch import nn
 
+from lightning_curvature.checks import check_module, check_patterns
+
 __all__ = [
     "ParameterLayout",
     "PerLayer",
@@ -47,28 +49,26 @@ def select_parameters(
             them matched against ``model.named_parameters()`` names (``"0.*"``, ``"*.bias"``).
 
     Raises:
-        ValueError: if nothing is trainable, ``parameters`` is an empty list, or a pattern
-            matches no trainable parameter.
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: if nothing is trainable, ``parameters`` is not patterns (an empty list
+            included), or a pattern matches no trainable parameter.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
         >>> [name for name, _ in select_parameters(net, "1.*")]
         ['1.weight', '1.bias']
     """
+    check_module("model", model)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(
             f"`model` ({type(model).__name__}) has no trainable parameters "
             "(all have requires_grad=False): there is no Hessian to measure."
         )
+    check_patterns("parameters", parameters)
     patterns = _as_patterns(parameters)
     if patterns is None:
         return trainable
-    if not patterns:
-        raise ValueError(
-            "`parameters` is an empty list of patterns: give None (all trainable "
-            "parameters) or at least one glob pattern."
-        )
     names = [name for name, _ in trainable]
     for pattern in patterns:
         if not fnmatch.filter(names, pattern):

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
+    "BATCH_NORM_MODES",
     "BatchNormMode",
     "frozen_running_stats",
     "module_device",
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 BatchNormMode = Literal["as_is", "eval", "train"]
-_BATCH_NORM_MODES = ("as_is", "eval", "train")
+BATCH_NORM_MODES = ("as_is", "eval", "train")
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _BATCH_NORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
@@ -91,8 +92,8 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 def _check_batch_norm_mode(batch_norm: str) -> None:
-    if batch_norm not in _BATCH_NORM_MODES:
-        raise ValueError(f"`batch_norm` must be one of {_BATCH_NORM_MODES}, got {batch_norm!r}.")
+    if batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"`batch_norm` must be one of {BATCH_NORM_MODES}, got {batch_norm!r}.")
 
 
 @contextlib.contextmanager

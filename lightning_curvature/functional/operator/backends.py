@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_curvature.checks import check_callable, check_choice, check_flag, check_patterns
+from lightning_curvature.functional.model.probe import BATCH_NORM_MODES
 from lightning_curvature.functional.operator.ggn import CURVATURES, Curvature, OutputLoss
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "FallBack",
     "HVPBackend",
     "check_curvature",
+    "check_settings",
     "sharded_backend",
 ]
 
@@ -68,6 +71,37 @@ class FallBack(Exception):
         self.reason = reason
 
 
+def check_settings(
+    *,
+    parameters: Any = None,
+    backend: Any = "auto",
+    batch_norm: Any = "as_is",
+    dropout: Any = False,
+    curvature: Any = "hessian",
+    all_reduce: Any = None,
+) -> None:
+    """Refuse an operator setting of the wrong kind, naming it.
+
+    What ``curvature`` needs of the loss and the backend is :func:`check_curvature`'s.
+
+    Raises:
+        ValueError: naming the setting, what it allows and what it got.
+        TypeError: if ``all_reduce`` is not callable.
+
+    Example:
+        >>> check_settings(backend="auto", dropout="no")
+        Traceback (most recent call last):
+        ...
+        ValueError: `dropout` must be True or False, got 'no'.
+    """
+    check_patterns("parameters", parameters)
+    check_choice("backend", backend, BACKENDS)
+    check_choice("batch_norm", batch_norm, BATCH_NORM_MODES)
+    check_flag("dropout", dropout)
+    check_choice("curvature", curvature, CURVATURES)
+    check_callable("all_reduce", all_reduce, "all_reduce(tensor) -> tensor", allow_none=True)
+
+
 def check_curvature(curvature: Any, loss_fn: Any, backend: Any = "auto") -> None:
     """Refuse a ``curvature`` the operator cannot compute with ``loss_fn`` and ``backend``.
 
@@ -80,8 +114,7 @@ def check_curvature(curvature: Any, loss_fn: Any, backend: Any = "auto") -> None
         ...
         ValueError: curvature='ggn' needs the loss split at the model's outputs: ...
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}.")
+    check_choice("curvature", curvature, CURVATURES)
     if curvature != "ggn":
         return
     if not isinstance(loss_fn, OutputLoss):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_curvature.checks import check_tensor
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
@@ -49,12 +50,21 @@ def hessian_vector_product(
         curvature: ``"hessian"``, or ``"ggn"`` for a Gauss–Newton product ``G v`` (``loss_fn``
             an :class:`~lightning_curvature.functional.operator.ggn.OutputLoss`).
 
+    Raises:
+        ValueError: if ``vector`` is not a finite tensor over the measured parameters (or one
+            per parameter), and on invalid settings as :class:`HessianOperator`.
+
     Example:
         >>> net = nn.Linear(2, 1, bias=False)
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
         >>> hessian_vector_product(net, lambda m, b: m(b).pow(2).mean(), x, [torch.ones(1, 2)])
         [tensor([[1., 4.]])]
     """
+    pieces: Sequence[Any] = [vector] if isinstance(vector, torch.Tensor) else vector
+    if not isinstance(pieces, (list, tuple)) or not pieces:
+        pieces = [vector]  # refused below, naming `vector`
+    for piece in pieces:
+        check_tensor("vector", piece, values=False)  # its values: with the operator's layout
     with HessianOperator(
         model,
         loss_fn,
@@ -71,5 +81,6 @@ def hessian_vector_product(
                 f"`vector` has {flat.numel()} entries but the measured parameters have "  # type: ignore[union-attr]
                 f"{operator.size}."
             )
+        operator.shards.check_vector("vector", flat, operator.device)  # type: ignore[arg-type]
         product = operator.matvec(flat)  # type: ignore[arg-type]
         return product if flat_input else [t.clone() for t in operator.layout.split(product)]

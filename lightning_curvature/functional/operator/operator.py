@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 
+from lightning_curvature.checks import check_callable
 from lightning_curvature.errors import NonFiniteCurvatureError
 from lightning_curvature.functional.linalg.sharded import VectorShards, fsdp_shards, local_tensor
 from lightning_curvature.functional.model.batches import ProbeBatches, split_batches
@@ -54,11 +55,11 @@ from lightning_curvature.functional.model.parameters import (
 from lightning_curvature.functional.model.probe import BatchNormMode, probe_context, unwrap_model
 from lightning_curvature.functional.operator.autodiff_backends import AutodiffProducts
 from lightning_curvature.functional.operator.backends import (
-    BACKENDS,
     AllReduce,
     FallBack,
     HVPBackend,
     check_curvature,
+    check_settings,
     sharded_backend,
 )
 from lightning_curvature.functional.operator.finite_difference import FiniteDifferenceProducts
@@ -133,12 +134,15 @@ class HessianOperator:
         all_reduce: AllReduce | None = None,
         curvature: Curvature = "hessian",
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-        if not callable(loss_fn):
-            raise TypeError(
-                f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}."
-            )
+        check_settings(
+            parameters=parameters,
+            backend=backend,
+            batch_norm=batch_norm,
+            dropout=dropout,
+            curvature=curvature,
+            all_reduce=all_reduce,
+        )
+        check_callable("loss_fn", loss_fn, "loss_fn(model, batch)")
         check_curvature(curvature, loss_fn, backend)
         self.model = unwrap_model(model)
         self._named = select_parameters(self.model, parameters)
@@ -251,7 +255,7 @@ class HessianOperator:
         elif self._all_reduce is not None:
             bad = self._all_reduce(bad)
         if bad.item() > 0:
-            raise NonFiniteCurvatureError(f"the probe loss is not finite ({self.loss.item()}).")
+            raise NonFiniteCurvatureError.agreed("the probe loss", self.loss.item())
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient ``∇L(w)`` of the probe loss (all-reduced like the products).

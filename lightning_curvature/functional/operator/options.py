@@ -23,7 +23,7 @@ from lightning_curvature.functional.linalg.sampling import check_generator
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
-from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend
+from lightning_curvature.functional.operator.backends import AllReduce, HVPBackend, check_settings
 from lightning_curvature.functional.operator.ggn import Curvature
 from lightning_curvature.functional.operator.operator import HessianOperator
 
@@ -45,6 +45,10 @@ class OperatorOptions:
             :class:`~lightning_curvature.functional.operator.ggn.OutputLoss`).
         all_reduce: averages a tensor across processes (DDP).
 
+    Raises:
+        ValueError: naming a setting of the wrong kind (``TypeError``: ``all_reduce`` not
+            callable).
+
     Example:
         >>> options = OperatorOptions(parameters="0.*", batch_norm="eval")
         >>> OperatorOptions.of(options) is options, OperatorOptions.of(None, "0.*").parameters
@@ -57,6 +61,9 @@ class OperatorOptions:
     dropout: bool = False
     curvature: Curvature = "hessian"
     all_reduce: AllReduce | None = None
+
+    def __post_init__(self) -> None:
+        check_settings(**{f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def of(

@@ -26,7 +26,11 @@ from torch import nn
 
 from lightning_curvature.functional.linalg.sharded import local_tensor
 from lightning_curvature.functional.model.batches import ProbeBatches
-from lightning_curvature.functional.model.functional_model import LossFn, check_scalar_loss
+from lightning_curvature.functional.model.functional_model import (
+    LossFn,
+    call_loss,
+    check_scalar_loss,
+)
 from lightning_curvature.functional.operator.graph_checks import FloatingDtypes, check_no_kinks
 
 __all__ = ["ShardedGradients"]
@@ -102,7 +106,7 @@ class ShardedGradients:
     def _module_loss(self) -> torch.Tensor:
         """The weighted probe loss of the model itself (its hooks, e.g. FSDP's, run)."""
         total = sum(
-            w * check_scalar_loss(self._loss_fn(self._model, b))
+            w * check_scalar_loss(call_loss(self._loss_fn, self._model, b))
             for b, w in zip(self._probe.batches, self._probe.weights, strict=True)
         )
         return total  # type: ignore[return-value]
@@ -114,7 +118,7 @@ class ShardedGradients:
                 for local, saved, v in zip(self._locals, self.saved, vs, strict=True):
                     local.copy_(saved).add_(v, alpha=step)
             for batch, weight in zip(self._probe.batches, self._probe.weights, strict=True):
-                loss = weight * check_scalar_loss(self._loss_fn(self._model, batch))
+                loss = weight * check_scalar_loss(call_loss(self._loss_fn, self._model, batch))
                 loss.backward()  # type: ignore[no-untyped-call]
             grads = [
                 torch.zeros_like(local) if p.grad is None else local_tensor(p.grad).detach()
