@@ -44,10 +44,12 @@ if TYPE_CHECKING:
     from lightning_curvature.callbacks import (
         SAM,
         BatchSharpnessMonitor,
+        CriticalSharpnessMonitor,
         CurvatureMonitor,
         GradientCoherenceMonitor,
         HessianEigenvalueMonitor,
         HessianTraceMonitor,
+        LossLandscapeMonitor,
         SpectralDensityMonitor,
         TrainingGradientCoherenceMonitor,
     )
@@ -55,10 +57,12 @@ if TYPE_CHECKING:
 _CALLBACKS = (
     "SAM",
     "BatchSharpnessMonitor",
+    "CriticalSharpnessMonitor",
     "CurvatureMonitor",
     "GradientCoherenceMonitor",
     "HessianEigenvalueMonitor",
     "HessianTraceMonitor",
+    "LossLandscapeMonitor",
     "SpectralDensityMonitor",
     "TrainingGradientCoherenceMonitor",
 )
@@ -80,6 +84,7 @@ __all__ = [
     "BatchSharpness",
     "BatchSharpnessMonitor",
     "CriticalSharpness",
+    "CriticalSharpnessMonitor",
     "CurvatureMonitor",
     "CurvatureWarning",
     "DirectionalCurvature",
@@ -90,6 +95,7 @@ __all__ = [
     "HessianOperator",
     "HessianTrace",
     "HessianTraceMonitor",
+    "LossLandscapeMonitor",
     "LossSlice",
     "NonFiniteCurvatureError",
     "OperatorOptions",

@@ -335,6 +335,15 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         return int(precond.num_hvps)
 
     @property
+    def warm_start_vectors(self) -> torch.Tensor | None:
+        """The full model's top ``k + 1`` Ritz vectors of the last probe, ``(k + 1, P)``.
+
+        What the next probe starts from, and what ``LossLandscapeMonitor`` slices along;
+        ``None`` before a probe or with ``warm_start=False``.
+        """
+        return self._warm.get("full")
+
+    @property
     def sharpness_quantity(self) -> str | None:
         """What this monitor puts on the raw sharpness chart: ``"λ₁"`` of the Hessian, if any.
 

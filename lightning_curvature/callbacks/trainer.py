@@ -31,6 +31,7 @@ __all__ = [
     "check_fit",
     "check_sharded_probe",
     "check_strategy",
+    "learning_rate",
     "log_step",
     "shared_timing",
     "transfer_batches",
@@ -52,6 +53,19 @@ def log_step(trainer: pl.Trainer) -> int:
     """
     epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+def learning_rate(trainer: pl.Trainer) -> float | None:
+    """The first optimizer's largest learning rate now (``None``: no optimizer, or 0).
+
+    Example:
+        >>> learning_rate(pl.Trainer(logger=False, enable_progress_bar=False)) is None
+        True
+    """
+    if not trainer.optimizers:
+        return None
+    lr = max(float(group["lr"]) for group in trainer.optimizers[0].param_groups)
+    return lr if lr > 0 else None
 
 
 def check_strategy(trainer: pl.Trainer, callback: str, why: str | None = None) -> None:
