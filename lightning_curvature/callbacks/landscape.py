@@ -110,6 +110,10 @@ class LossLandscapeMonitor(CurvatureMonitor):
         - TensorBoard only: the image ``landscape/slices``, one panel per line
         - with ``name=``: every tag as ``<group>/<name>/…``
 
+    Checkpoints hold the copy of the weights for a pending update slice, not the warm-start
+    vectors (``(k + 1)·P`` values): after a resume the first probe starts Lanczos from the
+    eigenvalue monitor's vectors or cold, and its eigenvalues agree to ``tol``.
+
     Values read from loss differences the float32 forward passes do not resolve (below 64
     roundings of ``L(w)``) are not logged; nor, with one warning, values read at points
     whose loss is not finite.
