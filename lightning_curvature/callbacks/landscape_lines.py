@@ -72,13 +72,18 @@ class SliceLine:
 
 
 def offsets_around(points: int, reach: float, extra: list[float]) -> torch.Tensor:
-    """``points`` offsets evenly spaced in ``[−reach, reach]``, and ``extra``, sorted.
+    """``points`` (odd) offsets evenly spaced in ``[−reach, reach]``, and ``extra``, sorted.
+
+    Symmetric, with an exact 0 (the current weights, whose loss costs no forward pass).
 
     Example:
         >>> offsets_around(5, 2.0, [-1.0, 0.5]).tolist()
         [-2.0, -1.0, -1.0, 0.0, 0.5, 1.0, 2.0]
+        >>> float(offsets_around(13, 2.0, [])[6])  # (linspace's middle is 1.1e-16 here)
+        0.0
     """
-    even = torch.linspace(-reach, reach, points, dtype=torch.float64)
+    half = torch.linspace(0.0, reach, points // 2 + 1, dtype=torch.float64)
+    even = torch.cat([-half[1:].flip(0), half])
     return torch.cat([even, torch.tensor(extra, dtype=torch.float64)]).sort().values
 
 

@@ -12,7 +12,9 @@ dropout off, BatchNorm in the requested mode with its running statistics untouch
 point of a slice sees the same function as the Hessian-vector products of the operator.
 
 A loss at displaced weights is one forward pass over the probe's batches, under
-``torch.no_grad`` (no graph kept); :attr:`DisplacedLoss.num_forwards` counts them. With
+``torch.no_grad`` (no graph kept); :attr:`DisplacedLoss.num_forwards` counts them. Nothing
+here needs a second derivative, so attention runs on the kernels the caller (training) runs,
+fused ones included, not on the math kernel the probe selects for the products. With
 ``all_reduce`` (DDP) every loss and the gradient are averaged over the processes, so every
 rank sees the union batch's loss and takes the same decisions. A non-finite loss is returned
 as it is: what it means (bad luck, or a step that blew the model up) is the caller's call.
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 
 from lightning_curvature.functional.linalg.sharded import fsdp_shards
 from lightning_curvature.functional.model.batches import split_batches
@@ -108,7 +111,9 @@ class DisplacedLoss:
 
     def __enter__(self) -> DisplacedLoss:
         stack = contextlib.ExitStack()
+        callers_kernels = _cur_sdpa_kernel_backends()
         stack.enter_context(probe_context(self.model, batch_norm=self._batch_norm))
+        stack.enter_context(sdpa_kernel(callers_kernels))  # first order: training's kernels
         self._stack = stack
         self._losses = ProbeLoss(self._functional, self._batches)
         return self
