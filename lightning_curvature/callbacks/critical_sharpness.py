@@ -10,8 +10,10 @@ new weights the last update points back uphill along it and the loss rises at on
 update is exactly training's next one.
 
 **Why a monitor of its own**, not an option of ``LossLandscapeMonitor``: it costs one
-gradient and a handful of forward passes, no Hessian-vector product, so it can run far more
-often than slices and eigenvectors (every 100 steps by default, against their 500).
+gradient and a handful of forward passes, no Hessian-vector product (4-6 training steps a
+probe), so it can run far more often than slices (every 500 steps by default, the
+eigenvalue monitor's cadence, against the slices' 2000; ``every_n_steps=10`` costs about half
+of training).
 
 **Its chart.** ``λ_c`` is ``2/η`` at the edge for every optimizer (see
 :mod:`~lightning_curvature.functional.critical_sharpness`), so it shares the chart of ``λ₁``
@@ -71,8 +73,9 @@ class CriticalSharpnessMonitor(CurvatureMonitor):
     Args:
         rtol: relative width of the bracket of ``η_c`` (so of the logged value).
         max_evals: most forward passes per line search.
-        every_n_steps: probe cadence (``"auto"``: 100; a probe costs about three training
-            steps).
+        every_n_steps: probe cadence (``"auto"``: 500, the eigenvalue monitor's, so that both
+            land on the steps of one chart; a warm probe costs 4-6 training steps, about 1%
+            of training at this cadence, ``benchmarks/README.md``).
         batch_norm: ``"train"`` (default: batch statistics, the landscape the optimizer
             steps on) or ``"eval"``.
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
@@ -106,7 +109,7 @@ class CriticalSharpnessMonitor(CurvatureMonitor):
     cost_name = "critical_sharpness"
     counts_hvps = False
     counts_forwards = True
-    default_every_n_steps = 100
+    default_every_n_steps = 500
     state_key_arguments = ("rtol", "max_evals")
     unshardable_reason = (
         "its line search evaluates the loss at displaced weights w − η·u, which under FSDP2 "

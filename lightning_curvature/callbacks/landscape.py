@@ -89,8 +89,10 @@ class LossLandscapeMonitor(CurvatureMonitor):
             step 0).
         tol: relative error bound of the eigenvalues (see ``hessian_eigenvalues``).
         images: write the picture of every probe (TensorBoard).
-        every_n_steps: probe cadence (``"auto"``: 500, the eigenvalue monitor's, so that it
-            starts from vectors of the same step).
+        every_n_steps: probe cadence (``"auto"``: 2000, a multiple of the eigenvalue
+            monitor's 500, so that it starts from vectors of the same step; a probe with
+            ``k=1`` costs about 20-60 training steps, 1-3% of training at this cadence,
+            ``benchmarks/README.md``).
         batch_norm: ``"train"`` (default: batch statistics, as the eigenvalue monitor) or
             ``"eval"``.
         **kwargs: cadence, probe data, loss and the rest: see ``CurvatureMonitor``.
@@ -131,7 +133,7 @@ class LossLandscapeMonitor(CurvatureMonitor):
 
     cost_name = "landscape"
     counts_forwards = True
-    default_every_n_steps = 500
+    default_every_n_steps = 2000
     state_key_arguments = ("k", "num_points", "update", "tol")
     unshardable_reason = (
         "its slices evaluate the loss at displaced weights w + t·d, which under FSDP2 would "

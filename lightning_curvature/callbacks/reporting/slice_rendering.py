@@ -108,17 +108,18 @@ def _panel(draw: ImageDraw.ImageDraw, font: Font, panel: SlicePanel,
     x = panel.offsets.tolist()
     fine = torch.linspace(x[0], x[-1], 121, dtype=torch.float64)
     model = panel.model(fine).clamp(y_low - span / 2, y_high + span / 2)
-    _dashed(draw, [(box.px(float(a)), py(float(b))) for a, b in zip(fine, model, strict=True)],
-            _MODEL)  # fmt: skip
     points = [
         (box.px(a), py(b))
         for a, b in zip(x, panel.losses.tolist(), strict=True)
         if math.isfinite(b)
     ]
     if len(points) > 1:
-        draw.line(points, fill=_MEASURED, width=2)
+        draw.line(points, fill=_MEASURED, width=3)
     for cx, cy in points:
         draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=_MEASURED)
+    # the model over the measurement, so that where they agree both show
+    _dashed(draw, [(box.px(float(a)), py(float(b))) for a, b in zip(fine, model, strict=True)],
+            _MODEL)  # fmt: skip
     box.markers(draw, font, panel.markers)
     draw.rectangle([box.left, box.top, box.left + box.width, box.bottom], outline=_TEXT)
     draw.text((box.left, box.top - 20), panel.title, fill=_TEXT, font=font)
