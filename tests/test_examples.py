@@ -197,3 +197,32 @@ def test_fabric_litgpt_example_logs_what_the_model_level_api_computes(tmp_path: 
     )
     assert events.Tensors("custom_scalars__config__")  # the layout a Trainer run writes
     assert (log_dir / "final.ckpt").exists()
+
+
+def test_landscape_example_slices_along_v1_and_tracks_critical_sharpness(tmp_path: Path) -> None:
+    out = _run("landscape.py", tmp_path)
+    found = re.search(
+        r"secant curvature at one step length ([\d.]+) to ([\d.]+) of lambda_1\)\. Before the "
+        r"edge .* unresolved in (\d+) of (\d+) probes\); from the edge on .* from step (\d+), "
+        r"(\d+) probes\) the step along v1 raised the loss in (\d+) probes and lowered it in "
+        r"(\d+) \(unresolved in (\d+)\), with the sign the quadratic model predicted in (\d+) "
+        r"of (\d+) .* Critical sharpness: median ([\d.]+) before the edge, ([\d.]+) after it "
+        r"\(([\d.]+) of 2/lr; lambda_1 ([\d.]+)\)",
+        out,
+    )
+    assert found, out
+    low, high = float(found.group(1)), float(found.group(2))
+    assert 0.98 <= low <= high <= 1.02  # the loss along v1 is quadratic at the step's scale
+    unresolved, before = int(found.group(3)), int(found.group(4))
+    assert unresolved >= before - 1  # before the edge the step barely moves along v1
+    after, rose, fell, silent = (int(found.group(i)) for i in (6, 7, 8, 9))
+    assert rose + fell + silent == after
+    assert rose > fell  # past the edge the step overshoots along v1
+    assert int(found.group(10)) == int(found.group(11)) == rose + fell  # as the model says
+    early, late = float(found.group(12)), float(found.group(13))
+    assert early < 0.1 * late
+    assert 0.8 <= float(found.group(14)) <= 1.2  # critical sharpness at 2/lr past the edge
+    assert 0.9 <= float(found.group(15)) <= 1.2
+    pictures = sorted(tmp_path.glob("landscape/version_0/slices_*_edge_step*.png"))
+    assert [p.name.split("_")[1] for p in pictures] == ["after", "before"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pictures)

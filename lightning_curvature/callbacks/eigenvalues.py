@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, get_args
 
 import lightning.pytorch as pl
@@ -346,6 +347,13 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         metrics["curvature/preconditioned_eigenvalue_1"] = precond.eigenvalues[0]
         metrics["curvature/sharpness_ratio"] = float(precond.eigenvalues[0]) / found.threshold
         return int(precond.num_hvps)
+
+    def warm_start_vectors(self, names: Sequence[str], size: int) -> torch.Tensor | None:
+        """The last probe's top ``k + 1`` Ritz vectors over ``names`` (``None``: none such).
+
+        What the next probe starts from, and what ``LossLandscapeMonitor`` slices along.
+        """
+        return self._warm.get("full", names, size)
 
     @property
     def sharpness_quantity(self) -> str | None:

@@ -72,6 +72,9 @@ class MonitorSettings(Callback):
     cost_name = ""
     #: Whether the cost tags include ``hvps`` (monitors that compute no HVP: no).
     counts_hvps = True
+    #: Whether the cost tags include ``forwards`` (monitors that evaluate the loss by forward
+    #: passes: slices, line searches).
+    counts_forwards = False
     #: The step cadence of ``every_n_steps="auto"``.
     default_every_n_steps = 100
 
@@ -139,6 +142,9 @@ class MonitorSettings(Callback):
         if self.counts_hvps:
             hvps = exact(self.tag(cost_tag(self.cost_name, "hvps")))
             cost["Hessian-vector products per probe"] = multiline(hvps)
+        if self.counts_forwards:
+            forwards = exact(self.tag(cost_tag(self.cost_name, "forwards")))
+            cost["forward passes per probe"] = multiline(forwards)
         return {COST_CATEGORY: cost}
 
     def tag(self, tag: str) -> str:

@@ -6,7 +6,8 @@ training gradient of a probed step in the span of the probe's top-k eigenvectors
 there, before a step after which a probe is due, and that probe measures the curvature
 ``uᵀHu/‖u‖²`` along the update ``u`` the optimizer made. :class:`StepInstrumentsMonitor`,
 a base of the eigenvalue monitor, keeps both from the probe to the optimizer step and back
-(and the weights' copy in a checkpoint taken between the two).
+(the weights' copy is :class:`~lightning_curvature.callbacks.last_update.LastUpdate`'s, which
+the landscape monitor shares).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_curvature.callbacks.last_update import LastUpdate, flat_copy
 from lightning_curvature.callbacks.operator_monitor import OperatorMonitor
 from lightning_curvature.callbacks.reporting.logging import log_scalars
 from lightning_curvature.callbacks.trainer import log_step, sharding
 from lightning_curvature.functional.directional import directional_curvature, subspace_share
 from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.batches import BatchList
-from lightning_curvature.functional.model.functional_model import probe_dtype
 from lightning_curvature.functional.stability import StabilityThreshold
 
 __all__ = ["StepInstrumentsMonitor"]
@@ -54,8 +55,7 @@ class StepInstrumentsMonitor(OperatorMonitor):
         super().__init__(**kwargs)
         self.gradient_share, self.update_sharpness = gradient_share, update_sharpness
         self._basis: tuple[int, torch.Tensor] | None = None  # (step, top-k eigenvectors)
-        # (probe step, the parameter names, w_{t−1} over them)
-        self._update_start: tuple[int, tuple[str, ...], torch.Tensor] | None = None
+        self._last_update = LastUpdate()  # w_{t−1}, copied before a step a probe follows
 
     def _measured(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
         """The parameters the last probe measured (their names resolved then)."""
@@ -84,16 +84,11 @@ class StepInstrumentsMonitor(OperatorMonitor):
         metrics: dict[str, float | torch.Tensor],
     ) -> int:
         """``uᵀHu/‖u‖²`` along the last update (one product); 0 products if none is known."""
-        start, self._update_start = self._update_start, None
-        if start is None or start[0] != trainer.global_step:
-            return 0  # no copy from the step before (step 0, a resumed run's first probe)
-        _, names, before = start
-        if names and names != self._measured_names(pl_module):
-            return 0  # the measured parameters changed since the copy (said in one warning)
-        measured = self._measured(pl_module)
-        if sum(p.numel() for p in measured) != before.numel():
-            return 0  # (a copy from an older checkpoint, without names)
-        update = _flat(measured, before.dtype).to(before.device).sub_(before)
+        update = self._last_update.take(
+            trainer.global_step, self._measured(pl_module), self._measured_names(pl_module)
+        )
+        if update is None:  # no copy from the step before (step 0, a resumed run's first
+            return 0  # probe), or the measured parameters changed since (said in a warning)
         out = directional_curvature(
             pl_module,
             self.probe_loss_fn(),
@@ -121,16 +116,6 @@ class StepInstrumentsMonitor(OperatorMonitor):
             metrics["curvature/update_sharpness_ratio"] = float(preconditioned) / found.threshold
         return out.num_hvps
 
-    def _probes_after_this_step(self, trainer: pl.Trainer) -> bool:
-        """Whether a probe is due right after the optimizer step being taken now."""
-        following, epoch = trainer.global_step + 1, trainer.current_epoch
-        if self.schedule.due_by_cadence(following):  # never is_due: it may space the budget
-            return True
-        last = trainer.max_steps == following  # training stops after this step
-        if (trainer.is_last_batch or last) and self.schedule.is_due_at_epoch_end(following, epoch):
-            return True  # an epoch-end probe (max_steps also ends the epoch it stops in)
-        return self.schedule.on_train_end and last
-
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -141,7 +126,7 @@ class StepInstrumentsMonitor(OperatorMonitor):
             if step == trainer.global_step:  # the training gradient of the probed weights
                 measured = self._measured(pl_module)
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in measured]
-                flat = _flat(grads, basis.dtype)
+                flat = flat_copy(grads, basis.dtype)
                 finite = bool(torch.isfinite(flat).all())  # (an overflowed AMP step: not)
                 share = float(subspace_share(flat, basis)) if finite else math.nan
                 values = self._warnings.finite(
@@ -149,34 +134,20 @@ class StepInstrumentsMonitor(OperatorMonitor):
                 )
                 self.last_metrics.update(values)
                 log_scalars(trainer, values, log_step(trainer))
-        if self.update_sharpness and self._probes_after_this_step(trainer):
-            measured = self._measured(pl_module)
-            names = self._measured_names(pl_module)
-            self._update_start = (
-                trainer.global_step + 1,
-                names,
-                _flat(measured, probe_dtype(measured)),
+        if self.update_sharpness:
+            self._last_update.keep_if_due(
+                trainer,
+                self.schedule,
+                self._measured(pl_module),
+                self._measured_names(pl_module),
             )
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        state = super().extra_state()
-        if self._update_start is not None:  # a checkpoint between the copy and its probe
-            step, names, weights = self._update_start
-            state["update_start"] = {"step": step, "names": list(names), "weights": weights.cpu()}
-        return state
+        # (a checkpoint between the copy and its probe keeps the copy)
+        return {**super().extra_state(), **self._last_update.state_dict()}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
-        start = state.get("update_start")
-        self._update_start = (
-            None
-            if start is None
-            else (int(start["step"]), tuple(start.get("names", ())), start["weights"])
-        )
-
-
-def _flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """One flat detached copy of ``tensors`` in ``dtype`` (the layout of the operator)."""
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+        self._last_update.load_state_dict(state)

@@ -40,6 +40,7 @@ __all__ = [
     "check_fit",
     "check_sharded_probe",
     "check_strategy",
+    "learning_rate",
     "log_step",
     "reduce",
     "sharding",
@@ -109,6 +110,19 @@ def reduce(trainer: pl.Trainer, tensor: torch.Tensor, reduce_op: Literal["mean",
     if isinstance(strategy, FabricStrategy):
         return strategy.all_reduce(tensor, reduce_op=reduce_op)
     return strategy.reduce(tensor, reduce_op=reduce_op)
+
+
+def learning_rate(trainer: pl.Trainer) -> float | None:
+    """The first optimizer's largest learning rate now (``None``: no optimizer, or 0).
+
+    Example:
+        >>> learning_rate(pl.Trainer(logger=False, enable_progress_bar=False)) is None
+        True
+    """
+    if not trainer.optimizers:
+        return None
+    lr = max(float(group["lr"]) for group in trainer.optimizers[0].param_groups)
+    return lr if lr > 0 else None
 
 
 def check_strategy(trainer: pl.Trainer, callback: str, why: str | None = None) -> None:

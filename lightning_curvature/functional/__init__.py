@@ -12,6 +12,7 @@ and ``gradients/`` (gradient samples, their sums, SAM's perturbation).
 
 from lightning_curvature.functional.batch_sharpness import BatchSharpness, batch_sharpness
 from lightning_curvature.functional.coherence import gradient_coherence
+from lightning_curvature.functional.critical_sharpness import CriticalSharpness, critical_sharpness
 from lightning_curvature.functional.density import (
     SpectralDensity,
     density_on_grid,
@@ -24,6 +25,7 @@ from lightning_curvature.functional.directional import (
 )
 from lightning_curvature.functional.eigenvalues import HessianEigenvalues, hessian_eigenvalues
 from lightning_curvature.functional.gradients.statistics import GradientCoherence
+from lightning_curvature.functional.landscape import LossSlice, loss_slice
 from lightning_curvature.functional.operator.ggn import OutputLoss
 from lightning_curvature.functional.operator.hvp import hessian_vector_product
 from lightning_curvature.functional.operator.operator import HessianOperator
@@ -33,22 +35,26 @@ from lightning_curvature.functional.trace import HessianTrace, hessian_trace
 
 __all__ = [
     "BatchSharpness",
+    "CriticalSharpness",
     "DirectionalCurvature",
     "GradientCoherence",
     "HessianEigenvalues",
     "HessianOperator",
     "HessianTrace",
+    "LossSlice",
     "OperatorOptions",
     "OutputLoss",
     "SAMGradient",
     "SpectralDensity",
     "batch_sharpness",
+    "critical_sharpness",
     "density_on_grid",
     "directional_curvature",
     "gradient_coherence",
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",
+    "loss_slice",
     "sam_gradient",
     "spectral_density",
     "subspace_share",

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 #: The raw-Hessian sharpness quantities that share one chart against the SGD threshold.
-SHARED_SHARPNESS = ("λ₁", "batch sharpness")
+SHARED_SHARPNESS = ("λ₁", "batch sharpness", "critical sharpness")
 
 #: ``{category: {chart title: ["Multiline", [regex, ...]] or ["Margin", [value, lower, upper]]}}``
 Charts = dict[str, dict[str, list[Any]]]
@@ -138,10 +138,11 @@ def sharpness_chart_title(
 ) -> str | None:
     """The title of the chart of the raw sharpness against its threshold (SGD family).
 
-    ``HessianEigenvalueMonitor``'s ``λ₁`` and ``BatchSharpnessMonitor``'s batch sharpness
-    both chart on it, so with the same BatchNorm mode (the same landscape) and ``name`` they
-    share one chart (:func:`layout` merges charts of one title), whose title names what the
-    Trainer's monitors put on it (each says so in its ``sharpness_quantity``). ``None``
+    ``HessianEigenvalueMonitor``'s ``λ₁``, ``BatchSharpnessMonitor``'s batch sharpness and
+    ``CriticalSharpnessMonitor``'s critical sharpness (with plain SGD) chart on it, so with
+    the same BatchNorm mode (the same landscape) and ``name`` they share one chart
+    (:func:`layout` merges charts of one title), whose title names what the Trainer's monitors
+    put on it (each says so in its ``sharpness_quantity``). ``None``
     without an SGD optimizer.
 
     Example:
@@ -159,7 +160,7 @@ def sharpness_chart_title(
         quantity = " and ".join(q for q in SHARED_SHARPNESS if q in charted) or quantity
     label = threshold_label(trainer.optimizers[0])
     note = batch_norm_note(pl_module, batch_norm)
-    named = quantity if quantity.startswith("batch sharpness") else f"sharpness {quantity}"
+    named = f"sharpness {quantity}" if quantity.startswith("λ") else quantity
     return f"{named} vs. stability threshold {label}{note}"
 
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["density_image", "nice_ticks"]
+#: The fonts Pillow's ``load_default`` gives (FreeType where available, else the bitmap one).
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+__all__ = ["Font", "PlotBox", "density_image", "format_number", "image_tensor", "nice_ticks"]
 
 _INK = (31, 90, 180)
 _FILL = (170, 198, 238)
@@ -43,8 +47,81 @@ def nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
     ]
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
+    """A tick or marker label: 4 significant digits, or exponent notation from 1e5 on.
+
+    Example:
+        >>> format_number(0.123456), format_number(123456.0)
+        ('0.1235', '1.235e+05')
+    """
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB Pillow image as the ``(3, H, W)`` float tensor in [0, 1] TensorBoard takes.
+
+    Example:
+        >>> image_tensor(Image.new("RGB", (4, 2), "white")).shape
+        torch.Size([3, 2, 4])
+    """
+    width, height = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.reshape(height, width, 3).permute(2, 0, 1).float() / 255
+
+
+@dataclass(frozen=True)
+class PlotBox:
+    """Where a plot lies in its picture, and its x axis: shared by every rendered chart.
+
+    Example:
+        >>> box = PlotBox(left=50, top=20, width=100, height=80, x_low=0.0, x_high=2.0)
+        >>> box.px(1.0), box.bottom
+        (100.0, 100)
+    """
+
+    left: int
+    top: int
+    width: int
+    height: int
+    x_low: float
+    x_high: float
+
+    @property
+    def bottom(self) -> int:
+        """The pixel row of the x axis."""
+        return self.top + self.height
+
+    def px(self, value: float) -> float:
+        """The pixel column of ``value`` on the x axis."""
+        return self.left + (value - self.x_low) / (self.x_high - self.x_low) * self.width
+
+    def x_ticks(self, draw: ImageDraw.ImageDraw, font: Font) -> None:
+        """Vertical grid lines at round values, labelled under the axis."""
+        for tick in nice_ticks(self.x_low, self.x_high):
+            col = self.px(tick)
+            draw.line([(col, self.top), (col, self.bottom)], fill=_GRID)
+            draw.text((col, self.bottom + 4), format_number(tick), fill=_TEXT, font=font,
+                      anchor="ma")  # fmt: skip
+
+    def markers(self, draw: ImageDraw.ImageDraw, font: Font, markers: Mapping[str, float]) -> None:
+        """A dashed vertical line per marker, labelled; one off the axis named at its edge."""
+        for i, (label, value) in enumerate(markers.items()):
+            color = _MARKERS[i % len(_MARKERS)]
+            text = f"{label} = {format_number(value)}"
+            row = self.top + 4 + 18 * i
+            right = self.left + self.width
+            if value > self.x_high:
+                draw.text((right - 2, row), f"{text} ->", fill=color, font=font, anchor="ra")
+                continue
+            if value < self.x_low:
+                draw.text((self.left + 2, row), f"<- {text}", fill=color, font=font, anchor="la")
+                continue
+            col = self.px(value)
+            for start in range(self.top, self.bottom, 8):  # dashed
+                draw.line([(col, start), (col, min(start + 4, self.bottom))], fill=color, width=2)
+            anchor = "ra" if col > self.left + self.width / 2 else "la"
+            draw.text((col - 4 if anchor == "ra" else col + 4, row), text, fill=color, font=font,
+                      anchor=anchor)  # fmt: skip
 
 
 def density_image(
@@ -91,8 +168,8 @@ def density_image(
     peak = float(y.max()) if float(y.max()) > 0 else 1.0
     y_low, y_high = math.log10(peak * floor), math.log10(peak)
 
-    def px(value: float) -> float:
-        return left + (value - x_low) / (x_high - x_low) * plot_w
+    box = PlotBox(left, top, plot_w, plot_h, x_low, x_high)
+    px = box.px
 
     def py(log_value: float) -> float:
         return top + (y_high - log_value) / (y_high - y_low) * plot_h
@@ -102,10 +179,7 @@ def density_image(
         row = py(decade)
         draw.line([(left, row), (left + plot_w, row)], fill=_GRID)
         draw.text((left - 6, row), f"1e{decade}", fill=_TEXT, font=font, anchor="rm")
-    for tick in nice_ticks(x_low, x_high):
-        col = px(tick)
-        draw.line([(col, top), (col, top + plot_h)], fill=_GRID)
-        draw.text((col, top + plot_h + 4), _number(tick), fill=_TEXT, font=font, anchor="ma")
+    box.x_ticks(draw, font)
     # the curve, filled down to the floor
     logs = y.clamp_min(peak * floor).log10()
     points = [(px(float(a)), py(float(b))) for a, b in zip(x, logs, strict=True)]
@@ -116,22 +190,7 @@ def density_image(
         for node in nodes.detach().reshape(-1).cpu().tolist():
             if x_low <= node <= x_high:
                 draw.line([(px(node), base - 7), (px(node), base)], fill=_INK, width=1)
-    for i, (label, value) in enumerate((markers or {}).items()):
-        color = _MARKERS[i % len(_MARKERS)]
-        text = f"{label} = {_number(value)}"
-        row = top + 4 + 18 * i
-        if value > x_high:
-            draw.text((left + plot_w - 2, row), f"{text} ->", fill=color, font=font, anchor="ra")
-            continue
-        if value < x_low:
-            draw.text((left + 2, row), f"<- {text}", fill=color, font=font, anchor="la")
-            continue
-        col = px(value)
-        for start in range(top, base, 8):  # dashed
-            draw.line([(col, start), (col, min(start + 4, base))], fill=color, width=2)
-        anchor = "ra" if col > left + plot_w / 2 else "la"
-        draw.text((col - 4 if anchor == "ra" else col + 4, row), text, fill=color, font=font,
-                  anchor=anchor)  # fmt: skip
+    box.markers(draw, font, markers or {})
     draw.rectangle([left, top, left + plot_w, base], outline=_TEXT)
     draw.text((left, 10), title, fill=_TEXT, font=font)
     draw.text(
@@ -142,5 +201,4 @@ def density_image(
         (plot_h / 2, 10), "density (log scale)", fill=_TEXT, font=font, anchor="mm"
     )
     image.paste(axis.rotate(90, expand=True), (2, top))
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.reshape(height, width, 3).permute(2, 0, 1).float() / 255
+    return image_tensor(image)

@@ -1,0 +1,177 @@
+"""The probe loss at displaced weights ``w + δ``, by forward passes alone, and ``∇L(w)``.
+
+What the loss-landscape slices (:mod:`~lightning_curvature.functional.landscape`) and the
+critical-sharpness line search (:mod:`~lightning_curvature.functional.critical_sharpness`)
+evaluate. The model is called through the one functional adapter of the package
+(:class:`~lightning_curvature.functional.model.functional_model.FunctionalModel`, through
+:class:`~lightning_curvature.functional.operator.probe_loss.ProbeLoss`), at the detached
+measured parameters plus a flat displacement, so the user's parameters, ``.grad`` and
+buffers are never written; and under the conditions of every probe
+(:func:`~lightning_curvature.functional.model.probe.probe_context`: RNG forked, autocast off,
+dropout off, BatchNorm in the requested mode with its running statistics untouched), so a
+point of a slice sees the same function as the Hessian-vector products of the operator.
+
+A loss at displaced weights is one forward pass over the probe's batches, under
+``torch.no_grad`` (no graph kept); :attr:`DisplacedLoss.num_forwards` counts them. Nothing
+here needs a second derivative, so attention runs on the kernels the caller (training) runs,
+fused ones included, not on the math kernel the probe selects for the products. With
+``all_reduce`` (DDP) every loss and the gradient are averaged over the processes, so every
+rank sees the union batch's loss and takes the same decisions. A non-finite loss is returned
+as it is: what it means (bad luck, or a step that blew the model up) is the caller's call.
+
+Sharded (FSDP2) parameters are refused: their forward passes gather the shards inside the
+model's own hooks, so a point ``w + δ`` would have to be written into the local shards in
+place (as the finite-difference backend's gradients are), which is not implemented here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
+
+from lightning_curvature.functional.linalg.sharded import fsdp_shards
+from lightning_curvature.functional.model.batches import split_batches
+from lightning_curvature.functional.model.functional_model import FunctionalModel, LossFn
+from lightning_curvature.functional.model.parameters import (
+    ParameterLayout,
+    ParameterPatterns,
+    select_parameters,
+)
+from lightning_curvature.functional.model.probe import BatchNormMode, probe_context, unwrap_model
+from lightning_curvature.functional.operator.backends import AllReduce
+from lightning_curvature.functional.operator.probe_loss import ProbeLoss
+
+__all__ = ["DisplacedLoss"]
+
+
+class DisplacedLoss:
+    """``L(w + δ)`` of ``loss_fn(model, batch)`` for flat displacements ``δ``; a context manager.
+
+    Args:
+        model: the module (``torch.compile`` and DDP wrappers are looked through).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        batch: one batch or an iterable of batches (size-weighted mean loss).
+        parameters: glob pattern(s) of the measured parameters (all trainable by default).
+        batch_norm: BatchNorm mode during the probe (running statistics never change).
+        all_reduce: averages a tensor over processes (DDP).
+
+    Attributes:
+        layout: the measured parameters' flat layout (``layout.size`` entries in ``δ``).
+        dtype: the probe dtype (float64 for a float64 model, else float32).
+        device: the parameters' device.
+        num_forwards: forward passes of the probe's batches so far (a gradient counts one).
+
+    Raises:
+        ValueError: if a measured parameter is an FSDP2 shard (see the module docstring).
+
+    Example:
+        >>> net = nn.Linear(1, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(2.0)
+        >>> with DisplacedLoss(net, lambda m, b: m(b).pow(2).mean(), torch.ones(3, 1)) as loss:
+        ...     loss.at(torch.tensor([1.0])), loss.gradient(), loss.num_forwards  # (w + 1)², 2w
+        (tensor(9.), (tensor(4.), tensor([4.])), 2)
+        >>> net.weight.tolist()  # never moved
+        [[2.0]]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        *,
+        parameters: ParameterPatterns = None,
+        batch_norm: BatchNormMode = "as_is",
+        all_reduce: AllReduce | None = None,
+    ) -> None:
+        self.model = unwrap_model(model)
+        named = select_parameters(self.model, parameters)
+        if fsdp_shards([p for _, p in named]) is not None:
+            raise ValueError(
+                "loss slices and critical sharpness do not run on FSDP2 shards: their points "
+                "w + δ would have to be written into the shards in place, which is not "
+                "implemented; measure under DDP, or without sharding."
+            )
+        self.layout = ParameterLayout.from_named(named)
+        self.device = named[0][1].device
+        self._functional = FunctionalModel(self.model, loss_fn, named)
+        self.dtype = self._functional.dtype
+        self._batches = split_batches(batch, self.device)
+        self._batch_norm = batch_norm
+        self._all_reduce = all_reduce
+        self._stack: contextlib.ExitStack | None = None
+        self._losses: ProbeLoss | None = None
+        self.num_forwards = 0
+
+    def __enter__(self) -> DisplacedLoss:
+        stack = contextlib.ExitStack()
+        callers_kernels = _cur_sdpa_kernel_backends()
+        stack.enter_context(probe_context(self.model, batch_norm=self._batch_norm))
+        stack.enter_context(sdpa_kernel(callers_kernels))  # first order: training's kernels
+        self._stack = stack
+        self._losses = ProbeLoss(self._functional, self._batches)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._losses = None
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    def _open(self) -> ProbeLoss:
+        if self._losses is None:
+            raise RuntimeError("DisplacedLoss must be used inside `with DisplacedLoss(...)`.")
+        return self._losses
+
+    def _mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self._all_reduce is None else self._all_reduce(tensor)
+
+    def at(self, displacement: torch.Tensor | None = None) -> torch.Tensor:
+        """The probe loss at ``w + displacement`` (``None``: at ``w``), one forward pass.
+
+        Raises:
+            ValueError: if ``displacement`` is not a flat vector over the measured parameters.
+        """
+        losses = self._open()
+        leaves: list[torch.Tensor] = list(losses.leaves)
+        with torch.no_grad():
+            if displacement is not None:
+                if displacement.shape != (self.layout.size,):
+                    raise ValueError(
+                        f"a displacement must have shape ({self.layout.size},) over the "
+                        f"measured parameters, got {tuple(displacement.shape)}."
+                    )
+                step = displacement.to(device=self.device, dtype=self.dtype)
+                leaves = [p + d for p, d in zip(leaves, self.layout.split(step), strict=True)]
+            loss = losses.weighted_loss(leaves).detach()
+        self.num_forwards += 1
+        return self._mean(loss)
+
+    def gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L(w), ∇L(w))``: the loss and its flat first-order gradient (one forward and backward).
+
+        No graph is kept and no second derivative is needed, so this runs wherever training's
+        own backward does (fused attention kernels excepted: the probe selects the math one).
+        """
+        losses = self._open()
+        leaves = list(losses.leaves)
+
+        def loss_and_gradient(batch: Any) -> tuple[torch.Tensor, ...]:
+            loss = losses.loss(leaves, batch)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            return (loss.detach(), *(g.detach() for g in grads))
+
+        loss, *grads = losses.weighted_sum(loss_and_gradient)
+        self.num_forwards += 1
+        return self._mean(loss), self._mean(self.layout.flatten(grads))
