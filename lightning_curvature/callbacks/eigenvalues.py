@@ -349,10 +349,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         return int(precond.num_hvps)
 
     def warm_start_vectors(self, names: Sequence[str], size: int) -> torch.Tensor | None:
-        """The last probe's top ``k + 1`` Ritz vectors over ``names`` (``None``: none such).
-
-        What the next probe starts from, and what ``LossLandscapeMonitor`` slices along.
-        """
+        """The last probe's top ``k + 1`` Ritz vectors over ``names`` (the landscape's too)."""
         return self._warm.get("full", names, size)
 
     @property
