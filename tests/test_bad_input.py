@@ -389,6 +389,21 @@ FUNCTIONS: dict[str, Signature] = {
             "dropout": Choice(),
         },
     ),
+    "loss_slice": Signature(
+        lc.loss_slice,
+        lambda: {**_model_args(), "directions": torch.ones(P), "offsets": [-1.0, 0.0, 1.0]},
+        {**MODEL, "directions": Tensor(shape=(P,), nonzero=True), "grid": Flag()}
+        | {name: OPERATOR[name] for name in ("parameters", "backend", "batch_norm")}
+        | {"all_reduce": Function(none_ok=True), "options": Options()},
+    ),
+    "critical_sharpness": Signature(
+        lc.critical_sharpness,
+        lambda: {**_model_args(), "update": torch.ones(P)},
+        {**MODEL, "init": Real(low=0, low_open=True)}
+        | {"rtol": Real(low=0, high=1, low_open=True, high_open=True)}
+        | {"max_evals": Count(budget=True), "parameters": Patterns(), "batch_norm": Choice()}
+        | {"all_reduce": Function(none_ok=True)},
+    ),
     "density_on_grid": Signature(
         lc.density_on_grid,
         lambda: {"nodes": torch.tensor([0.0, 1.0]), "weights": torch.tensor([0.5, 0.5])},
@@ -486,6 +501,19 @@ CALLBACKS: dict[str, Signature] = {
         {name: kind for name, kind in PROBE.items() if name not in ("probe", "probe_batches")}
         | {"num_batches": Count(2)},
     ),
+    "LossLandscapeMonitor": Signature(
+        lc.LossLandscapeMonitor,
+        dict,
+        {**PROBE, "k": Count(budget=True), "num_points": Count(3, budget=True)}
+        | {"update": Flag(), "images": Flag()}
+        | {"tol": Real(low=0, high=1, low_open=True, high_open=True)},
+    ),
+    "CriticalSharpnessMonitor": Signature(
+        lc.CriticalSharpnessMonitor,
+        dict,
+        {**PROBE, "rtol": Real(low=0, high=1, low_open=True, high_open=True)}
+        | {"max_evals": Count(budget=True)},
+    ),
     "SAM": Signature(
         lc.SAM,
         dict,
@@ -540,11 +568,13 @@ SIGNATURES = {**FUNCTIONS, **CALLBACKS}
 #: (built by the library from checked values), the exception and warning classes, the version.
 NOT_CALLED = {
     "BatchSharpness",
+    "CriticalSharpness",
     "CurvatureWarning",
     "DirectionalCurvature",
     "GradientCoherence",
     "HessianEigenvalues",
     "HessianTrace",
+    "LossSlice",
     "NonFiniteCurvatureError",
     "SAMGradient",
     "SpectralDensity",

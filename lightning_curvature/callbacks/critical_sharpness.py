@@ -44,8 +44,11 @@ from lightning_curvature.callbacks.reporting.dashboard import (
 )
 from lightning_curvature.callbacks.schedule import EveryNSteps
 from lightning_curvature.callbacks.trainer import learning_rate
-from lightning_curvature.checks import check_integer
-from lightning_curvature.functional.critical_sharpness import CriticalSharpness, critical_sharpness
+from lightning_curvature.functional.critical_sharpness import (
+    CriticalSharpness,
+    check_critical_sharpness_arguments,
+    critical_sharpness,
+)
 from lightning_curvature.functional.model.batches import BatchList
 from lightning_curvature.functional.model.parameters import select_parameters
 from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
@@ -126,9 +129,10 @@ class CriticalSharpnessMonitor(CurvatureMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, batch_norm=batch_norm, **kwargs)
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < 1:
-            raise MisconfigurationException(f"`rtol` must be in (0, 1), got {rtol!r}.")
-        check_integer("max_evals", max_evals, 2, error=MisconfigurationException)
+        try:
+            check_critical_sharpness_arguments(1.0, rtol, max_evals)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
         self.rtol, self.max_evals = float(rtol), max_evals
         self.step_size: float | None = None  # the last η_c: the next search's start
         self._shares_chart = False

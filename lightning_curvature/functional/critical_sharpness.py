@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_curvature.checks import check_budget, check_callable, check_real
 from lightning_curvature.errors import NonFiniteCurvatureError
 from lightning_curvature.functional.linalg.line_search import critical_step
 from lightning_curvature.functional.linalg.reductions import inner_products
@@ -43,7 +44,12 @@ from lightning_curvature.functional.model.probe import BatchNormMode
 from lightning_curvature.functional.operator.backends import AllReduce
 from lightning_curvature.functional.operator.displaced_loss import DisplacedLoss
 
-__all__ = ["CriticalSharpness", "UpdateRule", "critical_sharpness"]
+__all__ = [
+    "CriticalSharpness",
+    "UpdateRule",
+    "check_critical_sharpness_arguments",
+    "critical_sharpness",
+]
 
 #: An update computed from the probe gradient ``g`` (flat, float32 or float64).
 UpdateRule = Callable[[torch.Tensor], torch.Tensor]
@@ -87,6 +93,23 @@ class CriticalSharpness:
     def relative_to(self, lr: float) -> float:
         """``lr / η_c = lr·λ_c / 2``: ≥ 1 when a step of size ``lr`` raises the loss."""
         return lr * float(self.value) / 2.0
+
+
+def check_critical_sharpness_arguments(init: Any, rtol: Any, max_evals: Any) -> None:
+    """Raise on an invalid line-search argument of :func:`critical_sharpness`, naming it.
+
+    Raises:
+        ValueError: naming the argument, the allowed values and the value given.
+
+    Example:
+        >>> check_critical_sharpness_arguments(1.0, 1.5, 30)
+        Traceback (most recent call last):
+        ...
+        ValueError: `rtol` must be a finite number in (0, 1), got 1.5.
+    """
+    check_real("init", init, 0, low_open=True)
+    check_real("rtol", rtol, 0, 1, low_open=True, high_open=True)
+    check_budget("max_evals", max_evals, 2)
 
 
 def critical_sharpness(
@@ -135,6 +158,9 @@ def critical_sharpness(
         >>> round(float(out.value), 1)  # gᵀHg / gᵀg = (64 + 1) / 17
         3.8
     """
+    check_callable("loss_fn", loss_fn, "loss_fn(model, batch)")
+    check_critical_sharpness_arguments(init, rtol, max_evals)
+    check_callable("all_reduce", all_reduce, "all_reduce(tensor) -> tensor", allow_none=True)
     with DisplacedLoss(
         model, loss_fn, batch, parameters=parameters, batch_norm=batch_norm, all_reduce=all_reduce
     ) as losses:

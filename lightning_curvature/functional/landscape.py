@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_curvature.checks import check_flag, check_tensor
 from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
@@ -214,6 +215,8 @@ def loss_slice(
         >>> line.secant_curvatures(0.5).tolist(), line.num_hvps, line.num_forwards
         ([2.0], 1, 3)
     """
+    check_flag("grid", grid)
+    check_tensor("directions", directions, nonzero=True)
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, "hessian", all_reduce)
     if settings.curvature != "hessian":
         raise ValueError("`loss_slice` models the loss by its Hessian; got curvature='ggn'.")

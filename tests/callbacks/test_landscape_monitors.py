@@ -313,7 +313,10 @@ def test_a_slice_through_nan_is_one_warning_and_training_goes_on(tmp_path: Path)
         (lambda: LossLandscapeMonitor(num_points=3), "`num_points` must be an integer >= 5"),
         (lambda: LossLandscapeMonitor(k=0), "`k` must be an integer >= 1"),
         (lambda: LossLandscapeMonitor(update="yes"), "`update`"),
-        (lambda: CriticalSharpnessMonitor(rtol=1.5), r"`rtol` must be in \(0, 1\), got 1.5"),
+        (
+            lambda: CriticalSharpnessMonitor(rtol=1.5),
+            r"`rtol` must be a finite number in \(0, 1\), got 1.5",
+        ),
         (lambda: CriticalSharpnessMonitor(max_evals=1), "`max_evals` must be an integer >= 2"),
     ],
 )

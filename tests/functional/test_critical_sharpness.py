@@ -63,10 +63,10 @@ def test_open_brackets_are_not_converged() -> None:
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("start", 0.0, "`start` must be a positive finite number, got 0.0"),
-        ("start", math.inf, "`start` must be a positive finite number, got inf"),
-        ("rtol", -1.0, "`rtol` must be a positive finite number, got -1.0"),
-        ("growth", True, "`growth` must be a positive finite number, got True"),
+        ("start", 0.0, "`start` must be a finite number > 0, got 0.0"),
+        ("start", math.inf, "`start` must be a finite number > 0, got inf"),
+        ("rtol", -1.0, "`rtol` must be a finite number > 0, got -1.0"),
+        ("growth", True, "`growth` must be a finite number > 0, got True"),
         ("max_evals", 1, "`max_evals` must be an integer >= 2, got 1"),
     ],
 )
@@ -179,7 +179,7 @@ def test_bad_luck_and_bad_input() -> None:
                            torch.ones(3))  # fmt: skip
     with pytest.raises(ValueError, match=r"`update` must be a flat vector of shape \(3,\)"):
         critical_sharpness(net, lambda m, b: m(b).sum(), torch.ones(3, 2), torch.ones(4))
-    with pytest.raises(ValueError, match="`start` must be a positive finite number"):
+    with pytest.raises(ValueError, match="`init` must be a finite number > 0"):
         critical_sharpness(net, lambda m, b: m(b).sum(), torch.ones(3, 2), torch.ones(3), init=0)
 
 

@@ -27,6 +27,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lightning_curvature.checks import check_integer, check_real
+
 __all__ = ["CriticalStep", "critical_step"]
 
 _REACH = 1e12  # how far from the start the outward search goes
@@ -89,14 +91,8 @@ def critical_step(
         6
     """
     for name, value in (("start", start), ("rtol", rtol), ("growth", growth)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 0 < value < math.inf
-        ):
-            raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 2:
-        raise ValueError(f"`max_evals` must be an integer >= 2, got {max_evals!r}.")
+        check_real(name, value, 0, low_open=True)
+    check_integer("max_evals", max_evals, 2)
     lower, upper, evals = 0.0, math.inf, 1
     if rises(start):
         upper = start
