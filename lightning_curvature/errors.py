@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["CurvatureWarning", "NonFiniteCurvatureError", "PiecewiseLinearError"]
+__all__ = [
+    "CurvatureWarning",
+    "NonFiniteCurvatureError",
+    "PeerFailure",
+    "PiecewiseLinearError",
+    "ProbeFailure",
+]
 
 
 class CurvatureWarning(UserWarning):
@@ -75,3 +81,53 @@ class PiecewiseLinearError(ValueError):
         >>> issubclass(PiecewiseLinearError, ValueError)
         True
     """
+
+
+class PeerFailure(Exception):
+    """Another process failed in the probe this process is running.
+
+    Raised at a status collective of an
+    :class:`~lightning_curvature.functional.distributed.agreement.Agreement`, on every process
+    at once, before the payload of that collective moves. It is no ``RuntimeError`` (nor any
+    class a probe catches to fall back), so nothing between the collective and the probe's
+    boundary swallows it.
+
+    Example:
+        >>> issubclass(PeerFailure, RuntimeError)
+        False
+    """
+
+
+class ProbeFailure(Exception):
+    """A probe failed on at least one process; raised on every process, after they agreed.
+
+    Args:
+        failures: what each failed process raised, by rank (``"ValueError: ..."``).
+        world_size: the number of processes that ran the probe.
+
+    Attributes:
+        failures: as given.
+        world_size: as given.
+
+    Example:
+        >>> str(ProbeFailure({1: "RuntimeError: out of memory"}, world_size=2))
+        'rank 1 raised RuntimeError: out of memory'
+        >>> str(ProbeFailure({0: "ValueError: bad"}, world_size=1))
+        'ValueError: bad'
+    """
+
+    def __init__(self, failures: dict[int, str], world_size: int = 1) -> None:
+        self.failures = dict(sorted(failures.items()))
+        self.world_size = world_size
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """What failed, naming the ranks when there are several processes."""
+        if self.world_size == 1:
+            return "; ".join(self.failures.values())
+        return "; ".join(f"rank {rank} raised {what}" for rank, what in self.failures.items())
+
+    @property
+    def kinds(self) -> set[str]:
+        """The exception classes' names (``"ValueError"``), from each ``"Class: message"``."""
+        return {what.split(":", 1)[0] for what in self.failures.values()}
