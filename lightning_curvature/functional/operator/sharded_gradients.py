@@ -14,6 +14,12 @@ shards, restored exactly from a saved copy after each, and FSDP's reduce-scatter
 them across processes (every process probes its own batch, as under DDP). ``.grad`` is saved
 before the probe and put back after it. The parameters must be float32 or float64 (a finite
 difference in bf16 resolves nothing).
+
+Inside a probe's agreement every sharded module's forward and every backward starts with a
+status collective (:func:`~lightning_curvature.functional.distributed.agreement.checked_forwards`),
+so a process that failed before one of FSDP's all-gathers or reduce-scatters (a
+``training_step`` that raises before its forward, a loss that is not a scalar or not
+finite) meets its peers there instead of leaving them in FSDP's collective.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from lightning_curvature.errors import NonFiniteCurvatureError
+from lightning_curvature.functional.distributed.agreement import check_agreement, checked_forwards
 from lightning_curvature.functional.linalg.sharded import local_tensor
 from lightning_curvature.functional.model.batches import ProbeBatches
 from lightning_curvature.functional.model.functional_model import (
@@ -91,6 +99,7 @@ class ShardedGradients:
                 p.grad = grad
 
         stack.callback(restore)
+        stack.enter_context(checked_forwards(fsdp))
         for p in owners:
             p.grad = None
         self._owners, self._fsdp = owners, fsdp
@@ -119,6 +128,9 @@ class ShardedGradients:
                     local.copy_(saved).add_(v, alpha=step)
             for batch, weight in zip(self._probe.batches, self._probe.weights, strict=True):
                 loss = weight * check_scalar_loss(call_loss(self._loss_fn, self._model, batch))
+                if not bool(torch.isfinite(loss)):
+                    raise NonFiniteCurvatureError(f"the probe loss is not finite ({float(loss)}).")
+                check_agreement()  # before FSDP's reduce-scatter: a failure above is met here
                 loss.backward()  # type: ignore[no-untyped-call]
             grads = [
                 torch.zeros_like(local) if p.grad is None else local_tensor(p.grad).detach()
