@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 __all__ = [
     "CurvatureWarning",
     "NonFiniteCurvatureError",
@@ -36,38 +34,6 @@ class NonFiniteCurvatureError(ArithmeticError):
         >>> issubclass(NonFiniteCurvatureError, ArithmeticError)
         True
     """
-
-    @classmethod
-    def agreed(cls, quantity: str, local: float) -> NonFiniteCurvatureError:
-        """The error for ``quantity`` found not finite on some process, and agreed by all.
-
-        ``local`` is this process's value. Every process raises together (none is left
-        waiting in a collective), so on a process whose own value is finite the message
-        says that another's was not, instead of quoting a finite value as not finite; the
-        processes agree by a mean of 0/1 flags, which says that one failed, not which.
-
-        Example:
-            >>> str(NonFiniteCurvatureError.agreed("the probe loss", 0.5))
-            'the probe loss is not finite on another process (here, it is 0.5).'
-            >>> str(NonFiniteCurvatureError.agreed("the probe loss", float("nan")))
-            'the probe loss is not finite (nan).'
-        """
-        rank = _rank()
-        here = "" if rank is None else f" on rank {rank}"
-        if math.isfinite(local):
-            return cls(
-                f"{quantity} is not finite on another process (here{here}, it is {local:.6g})."
-            )
-        return cls(f"{quantity} is not finite ({local}){here}.")
-
-
-def _rank() -> int | None:
-    """This process's rank under ``torch.distributed``, if it runs."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    return None
 
 
 class PiecewiseLinearError(ValueError):
