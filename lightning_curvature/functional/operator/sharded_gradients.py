@@ -41,7 +41,7 @@ from lightning_curvature.functional.model.functional_model import (
 )
 from lightning_curvature.functional.operator.graph_checks import FloatingDtypes, check_no_kinks
 
-__all__ = ["ShardedGradients"]
+__all__ = ["ShardedGradients", "fsdp_modules"]
 
 
 class ShardedGradients:
@@ -89,7 +89,7 @@ class ShardedGradients:
         Raises:
             PiecewiseLinearError: if a piecewise-linear op lies in the loss's graph.
         """
-        fsdp = _fsdp_modules(self._model)
+        fsdp = fsdp_modules(self._model)
         owners = list(self._model.parameters())
         grads = [p.grad for p in owners]
 
@@ -146,7 +146,13 @@ class ShardedGradients:
         return grads
 
 
-def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules of ``model``, outermost first.
+
+    Example:
+        >>> fsdp_modules(nn.Linear(1, 1))
+        []
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without distributed
