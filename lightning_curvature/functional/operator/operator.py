@@ -97,7 +97,8 @@ class HessianOperator:
             product and gradient goes through it, each process's weighted by its share of
             the examples (:class:`~lightning_curvature.functional.distributed.union.UnionMean`),
             so all ranks see the operator of the union of their batches. Not used over
-            sharded parameters, whose products FSDP averages. A failure on one process is
+            sharded parameters, whose products FSDP averages (each process's loss weighted
+            by its share there). A failure on one process is
             agreed by all inside an
             :class:`~lightning_curvature.functional.distributed.agreement.Agreement`'s probe
             (the callbacks run every probe in one).
@@ -227,8 +228,12 @@ class HessianOperator:
             self._mean = UnionMean.of(self._all_reduce, self._probe.size, self.device)
         if self._sharded:
             assert self._stack is not None
+            shards = self.shards  # FSDP averages the gradients: each loss weighted by its share
+            mean = UnionMean.of(
+                lambda t: shards.all_sum(t) / shards.num_shards, self._probe.size, self.device
+            )
             self._sharded_gradients = ShardedGradients(
-                self.model, self._loss_fn, self._probe, self._parameters, self._locals
+                self.model, self._loss_fn, self._probe, self._parameters, self._locals, mean.share
             )
             finite_difference = self._finite_difference
             loss = self._sharded_gradients.open(self._stack, finite_difference.note_compute_dtype)

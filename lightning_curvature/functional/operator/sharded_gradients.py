@@ -53,6 +53,8 @@ class ShardedGradients:
         probe: the probe's batches and their weights.
         parameters: the measured parameters (``DTensor`` shards).
         local_tensors: this process's piece of each (aliases of their storage).
+        share: this process's examples over the mean number per process: its loss's weight,
+            so that FSDP's mean of the gradients is the union batch's (1: equal sizes).
 
     Attributes:
         saved: copies of the local shards' values (taken by :meth:`open`), the weights ``w``.
@@ -65,8 +67,10 @@ class ShardedGradients:
         probe: ProbeBatches,
         parameters: Sequence[torch.Tensor],
         local_tensors: Sequence[torch.Tensor],
+        share: float = 1.0,
     ) -> None:
         self._model = model
+        self._share = share
         self._loss_fn = loss_fn
         self._probe = probe
         self._parameters = parameters
@@ -128,6 +132,7 @@ class ShardedGradients:
                     local.copy_(saved).add_(v, alpha=step)
             for batch, weight in zip(self._probe.batches, self._probe.weights, strict=True):
                 loss = weight * check_scalar_loss(call_loss(self._loss_fn, self._model, batch))
+                loss = loss if self._share == 1.0 else loss * self._share
                 if not bool(torch.isfinite(loss)):
                     raise NonFiniteCurvatureError(f"the probe loss is not finite ({float(loss)}).")
                 check_agreement()  # before FSDP's reduce-scatter: a failure above is met here
