@@ -1,9 +1,9 @@
 """Run by test_ddp_faults.py: two-process DDP (gloo, CPU) where rank 1 alone fails in probes.
 
-Usage: python ddp_faults_script.py OUT_DIR. Trains twice from the same start: with every
-monitor probing at every step while rank 1 (only) fails once at each step of ``FAULTS``, and
-without monitors. Each rank writes rank<r>.pt: the final weights of both trainings, the
-steps each monitor logged, and (rank 0) the warnings it said.
+Usage: python ddp_faults_script.py OUT_DIR. Trains twice from the same start with ``SAM``:
+with every monitor probing at every step while rank 1 (only) fails once at each step of
+``FAULTS``, and without monitors. Each rank writes rank<r>.pt: the final weights of both
+trainings, the step each monitor probed last, SAM's counts and (rank 0) the warnings said.
 
 The faults, rank 1 only:
 
@@ -13,11 +13,14 @@ The faults, rank 1 only:
 3. a ``torch.OutOfMemoryError`` raised by its second eval-mode forward of step 3 (the trace
    monitor's probe);
 4. a ``ValueError`` raised by every forward of a single example at step 4: the coherence
-   probe's per-example gradients (vmap, then the loop over examples) fail.
+   probe's per-example gradients (vmap, then the loop over examples) fail;
+5. a ``RuntimeError`` in its ``SAM`` second pass at step 5, and a NaN loss there at step 6
+   (both trainings take these two: the optimizer steps with the plain gradient).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -31,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_curvature import (
+    SAM,
     BatchSharpnessMonitor,
     CurvatureWarning,
     GradientCoherenceMonitor,
@@ -47,6 +51,8 @@ FAULTS = {
     2: ("RuntimeError: injected into Hessian-vector product 3", "HessianEigenvalueMonitor"),
     3: ("OutOfMemoryError: CUDA out of memory (injected)", "HessianTraceMonitor"),
     4: ("ValueError: rank 1 cannot take one example", "GradientCoherenceMonitor"),
+    5: ("RuntimeError: rank 1's second pass failed", "SAM"),
+    6: ("NonFiniteCurvatureError: the loss at w + ε ([nan]) or its gradient is not finite", "SAM"),
 }
 RANK = int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -59,12 +65,22 @@ class Faulty(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
         self.faults = faults
         self.eval_forwards: dict[int, list[int]] = {}  # per step, counted in place (see below)
+        self.sam_calls: dict[int, list[int]] = {}  # training-mode calls per step
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        step = self.trainer.global_step
         if self.faults and RANK == 1 and not self.training:
-            self._fail(self.trainer.global_step, x.shape[0])
-        return (self.net(x).squeeze(-1) - y).pow(2).mean()
+            self._fail(step, x.shape[0])
+        loss = (self.net(x).squeeze(-1) - y).pow(2).mean()
+        if RANK == 1 and self.training:  # SAM's second pass is the step's second call
+            calls = self.sam_calls.setdefault(step, [0])
+            calls[0] += 1
+            if (step, calls[0]) == (5, 2):
+                raise RuntimeError("rank 1's second pass failed")
+            if (step, calls[0]) == (6, 2):
+                return loss * math.nan
+        return loss
 
     def _fail(self, step: int, examples: int) -> None:
         # a list changed in place: the probes' isolation puts attributes back, not contents
@@ -146,17 +162,18 @@ def main() -> None:
     out = Path(sys.argv[1])
     products = FaultyProducts()
     products.install()
-    probing = monitors()
+    probing, sam = monitors(), SAM(rho=0.1)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always", CurvatureWarning)
-        trainer, model = fit(out, [StepClock(products), *probing], faults=True)
+        trainer, model = fit(out, [StepClock(products), *probing, sam], faults=True)
     said = [str(r.message) for r in records if issubclass(r.category, CurvatureWarning)]
-    _, plain = fit(out, [], faults=False)
+    _, plain = fit(out, [SAM(rho=0.1)], faults=False)
     torch.save(
         {
             "final": {k: v.clone() for k, v in model.state_dict().items()},
             "final_without_monitors": {k: v.clone() for k, v in plain.state_dict().items()},
             "warnings": said,
+            "sam": (sam.num_sam_steps, sam.num_skipped_steps),
             "probed_steps": {
                 type(m).__name__ + getattr(m, "source", ""): m.schedule.last_step for m in probing
             },

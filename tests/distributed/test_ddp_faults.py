@@ -1,9 +1,10 @@
 """DDP on CPU (2 processes, gloo): rank 1 alone fails in probes, and every rank skips them.
 
-One run covers four faults at four steps (``ddp_faults_script.FAULTS``): an exception in
-rank 1's eval-mode forward, one inside its third Hessian-vector product (mid-Lanczos), an
-out-of-memory error, and a failure of the coherence probe's per-example gradients. Before
-the agreement the first hung both ranks in gloo and the second aborted them.
+One run covers six faults at six steps (``ddp_faults_script.FAULTS``): an exception in rank
+1's eval-mode forward, one inside its third Hessian-vector product (mid-Lanczos), an
+out-of-memory error, a failure of the coherence probe's per-example gradients, and in SAM's
+second pass an exception and a NaN loss at w + ε. On main the first fault aborts gloo
+("collective mismatch").
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ def test_one_warning_per_fault_names_rank_1_the_step_and_the_exception(
     run: tuple[Path, list[dict]],
 ) -> None:
     _, ranks = run
+    then = {"SAM": "the optimizer steps with the plain gradient, as without SAM"}
     expected = [
-        f"{monitor}: skipped the probe at step {step} (rank 1 raised {what}); training goes on."
-        for step, (what, monitor) in FAULTS.items()
+        f"{who}: skipped {'the SAM part' if who == 'SAM' else 'the probe'} at step {step} "
+        f"(rank 1 raised {what}); {then.get(who, 'training goes on')}."
+        for step, (what, who) in FAULTS.items()
     ]
     assert ranks[0]["warnings"] == expected
     assert ranks[1]["warnings"] == []  # rank zero says them
+    assert [rank["sam"] for rank in ranks] == [(MAX_STEPS - 2, 2)] * 2  # SAM steps, skipped
 
 
 def test_every_other_probe_is_logged_and_later_probes_run(run: tuple[Path, list[dict]]) -> None:
