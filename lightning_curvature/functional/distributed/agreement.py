@@ -9,8 +9,10 @@ under gloo, die of a "collective mismatch"). An :class:`Agreement` keeps them in
 1. **Every collective goes through one wrapper**, :func:`agreed`: a one-element *status*
    is summed over the processes first (0 here: all is well), then the payload. A sum above
    0 raises :class:`~lightning_curvature.errors.PeerFailure` on every process before the
-   payload moves. The payload is copied before the status, so running out of memory for it
-   is agreed too.
+   payload moves. The payload is summed in place: nothing is allocated between the status
+   and the payload (an out-of-memory error there could not be agreed), and no copy of a
+   gradient-sized payload is made (every caller in the package passes a tensor of its own,
+   as Lightning's in-place ``strategy.reduce`` required before).
 2. **A process whose own code raised sends exactly one status of 1**, from the probe's
    boundary (:meth:`Agreement.probe` catches the exception). It meets its peers' next
    status, wherever in the probe they are (mid-Lanczos included), so every process leaves
@@ -103,20 +105,19 @@ def agreed(sum_in_place: InPlaceSum) -> Callable[[torch.Tensor], torch.Tensor]:
     """``sum_in_place`` as an agreed sum: a status collective first, inside a probe.
 
     The one wrapper of every collective a probe makes (see the module docstring). The
-    returned function leaves its argument alone and returns the sum.
+    returned function sums its argument in place and returns it: pass a tensor of your own.
 
     Example:
         >>> twice = agreed(lambda t: t.mul_(2))  # a stand-in for two equal processes
         >>> x = torch.ones(2)
-        >>> twice(x), x
-        (tensor([2., 2.]), tensor([1., 1.]))
+        >>> twice(x) is x, x
+        (True, tensor([2., 2.]))
     """
 
     def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()  # allocated before the status: its failure is agreed too
         check_agreement()
-        sum_in_place(total)
-        return total
+        sum_in_place(tensor)
+        return tensor
 
     return all_sum
 

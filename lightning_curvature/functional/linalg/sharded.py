@@ -46,7 +46,8 @@ class VectorShards:
         local_size: length of this process's shard (``P_local``).
         all_sum: sums a tensor over the processes (identity on one process); every process
             must call it at the same points, with tensors of the same shape. FSDP2's is
-            agreed (:func:`~lightning_curvature.functional.distributed.agreement.agreed`).
+            agreed (:func:`~lightning_curvature.functional.distributed.agreement.agreed`)
+            and sums in place: the estimators pass tensors of their own.
         shard: this process's index.
         num_shards: number of processes holding pieces.
 
@@ -154,7 +155,7 @@ class VectorShards:
 
     def any_true(self, flag: bool | torch.Tensor, device: torch.device) -> bool:
         """Whether ``flag`` holds on any process (every process gets the same answer)."""
-        value = torch.as_tensor(flag, dtype=torch.float64, device=device).reshape(())
+        value = torch.as_tensor(flag, dtype=torch.float64, device=device).reshape(()).clone()
         return bool(self.all_sum(value) > 0)
 
     def _generator(self, generator: torch.Generator) -> torch.Generator:
