@@ -88,12 +88,23 @@ class ProbeFailure(Exception):
         super().__init__(self.describe())
 
     def describe(self) -> str:
-        """What failed, naming the ranks when there are several processes."""
+        """What failed, naming the ranks when there are several processes.
+
+        Example:
+            >>> ProbeFailure({1: "the module's training_step returned None"}, 2).describe()
+            "rank 1: the module's training_step returned None"
+        """
         if self.world_size == 1:
             return "; ".join(self.failures.values())
-        return "; ".join(f"rank {rank} raised {what}" for rank, what in self.failures.items())
+        return "; ".join(_ranked(rank, what) for rank, what in self.failures.items())
 
     @property
     def kinds(self) -> set[str]:
         """The exception classes' names (``"ValueError"``), from each ``"Class: message"``."""
         return {what.split(":", 1)[0] for what in self.failures.values()}
+
+
+def _ranked(rank: int, what: str) -> str:
+    """``what`` rank ``rank`` raised (``"Class: message"``) or ran into (a reason in words)."""
+    raised = what.split(":", 1)[0].isidentifier()
+    return f"rank {rank} raised {what}" if raised else f"rank {rank}: {what}"
