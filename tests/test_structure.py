@@ -91,7 +91,8 @@ def test_the_cycle_finder_finds_one() -> None:
 
 
 def test_layers_point_down() -> None:
-    """functional never imports callbacks; linalg imports no operator, model or gradients."""
+    """functional never imports callbacks; linalg imports no operator, model or gradients;
+    distributed imports nothing of the package but the error classes."""
     for path in MODULES:
         name, imports = _name(path), _imports(path)
         if name.startswith("lightning_curvature.functional"):
@@ -99,3 +100,6 @@ def test_layers_point_down() -> None:
         if name.startswith("lightning_curvature.functional.linalg"):
             above = (".operator", ".model", ".gradients")
             assert not {m for m in imports if any(a in m for a in above)}, name
+        if name.startswith("lightning_curvature.functional.distributed"):
+            below = ("lightning_curvature.errors", "lightning_curvature.functional.distributed")
+            assert all(m.startswith(below) for m in imports), name

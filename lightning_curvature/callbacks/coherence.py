@@ -54,6 +54,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_curvature.callbacks.agreement import process_sum
 from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.reporting.dashboard import (
@@ -65,7 +66,6 @@ from lightning_curvature.callbacks.reporting.dashboard import (
     multiline,
 )
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.callbacks.trainer import reduce
 from lightning_curvature.functional.coherence import (
     CoherenceMode,
     check_coherence_arguments,
@@ -255,7 +255,7 @@ class GradientCoherenceMonitor(_BuiltBySource, PerLayerMonitor, sources=("probe"
         """``sums`` of every process, in one collective (``sums`` itself on one process)."""
         if trainer.world_size <= 1:
             return sums
-        return sums.all_reduce(lambda flat: reduce(trainer, flat, "sum"))
+        return sums.all_reduce(process_sum(trainer))
 
     def enough_samples(self, sums: GradientSums, step: int) -> bool:
         """Whether ``sums`` hold the 2 samples the statistics need (else one warning)."""

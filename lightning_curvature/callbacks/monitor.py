@@ -19,13 +19,15 @@ in :mod:`~lightning_curvature.callbacks.arguments`, the Trainer's in
   mode, ``self.log`` silenced. It never touches the optimizer.
 * **fp32 on the trainer's device**: autocast off, whatever the Trainer's precision.
 * **Distributed**: every rank probes at the same steps on its own probe data, Hessian-vector
-  products are averaged across ranks, so every rank computes the same numbers; rank zero
-  writes. A non-finite loss on any rank skips the probe on all.
+  products are averaged across ranks weighted by each rank's share of the examples (the
+  union batch's operator), so every rank computes the same numbers; rank zero writes. Any
+  exception on any rank (a non-finite loss, an out-of-memory error) skips the probe on all
+  together (:mod:`~lightning_curvature.callbacks.agreement`): nothing hangs.
 * **Loud on bad input, quiet on bad luck**: arguments are checked at construction, Trainer
   and model misfits at ``setup``. A probe that cannot run (a ``training_step`` returning
-  ``None``, a non-finite loss or product, a backend that fails, too few samples) is skipped
-  with one warning per reason, naming it and the step; non-finite values are not logged;
-  training goes on.
+  ``None``, a non-finite loss or product, a backend that fails, any exception, too few
+  samples) is skipped with one warning per reason, naming it, the step and (with several
+  processes) the rank; non-finite values are not logged; training goes on.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_curvature.callbacks.agreement import agreed_probe, undoing
 from lightning_curvature.callbacks.isolation import (
     RETURNED_NONE,
     isolated,
@@ -58,7 +61,7 @@ from lightning_curvature.callbacks.trainer import (
     log_step,
     shared_timing,
 )
-from lightning_curvature.errors import NonFiniteCurvatureError, PiecewiseLinearError
+from lightning_curvature.errors import ProbeFailure
 from lightning_curvature.functional.model.batches import BatchList
 
 __all__ = ["CurvatureMonitor"]
@@ -323,12 +326,14 @@ class CurvatureMonitor(MonitorSettings):
     ) -> None:
         """Run ``measure`` isolated, time it, reschedule, and log what it returns.
 
-        Every measurement of a monitor goes through here: the isolation context
-        (:func:`~lightning_curvature.callbacks.isolation.isolated`), one warning per kind of
-        bad luck, naming it and the step (a :class:`NonFiniteCurvatureError`, a
-        ``training_step`` returning ``None`` or a ``RuntimeError`` of a backend skips the
-        measurement; non-finite values are left out), the cost tags, the next probe step
-        under ``max_overhead``, and the one logging path.
+        Every measurement of a monitor goes through here: the agreement of the processes
+        (:func:`~lightning_curvature.callbacks.agreement.agreed_probe`: any ``Exception``
+        on any rank, a non-finite loss or product, a ``training_step`` returning ``None``,
+        an out-of-memory error, skips the measurement on every rank together), the
+        isolation context (:func:`~lightning_curvature.callbacks.isolation.isolated`), one
+        warning per kind of bad luck, naming the step, the rank and what it raised
+        (non-finite values are left out), the cost tags, the next probe step under
+        ``max_overhead``, and the one logging path.
 
         Args:
             trainer: the trainer.
@@ -340,19 +345,18 @@ class CurvatureMonitor(MonitorSettings):
         step = trainer.global_step
         started = time.perf_counter()
         measured: Measurement | None = None
-        failure: Exception | None = None
-        with (
-            self._warnings.collected(step),
-            recording_skip_reasons() as reasons,
-            isolated(pl_module),
-        ):
+        undo = undoing(self)  # a failed probe leaves every rank's monitor as it was
+        with recording_skip_reasons() as reasons:
             try:
-                measured = measure()
-            except (NonFiniteCurvatureError, PiecewiseLinearError, RuntimeError) as err:
-                failure = err
-        if failure is not None:
-            self._warnings.skipped(step, failure, reasons)
-            measured = None
+                with (
+                    agreed_probe(trainer, reasons),
+                    self._warnings.collected(step),
+                    isolated(pl_module),
+                ):
+                    measured = measure()
+            except ProbeFailure as failure:  # on every rank alike, whichever rank failed
+                undo()
+                self._warnings.skipped(step, failure)
         seconds = seconds_before + time.perf_counter() - started
         self.schedule.probed(step, seconds, clock=functools.partial(_timing, trainer))
         if measured is None:

@@ -1,12 +1,14 @@
 """``SAM``: sharpness-aware training of any automatic-optimization LightningModule.
 
 The callback: its arguments and their checks, the Lightning hooks (``setup`` checks the run
-and installs the wrapped ``optimizer_step``, ``teardown`` removes it,
-``on_train_batch_start`` keeps the micro-batches of each SAM step, ``on_train_batch_end``
-their first losses), its two schedules (SAM steps, log windows), its checkpoint state and
-what it logs. The step itself (Lightning's closure, ε, the second pass at ``w + ε`` and why
-it is harmless, the SAM gradient across processes) is
-:mod:`~lightning_curvature.callbacks.sam_step`.
+and wraps the module's ``optimizer_step`` and, with ``dropout="reuse"``, its
+``on_train_batch_start``; ``teardown`` removes them; ``on_train_batch_start`` and
+``on_train_batch_end`` keep the micro-batches of each SAM step in a
+:class:`~lightning_curvature.callbacks.sam_window.StepWindow`), its two schedules (SAM
+steps, log windows), its checkpoint state and what it logs. The step itself (Lightning's
+closure, ε, the second pass at ``w + ε`` and why it is harmless, the SAM gradient across
+processes, what a fault in it does: the SAM part is skipped on every rank, the plain
+gradient used) is :mod:`~lightning_curvature.callbacks.sam_step`.
 """
 
 from __future__ import annotations
@@ -19,24 +21,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
+from lightning_curvature.callbacks.agreement import agreed_probe
+from lightning_curvature.callbacks.module_hooks import InstalledHooks
 from lightning_curvature.callbacks.reporting.logging import log_scalars
-from lightning_curvature.callbacks.sam_step import (
-    MicroBatch,
-    SAMOptimizerStep,
-    SAMStep,
-    first_pass,
-    loss_of,
-)
+from lightning_curvature.callbacks.sam_step import SAMStep, SAMUpdate, first_pass, plain_gradients
+from lightning_curvature.callbacks.sam_window import MicroBatch, StepWindow
 from lightning_curvature.callbacks.schedule import ProbeSchedule
 from lightning_curvature.callbacks.trainer import check_strategy, log_step
+from lightning_curvature.callbacks.warning_policy import WarningPolicy
 from lightning_curvature.checks import check_choice, check_integer
-from lightning_curvature.errors import CurvatureWarning
-from lightning_curvature.functional.gradients.perturbation import SAMPerturbation
-from lightning_curvature.functional.gradients.rng import RNGState
+from lightning_curvature.errors import NonFiniteCurvatureError, ProbeFailure
 from lightning_curvature.functional.sam import SAMDropout, check_sam_arguments
 
 __all__ = ["SAM", "SAMPerturbationMode"]
@@ -153,19 +150,17 @@ class SAM(Callback):
         self.log_every_n_steps = log_every_n_steps
         #: The values last logged (``sam/perturbation_norm``, ``sam/sharpness``).
         self.last_metrics: dict[str, float] = {}
-        #: SAM steps taken, and SAM steps given up because the gradient at w was not finite.
+        #: SAM steps taken, and SAM parts skipped (a gradient not finite at w, a failed pass).
         self.num_sam_steps = 0
         self.num_skipped_steps = 0
         self._sam_steps = ProbeSchedule(every_n_steps)
         # the first SAM step of every log window; the Trainer's window (Lightning's default
         # 50 until setup reads it) unless log_every_n_steps is given
         self._logs = ProbeSchedule(log_every_n_steps or 50, once_per_window=True)
-        self._window_step = -1
-        self._window: list[MicroBatch] = []
-        self._first_losses: list[torch.Tensor] = []
-        self._installed: tuple[pl.LightningModule, SAMOptimizerStep, bool] | None = None
+        self._window = StepWindow()
+        self._hooks: InstalledHooks | None = None
         self._trainer: pl.Trainer | None = None
-        self._warned = False
+        self._warnings = WarningPolicy("SAM")
 
     # -- Lightning hooks ---------------------------------------------------------------------
     @override
@@ -201,20 +196,15 @@ class SAM(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()
-        self._window, self._first_losses, self._window_step = [], [], -1
+        self._window.clear()
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        # A new window wherever Lightning zeroes the gradients (the first micro-batch of a step),
-        # so the second pass covers exactly the micro-batches whose gradients are in ``.grad``.
-        if step != self._window_step or batch_idx % trainer.accumulate_grad_batches == 0:
-            self._window_step, self._window, self._first_losses = step, [], []
-        if self._sam_steps.is_due(step):
-            rng = RNGState.capture(pl_module.device) if self.dropout == "reuse" else None
-            self._window.append(MicroBatch(batch, batch_idx, rng))
+        due = self._sam_steps.is_due(step)
+        self._window.start(step, batch, batch_idx, trainer.accumulate_grad_batches, due)
 
     @override
     def on_train_batch_end(
@@ -225,14 +215,7 @@ class SAM(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if trainer.global_step != self._window_step:  # the step is done: free its batches
-            self._window, self._first_losses = [], []
-        elif self._window:
-            # A micro-batch that did not end the step: keep its loss (divided by the number of
-            # micro-batches, as Lightning reports it) for ``sam/sharpness``.
-            loss = loss_of(outputs)
-            if loss is not None:
-                self._first_losses.append(loss.detach())
+        self._window.end(trainer.global_step, outputs)
 
     @property
     @override
@@ -259,25 +242,36 @@ class SAM(Callback):
         for name, default in _STATE_DEFAULTS.items():  # a key missing: its value before any step
             setattr(self, name, int(state_dict.get(name, default)))
 
-    # -- the wrapped optimizer_step hook -----------------------------------------------------
+    # -- the wrapped hooks of the module ------------------------------------------------------
     def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall()
-        had_attribute = "optimizer_step" in vars(pl_module)
-        hook = SAMOptimizerStep(self._optimizer_step, pl_module.optimizer_step)
-        self._installed = (pl_module, hook, had_attribute)
+        wrappers: dict[str, Callable[..., Any]] = {"optimizer_step": self._optimizer_step}
+        if self.dropout == "reuse":
+            wrappers["on_train_batch_start"] = self._module_batch_start
+        self._hooks = InstalledHooks(pl_module, wrappers)
         self._trainer = trainer
-        pl_module.optimizer_step = hook  # type: ignore[method-assign]
 
     def _uninstall(self) -> None:
-        if self._installed is None:
-            return
-        pl_module, hook, had_attribute = self._installed
-        if vars(pl_module).get("optimizer_step") is hook:
-            if had_attribute:
-                pl_module.optimizer_step = hook.original  # type: ignore[method-assign]
-            else:
-                del pl_module.optimizer_step
-        self._installed, self._trainer = None, None
+        if self._hooks is not None:
+            self._hooks.remove()
+        self._hooks, self._trainer = None, None
+
+    def _capture_first_pass(self, batch: Any) -> None:
+        """The random state the first pass of the micro-batch ``batch`` starts from, now."""
+        trainer = self._trainer
+        if trainer is not None:
+            self._window.capture(batch, trainer.global_step, trainer.lightning_module.device)
+
+    def _module_batch_start(self, original: Callable[..., Any], batch: Any, *args: Any) -> Any:
+        """The module's own ``on_train_batch_start``, which may draw, then the capture.
+
+        Nothing but Lightning's closure runs between it and ``training_step`` of a
+        micro-batch that does not end its step (the last one is captured again in the
+        closure: an ``optimizer_step`` override may draw, an optimizer may call it twice).
+        """
+        response = original(batch, *args)
+        self._capture_first_pass(batch)
+        return response
 
     def _optimizer_step(
         self,
@@ -291,8 +285,7 @@ class SAM(Callback):
         if (
             optimizer_closure is not None
             and trainer is not None
-            and self._window
-            and self._window_step == trainer.global_step
+            and self._window.holds(trainer.global_step)
         ):
             optimizer_closure = functools.partial(
                 self._sam_closure, trainer, optimizer, optimizer_closure
@@ -301,12 +294,43 @@ class SAM(Callback):
 
     # -- the SAM step --------------------------------------------------------------------------
     def _sam_closure(self, trainer: pl.Trainer, optimizer: Any, closure: Callable[[], Any]) -> Any:
-        window, first_losses = self._window, self._first_losses  # freed once the step is done
+        window = self._window.batches  # (freed once the step is done)
+        first_losses = self._window.first_losses
         step = trainer.global_step
         per_replica = self.perturbation == "per_replica" and trainer.world_size > 1
+        if window and self.dropout == "reuse":  # the step's last first pass starts here
+            self._capture_first_pass(window[-1].batch)
         loss = first_pass(trainer, closure, per_replica)
         if loss is None:  # training_step returned None: Lightning skips backward
             return loss
+        try:  # every rank skips the SAM part together if it fails on any
+            with agreed_probe(trainer):
+                update = self._second_pass(trainer, optimizer, window, [*first_losses, loss])
+        except ProbeFailure as failure:
+            plain_gradients(trainer, optimizer, per_replica)  # .grad: g, as without SAM
+            self.num_skipped_steps += 1
+            routine = failure.kinds == {NonFiniteCurvatureError.__name__} and _scaler(trainer)
+            if not routine:  # (a grad scaler skips a non-finite gradient's step itself)
+                what, then = "the SAM part", "the optimizer steps with the plain gradient"
+                self._warnings.skipped(step, failure, what, then + ", as without SAM")
+            return loss
+        if update is not None:
+            update.commit()
+            self.num_sam_steps += 1
+            if update.logged is not None:
+                self._log(trainer, step, update.logged)
+        return loss
+
+    def _second_pass(
+        self,
+        trainer: pl.Trainer,
+        optimizer: Any,
+        window: list[MicroBatch],
+        losses: list[torch.Tensor],
+    ) -> SAMUpdate | None:
+        """ε and the SAM gradient, inside the agreement; ``None``: no SAM part at this step."""
+        step = trainer.global_step
+        per_replica = self.perturbation == "per_replica" and trainer.world_size > 1
         sam_step = SAMStep.of(
             trainer,
             optimizer,
@@ -316,58 +340,27 @@ class SAM(Callback):
             per_replica=per_replica,
         )
         if sam_step is None:  # the loss does not reach any optimized parameter
-            return loss
+            return None
         if not sam_step.perturbation.is_finite():
-            if not per_replica:  # every rank holds the same g: all skip alike
-                self._skip(step, sam_step.scaler)
-                return loss
-            sam_step.stay_at_w()  # other ranks may go on: the second pass at w
-        # The curvature along ε from the two gradients (only on steps that log it).
-        logging = self._logs.is_due(step)
-        curvature = sam_step.replace_gradients(
-            trainer, window, reuse_rng=self.dropout == "reuse", curvature=logging
-        )
-        self.num_sam_steps += 1
-        if curvature is not None:
-            self._log(
-                trainer,
-                step,
-                sam_step.perturbation,
-                [*first_losses, loss],
-                sam_step.perturbed_losses,
-                curvature,
-            )
-        return loss
+            if per_replica:  # this rank's own gradient: the others agree to skip with it
+                raise NonFiniteCurvatureError("the gradient at w is not finite")
+            self._skip(step, sam_step.scaler)  # every rank holds the same g: all skip alike
+            return None
+        # The logged values (and the curvature along ε) only on steps that log them.
+        logged = losses if self._logs.is_due(step) else None
+        return sam_step.second_pass(trainer, window, logged, reuse_rng=self.dropout == "reuse")
 
     def _skip(self, step: int, scaler: Any) -> None:
         self.num_skipped_steps += 1
-        if scaler is None and not self._warned:  # with a scaler this is routine
-            self._warned = True
-            rank_zero_warn(
-                f"SAM: the gradient at step {step} is not finite; the SAM pass was skipped and "
-                "the optimizer steps with that gradient, as it would without SAM.",
-                category=CurvatureWarning,
+        if scaler is None:  # with a scaler this is routine
+            self._warnings.warn_once(
+                "gradient",
+                f"the gradient at step {step} is not finite; the SAM pass was skipped and the "
+                "optimizer steps with that gradient, as it would without SAM.",
             )
 
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        step: int,
-        perturbation: SAMPerturbation,
-        losses: list[torch.Tensor],
-        perturbed_losses: list[torch.Tensor],
-        curvature: torch.Tensor,
-    ) -> None:
-        if not perturbed_losses:
-            return
-        device, dtype = losses[-1].device, torch.promote_types(losses[-1].dtype, torch.float32)
-        perturbed = torch.stack([v.to(device, dtype) for v in perturbed_losses]).sum()
-        sharpness = perturbed - torch.stack([v.to(device, dtype) for v in losses]).sum()
-        values = torch.stack(
-            [perturbation.norm().to(device, dtype), sharpness, curvature.to(device, dtype)]
-        )
-        if trainer.world_size > 1:
-            values = trainer.strategy.reduce(values, reduce_op="mean")
+    def _log(self, trainer: pl.Trainer, step: int, values: torch.Tensor) -> None:
+        """Write ``‖ε‖``, the sharpness and the curvature (averaged over processes)."""
         if not bool(torch.isfinite(values[:2]).all()):
             return  # a step the grad scaler skips: nothing worth a point on a chart
         self._logs.record(step)
@@ -376,3 +369,8 @@ class SAM(Callback):
             metrics["sam/curvature"] = values[2]
         self.last_metrics = {name: float(value) for name, value in metrics.items()}
         log_scalars(trainer, metrics, log_step(trainer))
+
+
+def _scaler(trainer: pl.Trainer) -> bool:
+    """Whether the precision plugin has a grad scaler (``16-mixed``)."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None

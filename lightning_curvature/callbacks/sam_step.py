@@ -1,10 +1,10 @@
 """SAM's optimizer step: the wrapped hook, the second pass at ``w + ε`` and the SAM gradient.
 
 Mechanism (Lightning 2.x; ``../shared/ALGORITHMS.md`` §7 shows what the alternatives break).
-In ``setup`` the ``SAM`` callback replaces the module's ``optimizer_step`` hook by a
-:class:`SAMOptimizerStep` (an instance attribute, removed again in ``teardown``; a user
-override of the hook keeps running). On a SAM step the wrapper hands ``optimizer_step`` a
-closure that
+In ``setup`` the ``SAM`` callback wraps the module's ``optimizer_step`` hook
+(:mod:`~lightning_curvature.callbacks.module_hooks`: an instance attribute, removed again in
+``teardown``; a user override of the hook keeps running). On a SAM step the wrapper hands
+``optimizer_step`` a closure that
 
 1. runs Lightning's own closure for the step's last micro-batch (:func:`first_pass`:
    ``training_step``, ``zero_grad``, backward with Lightning's loss scaling). ``.grad`` now
@@ -16,12 +16,23 @@ closure that
    under a power-of-two loss scale). A non-finite ``g`` ends the SAM part here: the grad
    scaler then skips the step as it would without SAM;
 3. moves to ``w + ε`` and evaluates ``training_step`` again on every micro-batch of the step
-   (each a :class:`MicroBatch`, kept as it passed through ``on_train_batch_start``, already
-   on the device), each loss divided by ``accumulate_grad_batches`` and multiplied by the
-   scaler's scale exactly as Lightning does, under the precision plugin's autocast; their
-   summed gradient replaces ``.grad``, averaged across processes under DDP
-   (:meth:`SAMStep.replace_gradients`);
-4. restores ``w`` from saved copies (bit-exact) and returns the first pass's loss.
+   (each a :class:`~lightning_curvature.callbacks.sam_window.MicroBatch`, kept as it passed
+   through ``on_train_batch_start``, already on the device), each loss divided by
+   ``accumulate_grad_batches`` and multiplied by the scaler's scale exactly as Lightning
+   does, under the precision plugin's autocast; their
+   summed gradient, averaged across processes under DDP, is the SAM gradient
+   (:meth:`SAMStep.second_pass`);
+4. restores ``w`` from saved copies (bit-exact), writes the SAM gradient into ``.grad``
+   (:meth:`SAMUpdate.commit`) and returns the first pass's loss.
+
+**Faults.** Steps 2 and 3 run inside the agreement of the processes
+(:func:`~lightning_curvature.callbacks.agreement.agreed_probe`) and write nothing the
+optimizer reads. An exception on any rank (an out-of-memory error in the second forward,
+say) or, without a grad scaler, a non-finite ``L(w + ε)`` or SAM gradient, skips the SAM
+part of the step on every rank together: ``.grad`` still holds ``g``, so the optimizer
+takes the step it would take without SAM (``perturbation="per_replica"`` averages ``g``
+across processes first, as DDP would have). With a grad scaler a non-finite SAM gradient
+is the scaler's routine: it skips the step and lowers its scale, as for any overflow.
 
 Lightning then, once and on ``g_SAM``: unscales (``16-mixed``), calls
 ``on_before_optimizer_step``, clips, and steps the optimizer (``GradScaler.step`` skips the
@@ -40,12 +51,13 @@ kept), so
   ``Metric`` modules are put back afterwards (in place), so logged values (and metric
   objects updated in ``training_step``) see every step once;
 * **randomness** (``dropout="reuse"``, the default): the global RNG states (torch CPU and the
-  module's CUDA device, python, numpy) captured when each micro-batch reached
-  ``on_train_batch_start`` are replayed, so dropout masks and any other draw of
-  ``training_step`` are the first pass's, and the states are then put back to where the
-  first pass left them: the run's random stream is exactly the one it has without SAM. With
-  ``dropout="resample"`` the second pass draws new masks from the global stream (which then
-  advances, so later draws differ from a run without SAM).
+  module's CUDA device, python, numpy) captured where each micro-batch's first pass starts
+  (after the module's own ``on_train_batch_start``, which may draw; for the step's last
+  micro-batch, when Lightning's closure is called) are replayed, so dropout masks and any
+  other draw of ``training_step`` are the first pass's, and the states are then put back to
+  where the first pass left them: the run's random stream is exactly the one it has without
+  SAM. With ``dropout="resample"`` the second pass draws new masks from the global stream
+  (which then advances, so later draws differ from a run without SAM).
 
 Requirements: ``training_step`` must not change its batch in place, and everything but its
 random draws must be deterministic between the two calls; other side effects of
@@ -59,8 +71,7 @@ called that way. No ``on_before_backward`` /
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,45 +79,28 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
+from lightning_curvature.callbacks.agreement import process_mean
 from lightning_curvature.callbacks.isolation import call_training_step, isolated
+from lightning_curvature.callbacks.sam_window import MicroBatch, loss_of
+from lightning_curvature.errors import NonFiniteCurvatureError
+from lightning_curvature.functional.distributed.agreement import checked_forwards
 from lightning_curvature.functional.gradients.perturbation import (
     SAMPerturbation,
     perturbed_parameters,
     sam_perturbation,
 )
-from lightning_curvature.functional.gradients.rng import RNGState
 from lightning_curvature.functional.gradients.summed import backward_gradient_sum, gradient_sum
 from lightning_curvature.functional.linalg.sharded import fsdp_shards, local_tensor
 from lightning_curvature.functional.model.probe import frozen_running_stats
+from lightning_curvature.functional.operator.sharded_gradients import fsdp_modules
 
-__all__ = ["MicroBatch", "SAMOptimizerStep", "SAMStep", "first_pass", "loss_of"]
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """A micro-batch of a SAM step, as it passed through ``on_train_batch_start``.
-
-    Attributes:
-        batch: the batch, already on the device.
-        batch_idx: its index, as ``training_step`` receives it.
-        rng: the global RNG states it arrived with (``dropout="reuse"``), else ``None``.
-    """
-
-    batch: Any
-    batch_idx: int
-    rng: RNGState | None
-
-
-def loss_of(output: Any) -> torch.Tensor | None:
-    """The loss Lightning takes from a ``training_step`` output (tensor, dict or None).
-
-    Example:
-        >>> loss_of({"loss": torch.tensor(2.0), "logits": None}), loss_of(None)
-        (tensor(2.), None)
-    """
-    if isinstance(output, Mapping):
-        output = output.get("loss")
-    return output if isinstance(output, torch.Tensor) else None
+__all__ = [
+    "SAMStep",
+    "SAMUpdate",
+    "averaged_gradients",
+    "first_pass",
+    "plain_gradients",
+]
 
 
 def _optimized_parameters(optimizer: Any, with_grad_only: bool = True) -> list[torch.Tensor]:
@@ -126,29 +120,32 @@ def _optimized_parameters(optimizer: Any, with_grad_only: bool = True) -> list[t
     return found
 
 
-def _all_reduce_mean(trainer: pl.Trainer, tensors: Sequence[torch.Tensor]) -> None:
-    """Average ``tensors`` in place across processes: one collective per dtype and device."""
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-    for group in groups.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        flat = trainer.strategy.reduce(flat, reduce_op="mean")
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+def _mean_over_processes(
+    trainer: pl.Trainer, tensors: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each tensor's mean over processes (new tensors): one collective per dtype and device."""
+    mean = process_mean(trainer)
+    assert mean is not None
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault((tensor.dtype, tensor.device), []).append(i)
+    out: list[torch.Tensor] = list(tensors)
+    for indices in groups.values():
+        flat = mean(torch.cat([tensors[i].reshape(-1) for i in indices]))
+        pieces = torch.split(flat, [tensors[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces, strict=True):
+            out[i] = piece.view_as(tensors[i])
+    return out
 
 
-def _average_gradients(
+def averaged_gradients(
     trainer: pl.Trainer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
-) -> None:
-    """``.grad`` of each parameter := the mean over processes of their ``grads``.
+) -> list[torch.Tensor | None]:
+    """The mean over processes of each parameter's ``grads`` (``None``: reached on none).
 
     A process without a gradient for a parameter contributes zeros, as DDP's reducer does for
-    unused parameters; a parameter with a gradient on no process keeps ``.grad = None``.
-    The tensors all-reduced are the same on every process (one per parameter, and one flag
-    each), whichever parameters each process reached.
+    unused parameters. The tensors all-reduced are the same on every process (one per
+    parameter, and one flag each), whichever parameters each process reached.
     """
     present = torch.tensor(
         [float(g is not None) for g in grads], dtype=torch.float32, device=params[0].device
@@ -156,39 +153,48 @@ def _average_gradients(
     tensors = [
         g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)
     ]
-    _all_reduce_mean(trainer, [*tensors, present])
-    for p, tensor, reached in zip(params, tensors, present.tolist(), strict=True):
-        if reached > 0 and p.grad is not tensor:
-            p.grad = tensor
+    *means, reached = _mean_over_processes(trainer, [*tensors, present])
+    return [m if r > 0 else None for m, r in zip(means, reached.tolist(), strict=True)]
 
 
-class SAMOptimizerStep:
-    """What ``module.optimizer_step`` is while SAM is installed: SAM around the original hook.
+@dataclass(frozen=True)
+class SAMUpdate:
+    """A SAM step's outcome, agreed by every process, not yet in ``.grad``.
 
-    ``step(original, epoch, batch_idx, optimizer, optimizer_closure)`` is the ``SAM``
-    callback's wrapper of the hook. A copy of the module made meanwhile (``deepcopy`` by
-    SWA/EMA callbacks, ``pickle``) gets the original hook bound to the copy, never SAM or its
-    Trainer.
+    Attributes:
+        params: the optimized parameters.
+        gradients: the new ``.grad`` of each (``None``: left as it is).
+        logged: ``‖ε‖``, ``L(w + ε) − L(w)`` and the curvature along ε, averaged over
+            processes (on steps that log), else ``None``.
     """
 
-    def __init__(self, step: Callable[..., Any], original: Callable[..., Any]) -> None:
-        self.step, self.original = step, original
+    params: list[torch.Tensor]
+    gradients: list[torch.Tensor | None]
+    logged: torch.Tensor | None = None
 
-    def __call__(
-        self,
-        epoch: int,
-        batch_idx: int,
-        optimizer: Any,
-        optimizer_closure: Callable[[], Any] | None = None,
-    ) -> Any:
-        """The hook's call: ``step`` with the original hook first."""
-        return self.step(self.original, epoch, batch_idx, optimizer, optimizer_closure)
+    def commit(self) -> None:
+        """``.grad`` := :attr:`gradients` (no collective, nothing allocated but a new ``.grad``)."""
+        with torch.no_grad():
+            for p, g in zip(self.params, self.gradients, strict=True):
+                if g is None or p.grad is g:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return copy.deepcopy(self.original, memo)
 
-    def __reduce__(self) -> Any:
-        return self.original.__reduce__()  # type: ignore[attr-defined]
+def plain_gradients(trainer: pl.Trainer, optimizer: Any, per_replica: bool) -> None:
+    """After a skipped SAM part: ``.grad`` as a step without SAM has it.
+
+    It holds ``g`` already, except per replica under DDP (each process's own): averaged
+    across processes then, as DDP's backward would have.
+    """
+    if not per_replica or trainer.world_size <= 1:
+        return
+    params = _optimized_parameters(optimizer, with_grad_only=False)
+    grads = [p.grad for p in params]
+    SAMUpdate(params, averaged_gradients(trainer, params, grads)).commit()
 
 
 def first_pass(trainer: pl.Trainer, closure: Callable[[], Any], per_replica: bool) -> Any:
@@ -258,49 +264,62 @@ class SAMStep:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return cls(params, grads, perturbation, scaler, per_replica, shards is not None, [])
 
-    def stay_at_w(self) -> None:
-        """ε := 0, for a rank whose ``g`` is not finite while other ranks may go on.
+    def second_pass(
+        self,
+        trainer: pl.Trainer,
+        window: list[MicroBatch],
+        first_losses: list[torch.Tensor] | None,
+        *,
+        reuse_rng: bool,
+    ) -> SAMUpdate:
+        """The SAM gradient (step 3), averaged across processes; ``.grad`` untouched.
 
-        The second pass is then taken at ``w`` so that the collectives match; the averaged
-        gradient is not finite and the scaler skips the step.
+        ``first_losses``: the step's first-pass losses on a step that logs (then the logged
+        values, and the curvature ``(g_SAM − g)·ε / ‖ε‖²`` from the two gradients of the same
+        data: this rank's own per replica, else the averaged ones), else ``None``.
+
+        Raises:
+            NonFiniteCurvatureError: without a grad scaler, if ``L(w + ε)`` or the SAM
+                gradient is not finite on this process.
         """
-        self.perturbation = SAMPerturbation(
-            tuple(None if e is None else torch.zeros_like(e) for e in self.perturbation.tensors),
-            self.perturbation.gradient_norm,
-            self.perturbation.all_sum,
-        )
-
-    def replace_gradients(
-        self, trainer: pl.Trainer, window: list[MicroBatch], *, reuse_rng: bool, curvature: bool
-    ) -> torch.Tensor | None:
-        """``.grad`` := ``g_SAM`` (steps 3 and 4); the curvature along ε if asked, else None.
-
-        The curvature ``(g_SAM − g)·ε / ‖ε‖²`` comes from the two gradients: ``⟨g, ε⟩`` before
-        ``.grad`` is overwritten, ``⟨g_SAM, ε⟩`` with the ``g_SAM`` of the same data as ``g``
-        (this rank's own per replica, else the averaged one); the loss scale divided out.
-        """
-        before = self.perturbation.dot(self.grads) if curvature else None
+        before = self.perturbation.dot(self.grads) if first_losses is not None else None
         sam_grads = self._second_pass(trainer, window, reuse_rng)
-        after = self.perturbation.dot(sam_grads) if curvature and self.per_replica else None
-        with torch.no_grad():
-            final: list[torch.Tensor | None] = []
-            for p, g in zip(self.params, sam_grads, strict=True):
-                if p.grad is None:  # per replica: not reached on this rank at w
-                    final.append(g)
-                    continue
-                if g is None:
-                    p.grad.zero_()
-                else:
-                    p.grad.copy_(g)
-                final.append(p.grad)
-            if trainer.world_size > 1 and not self.sharded:
-                _average_gradients(trainer, self.params, final)
-        if before is None:
-            return None
+        if self.scaler is None and not _all_finite([*self.perturbed_losses, *sam_grads]):
+            losses = [round(float(loss), 6) for loss in self.perturbed_losses]
+            raise NonFiniteCurvatureError(
+                f"the loss at w + ε ({losses}) or its gradient is not finite"
+            )
+        after = (
+            self.perturbation.dot(sam_grads) if before is not None and self.per_replica else None
+        )
+        new: list[torch.Tensor | None] = [
+            g if g is not None else (None if p.grad is None else torch.zeros_like(p))
+            for p, g in zip(self.params, sam_grads, strict=True)
+        ]
+        if trainer.world_size > 1 and not self.sharded:
+            new = averaged_gradients(trainer, self.params, new)
+        if before is None or first_losses is None:
+            return SAMUpdate(self.params, new)
         if after is None:  # ε from the averaged g: compare with the averaged g_SAM
-            after = self.perturbation.dot([p.grad for p in self.params])
+            after = self.perturbation.dot(new)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-        return (after - before) / (scale * self.perturbation.norm().double().square())
+        curvature = (after - before) / (scale * self.perturbation.norm().double().square())
+        return SAMUpdate(self.params, new, self._logged(trainer, first_losses, curvature))
+
+    def _logged(
+        self, trainer: pl.Trainer, losses: list[torch.Tensor], curvature: torch.Tensor
+    ) -> torch.Tensor | None:
+        """``‖ε‖``, ``L(w + ε) − L(w)`` and the curvature, averaged over processes."""
+        if not self.perturbed_losses:
+            return None
+        device, dtype = losses[-1].device, torch.promote_types(losses[-1].dtype, torch.float32)
+        perturbed = torch.stack([v.to(device, dtype) for v in self.perturbed_losses]).sum()
+        sharpness = perturbed - torch.stack([v.to(device, dtype) for v in losses]).sum()
+        values = torch.stack(
+            [self.perturbation.norm().to(device, dtype), sharpness, curvature.to(device, dtype)]
+        )
+        mean = process_mean(trainer)
+        return values if mean is None else mean(values)
 
     def _second_pass(
         self, trainer: pl.Trainer, window: list[MicroBatch], reuse_rng: bool
@@ -330,6 +349,12 @@ class SAMStep:
             frozen_running_stats(module),
             torch.enable_grad(),
         ):
-            if self.perturbation.all_sum is not None:  # FSDP2 shards: through their hooks
-                return backward_gradient_sum(self.params, losses(), list(module.parameters()))
+            if self.sharded:  # FSDP2 shards: through their hooks, a status before each
+                with checked_forwards(fsdp_modules(module)):
+                    return backward_gradient_sum(self.params, losses(), list(module.parameters()))
             return gradient_sum(self.params, losses())
+
+
+def _all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether this process's values are finite (its shard of a DTensor: no collective)."""
+    return all(t is None or bool(torch.isfinite(local_tensor(t)).all()) for t in tensors)

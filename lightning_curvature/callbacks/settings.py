@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 
+from lightning_curvature.callbacks.agreement import process_mean
 from lightning_curvature.callbacks.arguments import check_probe_arguments, refuse_unknown
 from lightning_curvature.callbacks.fixed_probe import FixedProbe
 from lightning_curvature.callbacks.isolation import training_step_loss
@@ -41,7 +42,6 @@ from lightning_curvature.callbacks.schedule import (
     ProbeSchedule,
     resolve_every_n_steps,
 )
-from lightning_curvature.callbacks.trainer import reduce
 from lightning_curvature.callbacks.warning_policy import WarningPolicy
 from lightning_curvature.functional.linalg.sampling import make_generator
 from lightning_curvature.functional.model.functional_model import LossFn
@@ -175,10 +175,8 @@ class MonitorSettings(Callback):
 
     @staticmethod
     def all_reduce(trainer: pl.Trainer) -> AllReduce | None:
-        """Mean across processes under a multi-process strategy, else ``None``."""
-        if trainer.world_size <= 1:
-            return None
-        return lambda tensor: reduce(trainer, tensor, "mean")
+        """The agreed mean across processes under a multi-process strategy, else ``None``."""
+        return process_mean(trainer)
 
     def warn_once(self, key: str, message: str) -> None:
         """One :class:`~lightning_curvature.errors.CurvatureWarning` per kind of bad luck.

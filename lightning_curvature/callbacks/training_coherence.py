@@ -44,6 +44,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_curvature.callbacks.agreement import process_sum
 from lightning_curvature.callbacks.coherence import GradientCoherenceMonitor
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.schedule import EveryNSteps
@@ -288,7 +289,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor, sources=_TRAINI
         if step.local is not None and step.local_size > 0:
             sums.add(step.local, step.local_size)
         unknown = torch.tensor(float(step.unknown_size), device=sums.count.device)
-        unknown = trainer.strategy.reduce(unknown, reduce_op="sum")
+        unknown = process_sum(trainer)(unknown)
         total = self.summed_over_processes(trainer, sums)
         if not self.enough_samples(total, trainer.global_step):
             return None
@@ -324,7 +325,7 @@ class TrainingGradientCoherenceMonitor(GradientCoherenceMonitor, sources=_TRAINI
             *([block_s1] if block_s1 is not None else []),
             torch.tensor([*step.sizes, float(step.unknown_size)]).to(s2),
         ]
-        flat = trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")
+        flat = process_sum(trainer)(torch.cat(parts))
         norms, s2 = flat[:m], flat[m]
         n_blocks = len(blocks)
         block_s2 = dict(zip(blocks, flat[m + 1 : m + 1 + n_blocks], strict=True))

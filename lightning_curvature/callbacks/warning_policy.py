@@ -1,7 +1,7 @@
 """Quiet on bad luck: one warning per kind of bad luck of a monitor, naming it and the step.
 
 A probe that cannot run (a ``training_step`` returning ``None``, a non-finite loss or
-product, a backend that fails) is skipped, and values that are not finite are left out;
+product, any exception on any rank) is skipped, and values that are not finite are left out;
 each kind is said once per monitor, on rank zero, as a
 :class:`~lightning_curvature.errors.CurvatureWarning`. The warnings raised during a probe
 are collected and said once it is over, one per place that warns.
@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_curvature.errors import CurvatureWarning, NonFiniteCurvatureError
+from lightning_curvature.callbacks.isolation import RETURNED_NONE
+from lightning_curvature.errors import CurvatureWarning, NonFiniteCurvatureError, ProbeFailure
 
 __all__ = ["WarningPolicy"]
 
@@ -82,17 +83,36 @@ class WarningPolicy:
         for text in pending:  # warn_once calls made inside, already deduplicated
             rank_zero_warn(text, category=CurvatureWarning)
 
-    def skipped(self, step: int, failure: Exception, reasons: list[str]) -> None:
-        """One warning per reason a probe could not run (``reasons``: the loss's, if any)."""
-        if reasons:  # what training_step ran into explains the non-finite loss
-            notes = [*dict.fromkeys(reasons), *([self.none_note] if self.none_note else [])]
-            key, why = "none_loss", "; ".join(notes)
-        elif isinstance(failure, NonFiniteCurvatureError):
-            key, why = "nonfinite", str(failure)
-        else:
-            key, why = "runtime", f"{type(failure).__name__}: {failure}"
-        why = why.strip().rstrip(".")
-        self.warn_once(key, f"skipped the probe at step {step} ({why}); training goes on.")
+    def skipped(
+        self,
+        step: int,
+        failure: ProbeFailure,
+        what: str = "the probe",
+        then: str = "training goes on",
+    ) -> None:
+        """One warning per kind of failure that skipped ``what`` (agreed by every rank).
+
+        It names the step and what failed (on several processes, the rank). Non-finite
+        losses or products are one kind, whatever their values; any other failure is a kind
+        of its own per rank, class and message.
+
+        Example:
+            >>> policy = WarningPolicy("SAM")
+            >>> with warnings.catch_warnings(record=True) as caught:
+            ...     warnings.simplefilter("always")
+            ...     failure = ProbeFailure({1: "MemoryError: out of memory"}, world_size=2)
+            ...     policy.skipped(3, failure, "its pass", "plain step")
+            >>> print(caught[0].message)
+            SAM: skipped its pass at step 3 (rank 1 raised MemoryError: out of memory); plain step.
+        """
+        why = failure.describe().strip().rstrip(".")
+        if self.none_note and any(RETURNED_NONE in what for what in failure.failures.values()):
+            why = f"{why}; {self.none_note}"  # (what follows: another fixed probe batch)
+        nonfinite = failure.kinds == {NonFiniteCurvatureError.__name__}
+        self.warn_once(
+            "nonfinite" if nonfinite else f"failure: {why}",
+            f"skipped {what} at step {step} ({why}); {then}.",
+        )
 
     def finite(self, metrics: dict[str, float], step: int) -> dict[str, float]:
         """``metrics`` without its non-finite values (one warning names them)."""

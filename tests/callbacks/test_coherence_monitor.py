@@ -547,7 +547,8 @@ def test_sums_cross_processes_in_one_collective() -> None:
     sums = GradientSums.zeros(3, dtype=torch.float64, blocks={"a": [slice(0, 1)]})
     sums.add(torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64))
     total = GradientCoherenceMonitor.summed_over_processes(Trainer(), sums)  # type: ignore[arg-type]
-    assert calls == [(4 + 3 * 3 + 1,)]  # 4 scalars, 3 vectors of 3, 1 block
+    # 4 scalars, 3 vectors of 3, 1 block; the processes, those of each kind of sample
+    assert calls == [(4 + 3 * 3 + 1 + 3,)]
     assert total.num_samples == 4
     for name, value in sums.states().items():
         assert torch.equal(total.states()[name], 2 * value), name

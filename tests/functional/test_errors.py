@@ -331,22 +331,3 @@ def test_model_errors_are_not_explained_as_missing_second_derivatives(
         hessian_eigenvalues(model(), lambda m, b: m(b[0]).sum(), batch, backend=backend)
     assert "cannot pass through this model" not in str(info.value)
     assert "second derivative" not in str(info.value)
-
-
-@pytest.mark.parametrize("function", [hessian_eigenvalues, hessian_trace, spectral_density])
-def test_a_loss_not_finite_on_another_process_is_not_quoted_as_this_ones(
-    tiny: Any, function: Any
-) -> None:
-    """The finiteness flags are averaged across processes: here 0, elsewhere 1. The error
-    every process raises together says so, instead of calling this finite loss not finite."""
-    model, loss_fn, batch = tiny
-
-    def another_process_is_bad(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(tensor, 0.5) if tensor.dim() == 0 else tensor
-
-    loss = float(loss_fn(model, batch).detach())
-    with pytest.raises(NonFiniteCurvatureError) as raised:
-        function(model, loss_fn, batch, all_reduce=another_process_is_bad)
-    assert str(raised.value) == (
-        f"the probe loss is not finite on another process (here, it is {loss:.6g})."
-    )

@@ -543,11 +543,13 @@ def test_all_sums_every_state_in_one_call() -> None:
     theirs = GradientSums.zeros(7, dtype=torch.float64, blocks=blocks)
     mine.add(rows[:4])
     theirs.add(rows[4:])
+    sent: list[torch.Tensor] = []
+    theirs.all_reduce(lambda flat: sent.append(flat) or flat)  # what the other process sends
     calls = []
 
     def fake_all_reduce(flat: torch.Tensor) -> torch.Tensor:
         calls.append(flat.shape)
-        return flat + torch.cat([v.reshape(-1) for v in theirs.states().values()])
+        return flat + sent[0]
 
     reduced = mine.all_reduce(fake_all_reduce).compute()
     assert len(calls) == 1
@@ -556,6 +558,19 @@ def test_all_sums_every_state_in_one_call() -> None:
     assert reduced.per_layer["b"].item() == pytest.approx(
         block_coherence(rows[:, [3, 4, 6]], slice(None))
     )
+
+
+def test_processes_with_samples_of_different_kinds_all_refuse_their_sums() -> None:
+    """One process fell back to micro-batches alone: summing would mix two meanings."""
+    rows = sample_rows()
+    mine = GradientSums.zeros(7, dtype=torch.float64, mode="per_example")
+    theirs = GradientSums.zeros(7, dtype=torch.float64, mode="micro_batch")
+    mine.add(rows[:4])
+    theirs.add(rows[4:])
+    sent: list[torch.Tensor] = []
+    theirs.all_reduce(lambda flat: sent.append(flat) or flat)
+    with pytest.raises(ValueError, match=r"different kinds \(1 of 2 per_example, 1 of 2 micro"):
+        mine.all_reduce(lambda flat: flat + sent[0])
 
 
 def test_all_sum_of_gradient_coherence_is_the_union_batch() -> None:
@@ -690,8 +705,9 @@ def test_one_example_per_process_is_enough_once_pooled() -> None:
     model, (x, y) = mlp(), classification(n=2)
     theirs = gradient_sums(model, cross_entropy, (x[1:], y[1:]))
     assert theirs.num_samples == 1
-    flat = torch.cat([value.reshape(-1) for value in theirs.states().values()])
-    out = gradient_coherence(model, cross_entropy, (x[:1], y[:1]), all_sum=lambda t: t + flat)
+    sent: list[torch.Tensor] = []
+    theirs.all_reduce(lambda flat: sent.append(flat) or flat)  # what the other process sends
+    out = gradient_coherence(model, cross_entropy, (x[:1], y[:1]), all_sum=lambda t: t + sent[0])
     assert out.num_samples == 2
     assert_matches(out, reference(loop_gradients(model, cross_entropy, examples((x, y)))))
     with pytest.raises(ValueError, match=r"at least 2 samples, got 1: the batch gives 1"):

@@ -38,6 +38,9 @@ from lightning_curvature.functional.gradients.statistics import (
 )
 from lightning_curvature.functional.linalg.sharded import AllSum
 
+#: The kinds of samples (``mode``) that processes summing their sums must agree on.
+_SAMPLE_KINDS = ("per_example", "micro_batch")
+
 __all__ = ["GradientSums"]
 
 #: Returns the elementwise *sum* of a tensor over processes (e.g. DDP's ranks).
@@ -215,11 +218,18 @@ class GradientSums:
         """New sums over every process's samples, with one collective call.
 
         Every state is flattened into one vector, summed by ``all_sum`` and cut back
-        into the states' shapes (``self`` is not changed).
+        into the states' shapes (``self`` is not changed). The vector also counts the
+        processes whose samples are per-example gradients and those whose are micro-batch
+        gradients: a process that fell back to micro-batches alone (a transient error in its
+        loop over single examples) would mix samples of two meanings.
 
         Args:
             all_sum: returns the elementwise *sum* of a tensor over processes (e.g.
                 ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``).
+
+        Raises:
+            ValueError: on every process alike, if the processes took samples of different
+                kinds.
 
         Example:
             >>> sums = GradientSums.zeros(2)
@@ -228,8 +238,15 @@ class GradientSums:
             tensor(2.)
         """
         states = self.states()
-        flat = all_sum(torch.cat([value.reshape(-1) for value in states.values()]))
-        pieces = torch.split(flat, [value.numel() for value in states.values()])
+        kinds = [1.0, *(float(self.mode == kind) for kind in _SAMPLE_KINDS)]
+        local = [*(value.reshape(-1) for value in states.values()), self.count.new_tensor(kinds)]
+        flat = all_sum(torch.cat(local))
+        *pieces, counted = torch.split(flat, [value.numel() for value in local])
+        processes, *of_kind = counted.tolist()
+        if any(0 < n < processes for n in of_kind):
+            pairs = zip(_SAMPLE_KINDS, of_kind, strict=True)
+            found = ", ".join(f"{n:g} of {processes:g} {kind}" for kind, n in pairs)
+            raise ValueError(f"the processes took gradient samples of different kinds ({found}).")
         return self.with_states(
             {
                 name: piece.view_as(value)

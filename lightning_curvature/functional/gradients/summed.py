@@ -6,7 +6,9 @@ gradients are taken this way, over a step's micro-batches. :func:`gradient_sum` 
 ``torch.autograd.grad`` and never touches ``.grad``. :func:`backward_gradient_sum` is the
 route for sharded parameters (FSDP2): autograd cannot differentiate through FSDP's hooks with
 respect to the shards directly, so the gradient is taken with ``loss.backward()`` and every
-``.grad`` is put back afterwards.
+``.grad`` is put back afterwards; inside a probe's agreement each backward starts with a
+status collective, before FSDP's reduce-scatter (see
+:mod:`~lightning_curvature.functional.distributed.agreement`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from lightning_curvature.functional.distributed.agreement import check_agreement
 
 __all__ = ["backward_gradient_sum", "gradient_sum"]
 
@@ -70,6 +74,7 @@ def backward_gradient_sum(
             p.grad = None
         for loss in losses:
             if loss is not None:
+                check_agreement()  # a failure before this backward is met here, not in FSDP's
                 loss.backward()  # type: ignore[no-untyped-call]
         return [p.grad for p in parameters]
     finally:

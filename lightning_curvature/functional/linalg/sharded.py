@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_curvature.functional.distributed.agreement import agreed
 from lightning_curvature.functional.linalg import reductions
 
 __all__ = ["SUM_NOTHING", "AllSum", "VectorShards", "fsdp_shards", "local_tensor"]
@@ -44,7 +45,9 @@ class VectorShards:
         size: length of the global vector (``P``).
         local_size: length of this process's shard (``P_local``).
         all_sum: sums a tensor over the processes (identity on one process); every process
-            must call it at the same points, with tensors of the same shape.
+            must call it at the same points, with tensors of the same shape. FSDP2's is
+            agreed (:func:`~lightning_curvature.functional.distributed.agreement.agreed`)
+            and sums in place: the estimators pass tensors of their own.
         shard: this process's index.
         num_shards: number of processes holding pieces.
 
@@ -152,7 +155,7 @@ class VectorShards:
 
     def any_true(self, flag: bool | torch.Tensor, device: torch.device) -> bool:
         """Whether ``flag`` holds on any process (every process gets the same answer)."""
-        value = torch.as_tensor(flag, dtype=torch.float64, device=device).reshape(())
+        value = torch.as_tensor(flag, dtype=torch.float64, device=device).reshape(()).clone()
         return bool(self.all_sum(value) > 0)
 
     def _generator(self, generator: torch.Generator) -> torch.Generator:
@@ -262,12 +265,8 @@ def fsdp_shards(tensors: Sequence[torch.Tensor]) -> VectorShards | None:
     import torch.distributed as dist
 
     group = first.get_group()
-
-    def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        return total
-
+    # agreed: inside a probe, a status collective first (a failure on one process is all's)
+    all_sum = agreed(lambda total: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group))
     local = sum(local_tensor(t).numel() for t in tensors)
     return VectorShards(
         size=sum(t.numel() for t in tensors),

@@ -162,10 +162,13 @@ class ProbeBatches:
         batches: the batches, already on the device.
         weights: one weight per batch, summing to 1 (sizes over the total size, or equal
             weights when a size is unknown).
+        size: the number of examples in all of them (``None`` when a size is unknown): this
+            process's weight in the union batch of several processes.
     """
 
     batches: tuple[Any, ...]
     weights: tuple[float, ...]
+    size: int | None = None
 
 
 def split_batches(batch: Any, device: torch.device) -> ProbeBatches:
@@ -182,8 +185,8 @@ def split_batches(batch: Any, device: torch.device) -> ProbeBatches:
     Example:
         >>> x = torch.zeros(6, 2)
         >>> probe = split_batches([(x[:2],), (x[2:],)], torch.device("cpu"))
-        >>> probe.weights
-        (0.3333333333333333, 0.6666666666666666)
+        >>> probe.weights, probe.size
+        ((0.3333333333333333, 0.6666666666666666), 6)
     """
     if batch is None:
         raise ValueError("`batch` must be one batch or an iterable of batches, got None.")
@@ -199,7 +202,7 @@ def split_batches(batch: Any, device: torch.device) -> ProbeBatches:
         )
     if any(size is None for size in sizes) or sum(sizes) == 0:  # type: ignore[arg-type]
         weights = tuple(1.0 / len(moved) for _ in moved)
-    else:
-        total = float(sum(sizes))  # type: ignore[arg-type]
-        weights = tuple(size / total for size in sizes)  # type: ignore[operator]
-    return ProbeBatches(batches=moved, weights=weights)
+        return ProbeBatches(batches=moved, weights=weights)
+    total = sum(sizes)  # type: ignore[arg-type]
+    weights = tuple(size / float(total) for size in sizes)  # type: ignore[operator]
+    return ProbeBatches(batches=moved, weights=weights, size=total)

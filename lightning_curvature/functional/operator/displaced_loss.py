@@ -15,8 +15,10 @@ A loss at displaced weights is one forward pass over the probe's batches, under
 ``torch.no_grad`` (no graph kept); :attr:`DisplacedLoss.num_forwards` counts them. Nothing
 here needs a second derivative, so attention runs on the kernels the caller (training) runs,
 fused ones included, not on the math kernel the probe selects for the products. With
-``all_reduce`` (DDP) every loss and the gradient are averaged over the processes, so every
-rank sees the union batch's loss and takes the same decisions. A non-finite loss is returned
+``all_reduce`` (DDP) every loss and the gradient are averaged over the processes, each
+weighted by its share of the examples
+(:class:`~lightning_curvature.functional.distributed.union.UnionMean`), so every rank sees
+the union batch's loss and takes the same decisions. A non-finite loss is returned
 as it is: what it means (bad luck, or a step that blew the model up) is the caller's call.
 
 Sharded (FSDP2) parameters are refused: their forward passes gather the shards inside the
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 
+from lightning_curvature.functional.distributed.union import UnionMean
 from lightning_curvature.functional.linalg.sharded import fsdp_shards
 from lightning_curvature.functional.model.batches import split_batches
 from lightning_curvature.functional.model.functional_model import FunctionalModel, LossFn
@@ -58,7 +61,8 @@ class DisplacedLoss:
         batch: one batch or an iterable of batches (size-weighted mean loss).
         parameters: glob pattern(s) of the measured parameters (all trainable by default).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
-        all_reduce: averages a tensor over processes (DDP).
+        all_reduce: averages a tensor over processes (DDP); each process's loss and gradient
+            enter weighted by its share of the examples.
 
     Attributes:
         layout: the measured parameters' flat layout (``layout.size`` entries in ``δ``).
@@ -105,6 +109,7 @@ class DisplacedLoss:
         self._batches = split_batches(batch, self.device)
         self._batch_norm = batch_norm
         self._all_reduce = all_reduce
+        self._union: UnionMean | None = None  # while open, with all_reduce
         self._stack: contextlib.ExitStack | None = None
         self._losses: ProbeLoss | None = None
         self.num_forwards = 0
@@ -116,6 +121,8 @@ class DisplacedLoss:
         stack.enter_context(sdpa_kernel(callers_kernels))  # first order: training's kernels
         self._stack = stack
         self._losses = ProbeLoss(self._functional, self._batches)
+        if self._all_reduce is not None:  # (one collective: the processes' numbers of examples)
+            self._union = UnionMean.of(self._all_reduce, self._batches.size, self.device)
         return self
 
     def __exit__(
@@ -125,6 +132,7 @@ class DisplacedLoss:
         tb: TracebackType | None,
     ) -> None:
         self._losses = None
+        self._union = None
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
@@ -135,7 +143,7 @@ class DisplacedLoss:
         return self._losses
 
     def _mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self._all_reduce is None else self._all_reduce(tensor)
+        return tensor if self._union is None else self._union(tensor)
 
     def at(self, displacement: torch.Tensor | None = None) -> torch.Tensor:
         """The probe loss at ``w + displacement`` (``None``: at ``w``), one forward pass.

@@ -39,6 +39,7 @@ from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 
 from lightning_curvature.checks import check_callable
 from lightning_curvature.errors import NonFiniteCurvatureError
+from lightning_curvature.functional.distributed.union import UnionMean
 from lightning_curvature.functional.linalg.sharded import VectorShards, fsdp_shards, local_tensor
 from lightning_curvature.functional.model.batches import ProbeBatches, split_batches
 from lightning_curvature.functional.model.functional_model import (
@@ -93,8 +94,14 @@ class HessianOperator:
         batch_norm: BatchNorm mode during the probe (``"as_is"``, ``"eval"``, ``"train"``).
         dropout: keep dropout on during the probe (default off).
         all_reduce: optional function averaging a tensor across processes (DDP); every
-            product and the loss-finiteness check go through it, so all ranks see the same
-            operator. Not used over sharded parameters, whose products FSDP averages.
+            product and gradient goes through it, each process's weighted by its share of
+            the examples (:class:`~lightning_curvature.functional.distributed.union.UnionMean`),
+            so all ranks see the operator of the union of their batches. Not used over
+            sharded parameters, whose products FSDP averages (each process's loss weighted
+            by its share there). A failure on one process is
+            agreed by all inside an
+            :class:`~lightning_curvature.functional.distributed.agreement.Agreement`'s probe
+            (the callbacks run every probe in one).
         curvature: ``"hessian"`` (default) or ``"ggn"``: the generalized Gauss–Newton
             matrix ``Jᵀ H_ℓ J``, for a ``loss_fn`` that is an
             :class:`~lightning_curvature.functional.operator.ggn.OutputLoss`.
@@ -110,7 +117,7 @@ class HessianOperator:
             that is not a scalar; over sharded parameters, on a backend other than
             ``"auto"``/``"finite_difference"``, ``curvature="ggn"``, a piecewise-linear
             model or parameters narrower than float32.
-        NonFiniteCurvatureError: if the loss or a product is NaN or infinite.
+        NonFiniteCurvatureError: if this process's loss or product is NaN or infinite.
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)
@@ -171,6 +178,7 @@ class HessianOperator:
         self._batch_norm = batch_norm
         self._dropout = dropout
         self._all_reduce = all_reduce
+        self._mean: UnionMean | None = None  # the union batch's mean, while open (DDP)
         self._stack: contextlib.ExitStack | None = None
         self._losses: ProbeLoss | None = None  # the probe loss at any weights, while open
         self._autodiff: AutodiffProducts | None = None  # the exact products and their graphs
@@ -207,6 +215,7 @@ class HessianOperator:
         tb: TracebackType | None,
     ) -> None:
         self._autodiff = None
+        self._mean = None
         self._finite_difference.weight_scale = None
         self._sharded_gradients = None
         self._losses = None
@@ -215,10 +224,16 @@ class HessianOperator:
             stack.close()
 
     def _prepare(self) -> None:
+        if self._all_reduce is not None and not self._sharded:
+            self._mean = UnionMean.of(self._all_reduce, self._probe.size, self.device)
         if self._sharded:
             assert self._stack is not None
+            shards = self.shards  # FSDP averages the gradients: each loss weighted by its share
+            mean = UnionMean.of(
+                lambda t: shards.all_sum(t) / shards.num_shards, self._probe.size, self.device
+            )
             self._sharded_gradients = ShardedGradients(
-                self.model, self._loss_fn, self._probe, self._parameters, self._locals
+                self.model, self._loss_fn, self._probe, self._parameters, self._locals, mean.share
             )
             finite_difference = self._finite_difference
             loss = self._sharded_gradients.open(self._stack, finite_difference.note_compute_dtype)
@@ -248,17 +263,13 @@ class HessianOperator:
             self._check_finite_loss(loss.detach())
 
     def _check_finite_loss(self, loss: torch.Tensor) -> None:
+        """This process's loss (the agreement of a probe makes every process skip with it)."""
         self.loss = loss.detach()
-        bad = (~torch.isfinite(self.loss)).to(self.dtype)
-        if self._sharded:
-            bad = self.shards.all_sum(bad)
-        elif self._all_reduce is not None:
-            bad = self._all_reduce(bad)
-        if bad.item() > 0:
-            raise NonFiniteCurvatureError.agreed("the probe loss", self.loss.item())
+        if not bool(torch.isfinite(self.loss).all()):
+            raise NonFiniteCurvatureError(f"the probe loss is not finite ({self.loss.item()}).")
 
     def gradient(self) -> torch.Tensor:
-        """The flat gradient ``∇L(w)`` of the probe loss (all-reduced like the products).
+        """The flat gradient ``∇L(w)`` of the probe loss (the union batch's, like the products).
 
         Free with the ``"retained_graph"`` backend (the graph the products go through is
         built from it); one more gradient of the probe batches with the others. It is no
@@ -267,7 +278,7 @@ class HessianOperator:
 
         Raises:
             RuntimeError: if called outside the ``with`` block.
-            NonFiniteCurvatureError: if the gradient is not finite.
+            NonFiniteCurvatureError: if this process's gradient is not finite.
 
         Example:
             >>> net = nn.Linear(2, 1, bias=False)
@@ -285,11 +296,9 @@ class HessianOperator:
         assert self._autodiff is not None
         grads = self._autodiff.gradient()
         flat = self.layout.flatten(grads).detach()
-        if self._all_reduce is not None:
-            flat = self._all_reduce(flat)
         if not bool(torch.isfinite(flat).all()):
             raise NonFiniteCurvatureError("the probe gradient is not finite.")
-        return flat
+        return flat if self._mean is None else self._mean(flat)
 
     # -- products --------------------------------------------------------------------------
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
@@ -297,7 +306,7 @@ class HessianOperator:
 
         Raises:
             RuntimeError: if called outside the ``with`` block.
-            NonFiniteCurvatureError: if the product is not finite.
+            NonFiniteCurvatureError: if this process's product is not finite.
         """
         if self._stack is None:
             raise RuntimeError(
@@ -328,15 +337,9 @@ class HessianOperator:
             hv = self._forward_over_reverse_or_difference(vs)
         self.num_hvps += 1
         flat = self.layout.flatten(hv).detach()
-        if self._sharded:  # averaged by FSDP's reduce-scatter; one verdict for all
-            bad = self.shards.any_true(not bool(torch.isfinite(flat).all()), self.device)
-        else:
-            if self._all_reduce is not None:
-                flat = self._all_reduce(flat)
-            bad = not bool(torch.isfinite(flat).all())
-        if bad:
+        if not bool(torch.isfinite(flat).all()):  # this process's (sharded: FSDP's average)
             raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
-        return flat
+        return flat if self._mean is None else self._mean(flat)
 
     def _gauss_newton(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``G v``; ``"auto"`` turns to forward mode if the first reverse product cannot run."""

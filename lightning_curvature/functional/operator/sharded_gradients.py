@@ -14,6 +14,12 @@ shards, restored exactly from a saved copy after each, and FSDP's reduce-scatter
 them across processes (every process probes its own batch, as under DDP). ``.grad`` is saved
 before the probe and put back after it. The parameters must be float32 or float64 (a finite
 difference in bf16 resolves nothing).
+
+Inside a probe's agreement every sharded module's forward and every backward starts with a
+status collective (:func:`~lightning_curvature.functional.distributed.agreement.checked_forwards`),
+so a process that failed before one of FSDP's all-gathers or reduce-scatters (a
+``training_step`` that raises before its forward, a loss that is not a scalar or not
+finite) meets its peers there instead of leaving them in FSDP's collective.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from lightning_curvature.errors import NonFiniteCurvatureError
+from lightning_curvature.functional.distributed.agreement import check_agreement, checked_forwards
 from lightning_curvature.functional.linalg.sharded import local_tensor
 from lightning_curvature.functional.model.batches import ProbeBatches
 from lightning_curvature.functional.model.functional_model import (
@@ -33,7 +41,7 @@ from lightning_curvature.functional.model.functional_model import (
 )
 from lightning_curvature.functional.operator.graph_checks import FloatingDtypes, check_no_kinks
 
-__all__ = ["ShardedGradients"]
+__all__ = ["ShardedGradients", "fsdp_modules"]
 
 
 class ShardedGradients:
@@ -45,6 +53,8 @@ class ShardedGradients:
         probe: the probe's batches and their weights.
         parameters: the measured parameters (``DTensor`` shards).
         local_tensors: this process's piece of each (aliases of their storage).
+        share: this process's examples over the mean number per process: its loss's weight,
+            so that FSDP's mean of the gradients is the union batch's (1: equal sizes).
 
     Attributes:
         saved: copies of the local shards' values (taken by :meth:`open`), the weights ``w``.
@@ -57,8 +67,10 @@ class ShardedGradients:
         probe: ProbeBatches,
         parameters: Sequence[torch.Tensor],
         local_tensors: Sequence[torch.Tensor],
+        share: float = 1.0,
     ) -> None:
         self._model = model
+        self._share = share
         self._loss_fn = loss_fn
         self._probe = probe
         self._parameters = parameters
@@ -81,7 +93,7 @@ class ShardedGradients:
         Raises:
             PiecewiseLinearError: if a piecewise-linear op lies in the loss's graph.
         """
-        fsdp = _fsdp_modules(self._model)
+        fsdp = fsdp_modules(self._model)
         owners = list(self._model.parameters())
         grads = [p.grad for p in owners]
 
@@ -91,6 +103,7 @@ class ShardedGradients:
                 p.grad = grad
 
         stack.callback(restore)
+        stack.enter_context(checked_forwards(fsdp))
         for p in owners:
             p.grad = None
         self._owners, self._fsdp = owners, fsdp
@@ -119,6 +132,10 @@ class ShardedGradients:
                     local.copy_(saved).add_(v, alpha=step)
             for batch, weight in zip(self._probe.batches, self._probe.weights, strict=True):
                 loss = weight * check_scalar_loss(call_loss(self._loss_fn, self._model, batch))
+                loss = loss if self._share == 1.0 else loss * self._share
+                if not bool(torch.isfinite(loss)):
+                    raise NonFiniteCurvatureError(f"the probe loss is not finite ({float(loss)}).")
+                check_agreement()  # before FSDP's reduce-scatter: a failure above is met here
                 loss.backward()  # type: ignore[no-untyped-call]
             grads = [
                 torch.zeros_like(local) if p.grad is None else local_tensor(p.grad).detach()
@@ -134,7 +151,13 @@ class ShardedGradients:
         return grads
 
 
-def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules of ``model``, outermost first.
+
+    Example:
+        >>> fsdp_modules(nn.Linear(1, 1))
+        []
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without distributed
