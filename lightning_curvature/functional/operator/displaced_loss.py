@@ -116,13 +116,17 @@ class DisplacedLoss:
 
     def __enter__(self) -> DisplacedLoss:
         stack = contextlib.ExitStack()
-        callers_kernels = _cur_sdpa_kernel_backends()
-        stack.enter_context(probe_context(self.model, batch_norm=self._batch_norm))
-        stack.enter_context(sdpa_kernel(callers_kernels))  # first order: training's kernels
         self._stack = stack
-        self._losses = ProbeLoss(self._functional, self._batches)
-        if self._all_reduce is not None:  # (one collective: the processes' numbers of examples)
-            self._union = UnionMean.of(self._all_reduce, self._batches.size, self.device)
+        try:  # a failure here leaves nothing entered: modes and kernels put back
+            callers_kernels = _cur_sdpa_kernel_backends()
+            stack.enter_context(probe_context(self.model, batch_norm=self._batch_norm))
+            stack.enter_context(sdpa_kernel(callers_kernels))  # first order: training's kernels
+            self._losses = ProbeLoss(self._functional, self._batches)
+            if self._all_reduce is not None:  # (one collective: the processes' example counts)
+                self._union = UnionMean.of(self._all_reduce, self._batches.size, self.device)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(
