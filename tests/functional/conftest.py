@@ -26,3 +26,15 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _sdpa_backends_put_back() -> Iterator[None]:
+    """Tests that play processes with threads enter ``sdpa_kernel`` contexts concurrently;
+    the backends are global flags, so one thread can restore another's: put them back."""
+    flags = ("flash", "mem_efficient", "math", "cudnn")
+    cuda = torch.backends.cuda
+    enabled = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in flags}
+    yield
+    for name, on in enabled.items():
+        getattr(cuda, f"enable_{name}_sdp")(on)
