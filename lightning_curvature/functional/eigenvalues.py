@@ -42,7 +42,8 @@ class HessianEigenvalues:
         residuals: ``‖H y_i − θ_i y_i‖`` of each Ritz pair.
         converged: whether each eigenvalue is certified to ``tol`` (``θ_i`` the value,
             ``λ_i`` the i-th largest eigenvalue). Cold (no ``init``: a random start): with
-            probability at least 0.999 over the start, every converged value has
+            probability at least ``1 − miss_probability`` (0.999 by default) over the start,
+            every converged value has
             ``θ_i ≤ λ_i ≤ θ_i + tol·|θ_i|``, whatever the Hessian (for ``i ≥ 2``: unless two
             of the top ``i`` lie within ``2·tol·|θ|`` of each other, which one Krylov space
             cannot tell apart). Warm (``init``): no probability is claimed; the residual puts
@@ -59,7 +60,7 @@ class HessianEigenvalues:
         smallest_converged: whether it passed the ``tol`` test.
         parameter_names: the measured parameters.
         warm_start: with ``return_eigenvectors``, ``(k + 1, P)``: the eigenvectors and the
-            Ritz vector just below them (which the stopping test converged too), the best
+            Ritz vector just below them (which a warm run's guard converged too), the best
             ``init`` for the next call on nearby weights (fewer products than the
             eigenvectors alone: 9 against 12 per probe at the edge of stability, median).
         gradient: with ``return_gradient``, the flat probe gradient ``∇L(w)`` (``(P,)``, in
@@ -86,7 +87,13 @@ class HessianEigenvalues:
     gradient: torch.Tensor | None = None
 
 
-def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter: Any = 3) -> None:
+def check_eigenvalue_arguments(
+    k: Any,
+    tol: Any,
+    max_iter: Any = None,
+    min_iter: Any = 3,
+    miss_probability: Any = MISS_PROBABILITY,
+) -> None:
     """Raise if an argument of :func:`hessian_eigenvalues` is out of range.
 
     Raises:
@@ -105,6 +112,12 @@ def check_eigenvalue_arguments(k: Any, tol: Any, max_iter: Any = None, min_iter:
     if max_iter is not None:  # None: the default budget
         check_integer("max_iter", max_iter, k, minimum_text=f"k ({k})")
     check_integer("min_iter", min_iter, 1)
+    if (
+        isinstance(miss_probability, bool)
+        or not isinstance(miss_probability, (int, float))
+        or not 0 < miss_probability < 1
+    ):
+        raise ValueError(f"`miss_probability` must be in (0, 1), got {miss_probability!r}.")
 
 
 def _start_vector(
@@ -181,7 +194,8 @@ def uncertified_message(
     assert found.bounds is not None
     assert found.resolution is not None
     low = found.smallest
-    share = MISS_PROBABILITY / (found.converged.numel() + int(low is not None))
+    total = MISS_PROBABILITY if found.miss_probability is None else found.miss_probability
+    share = total / (found.converged.numel() + int(low is not None))
     failed = []
     for i, ok in enumerate(found.converged.tolist()):
         if not ok:
@@ -226,6 +240,7 @@ def hessian_eigenvalues(
     all_reduce: AllReduce | None = None,
     curvature: Curvature = "hessian",
     options: OperatorOptions | None = None,
+    miss_probability: float = MISS_PROBABILITY,
 ) -> HessianEigenvalues:
     """Top-k Hessian eigenvalues by Lanczos with full reorthogonalisation.
 
@@ -238,7 +253,7 @@ def hessian_eigenvalues(
       residual of ``θ_i``, and the error bound ``min(r, r²/δ)`` plus the rounding floor of
       the products is below ``tol·|θ_i|``;
     * cold (no ``init``: a Gaussian random start from ``generator``): with probability at
-      least ``1 − 10⁻³`` over the start, every converged value has
+      least ``1 − miss_probability`` (``1 − 10⁻³``) over the start, every converged value has
       ``θ_i ≤ λ_i ≤ θ_i + tol·|θ_i|``, whatever the Hessian: the run goes on until a larger
       eigenvalue the start might have missed is that improbable (van Dorsselaer,
       Hochstenbach & van der Vorst 2000; :mod:`~lightning_curvature.functional.linalg.missed`).
@@ -281,6 +296,9 @@ def hessian_eigenvalues(
         options: the operator's settings (``parameters`` … ``curvature``) as one
             :class:`~lightning_curvature.functional.operator.options.OperatorOptions`, instead of
             the keywords.
+        miss_probability: cold runs only: the chance the certificates may carry that the
+            random start missed a larger eigenvalue (default ``1e-3``; each factor of 10
+            costs about 2.5 products at the edge of stability).
 
     Raises:
         ValueError: on invalid arguments (named in the message).
@@ -304,7 +322,7 @@ def hessian_eigenvalues(
         >>> again.eigenvalues, again.num_hvps
         (tensor([6.]), 3)
     """
-    check_eigenvalue_arguments(k, tol, max_iter, min_iter)
+    check_eigenvalue_arguments(k, tol, max_iter, min_iter, miss_probability)
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, curvature, all_reduce)
     with open_operator(model, loss_fn, batch, settings, generator) as (operator, generator):
         shards = operator.shards
@@ -338,7 +356,7 @@ def hessian_eigenvalues(
             generator=generator,
             shards=shards,
             # a random start bounds the chance of a missed eigenvalue; a warm one cannot
-            miss_probability=MISS_PROBABILITY if init is None else None,
+            miss_probability=miss_probability if init is None else None,
         )
         num_hvps = operator.num_hvps
         gradient = operator.gradient() if return_gradient else None

@@ -128,7 +128,8 @@ def test_warm_start_holds_the_eigenvectors_and_the_ritz_vector_below_them() -> N
     assert torch.equal(out.warm_start[:2], out.eigenvectors)
     gram = out.warm_start @ out.warm_start.T
     torch.testing.assert_close(gram, torch.eye(3, dtype=gram.dtype), atol=1e-10, rtol=0)
-    # the third converged too (to tol relative to λ₁): its Rayleigh quotient is λ₃
+    # the third is λ₃'s Ritz vector: its Rayleigh quotient is λ₃ (a cold run goes on
+    # until a missed eigenvalue is improbable, far past tol)
     third = out.warm_start[2]
     assert float(third @ hessian @ third) == pytest.approx(
         float(exact[2]), abs=1e-6 * float(exact[0])
@@ -237,3 +238,21 @@ def test_no_false_cold_certificate_in_float32_and_warm_probes_stay_cheap() -> No
         assert warm.converged.tolist() == [True]
         assert abs(float(warm.eigenvalues[0]) - 1.0) <= 1e-3
         assert warm.num_hvps <= 6 < min(out.num_hvps for out in runs)
+
+
+def test_a_looser_miss_probability_costs_fewer_products_cold_and_nothing_warm() -> None:
+    """``miss_probability`` trades confidence for products on a cold run (21, 24 and 28
+    products at 10⁻¹, 10⁻³ and 10⁻⁶ here) and is ignored from ``init``."""
+    model, loss_fn, inputs = _edge_of_stability_model(0.995)
+    cost = {
+        miss: hessian_eigenvalues(model, loss_fn, inputs, miss_probability=miss).num_hvps
+        for miss in (1e-1, 1e-3, 1e-6)
+    }
+    assert cost[1e-1] < cost[1e-3] < cost[1e-6] <= 38
+    first = hessian_eigenvalues(model, loss_fn, inputs, return_eigenvectors=True)
+    warm = [
+        hessian_eigenvalues(model, loss_fn, inputs, init=first.warm_start, miss_probability=m)
+        for m in (1e-1, 1e-6)
+    ]
+    assert warm[0].num_hvps == warm[1].num_hvps
+    assert torch.equal(warm[0].eigenvalues, warm[1].eigenvalues)

@@ -77,6 +77,7 @@ class LanczosResult:
         misses: from a random start, the bound on the chance that a larger eigenvalue was
             missed, for each top eigenvalue (:func:`~lightning_curvature.functional.linalg.
             missed.miss_probabilities`); ``None`` from another start.
+        miss_probability: the chance the certificates could carry (``None``: not random).
     """
 
     eigenvalues: torch.Tensor
@@ -90,6 +91,7 @@ class LanczosResult:
     resolution: torch.Tensor | None = None
     guarded: bool = True
     misses: torch.Tensor | None = None
+    miss_probability: float | None = None
 
 
 def _absolute_bounds(values: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
@@ -327,4 +329,5 @@ def lanczos_eigenpairs(
         resolution=floor[top],
         guarded=bool(found.all()),
         misses=misses,
+        miss_probability=miss_probability,
     )
