@@ -183,9 +183,9 @@ def _not_missed(
 
     Returns the answer for each of the top k (largest first) and for the smallest, and the
     bounds on the chance of a miss for the top k and the smallest (``None`` without a
-    random start). From a random start
-    each of the ``count`` estimates may spend ``miss_probability / count`` of it, and the
-    i-th passes only if the larger ones do (its bound assumes they are right).
+    random start). From a random start each of the ``count`` estimates may spend
+    ``miss_probability / count`` of it, and the i-th passes only if the larger ones do (its
+    bound assumes they are right).
     """
     explored, bottom_explored = _complement_explored(run, values, k, tol)
     size = min(k, values.numel())
@@ -219,9 +219,11 @@ def lanczos_eigenpairs(
     the start (θ_i the i-th largest Ritz value, λ_i the i-th largest eigenvalue of ``A``,
     ``n`` its order):
 
-    * Always, and deterministically: ``θ_i ≤ λ_i`` (Cauchy interlacing), some eigenvalue lies
-      within the residual ``r_i`` of ``θ_i``, and the error bound ``min(r_i, r_i²/δ)`` plus
-      the products' rounding floor is at most ``tol·|θ_i|``.
+    * Always, whatever the start (up to the products' rounding): ``θ_i ≤ λ_i`` (Cauchy
+      interlacing), some eigenvalue lies within the residual ``r_i`` of ``θ_i``, and the
+      error bound ``min(r_i, r_i²/δ)`` plus the rounding floor is at most ``tol·|θ_i|``
+      (``δ`` is the gap to the other *Ritz* values: a bound on the error only if no
+      eigenvalue is missing in between, which is what the next two points are about).
     * From a random start (``miss_probability`` given: ``start`` a Gaussian vector drawn
       independently of ``A``): with probability at least ``1 − miss_probability`` over the
       start, *every* converged estimate has ``θ_i ≤ λ_i ≤ θ_i + tol·|θ_i|`` (the smallest:

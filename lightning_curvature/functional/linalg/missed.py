@@ -18,10 +18,12 @@ Appl. 22(3), 2000):
   on ``b``), ``⟨b, v⟩²/‖b‖²`` has the Beta(1/2, (n−1)/2) law, whose distribution function is
   below ``√(2nx/π)`` (its density is below ``x^{-1/2}/B(1/2, (n−1)/2)``, and Gautschi's
   inequality bounds ``1/B``).
-* So ``√(2n/π) · β₁⋯β_m / p_R`` bounds the probability that the run has reached this point
-  while an eigenvalue lies in ``R``. A rule that certifies only once this is at most ``δ`` is
-  wrong with probability at most ``δ``, whatever the operator and whichever step it stops at:
-  the failure needs ``⟨b, v⟩²/‖b‖² ≤ πδ²/(2n)`` for the fixed ``v``.
+* So a rule that certifies only once ``√(2n/π) · β₁⋯β_m / p_R ≤ δ`` is wrong with
+  probability at most ``δ``, whatever the operator and whichever step it stops at: a
+  certificate given while an eigenvalue lies in ``R`` needs
+  ``⟨b, v⟩²/‖b‖² ≤ (β₁⋯β_m / p_R)² ≤ πδ²/(2n)`` for that eigenvalue's fixed ``v``, an
+  event of probability below ``δ``. (This function returns ``√(2n/π) · β₁⋯β_m / p_R``,
+  capped at 1.)
 
 For the top eigenvalue ``R = [θ₁ + tol|θ₁|, ∞)``, where ``|p|`` increases, so ``p_R`` is
 ``|p|`` at its end. For the i-th, ``R = [θ_i + tol|θ_i|, ∞)`` less a window of half-width
