@@ -53,7 +53,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
     Args:
         k: number of top eigenvalues.
         tol: relative error bound of each eigenvalue.
-        max_iter: most Hessian-vector products per Lanczos run (default ``30 + 8k``).
+        max_iter: most Hessian-vector products per Lanczos run (default ``40 + 10k``).
         stability: log the stability threshold and the sharpness ratio.
         smallest: also log the smallest (most negative) eigenvalue.
         per_layer: blocks of measured parameters with a top eigenvalue of their own (one

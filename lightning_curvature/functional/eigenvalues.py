@@ -15,6 +15,7 @@ from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
     LanczosResult,
+    default_max_iter,
     lanczos_eigenpairs,
 )
 from lightning_curvature.functional.linalg.sharded import VectorShards
@@ -274,9 +275,9 @@ def hessian_eigenvalues(
         batch: one batch or an iterable of batches (Hessian of the size-weighted mean loss).
         k: number of top eigenvalues.
         tol: relative error bound each must reach.
-        max_iter: most Hessian-vector products (default ``30 + 8k``, at most ``P``: cold runs
-            on ~30k-parameter GPT-2, BERT and litgpt models at init needed up to 32, 51, 51
-            and 83 products for k = 1, 3, 5, 10, ``benchmarks/bench_zoo_convergence.py``).
+        max_iter: most Hessian-vector products (default ``40 + 10k``, at most ``P``: cold
+            runs on ~30k-parameter GPT-2, BERT and litgpt models at init needed up to 36, 57,
+            70 and 95 products for k = 1, 3, 5, 10, ``benchmarks/bench_zoo_convergence.py``).
         min_iter: fewest products before the stopping test is trusted.
         smallest: also compute the smallest (most negative) eigenvalue.
         return_eigenvectors: also return the eigenvectors.
@@ -330,7 +331,7 @@ def hessian_eigenvalues(
             raise ValueError(
                 f"`k` ({k}) exceeds the number of measured parameters ({shards.size})."
             )
-        steps = min(max_iter or 30 + 8 * k, shards.size)
+        steps = min(max_iter or default_max_iter(k), shards.size)
         start = _start_vector(init, shards, generator, operator.dtype, operator.device)
         matvec: Callable[[torch.Tensor], torch.Tensor] = operator.matvec
         if preconditioner is not None:

@@ -30,12 +30,33 @@ from lightning_curvature.functional.linalg.lanczos import LanczosProcess, Matvec
 from lightning_curvature.functional.linalg.missed import miss_probabilities
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
-__all__ = ["MISS_PROBABILITY", "LanczosResult", "RitzEstimate", "lanczos_eigenpairs"]
+__all__ = [
+    "MISS_PROBABILITY",
+    "LanczosResult",
+    "RitzEstimate",
+    "default_max_iter",
+    "lanczos_eigenpairs",
+]
 
 #: The chance a certificate from a random start may carry of a missed eigenvalue (all the
 #: certificates of a run together). At the edge of stability each factor of 10 costs about
 #: 2.5 products (``benchmarks/bench_certificate.py``).
 MISS_PROBABILITY = 1e-3
+
+
+def default_max_iter(k: int) -> int:
+    """The default budget for the top ``k``: ``40 + 10k`` products.
+
+    Cold runs at ``tol=1e-3`` (to ``MISS_PROBABILITY``) on ~30k-parameter litgpt, GPT-2 and
+    BERT models at initialisation needed up to 36, 57, 70 and 95 products for k = 1, 3, 5,
+    10 (``benchmarks/bench_zoo_convergence.py``); the basis grows with the run, so an unused
+    budget costs nothing.
+
+    Example:
+        >>> default_max_iter(1), default_max_iter(5)
+        (50, 90)
+    """
+    return 40 + 10 * k
 
 
 class RitzEstimate(NamedTuple):
