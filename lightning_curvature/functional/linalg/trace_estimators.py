@@ -10,10 +10,10 @@
   is that of the deflated part, from few samples (4 of 10 products, 12 of 32): it is scaled
   by ``t_{0.975, r−1}/1.96`` so that ``estimate ± 1.96·std_error`` is the Student-t 95 %
   interval of its ``r`` samples. The plain ``std/√r`` band covered the exact trace of three
-  small networks 83-92 % of the time at 10-32 products; the scaled one 93-97.5 %
-  (``benchmarks/bench_trace_coverage.py``). On neural-network Hessians, whose Frobenius mass
-  sits in the bulk, plain Hutchinson is as good or better below about 80 products
-  (ALGORITHMS.md §3.2).
+  small networks 83-92 % of the time at 10-16 products (91.6 % over 10-100); the scaled one
+  93-98.5 % (95.5 % over 10-100; ``benchmarks/bench_trace_coverage.py``). On neural-network
+  Hessians, whose Frobenius mass sits in the bulk, plain Hutchinson is as good or better
+  below about 80 products (ALGORITHMS.md §3.2).
   Block traces use ``tr(P_B A) = tr(P_B A QQᵀ) + tr(P_B A (I−QQᵀ))``, each part estimated
   without bias; they sum to the total only in expectation.
 
