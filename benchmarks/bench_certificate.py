@@ -10,7 +10,7 @@ than ``tol`` off λ₁ (``|θ₁ − λ₁| > tol·|θ₁|``), and the products 
 1. A synthetic diagonal operator, n = 500, shaped like the edge-of-stability Hessians (a top
    pair λ₂/λ₁ = 0.98, 0.995, 0.999 over a smoothly decaying cluster
    ``0.97·exp(−j/12) − 0.02``), and an easy one (the pair over a bulk uniform in [0, 0.9]);
-   float64, ``lanczos_eigenpairs(tol=1e-3, max_iter=38)`` (the default budget for k = 1). A
+   float64, ``lanczos_eigenpairs(tol=1e-3, max_iter=default_max_iter(1))`` (50). A
    Gaussian start makes Lanczos on ``QΛQᵀ`` the same in law as on ``Λ``: diagonal is general.
 2. The digits edge-of-stability run (examples/edge_of_stability.py: full-batch GD, lr 0.2,
    1000 examples, MSE, tanh MLP 64-64-64-10, P = 8970), every 10 steps from 800 to 1500:
@@ -48,7 +48,11 @@ from edge_of_stability import DigitsRegressor, digits_dataset
 import lightning_curvature.functional.eigenvalues as model_level
 from lightning_curvature import hessian_eigenvalues
 from lightning_curvature.errors import CurvatureWarning
-from lightning_curvature.functional.linalg.eigenpairs import MISS_PROBABILITY, lanczos_eigenpairs
+from lightning_curvature.functional.linalg.eigenpairs import (
+    MISS_PROBABILITY,
+    default_max_iter,
+    lanczos_eigenpairs,
+)
 
 TOL = 1e-3
 LIBRARY = model_level.lanczos_eigenpairs
@@ -112,7 +116,7 @@ def synthetic(seeds: int) -> None:
                     lambda v, s=spectrum: s * v,
                     start,
                     tol=TOL,
-                    max_iter=38,
+                    max_iter=default_max_iter(1),
                     generator=generator,
                     miss_probability=miss,
                 )
