@@ -50,7 +50,15 @@ class HessianTrace:
 
     Attributes:
         estimate: the trace estimate.
-        std_error: its standard error (the random part's sample std over ``√probes``).
+        std_error: its standard error: the random part's sample standard deviation over
+            ``√r`` (``r`` its samples: all ``num_hvps`` for Hutchinson, ``m − 2⌊m/3⌋`` for
+            Hutch++), for Hutch++ times ``t_{0.975, r−1}/1.96`` so that
+            ``estimate ± 1.96·std_error`` is the Student-t 95 % interval of its few samples.
+            Measured coverage of ``± 1.96·std_error`` on the exact traces of three small
+            networks at 10-100 products, 200 seeds each
+            (``benchmarks/bench_trace_coverage.py``): Hutch++ 93-98.5 %, 95.5 % over all
+            (before the scaling 83-92 % at 10-16 products); Hutchinson 89-96.5 %, 92.7 %
+            over all, 89-92.5 % at 10-40 products: read its band as about 90 % there.
         num_hvps: Hessian-vector products used.
         method: ``"hutchinson"`` or ``"hutch++"``.
         per_layer: block name to trace estimate (empty unless requested).

@@ -66,6 +66,12 @@ def test_min_iter(tiny: Any) -> None:
         hessian_eigenvalues(*tiny, min_iter=0)
 
 
+@pytest.mark.parametrize("miss_probability", [0.0, 1.0, -0.1, float("nan"), True])
+def test_miss_probability(tiny: Any, miss_probability: Any) -> None:
+    with pytest.raises(ValueError, match=r"`miss_probability` must be in \(0, 1\), got"):
+        hessian_eigenvalues(*tiny, miss_probability=miss_probability)
+
+
 @pytest.mark.parametrize("empty", [[], BatchList(), iter([]), torch.utils.data.DataLoader([])])
 def test_empty_batch_iterable(tiny: Any, empty: Any) -> None:
     model, loss_fn, _ = tiny

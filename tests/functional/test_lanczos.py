@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_curvature.functional.linalg.eigenpairs import lanczos_eigenpairs
+from lightning_curvature.functional.linalg.eigenpairs import (
+    MISS_PROBABILITY,
+    LanczosResult,
+    default_max_iter,
+    lanczos_eigenpairs,
+)
 from lightning_curvature.functional.linalg.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.missed import miss_probabilities
 from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature
 
 TOP_TWO = torch.tensor([45.0, 50.0], dtype=torch.float64)
@@ -202,3 +208,107 @@ def test_a_floor_beyond_reach_still_stops_at_the_floor(monkeypatch: pytest.Monke
     out = lanczos_eigenpairs(lambda v: spectrum * v, start, k=1, tol=1e-3, max_iter=100)
     assert out.converged.tolist() == [False]
     assert out.num_steps < 20
+
+
+def _edge_of_stability(ratio: float, n: int = 500) -> torch.Tensor:
+    """A top pair ``1, ratio`` over a smoothly decaying cluster, shaped like the Hessians of
+    the digits edge-of-stability run (λ₃/λ₁ ≈ 0.97, then about 5 % less per eigenvalue)."""
+    j = torch.arange(n - 2, dtype=D)
+    return torch.cat([torch.tensor([1.0, ratio], dtype=D), 0.97 * torch.exp(-j / 12) - 0.02])
+
+
+def _cold(spectrum: torch.Tensor, seed: int, miss: float | None, k: int = 1) -> LanczosResult:
+    """``lanczos_eigenpairs`` at ``tol=1e-3`` and the default budget from a Gaussian start."""
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(spectrum.numel(), generator=generator, dtype=D)
+    return lanczos_eigenpairs(
+        lambda v: spectrum * v,
+        start,
+        k=k,
+        tol=1e-3,
+        max_iter=default_max_iter(k),
+        generator=generator,
+        miss_probability=miss,
+    )
+
+
+def _wrong(out: LanczosResult, truth: list[float]) -> int:
+    """How many values are certified more than ``tol`` off the true i-th largest."""
+    values = out.eigenvalues.tolist()
+    pairs = zip(values, truth, out.converged.tolist(), strict=False)
+    return sum(ok and abs(v - t) > 1e-3 * abs(v) for v, t, ok in pairs)
+
+
+@pytest.mark.parametrize("seed", [23, 46, 98, 112, 156])
+def test_a_random_start_no_longer_certifies_the_second_eigenvalue_as_the_first(
+    seed: int,
+) -> None:
+    """λ₂/λ₁ = 0.995 over a cluster: from these starts the guard (the next Ritz value
+    converged too) certified λ₂ = 0.995 as λ₁ (19 of 200 seeds did); the bound on a missed
+    eigenvalue keeps the run going until λ₁ = 1 is found."""
+    spectrum = _edge_of_stability(0.995)
+    old = _cold(spectrum, seed, miss=None)
+    assert old.converged.tolist() == [True]
+    assert abs(float(old.eigenvalues[0]) - 0.995) < 1e-3
+    new = _cold(spectrum, seed, miss=MISS_PROBABILITY)
+    assert new.converged.tolist() == [True]
+    assert abs(float(new.eigenvalues[0]) - 1.0) <= 1e-3 * float(new.eigenvalues[0])
+    assert new.misses is not None
+    assert float(new.misses[0]) <= MISS_PROBABILITY
+    assert new.num_steps <= 30
+
+
+@pytest.mark.parametrize("ratio", [0.98, 0.995, 0.999])
+def test_no_false_certificate_from_random_starts_at_the_edge_of_stability(ratio: float) -> None:
+    """40 random starts per ratio (the guard certified λ₂ for 1, 19 and 5 of 200): every
+    run is certified, and within ``tol`` of λ₁, in at most 30 products."""
+    spectrum = _edge_of_stability(ratio)
+    runs = [_cold(spectrum, seed, miss=MISS_PROBABILITY) for seed in range(40)]
+    assert all(out.converged.tolist() == [True] for out in runs)
+    assert sum(_wrong(out, [1.0]) for out in runs) == 0
+    assert max(out.num_steps for out in runs) <= 30
+
+
+def test_the_miss_probability_bounds_the_rate_of_false_certificates() -> None:
+    """The guarantee itself, at a loose ``miss_probability`` where failures are frequent
+    enough to count: λ₂/λ₁ = 0.9985 (1.5 tol apart) lets a run that has not resolved the
+    pair pass for λ₁. The rate stays below the bound, and the bound is not vacuous (it
+    lets some through: about 13 % at 0.3)."""
+    spectrum = _edge_of_stability(0.9985)
+    wrong = sum(_wrong(_cold(spectrum, seed, miss=0.3), [1.0]) for seed in range(100))
+    assert 0 < wrong <= 30
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_top_two_a_pair_apart_are_both_certified_right(seed: int) -> None:
+    """λ₁ − λ₂ = 4 tol (more than the 2 tol a single Krylov space cannot split): the second
+    is certified only once it is the second, not the cluster's next eigenvalue."""
+    spectrum = _edge_of_stability(0.996)
+    out = _cold(spectrum, seed, miss=MISS_PROBABILITY, k=2)
+    assert out.converged.tolist() == [True, True]
+    assert _wrong(out, [1.0, 0.996]) == 0
+
+
+def test_a_start_orthogonal_to_the_top_eigenvector_is_why_warm_starts_claim_no_chance() -> None:
+    """The bound holds over *random* starts: a start with no component along v₁ (the worst
+    warm start) never sees λ₁, and its certificate is wrong. ``hessian_eigenvalues`` gives
+    a warm start the guard and no probability (and adds a little noise)."""
+    spectrum = _edge_of_stability(0.98)
+    start = torch.randn(500, generator=torch.Generator().manual_seed(0), dtype=D)
+    start[0] = 0.0
+    out = lanczos_eigenpairs(lambda v: spectrum * v, start, max_iter=50, miss_probability=1e-3)
+    assert out.converged.tolist() == [True]
+    assert float(out.eigenvalues[0]) == pytest.approx(0.98, abs=1e-6)
+
+
+def test_an_invariant_start_leaves_nothing_to_miss() -> None:
+    """A Krylov space that became invariant holds the start exactly: the bound is 0 (a
+    random start lies in such a space only when the operator has that few distinct
+    eigenvalues, all of which it then holds)."""
+    spectrum = torch.tensor([3.0, 2.0, 1.0] * 10, dtype=D)
+    run = LanczosProcess(lambda v: spectrum * v, _random_start(30), max_iter=3)
+    while run.step():
+        pass
+    top, bottom = miss_probabilities(run, run.ritz()[0], 2, 1e-3)
+    assert max(top) < 1e-6
+    assert bottom < 1e-6

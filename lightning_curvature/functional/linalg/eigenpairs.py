@@ -2,13 +2,21 @@
 
 :func:`lanczos_eigenpairs` drives a
 :class:`~lightning_curvature.functional.linalg.lanczos.LanczosProcess` until the top-k Ritz
-values (and the bottom one on request) are certified: the a-posteriori bound
-``min(r, r²/δ)`` (Parlett 1998, §11.7; ``r`` the residual, ``δ`` the distance to the nearest
-other Ritz value less ``r``) plus the rounding floor of the products (``16·eps·|θ|`` plus the
-rounding measured along the way) is at most ``tol·|θ|``. The Ritz value just below the top k
-must pass too (relative to ``|θ₁|``): a bound cannot see an eigenvalue the Krylov space has
-not found yet, and the extra steps give a hidden one time to appear. A budget that runs out
-first certifies nothing it has not checked.
+values (and the bottom one on request) are certified, in two parts:
+
+* near an eigenvalue: the a-posteriori bound ``min(r, r²/δ)`` (Parlett 1998, §11.7; ``r`` the
+  residual, ``δ`` the distance to the nearest other Ritz value less ``r``) plus the rounding
+  floor of the products (``16·eps·|θ|`` plus the rounding measured along the way) is at most
+  ``tol·|θ|``;
+* the right one (no larger eigenvalue missed): a bound cannot see an eigenvalue the Krylov
+  space has not found yet. From a random start the run goes on until the chance that it
+  missed one is at most ``miss_probability``
+  (:mod:`~lightning_curvature.functional.linalg.missed`); from any other start (a warm start)
+  no such chance can be computed, and the Ritz value just below the top k must pass the
+  first test too (relative to ``|θ₁|``), which gives a hidden eigenvalue time to appear but
+  proves nothing.
+
+A budget that runs out first certifies nothing it has not checked.
 """
 
 from __future__ import annotations
@@ -19,19 +27,51 @@ from typing import NamedTuple
 import torch
 
 from lightning_curvature.functional.linalg.lanczos import LanczosProcess, Matvec
+from lightning_curvature.functional.linalg.missed import miss_probabilities
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
-__all__ = ["LanczosResult", "RitzEstimate", "lanczos_eigenpairs"]
+__all__ = [
+    "MISS_PROBABILITY",
+    "LanczosResult",
+    "RitzEstimate",
+    "default_max_iter",
+    "lanczos_eigenpairs",
+]
+
+#: The chance a certificate from a random start may carry of a missed eigenvalue (all the
+#: certificates of a run together). At the edge of stability each factor of 10 costs about
+#: 2.5 products (``benchmarks/bench_certificate.py``).
+MISS_PROBABILITY = 1e-3
+
+
+def default_max_iter(k: int) -> int:
+    """The default budget for the top ``k``: ``40 + 10k`` products.
+
+    Cold runs at ``tol=1e-3`` (to ``MISS_PROBABILITY``) on ~30k-parameter litgpt, GPT-2 and
+    BERT models at initialisation needed up to 36, 57, 70 and 95 products for k = 1, 3, 5,
+    10 (``benchmarks/bench_zoo_convergence.py``); the basis grows with the run, so an unused
+    budget costs nothing.
+
+    Example:
+        >>> default_max_iter(1), default_max_iter(5)
+        (50, 90)
+    """
+    return 40 + 10 * k
 
 
 class RitzEstimate(NamedTuple):
-    """One extreme eigenvalue estimate: its value, residual, certificate and error bound."""
+    """One extreme eigenvalue estimate: its value, residual, certificate and error bound.
+
+    ``miss`` bounds the chance that a random start missed an eigenvalue beyond it (``None``
+    from another start).
+    """
 
     value: float
     residual: float
     converged: bool
     bound: float
     resolution: float
+    miss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -41,19 +81,24 @@ class LanczosResult:
     Attributes:
         eigenvalues: the top-k Ritz values, largest first.
         residuals: bounds on ``‖A y_i − θ_i y_i‖`` for each.
-        converged: whether each is certified: ``bound + resolution ≤ tol·|θ|``, with the
-            Ritz value below the top k converged too.
+        converged: whether each is certified (see :func:`lanczos_eigenpairs`).
         eigenvectors: ``(k, n)`` unit Ritz vectors on the operator's device, or ``None``.
         smallest: the bottom Ritz value (:class:`RitzEstimate`), or ``None``.
         num_steps: products used.
-        warm_start: with the eigenvectors, the top ``k + 1`` Ritz vectors (the last is the
-            one the stopping test also converged), the best start of a later run.
+        warm_start: with the eigenvectors, the top ``k + 1`` Ritz vectors, the best start of
+            a later run.
         bounds: the absolute error bound ``min(r, r²/δ)`` of each top eigenvalue.
         resolution: the smallest error certifiable for each top eigenvalue, given the
             rounding of the products (:meth:`LanczosProcess.resolution`).
         guarded: whether the top k were checked against eigenvalues the Krylov space may
-            still miss: the Ritz value below them converged, and so did the block after
-            any (near) breakdown; or the space was spanned.
+            still miss: from a random start, the chance of a miss is within
+            ``miss_probability`` (``misses``); from another start, the Ritz value below
+            them converged; either way the block after any (near) breakdown converged too,
+            or the space was spanned.
+        misses: from a random start, the bound on the chance that a larger eigenvalue was
+            missed, for each top eigenvalue (:func:`~lightning_curvature.functional.linalg.
+            missed.miss_probabilities`); ``None`` from another start.
+        miss_probability: the chance the certificates could carry (``None``: not random).
     """
 
     eigenvalues: torch.Tensor
@@ -66,6 +111,8 @@ class LanczosResult:
     bounds: torch.Tensor | None = None
     resolution: torch.Tensor | None = None
     guarded: bool = True
+    misses: torch.Tensor | None = None
+    miss_probability: float | None = None
 
 
 def _absolute_bounds(values: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
@@ -144,6 +191,35 @@ def _complement_explored(
     return settled(-1), settled(0)
 
 
+def _not_missed(
+    run: LanczosProcess,
+    values: torch.Tensor,
+    residuals: torch.Tensor,
+    k: int,
+    tol: float,
+    miss_probability: float | None,
+    count: int,
+) -> tuple[torch.Tensor, bool, torch.Tensor | None, float | None]:
+    """Which of the top k are checked against a larger eigenvalue the run may have missed.
+
+    Returns the answer for each of the top k (largest first) and for the smallest, and the
+    bounds on the chance of a miss for the top k and the smallest (``None`` without a
+    random start). From a random start each of the ``count`` estimates may spend
+    ``miss_probability / count`` of it, and the i-th passes only if the larger ones do (its
+    bound assumes they are right).
+    """
+    explored, bottom_explored = _complement_explored(run, values, k, tol)
+    size = min(k, values.numel())
+    if miss_probability is None:
+        guarded = explored and _next_one_converged(run, values, residuals, k, tol)
+        return torch.full((size,), guarded), bottom_explored, None, None
+    top, bottom = miss_probabilities(run, values, k, tol)
+    misses = torch.tensor(top, dtype=torch.float64)
+    share = miss_probability / count
+    found = torch.cummin((misses <= share).long(), dim=0).values.bool() & explored
+    return found, bottom_explored and bottom <= share, misses, bottom
+
+
 def lanczos_eigenpairs(
     matvec: Matvec,
     start: torch.Tensor,
@@ -156,11 +232,34 @@ def lanczos_eigenpairs(
     return_eigenvectors: bool = False,
     generator: torch.Generator | None = None,
     shards: VectorShards | None = None,
+    miss_probability: float | None = None,
 ) -> LanczosResult:
     """Top-k (and optionally the smallest) eigenpairs of a symmetric operator.
 
-    An estimate is ``converged`` only when certified: its error bound plus the dtype's
-    rounding floor is at most ``tol·|θ|``, and the Ritz value below the top k converged too.
+    An estimate is ``converged`` only when certified, and what that guarantees depends on
+    the start (θ_i the i-th largest Ritz value, λ_i the i-th largest eigenvalue of ``A``,
+    ``n`` its order):
+
+    * Always, whatever the start (up to the products' rounding): ``θ_i ≤ λ_i`` (Cauchy
+      interlacing), some eigenvalue lies within the residual ``r_i`` of ``θ_i``, and the
+      error bound ``min(r_i, r_i²/δ)`` plus the rounding floor is at most ``tol·|θ_i|``
+      (``δ`` is the gap to the other *Ritz* values: a bound on the error only if no
+      eigenvalue is missing in between, which is what the next two points are about).
+    * From a random start (``miss_probability`` given: ``start`` a Gaussian vector drawn
+      independently of ``A``): with probability at least ``1 − miss_probability`` over the
+      start, *every* converged estimate has ``θ_i ≤ λ_i ≤ θ_i + tol·|θ_i|`` (the smallest:
+      ``θ_min − tol·|θ_min| ≤ λ_min ≤ θ_min``), whatever ``A``. For ``i ≥ 2`` this
+      assumes no two of the top ``i`` eigenvalues lie within ``2·tol·|θ|`` of each other: one
+      Krylov space holds one copy of a repeated eigenvalue (a copy is found only after a
+      breakdown, by the restart). The run goes on until the bound of
+      :func:`~lightning_curvature.functional.linalg.missed.miss_probabilities` allows it
+      (van Dorsselaer, Hochstenbach & van der Vorst 2000); exact arithmetic, the rounding
+      checked by the floor above.
+    * From any other start (a warm start): the Ritz value below the top k converged too, so
+      a hidden larger eigenvalue had time to appear; that the estimates are the *largest*
+      rests on the start having a fair component along their eigenvectors, and no
+      probability is claimed (a start orthogonal to ``v₁`` never finds ``λ₁``).
+
     The run stops once every estimate is certified or can no longer be (its bound has reached
     the rounding floor and the floor alone exceeds ``tol·|θ|``: a ``tol`` finer than the
     dtype resolves is then reported as not converged), or when ``max_iter`` products are
@@ -179,6 +278,10 @@ def lanczos_eigenpairs(
         generator: random source for restarts after breakdowns.
         shards: the vectors' split across processes (see :class:`LanczosProcess`); the
             eigenvectors and warm start returned are then this process's shards.
+        miss_probability: only for a random ``start`` (Gaussian, independent of the
+            operator): the chance the certificates together may carry that a larger (or,
+            for the smallest, a smaller) eigenvalue was missed (e.g. :data:`MISS_PROBABILITY`).
+            ``None``: the start is not random, and the guard above is used instead.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -190,6 +293,12 @@ def lanczos_eigenpairs(
         ...                              max_iter=1)
         >>> starved.converged.tolist()  # one product certifies nothing
         [False]
+        >>> pair = torch.cat([torch.tensor([1.0, 0.99]), torch.linspace(0.0, 0.9, 98)]).double()
+        >>> seeded = torch.Generator().manual_seed(0)
+        >>> random = torch.randn(100, dtype=torch.float64, generator=seeded)
+        >>> out = lanczos_eigenpairs(lambda v: pair * v, random, miss_probability=1e-3)
+        >>> out.eigenvalues.round(decimals=9), out.converged.tolist(), out.misses <= 1e-3
+        (tensor([1.], dtype=torch.float64), [True], tensor([True]))
     """
     run = LanczosProcess(matvec, start, max_iter, generator=generator, shards=shards)
     need = max(min_iter, k + 1 + int(smallest))
@@ -204,18 +313,20 @@ def lanczos_eigenpairs(
         certified = bounds + floor <= reach
         # Stopping at the floor while the floor is within reach gave up a certificate one
         # product away (float32, λ₁ ≈ 1320: bound 0.47, floor 0.92, reach 1.32).
-        settled = certified | ((bounds <= floor) & (floor > reach))
+        hopeless = (bounds <= floor) & (floor > reach)
         top = torch.arange(values.numel() - 1, max(values.numel() - 1 - k, -1), -1)
-        explored, bottom_explored = _complement_explored(run, values, k, tol)
-        guarded = explored and _next_one_converged(run, values, residuals, k, tol)
-        bottom_done = bottom_explored and bool(settled[0])
-        done = guarded and bool(settled[top].all()) and (not smallest or bottom_done)
+        found, bottom_found, misses, bottom_miss = _not_missed(
+            run, values, residuals, k, tol, miss_probability, k + int(smallest)
+        )
+        converged = certified[top] & found
+        bottom_done = (bool(certified[0]) and bottom_found) or bool(hopeless[0])
+        done = bool((converged | hopeless[top]).all()) and (not smallest or bottom_done)
         if done or not more:
             break
     eigenvectors = warm_start = None
     if return_eigenvectors:
-        # The top k and the guarded Ritz vector below them: starting a later run from all
-        # k + 1 converges that one sooner too (edge-of-stability probes: 12 -> 9 HVPs, median).
+        # The top k and the Ritz vector below them: starting a later run from all k + 1
+        # converges that one sooner too (edge-of-stability probes: 12 -> 9 HVPs, median).
         kept = torch.arange(values.numel() - 1, max(values.numel() - 2 - k, -1), -1)
         coefficients = vectors[:, kept].to(dtype=start.dtype, device=start.device)
         warm_start = run.combine(coefficients)
@@ -223,14 +334,15 @@ def lanczos_eigenpairs(
     return LanczosResult(
         eigenvalues=values[top],
         residuals=residuals[top],
-        converged=certified[top] & guarded,
+        converged=converged,
         eigenvectors=eigenvectors,
         smallest=RitzEstimate(
             float(values[0]),
             float(residuals[0]),
-            bool(certified[0]) and bottom_explored,
+            bool(certified[0]) and bottom_found,
             float(bounds[0]),
             float(floor[0]),
+            bottom_miss,
         )
         if smallest
         else None,
@@ -238,5 +350,7 @@ def lanczos_eigenpairs(
         warm_start=warm_start,
         bounds=bounds[top],
         resolution=floor[top],
-        guarded=guarded,
+        guarded=bool(found.all()),
+        misses=misses,
+        miss_probability=miss_probability,
     )
