@@ -32,7 +32,7 @@ from lightning_curvature.callbacks.isolation import isolated
 from lightning_curvature.callbacks.schedule import ProbeSchedule, Timing
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.probe import unwrap_model
-from lightning_curvature.functional.operator.graph_checks import check_smooth
+from lightning_curvature.functional.operator.kinks import check_smooth
 
 __all__ = [
     "Sharding",
