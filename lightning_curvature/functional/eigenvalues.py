@@ -56,6 +56,9 @@ class HessianEigenvalues:
         gradient: with ``return_gradient``, the flat probe gradient ``∇L(w)`` (``(P,)``, in
             ``parameter_names`` order): with :attr:`eigenvectors`, what
             :func:`~lightning_curvature.functional.directional.subspace_share` needs.
+        backend: the Hessian-vector product backend that ran (``"auto"`` resolved).
+        fallback: why ``backend="auto"`` ran another backend than ``"retained_graph"``
+            (empty if it did not; said once as a warning too).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)  # loss ½‖Xw‖²/n with X = diag(3, 1): H = diag(9, 1)/2
@@ -75,6 +78,8 @@ class HessianEigenvalues:
     parameter_names: tuple[str, ...] = ()
     warm_start: torch.Tensor | None = None
     gradient: torch.Tensor | None = None
+    backend: str = ""
+    fallback: str = ""
 
 
 def check_eigenvalue_arguments(
@@ -138,12 +143,26 @@ def _start_vector(
     return mixed
 
 
-def _why(value: float, bound: float, resolution: float, tol: float, guarded: bool) -> str:
+# What limits the products' resolution, and the way out, by backend (the exact ones: the
+# rounding of the dtype; finite differences: their own truncation and rounding at the step,
+# which float64 shrinks but an exact backend removes).
+_RESOLUTION = {
+    "finite_difference": (
+        "the finite difference's own error, truncation and rounding at its step",
+        "use an exact backend (backend='double_backward') or raise `tol`",
+    ),
+}
+_ROUNDING = ("rounding of the dtype", "raise `tol` or measure in float64")
+
+
+def _why(
+    value: float, bound: float, resolution: float, tol: float, guarded: bool, cause: str
+) -> str:
     wanted = tol * abs(value)
     if resolution > wanted:
         return (
             f"tol={tol} asks for an error below {wanted:.2g}, finer than its products resolve "
-            f"({resolution:.2g}: rounding of the dtype)"
+            f"({resolution:.2g}: {cause})"
         )
     if bound + resolution > wanted:
         return f"error bound {bound:.2g} ({bound / max(abs(value), 1e-300):.2g} relative)"
@@ -155,11 +174,12 @@ def _why(value: float, bound: float, resolution: float, tol: float, guarded: boo
 
 
 def uncertified_message(
-    found: LanczosResult, tol: float, num_hvps: int, max_iter: int | None
+    found: LanczosResult, tol: float, num_hvps: int, max_iter: int | None, backend: str = ""
 ) -> str | None:
     """Which estimates of a Lanczos run are not certified, and why; ``None`` if all are.
 
-    ``max_iter`` is the budget that bounded the run (``None``: it could span the space).
+    ``max_iter`` is the budget that bounded the run (``None``: it could span the space);
+    ``backend`` the one that took the products (what limits their resolution).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -170,6 +190,7 @@ def uncertified_message(
     """
     assert found.bounds is not None
     assert found.resolution is not None
+    cause, resolved = _RESOLUTION.get(backend, _ROUNDING)
     failed = []
     for i, ok in enumerate(found.converged.tolist()):
         if not ok:
@@ -179,18 +200,19 @@ def uncertified_message(
                 float(found.resolution[i]),
                 tol,
                 found.guarded,
+                cause,
             )
             failed.append((f"λ{i + 1}", reason))
     low = found.smallest
     if low is not None and not low.converged:
-        failed.append(("λ_min", _why(low.value, low.bound, low.resolution, tol, False)))
+        failed.append(("λ_min", _why(low.value, low.bound, low.resolution, tol, False, cause)))
     if not failed:
         return None
     names = ", ".join(name for name, _ in failed)
     reasons = "; ".join(f"{name}: {reason}" for name, reason in failed)
     spent = max_iter is not None and num_hvps >= max_iter
     budget = f" (all of max_iter={max_iter})" if spent else ""
-    advice = "raise `tol` or measure in float64" if "resolve" in reasons else "raise `max_iter`"
+    advice = resolved if "resolve" in reasons else "raise `max_iter`"
     return (
         f"Lanczos did not certify {names} to tol={tol} within {num_hvps} Hessian-vector "
         f"products{budget}: {reasons}. They are returned with converged=False; {advice}."
@@ -259,6 +281,8 @@ def hessian_eigenvalues(
     Raises:
         ValueError: on invalid arguments (named in the message).
         NonFiniteCurvatureError: if the loss or a product is not finite.
+        CurvatureCheckError: if the products fail their self-check (not derivatives: a kink
+            at the finite difference's step, a wrong double backward); no value is returned.
 
     Warns:
         CurvatureWarning: if an eigenvalue did not converge within ``max_iter`` products.
@@ -324,7 +348,7 @@ def hessian_eigenvalues(
         gradient = operator.gradient() if return_gradient else None
     # A run that spanned the whole space was not cut short by the budget.
     budget = steps if steps < shards.size else None
-    message = uncertified_message(found, tol, num_hvps, budget)
+    message = uncertified_message(found, tol, num_hvps, budget, operator.backend)
     if message is not None:
         warnings.warn(message, CurvatureWarning, stacklevel=2)
     device, dtype = operator.device, operator.dtype
@@ -345,4 +369,6 @@ def hessian_eigenvalues(
         parameter_names=operator.layout.names,
         warm_start=found.warm_start,
         gradient=gradient,
+        backend=operator.backend,
+        fallback=operator.fallback,
     )

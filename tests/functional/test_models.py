@@ -230,11 +230,9 @@ def test_auto_falls_back_to_finite_differences() -> None:
     hessian = dense_hessian(twin, cross_entropy, batch)
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0), dtype=DTYPE)
     before = snapshot(model)
-    with (
-        pytest.warns(CurvatureWarning, match="runs 'finite_difference' for this model") as said,
-        HessianOperator(model, cross_entropy, batch) as operator,
-    ):
-        product = operator.matvec(v)
+    with HessianOperator(model, cross_entropy, batch) as operator:
+        with pytest.warns(CurvatureWarning, match="runs 'finite_difference' for this") as said:
+            product = operator.matvec(v)
         assert operator.backend == "finite_difference"
     assert len(said) == 1  # once, naming the backend that ran (not forward-over-reverse too)
     assert "_embedding_bag_backward" in str(said[0].message)
@@ -385,11 +383,10 @@ def test_auto_falls_back_to_forward_over_reverse() -> None:
     model, batch = _cube_net(ForwardModeCube)
     hessian = _cube_hessian(model, batch)
     vectors = torch.stack([_vector(hessian.shape[0], s) for s in range(2)])
-    with (
-        pytest.warns(CurvatureWarning, match="runs 'forward_over_reverse'.*no double backward"),
-        HessianOperator(model, _cube_loss, batch) as op,
-    ):
-        products = torch.stack([op.matvec(v) for v in vectors])
+    with HessianOperator(model, _cube_loss, batch) as op:
+        with pytest.warns(CurvatureWarning, match="runs 'forward_over_reverse'.*no double"):
+            first = op.matvec(vectors[0])
+        products = torch.stack([first, op.matvec(vectors[1])])
         assert op.backend == "forward_over_reverse"
     assert op.fallback.startswith("forward_over_reverse: it has no double backward")
     torch.testing.assert_close(products, vectors @ hessian, atol=1e-10, rtol=0)

@@ -282,7 +282,8 @@ def _explain(
     return RuntimeError(
         f"Hessian-vector products with backend={backend!r} cannot pass through this model: {err}\n"
         f"{named}{before}Known causes: nn.EmbeddingBag (exclude its weights with "
-        "`parameters=`), reentrant activation checkpointing (disable it for the probe), "
+        "`parameters=`), nn.Hardsigmoid (write it as (x / 6 + 0.5).clamp(0, 1), which "
+        "has one), reentrant activation checkpointing (disable it for the probe), "
         "custom autograd.Functions or fused kernels without second derivatives. "
         "Try another `backend`."
     )
