@@ -107,6 +107,7 @@ class BackendDispatch:
         if ggn:
             assert isinstance(loss_fn, OutputLoss)
             self.backend = autodiff.open_gauss_newton(loss_fn.loss, self.backend)
+            self._check.compute_dtype = losses.leaves[0].dtype
             return
         if self.backend == "finite_difference":
             self._open_finite_differences()

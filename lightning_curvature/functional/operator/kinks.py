@@ -128,8 +128,9 @@ def check_smooth(model: nn.Module) -> None:
     if kinked:
         raise ValueError(
             "backend='finite_difference' needs a smooth model: a finite difference crosses "
-            "the kinks of piecewise-linear and other kinked modules, and its products then "
-            "differ from the Hessian autograd defines (by several times its size); found "
+            "the kinks of piecewise-linear modules (and of other kinked modules), and its "
+            "products then differ from the Hessian autograd defines (by several times its "
+            "size); found "
             f"{', '.join(kinked)}. Use another `backend`, or smooth activations (GELU, SiLU, "
             "tanh)."
         )
@@ -201,8 +202,8 @@ def check_no_kinks(nodes: Sequence[Any]) -> list[str]:
     if kinked:
         raise PiecewiseLinearError(
             "backend='finite_difference' needs a smooth model: a finite difference crosses "
-            "the kinks of piecewise-linear and other kinked ops, and its products then differ "
-            f"from the Hessian autograd defines; the loss's graph has {', '.join(kinked)}. "
+            "the kinks of piecewise-linear ops (and of other kinked ops), and its products then "
+            f"differ from the Hessian autograd defines; the loss's graph has {', '.join(kinked)}. "
             "Use another `backend`, or smooth ops (GELU, SiLU, tanh; a clamp away from its "
             "bounds)."
         )
