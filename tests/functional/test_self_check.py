@@ -250,3 +250,27 @@ def test_the_exact_backends_pass_their_self_check_on_the_dense_cases() -> None:
                 assert operator._self_check.largest < 1e-2  # of its tolerance
             for v, product in zip(_vectors(hessian.shape[0], 3), products, strict=True):
                 torch.testing.assert_close(product, hessian @ v, rtol=1e-9, atol=1e-9)
+
+
+def test_tf32_on_cuda_counts_as_a_ten_bit_mantissa() -> None:
+    """Exact float32 products under TF32 are ~1e-3 asymmetric: the tolerance is taken for
+    float16's rounding there (checked with the flags alone: no GPU here)."""
+    from lightning_curvature.functional.operator.self_check import rounding_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    linear, conv = nn.Linear(2, 2), nn.Sequential(nn.Conv2d(1, 1, 1))
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert rounding_dtype(torch.float32, cuda, linear) == torch.float32
+        assert rounding_dtype(torch.float32, cuda, conv) == (
+            torch.float16 if torch.backends.cudnn.allow_tf32 else torch.float32
+        )
+        torch.set_float32_matmul_precision("high")
+        assert rounding_dtype(torch.float32, cuda, linear) == torch.float16
+        assert rounding_dtype(torch.float32, cpu, linear) == torch.float32
+        assert rounding_dtype(torch.float64, cuda, linear) == torch.float64
+        torch.set_float32_matmul_precision("medium")
+        assert rounding_dtype(torch.float32, cuda, linear) == torch.bfloat16
+    finally:
+        torch.set_float32_matmul_precision(precision)

@@ -36,7 +36,7 @@ from lightning_curvature.functional.operator.graph_checks import (
 )
 from lightning_curvature.functional.operator.kinks import check_smooth
 from lightning_curvature.functional.operator.probe_loss import ProbeLoss
-from lightning_curvature.functional.operator.self_check import ProductCheck
+from lightning_curvature.functional.operator.self_check import ProductCheck, rounding_dtype
 from lightning_curvature.functional.operator.sharded_gradients import ShardedGradients
 
 __all__ = ["BackendDispatch"]
@@ -86,7 +86,7 @@ class BackendDispatch:
         """Open finite differences over FSDP2 shards; return the probe loss."""
         self._sharded = sharded
         loss = sharded.open(stack, self._finite_difference.note_compute_dtype)
-        self._check.compute_dtype = self._finite_difference.compute_dtype
+        self._rounds_in(self._finite_difference.compute_dtype, sharded.saved)
         self._check.suspects = sharded.suspects
         return loss
 
@@ -107,7 +107,7 @@ class BackendDispatch:
         if ggn:
             assert isinstance(loss_fn, OutputLoss)
             self.backend = autodiff.open_gauss_newton(loss_fn.loss, self.backend)
-            self._check.compute_dtype = losses.leaves[0].dtype
+            self._rounds_in(losses.leaves[0].dtype, losses.leaves)
             return
         if self.backend == "finite_difference":
             self._open_finite_differences()
@@ -129,7 +129,7 @@ class BackendDispatch:
                 self.checks.check_graph(loss, losses.leaves, self.backend)
                 self._check_finite_loss(loss.detach())
         dtypes = seen.dtypes | {losses.leaves[0].dtype}
-        self._check.compute_dtype = min(dtypes, key=lambda d: torch.finfo(d).bits)
+        self._rounds_in(min(dtypes, key=lambda d: torch.finfo(d).bits), losses.leaves)
         self._check.suspects = self.checks.suspects
 
     def _open_finite_differences(self) -> None:
@@ -137,8 +137,13 @@ class BackendDispatch:
         assert self._losses is not None
         finite_difference = self._finite_difference
         self._check_finite_loss(finite_difference.loss(self._losses, self._names))
-        self._check.compute_dtype = finite_difference.compute_dtype
+        self._rounds_in(finite_difference.compute_dtype, self._losses.leaves)
         self._check.suspects = finite_difference.suspects
+
+    def _rounds_in(self, dtype: torch.dtype, tensors: Sequence[torch.Tensor]) -> None:
+        """Tell the self-check the dtype the products round in (TF32 counted)."""
+        device = tensors[0].device if tensors else torch.device("cpu")
+        self._check.compute_dtype = rounding_dtype(dtype, device, self._model)
 
     def close(self) -> None:
         """Free the graphs and the copies of the weights."""

@@ -263,8 +263,26 @@ class HessianOperator:
                 self.model, self._loss_fn, self._probe, self._parameters, self._locals, mean.share
             )
             self._check_finite_loss(self._dispatch.open_sharded(self._stack, sharded))
-            return
-        self._dispatch.open(self._loss_fn, self._probe, self.curvature)
+        else:
+            self._dispatch.open(self._loss_fn, self._probe, self.curvature)
+        self._curvature_scale()
+
+    def _curvature_scale(self) -> None:
+        """Tell the self-check ``|L| / max(rms(w), 0.01)²``, the same on every process.
+
+        The scale below which a Hessian is zero to rounding (a block no loss reaches but by
+        cancellations): there products are rounding alone, symmetric or not.
+        """
+        assert self.loss is not None
+        squares = torch.stack([t.detach().double().square().sum() for t in self._locals]).sum()
+        local = torch.stack([self.loss.abs().double().reshape(()), squares])
+        if self._sharded:
+            total = self.shards.all_sum(local)
+            loss, squares = total[0] / self.shards.num_shards, total[1]
+        else:
+            loss = self._mean(local[:1])[0] if self._mean is not None else local[0]
+        rms = max(float(squares / self.shards.size) ** 0.5, 0.01)
+        self._self_check.curvature_scale = float(loss) / rms**2
 
     def _check_finite_loss(self, loss: torch.Tensor) -> None:
         """This process's loss (the agreement of a probe makes every process skip with it)."""

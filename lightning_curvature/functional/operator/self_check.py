@@ -15,7 +15,9 @@ it has anyway, or nearly:
   ``|uᵀHv − vᵀHu| / √(‖u‖‖Hv‖·‖v‖‖Hu‖)``: the geometric mean keeps a product blown up by a
   kink from hiding its own asymmetry. Products of (near-)null directions, below 5% of the
   largest product of the probe, are judged against 5% of it instead: their own norms are
-  mostly rounding.
+  mostly rounding; so are those of an operator zero to rounding (a block whose Hessian
+  vanishes), below ``1e-5·|L|/rms(w)²`` (the loss over the weights' scale squared, the
+  order of a Hessian entry): they are judged against that.
 * **half the step**, finite differences only, on the first product of a probe: the
   central difference at ``ε`` and at ``ε/2``. Smooth, they differ by ``¾`` of the
   truncation ``O(ε²)`` plus the rounding ``O(eps/ε)``; a kink crossed at ``ε`` puts
@@ -38,7 +40,8 @@ BERT, Llama, Mixtral, litgpt, an LSTM) in float32, at most 9e-4 for the half ste
 for symmetry, while every kinked case gave 0.5-1 and 1e-2-0.3; ``10⁴·eps`` for the exact
 backends (1.2e-3 in float32, 2.2e-12 in float64), whose products are exact to rounding.
 Both are capped at 0.25, so that a bfloat16 forward (products 1-10% off whatever the step)
-still has its kinks found.
+still has its kinks found. On a CUDA device that allows TF32 matmuls or convolutions, float32
+products round like float16 (:func:`rounding_dtype`, not measured here: no GPU).
 """
 
 from __future__ import annotations
@@ -47,14 +50,16 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from lightning_curvature.errors import CurvatureCheckError, NonFiniteCurvatureError
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
-__all__ = ["ProductCheck", "tolerance"]
+__all__ = ["ProductCheck", "rounding_dtype", "tolerance"]
 
 _FINITE_DIFFERENCE, _EXACT, _CAP = 400.0, 1e4, 0.25
 _NULL = 0.05  # products below this share of the largest are judged against the largest
+_ZERO = 1e-5  # products below this share of |L|/rms(w)² are zero to rounding
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -63,6 +68,34 @@ def _version(tensor: torch.Tensor) -> int:
         return int(tensor._version)
     except RuntimeError:
         return -1
+
+
+def rounding_dtype(dtype: torch.dtype, device: torch.device, model: nn.Module) -> torch.dtype:
+    """The dtype whose rounding the products carry, for the tolerance.
+
+    ``dtype``, except float32 on a CUDA device where TF32 is allowed: matmuls with
+    ``torch.set_float32_matmul_precision("high")`` (or ``allow_tf32``), convolutions with
+    cuDNN's ``allow_tf32`` (its default) in a model that has any, round to a 10-bit
+    mantissa, float16's (``"medium"``: bfloat16's). Their exact products are then
+    asymmetric by about 1e-3, which the float32 tolerance (1.2e-3) would not let through.
+
+    Example:
+        >>> rounding_dtype(torch.float32, torch.device("cpu"), nn.Linear(2, 2))
+        torch.float32
+    """
+    if dtype != torch.float32 or device.type != "cuda":
+        return dtype
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return torch.bfloat16
+    convolutions = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if (
+        precision == "high"
+        or torch.backends.cuda.matmul.allow_tf32
+        or (convolutions and torch.backends.cudnn.allow_tf32)
+    ):
+        return torch.float16
+    return dtype
 
 
 def tolerance(backend: str, compute_dtype: torch.dtype) -> float:
@@ -91,6 +124,8 @@ class ProductCheck:
         suspects: ops of the loss's graph named as the likely cause of a failure.
         largest: the largest discrepancy seen, relative to the tolerance (0 if none yet).
         sharded: whether only finite differences can run (the way out then differs).
+        curvature_scale: ``|L| / max(rms(w), 0.01)²`` of the probe (the same on every
+            process): products below ``1e-5`` of it are zero to rounding, not asymmetric.
     """
 
     def __init__(self, shards: VectorShards, sharded: bool = False) -> None:
@@ -104,6 +139,7 @@ class ProductCheck:
         self._product: tuple[torch.Tensor, int] | None = None  # Hu, and its version then
         self._norms = (0.0, 0.0)  # ‖u‖, ‖Hu‖
         self._largest_product = 0.0  # ‖Hv‖/‖v‖, the largest so far: the operator's scale
+        self.curvature_scale = 0.0  # |L| / max(rms(w), 0.01)², set by the operator
 
     def forget(self) -> None:
         """Drop the kept pair (the operator closed: the next probe starts afresh)."""
@@ -156,8 +192,9 @@ class ProductCheck:
         u_hv, v_hu, v_squared, hv_squared = sums
         v_norm, hv_norm = v_squared**0.5, hv_squared**0.5
         # The pair's geometric mean, or a twentieth of the largest product so far if larger:
-        # products of (near-)null directions are judged against the operator's scale.
-        floor = _NULL * self._largest_product * u_norm * v_norm
+        # products of (near-)null directions are judged against the operator's scale; and
+        # an operator zero to rounding at the loss's scale is no asymmetric operator.
+        floor = max(_NULL * self._largest_product, _ZERO * self.curvature_scale) * u_norm * v_norm
         scale = max((u_norm * hv_norm * v_norm * hu_norm) ** 0.5, floor)
         self._keep(vector, product, v_norm, hv_norm)
         if scale > 0:
