@@ -4,15 +4,15 @@ Two parts, CPU, float32, one intra-op thread:
 
 * **cost**, on a transformers GPT-2 (``GPT2LMHeadModel`` random-initialised from a config, no
   download; the 23M one of ``bench_hvp_backends.py`` by default, ``--small`` for 2 layers of
-  width 256), next-token loss on 2 sequences of 32 tokens, ``backend="finite_difference"``:
-  a cold ``hessian_eigenvalues`` (``tol=1e-3``), a warm one started from its
-  ``warm_start``, and ``hessian_trace`` (8 products), each with the self-check and with it
-  switched off (its two tests made no-ops), interleaved, the minimum over ``--repeats``.
-  Reported: products per probe (the self-check adds one, the first product at half the
-  step), seconds, and the symmetry test's own time per product (two float64 inner products
-  and two copies of a 23M vector); also the exact backend (``retained_graph``), whose
-  self-check takes no product. The largest discrepancy the check saw, relative to its
-  tolerance, says how far from a false alarm the model is.
+  width 256), next-token loss on 2 sequences of 32 tokens: the products of a cold
+  ``hessian_eigenvalues`` (``tol=1e-3``), a warm one started from its ``warm_start`` and
+  ``hessian_trace`` (8 products), by finite differences (the self-check adds one product,
+  the first at half the step) and by the retained graph (none); the time it adds, from its
+  parts timed on the model (one product of each backend; the symmetry test: four inner
+  products and a copy of a vector of the model's size), each the minimum over
+  ``--repeats``. Whole probes with and without the check differ by less than the shared
+  machine's noise. The largest discrepancy the check saw, relative to its tolerance, says
+  how far from a false alarm the model is.
 * **false alarms**, on the smooth zoo of ``tests/zoo`` (transformers GPT-2 eager and sdpa,
   BERT, Llama, Mixtral, litgpt at two sizes, an LSTM): ``hessian_eigenvalues(k=3)``,
   ``hessian_trace(16)`` and ``spectral_density(20 steps)`` with ``--seeds`` start vectors
@@ -40,14 +40,15 @@ import torch
 import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent
-sys.path[:0] = [str(ROOT), str(ROOT.parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.zoo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, machine, summary
 
 from lightning_curvature.errors import CurvatureCheckError, CurvatureWarning
 from lightning_curvature.functional import hessian_eigenvalues, hessian_trace, spectral_density
 from lightning_curvature.functional.linalg.sharded import VectorShards
 from lightning_curvature.functional.operator import operator as operator_module
+from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.operator.self_check import ProductCheck
 
 BIG = {"vocab_size": 8192, "n_positions": 64, "n_embd": 512, "n_layer": 6, "n_head": 8}
@@ -64,28 +65,17 @@ def _gpt2(config: dict[str, int]) -> tuple[torch.nn.Module, torch.Tensor]:
     model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
             **config, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa"
-        )  # fmt: skip
+        )
     ).train()
-    ids = torch.randint(0, config["vocab_size"], (BATCH, LENGTH),
-                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+    ids = torch.randint(
+        0, config["vocab_size"], (BATCH, LENGTH), generator=torch.Generator().manual_seed(1)
+    )
     return model, ids
 
 
 def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-@contextlib.contextmanager
-def _switched_off() -> Iterator[None]:
-    """The self-check's two tests made no-ops (what the operator cost before it)."""
-    symmetric, halves = ProductCheck.symmetric, ProductCheck.halves
-    ProductCheck.symmetric = lambda self, vector, product: None  # type: ignore[method-assign]
-    ProductCheck.halves = property(lambda self: False)  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        ProductCheck.symmetric, ProductCheck.halves = symmetric, halves  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -114,67 +104,74 @@ def _gradient_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return best
 
 
-def _probes(
-    model: torch.nn.Module, ids: torch.Tensor, backend: str
-) -> dict[str, tuple[float, int]]:
-    """Seconds and products of a cold and a warm eigenvalue probe and a trace probe."""
-    out: dict[str, tuple[float, int]] = {}
-    generator = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
-    cold = hessian_eigenvalues(model, _lm_loss, ids, backend=backend, generator=generator,  # type: ignore[arg-type]
-                               return_eigenvectors=True)  # fmt: skip
-    out["cold λ₁"] = (time.perf_counter() - started, cold.num_hvps)
-    started = time.perf_counter()
-    warm = hessian_eigenvalues(model, _lm_loss, ids, backend=backend, init=cold.warm_start,  # type: ignore[arg-type]
-                               generator=torch.Generator().manual_seed(1))  # fmt: skip
-    out["warm λ₁"] = (time.perf_counter() - started, warm.num_hvps)
-    started = time.perf_counter()
-    trace = hessian_trace(model, _lm_loss, ids, num_hvps=8, backend=backend,  # type: ignore[arg-type]
-                          generator=torch.Generator().manual_seed(2))  # fmt: skip
-    out["trace (8)"] = (time.perf_counter() - started, trace.num_hvps)
-    return out
+def _minimum(function: Callable[[], object], repeats: int) -> float:
+    """The least disturbed of ``repeats`` timed calls (the machine is shared)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _product_seconds(
+    model: torch.nn.Module, ids: torch.Tensor, backend: str, repeats: int
+) -> float:
+    """One product of ``backend`` (after the first, which finite differences take twice)."""
+    with HessianOperator(model, _lm_loss, ids, backend=backend) as operator:  # type: ignore[arg-type]
+        first, later = torch.randn(operator.size), torch.randn(operator.size)
+        operator.matvec(first)
+        return _minimum(lambda: operator.matvec(later), repeats)
 
 
 def cost(config: dict[str, int], repeats: int) -> None:
+    """What the self-check adds to a probe, from its parts timed on the model's size.
+
+    Whole probes with and without the check differ by less than the shared machine's noise
+    (a 70 s cold probe varied by 50% between runs), so the parts are timed instead, each
+    the minimum over ``repeats``: one product of each backend, and the symmetry test on
+    vectors of the model's size; the products a probe takes are counted on real probes.
+    """
     model, ids = _gpt2(config)
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    gradient = _gradient_seconds(model, ids)
     print(f"\n## Cost on a GPT-2 {config}, batch {BATCH}x{LENGTH}, P = {size:,}\n")
-    print(f"one gradient: {gradient:.3f} s (min of 3)\n")
-    best: dict[tuple[str, str, str], tuple[float, int]] = {}
-    largest: list[float] = []
-    for _ in range(repeats):
-        for backend in ("finite_difference", "retained_graph"):
-            for mode in ("self-check", "off"):
-                switch = _switched_off() if mode == "off" else _largest_seen(largest)
-                with warnings.catch_warnings(), switch:
-                    warnings.simplefilter("ignore", CurvatureWarning)
-                    for probe, (seconds, hvps) in _probes(model, ids, backend).items():
-                        key = (backend, probe, mode)
-                        if key not in best or seconds < best[key][0]:
-                            best[key] = (seconds, hvps)
-    print("| backend | probe | HVPs with / without the check | s with | s without | extra time |")
-    print("|---|---|---|---|---|---|")
-    for backend in ("finite_difference", "retained_graph"):
-        for probe in ("cold λ₁", "warm λ₁", "trace (8)"):
-            (on_s, on_n), (off_s, off_n) = (
-                best[(backend, probe, "self-check")],
-                best[(backend, probe, "off")],
-            )
-            print(f"| {backend} | {probe} | {on_n} / {off_n} | {on_s:.1f} | {off_s:.1f} | "
-                  f"{on_s / off_s - 1:+.1%} |")  # fmt: skip
-    shards = VectorShards.single(size)
-    check = ProductCheck(shards)
+    gradient = _gradient_seconds(model, ids)
+    backends = ("finite_difference", "retained_graph")
+    product = {backend: _product_seconds(model, ids, backend, repeats) for backend in backends}
+    check = ProductCheck(VectorShards.single(size))
     u, hu, v, hv = (torch.randn(size) for _ in range(4))
     check.symmetric(u, hu)
-    seconds = []
-    for _ in range(5):
-        started = time.perf_counter()
-        check.symmetric(v, hv)
-        seconds.append(time.perf_counter() - started)
-    print(f"\nsymmetry test alone: {min(seconds) * 1e3:.0f} ms per product "
-          f"({min(seconds) / gradient:.1%} of a gradient); largest discrepancy seen "
-          f"{max(largest):.3f} of the tolerance")  # fmt: skip
+    symmetry = _minimum(lambda: check.symmetric(v, hv), repeats)
+    print(
+        f"one gradient {gradient:.3f} s; one product: finite differences "
+        f"{product['finite_difference']:.3f} s, retained graph {product['retained_graph']:.3f} s;"
+        f" the symmetry test {symmetry * 1e3:.0f} ms (min of {repeats})\n",
+        flush=True,
+    )
+    print("| backend | probe | HVPs (the check's) | time the check adds | largest / tolerance |")
+    print("|---|---|---|---|---|")
+    for backend in backends:
+        largest: list[float] = []
+        with warnings.catch_warnings(), _largest_seen(largest):
+            warnings.simplefilter("ignore", CurvatureWarning)
+            cold = hessian_eigenvalues(
+                model,
+                _lm_loss,
+                ids,
+                backend=backend,
+                return_eigenvectors=True,  # type: ignore[arg-type]
+            )
+            warm = hessian_eigenvalues(model, _lm_loss, ids, backend=backend, init=cold.warm_start)  # type: ignore[arg-type]
+            trace = hessian_trace(model, _lm_loss, ids, num_hvps=8, backend=backend)  # type: ignore[arg-type]
+        extra = 1 if backend == "finite_difference" else 0
+        probes = (("cold λ₁", cold.num_hvps), ("warm λ₁", warm.num_hvps), ("trace", trace.num_hvps))
+        for (name, hvps), seen in zip(probes, largest, strict=True):
+            asked = hvps - extra
+            added = extra * product[backend] + asked * symmetry
+            share = added / (asked * product[backend])
+            print(
+                f"| {backend} | {name} | {hvps} ({extra}) | +{share:.1%} | {seen:.3f} |", flush=True
+            )
 
 
 def false_alarms(seeds: int) -> None:
@@ -191,27 +188,7 @@ def false_alarms(seeds: int) -> None:
             largest: list[float] = []
             refused = probes = 0
             for seed in range(seeds):
-                calls = [
-                    lambda g: hessian_eigenvalues(
-                        case.model, case.loss_fn, case.batch, k=3, backend=backend, generator=g
-                    ),  # fmt: skip
-                    lambda g: hessian_trace(
-                        case.model,
-                        case.loss_fn,
-                        case.batch,
-                        num_hvps=16,
-                        backend=backend,
-                        generator=g,
-                    ),  # fmt: skip
-                    lambda g: spectral_density(
-                        case.model,
-                        case.loss_fn,
-                        case.batch,
-                        num_steps=20,
-                        backend=backend,
-                        generator=g,
-                    ),  # fmt: skip
-                ]
+                calls = _estimators(case, backend)
                 for call in calls:
                     probes += 1
                     with warnings.catch_warnings(), _largest_seen(largest):
@@ -220,8 +197,22 @@ def false_alarms(seeds: int) -> None:
                             call(torch.Generator().manual_seed(seed))
                         except CurvatureCheckError:
                             refused += 1
-            print(f"| {name} | {size:,} | {backend} | {probes} | {refused} | "
-                  f"{max(largest):.3f} |")  # fmt: skip
+            print(
+                f"| {name} | {size:,} | {backend} | {probes} | {refused} | {max(largest):.3f} |",
+                flush=True,
+            )
+
+
+def _estimators(case: Any, backend: str) -> list[Callable[[torch.Generator], Any]]:
+    """λ₁…λ₃, the trace (16 products) and the density (20 steps) of ``case``."""
+    model, loss_fn, batch = case.model, case.loss_fn, case.batch
+    return [
+        lambda g: hessian_eigenvalues(model, loss_fn, batch, k=3, backend=backend, generator=g),
+        lambda g: hessian_trace(model, loss_fn, batch, num_hvps=16, backend=backend, generator=g),
+        lambda g: spectral_density(
+            model, loss_fn, batch, num_steps=20, backend=backend, generator=g
+        ),
+    ]
 
 
 def _extra_zoo() -> dict[str, Callable[[], Any]]:
@@ -232,21 +223,33 @@ def _extra_zoo() -> dict[str, Callable[[], Any]]:
 
     def llama() -> Any:
         config = transformers.LlamaConfig(
-            vocab_size=zoo.VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+            vocab_size=zoo.VOCAB,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
             attn_implementation="eager",
-        )  # fmt: skip
+        )
         with zoo.seeded(11) as generator:
             model = transformers.LlamaForCausalLM(config).train()
             return zoo.ZooCase(model, zoo._hf_lm_loss, zoo._tokens(generator))
 
     def mixtral() -> Any:
         config = transformers.MixtralConfig(
-            vocab_size=zoo.VOCAB, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-            num_local_experts=4, num_experts_per_tok=2, attn_implementation="eager",
+            vocab_size=zoo.VOCAB,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            attn_implementation="eager",
             experts_implementation="eager",
-        )  # fmt: skip
+        )
         with zoo.seeded(12) as generator:
             model = transformers.MixtralForCausalLM(config).train()
             return zoo.ZooCase(model, zoo._hf_lm_loss, zoo._tokens(generator))
@@ -257,7 +260,7 @@ def _extra_zoo() -> dict[str, Callable[[], Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="GPT-2 of 2 layers, width 256")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--skip-zoo", action="store_true")
