@@ -12,7 +12,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lightning_curvature.__about__ import __version__
-from lightning_curvature.errors import CurvatureWarning, NonFiniteCurvatureError
+from lightning_curvature.errors import (
+    CurvatureCheckError,
+    CurvatureWarning,
+    NonFiniteCurvatureError,
+)
 from lightning_curvature.functional import (
     BatchSharpness,
     CriticalSharpness,
@@ -87,6 +91,7 @@ __all__ = [
     "BatchSharpnessMonitor",
     "CriticalSharpness",
     "CriticalSharpnessMonitor",
+    "CurvatureCheckError",
     "CurvatureMonitor",
     "CurvatureWarning",
     "DirectionalCurvature",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "CurvatureCheckError",
     "CurvatureWarning",
     "NonFiniteCurvatureError",
     "PeerFailure",
@@ -36,15 +37,30 @@ class NonFiniteCurvatureError(ArithmeticError):
     """
 
 
-class PiecewiseLinearError(ValueError):
-    """A finite difference was asked for through a piecewise-linear op (ReLU, max-pooling).
+class CurvatureCheckError(ValueError):
+    """The curvature products of a probe are not the derivatives autograd defines.
+
+    Found by the operator's checks of its own products (a finite difference that crosses a
+    kink at its step's scale; a double backward whose products are not symmetric) or of
+    the loss's graph (a kinked op before a finite difference). No value of that probe is
+    returned; the message names the cause and the way out, and a monitor skips the probe
+    with one warning instead of stopping training.
+
+    Example:
+        >>> issubclass(CurvatureCheckError, ValueError)
+        True
+    """
+
+
+class PiecewiseLinearError(CurvatureCheckError):
+    """A finite difference was asked for through a kinked op (ReLU, max-pooling, clamp, ...).
 
     Its products would cross the kinks and differ from the Hessian autograd defines. Found
     only once a forward has run (a functional ``F.relu`` is no module), so a monitor skips
     that probe with one warning instead of stopping training.
 
     Example:
-        >>> issubclass(PiecewiseLinearError, ValueError)
+        >>> issubclass(PiecewiseLinearError, CurvatureCheckError)
         True
     """
 

@@ -569,6 +569,7 @@ SIGNATURES = {**FUNCTIONS, **CALLBACKS}
 NOT_CALLED = {
     "BatchSharpness",
     "CriticalSharpness",
+    "CurvatureCheckError",
     "CurvatureWarning",
     "DirectionalCurvature",
     "GradientCoherence",

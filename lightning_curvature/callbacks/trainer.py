@@ -32,7 +32,7 @@ from lightning_curvature.callbacks.isolation import isolated
 from lightning_curvature.callbacks.schedule import ProbeSchedule, Timing
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.probe import unwrap_model
-from lightning_curvature.functional.operator.graph_checks import check_smooth
+from lightning_curvature.functional.operator.kinks import check_smooth
 
 __all__ = [
     "Sharding",
@@ -156,11 +156,12 @@ def check_strategy(trainer: pl.Trainer, callback: str, why: str | None = None) -
 def check_sharded_probe(
     trainer: pl.Trainer, pl_module: pl.LightningModule, callback: str, backend: str
 ) -> None:
-    """At ``setup``, under ``ModelParallelStrategy`` (FSDP2): refuse what shards cannot do.
+    """At ``setup``: refuse kinked modules to finite differences, and what shards cannot do.
 
     Sharded parameters have no double backward, so only the finite-difference backend
     (``"auto"`` chooses it there) measures them, and only on a smooth model. Under any
-    other strategy nothing is refused here.
+    other strategy only ``backend="finite_difference"`` on a model with kinked modules is
+    refused here (ReLU, hard-swish, ...: its products would not be the Hessian).
 
     Raises:
         MisconfigurationException: naming ``callback``, the strategy and the misfit.
@@ -168,9 +169,14 @@ def check_sharded_probe(
     Example:
         >>> check_sharded_probe(pl.Trainer(logger=False), torch.nn.Linear(1, 1), "M", "auto")
     """
-    if sharding(trainer) != "fsdp2":
-        return
     strategy = type(trainer.strategy).__name__
+    if sharding(trainer) != "fsdp2":
+        if backend == "finite_difference":
+            try:
+                check_smooth(unwrap_model(pl_module))
+            except ValueError as err:
+                raise MisconfigurationException(f"`{callback}`: {err}") from None
+        return
     if backend not in ("auto", "finite_difference"):
         raise MisconfigurationException(
             f"`{callback}` under {strategy}: backend={backend!r} needs a double backward, "

@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_curvature.callbacks.isolation import RETURNED_NONE
-from lightning_curvature.errors import CurvatureWarning, NonFiniteCurvatureError, ProbeFailure
+from lightning_curvature.errors import (
+    CurvatureCheckError,
+    CurvatureWarning,
+    NonFiniteCurvatureError,
+    PiecewiseLinearError,
+    ProbeFailure,
+)
 
 __all__ = ["WarningPolicy"]
 
@@ -93,8 +99,9 @@ class WarningPolicy:
         """One warning per kind of failure that skipped ``what`` (agreed by every rank).
 
         It names the step and what failed (on several processes, the rank). Non-finite
-        losses or products are one kind, whatever their values; any other failure is a kind
-        of its own per rank, class and message.
+        losses or products are one kind, whatever their values, and so are products that
+        fail their self-check (:class:`CurvatureCheckError`); any other failure is a kind of
+        its own per rank, class and message.
 
         Example:
             >>> policy = WarningPolicy("SAM")
@@ -109,10 +116,10 @@ class WarningPolicy:
         if self.none_note and any(RETURNED_NONE in what for what in failure.failures.values()):
             why = f"{why}; {self.none_note}"  # (what follows: another fixed probe batch)
         nonfinite = failure.kinds == {NonFiniteCurvatureError.__name__}
-        self.warn_once(
-            "nonfinite" if nonfinite else f"failure: {why}",
-            f"skipped {what} at step {step} ({why}); {then}.",
-        )
+        checked = failure.kinds <= {CurvatureCheckError.__name__, PiecewiseLinearError.__name__}
+        # Products that are not derivatives: one kind too (their messages carry the numbers).
+        key = "nonfinite" if nonfinite else "not_derivatives" if checked else f"failure: {why}"
+        self.warn_once(key, f"skipped {what} at step {step} ({why}); {then}.")
 
     def finite(self, metrics: dict[str, float], step: int) -> dict[str, float]:
         """``metrics`` without its non-finite values (one warning names them)."""

@@ -123,6 +123,9 @@ class SpectralDensity:
         weights: matching weights; each run's sum to 1 (padding nodes have weight 0).
         num_hvps: Hessian-vector products used.
         num_parameters: ``P``; ``weights * P`` estimates eigenvalue counts.
+        backend: the Hessian-vector product backend that ran (``"auto"`` resolved).
+        fallback: why ``backend="auto"`` ran another backend than ``"retained_graph"``
+            (empty if it did not; said once as a warning too).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)  # H = diag(9, 1)/2 as above: nodes 0.5 and 4.5
@@ -136,6 +139,8 @@ class SpectralDensity:
     weights: torch.Tensor
     num_hvps: int
     num_parameters: int
+    backend: str = ""
+    fallback: str = ""
 
     def density(
         self, grid: torch.Tensor | None = None, *, num_points: int = 512, sigma: float | None = None
@@ -185,6 +190,7 @@ def spectral_density(
     Raises:
         ValueError: on invalid arguments (named in the message).
         NonFiniteCurvatureError: if the loss or a product is not finite.
+        CurvatureCheckError: if the products fail their self-check (not derivatives).
 
     Example:
         >>> net = nn.Linear(3, 1, bias=False)
@@ -211,4 +217,6 @@ def spectral_density(
         weights=torch.stack(all_weights).to(device=device, dtype=dtype),
         num_hvps=operator.num_hvps,
         num_parameters=operator.shards.size,
+        backend=operator.backend,
+        fallback=operator.fallback,
     )

@@ -19,11 +19,11 @@ from lightning_curvature.checks import (
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
-    LanczosResult,
     default_max_iter,
     lanczos_eigenpairs,
 )
 from lightning_curvature.functional.linalg.sharded import VectorShards
+from lightning_curvature.functional.linalg.uncertified import uncertified_message
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
@@ -35,7 +35,6 @@ __all__ = [
     "HessianEigenvalues",
     "check_eigenvalue_arguments",
     "hessian_eigenvalues",
-    "uncertified_message",
 ]
 
 
@@ -72,6 +71,9 @@ class HessianEigenvalues:
         gradient: with ``return_gradient``, the flat probe gradient ``∇L(w)`` (``(P,)``, in
             ``parameter_names`` order): with :attr:`eigenvectors`, what
             :func:`~lightning_curvature.functional.directional.subspace_share` needs.
+        backend: the Hessian-vector product backend that ran (``"auto"`` resolved).
+        fallback: why ``backend="auto"`` ran another backend than ``"retained_graph"``
+            (empty if it did not; said once as a warning too).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)  # loss ½‖Xw‖²/n with X = diag(3, 1): H = diag(9, 1)/2
@@ -91,6 +93,8 @@ class HessianEigenvalues:
     parameter_names: tuple[str, ...] = ()
     warm_start: torch.Tensor | None = None
     gradient: torch.Tensor | None = None
+    backend: str = ""
+    fallback: str = ""
 
 
 def check_eigenvalue_arguments(
@@ -158,72 +162,6 @@ def _start_vector(
     unit_noise = noise.div(shards.norm(noise))
     mixed: torch.Tensor = start.div(length).add(unit_noise, alpha=1e-3)
     return mixed
-
-
-def _why(
-    value: float, bound: float, resolution: float, tol: float, miss: float | None, share: float
-) -> str:
-    """Why one estimate is not certified; ``miss`` is its bound on a missed eigenvalue."""
-    wanted = tol * abs(value)
-    if resolution > wanted:
-        return (
-            f"tol={tol} asks for an error below {wanted:.2g}, finer than its products resolve "
-            f"({resolution:.2g}: rounding of the dtype)"
-        )
-    if bound + resolution > wanted:
-        return f"error bound {bound:.2g} ({bound / max(abs(value), 1e-300):.2g} relative)"
-    if miss is not None and miss > share:
-        return (
-            f"not yet shown to be the extreme one: the chance that the random start missed an "
-            f"eigenvalue beyond it is bounded by {miss:.2g}, above the {share:.2g} allowed"
-        )
-    return (
-        "not yet checked against eigenvalues the Krylov space may still miss (a larger "
-        "estimate, the Ritz value below the top k or the block after a near-breakdown has not "
-        "converged)"
-    )
-
-
-def uncertified_message(
-    found: LanczosResult, tol: float, num_hvps: int, max_iter: int | None
-) -> str | None:
-    """Which estimates of a Lanczos run are not certified, and why; ``None`` if all are.
-
-    ``max_iter`` is the budget that bounded the run (``None``: it could span the space).
-
-    Example:
-        >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
-        >>> start = torch.ones(10, dtype=torch.float64)
-        >>> found = lanczos_eigenpairs(lambda v: A @ v, start, k=2, max_iter=2)
-        >>> print(uncertified_message(found, 1e-3, 2, 2))  # doctest: +ELLIPSIS
-        Lanczos did not certify λ1, λ2 to tol=0.001 within 2 Hessian-vector products ...
-    """
-    assert found.bounds is not None
-    assert found.resolution is not None
-    low = found.smallest
-    total = MISS_PROBABILITY if found.miss_probability is None else found.miss_probability
-    share = total / (found.converged.numel() + int(low is not None))
-    failed = []
-    for i, ok in enumerate(found.converged.tolist()):
-        if not ok:
-            miss = None if found.misses is None else float(found.misses[i])
-            bound, resolution = float(found.bounds[i]), float(found.resolution[i])
-            reason = _why(float(found.eigenvalues[i]), bound, resolution, tol, miss, share)
-            failed.append((f"λ{i + 1}", reason))
-    if low is not None and not low.converged:
-        reason = _why(low.value, low.bound, low.resolution, tol, low.miss, share)
-        failed.append(("λ_min", reason))
-    if not failed:
-        return None
-    names = ", ".join(name for name, _ in failed)
-    reasons = "; ".join(f"{name}: {reason}" for name, reason in failed)
-    spent = max_iter is not None and num_hvps >= max_iter
-    budget = f" (all of max_iter={max_iter})" if spent else ""
-    advice = "raise `tol` or measure in float64" if "resolve" in reasons else "raise `max_iter`"
-    return (
-        f"Lanczos did not certify {names} to tol={tol} within {num_hvps} Hessian-vector "
-        f"products{budget}: {reasons}. They are returned with converged=False; {advice}."
-    )
 
 
 def hessian_eigenvalues(
@@ -311,6 +249,8 @@ def hessian_eigenvalues(
     Raises:
         ValueError: on invalid arguments (named in the message).
         NonFiniteCurvatureError: if the loss or a product is not finite.
+        CurvatureCheckError: if the products fail their self-check (not derivatives: a kink
+            at the finite difference's step, a wrong double backward); no value is returned.
 
     Warns:
         CurvatureWarning: if an eigenvalue did not converge within ``max_iter`` products.
@@ -379,7 +319,7 @@ def hessian_eigenvalues(
         gradient = operator.gradient() if return_gradient else None
     # A run that spanned the whole space was not cut short by the budget.
     budget = steps if steps < shards.size else None
-    message = uncertified_message(found, tol, num_hvps, budget)
+    message = uncertified_message(found, tol, num_hvps, budget, operator.backend)
     if message is not None:
         warnings.warn(message, CurvatureWarning, stacklevel=2)
     device, dtype = operator.device, operator.dtype
@@ -400,4 +340,6 @@ def hessian_eigenvalues(
         parameter_names=operator.layout.names,
         warm_start=found.warm_start,
         gradient=gradient,
+        backend=operator.backend,
+        fallback=operator.fallback,
     )

@@ -64,6 +64,9 @@ class HessianTrace:
         per_layer: block name to trace estimate (empty unless requested).
         per_layer_std_error: block name to its standard error.
         num_parameters: ``P``, so that ``estimate / num_parameters`` is the mean curvature.
+        backend: the Hessian-vector product backend that ran (``"auto"`` resolved).
+        fallback: why ``backend="auto"`` ran another backend than ``"retained_graph"``
+            (empty if it did not; said once as a warning too).
 
     Example:
         >>> net = nn.Linear(3, 1, bias=False)  # loss ½‖Xw‖²/n with X = I: H = I/3, trace 1
@@ -79,6 +82,8 @@ class HessianTrace:
     per_layer: dict[str, torch.Tensor] = field(default_factory=dict)
     per_layer_std_error: dict[str, torch.Tensor] = field(default_factory=dict)
     num_parameters: int = 0
+    backend: str = ""
+    fallback: str = ""
 
 
 def hessian_trace(
@@ -128,6 +133,7 @@ def hessian_trace(
     Raises:
         ValueError: on invalid arguments (named in the message).
         NonFiniteCurvatureError: if the loss or a product is not finite.
+        CurvatureCheckError: if the products fail their self-check (not derivatives).
 
     Example:
         >>> net = nn.Linear(3, 1, bias=False)
@@ -163,4 +169,6 @@ def hessian_trace(
         per_layer={name: as_model(v[0]) for name, v in per_block.items()},
         per_layer_std_error={name: as_model(v[1]) for name, v in per_block.items()},
         num_parameters=operator.shards.size,
+        backend=operator.backend,
+        fallback=operator.fallback,
     )

@@ -1,12 +1,15 @@
 """Run by test_fsdp.py: two processes (gloo, CPU) under ModelParallelStrategy with FSDP2.
 
-Usage: python fsdp_script.py OUT_DIR MODE, MODE in {"monitors", "sam"}.
+Usage: python fsdp_script.py OUT_DIR MODE, MODE in {"monitors", "sam", "kink"}.
 
 ``monitors``: trains a smooth MLP sharded with ``fully_shard`` twice, with the three
 Hessian monitors (probing at steps 0 and 2) and without; each rank writes rank<r>.json (the
 monitors' last values, the step they probed last, seconds) and rank<r>.pt (its probe batch,
 the full weights at every step start, the final full weights of both trainings).
 ``sam``: trains with ``SAM``; each rank writes its training batches and the full weights.
+``kink``: a top-2 mixture of experts whose router has two experts tied (every token near
+the routing kink), with the three monitors (finite differences, the only backend over
+shards); each rank writes what its monitors logged and the CurvatureWarnings it saw.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_curvature import (
     SAM,
+    CurvatureWarning,
     HessianEigenvalueMonitor,
     HessianTraceMonitor,
     SpectralDensityMonitor,
@@ -51,14 +57,35 @@ def loss_of(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return (net(x).squeeze(-1) - y).pow(2).mean()
 
 
-class Sharded(pl.LightningModule):
+class TiedExperts(nn.Module):
+    """Top-2 routing over 4 tanh experts, the router's rows of experts 1 and 2 1e-4 apart:
+    wherever they are a token's second and third choices, the routing is at its kink."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.net = make_net()
+        torch.manual_seed(0)
+        self.router = nn.Linear(5, 4, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(5, 5) for _ in range(4))
+        self.head = nn.Linear(5, 1)
+        with torch.no_grad():
+            self.router.weight[2] = self.router.weight[1] + 1e-4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = self.router(x).softmax(-1).topk(2, dim=-1)
+        outputs = torch.stack([torch.tanh(expert(x)) for expert in self.experts], dim=1)
+        picked = outputs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))
+        return self.head((weights.unsqueeze(-1) * picked).sum(1))
+
+
+class Sharded(pl.LightningModule):
+    def __init__(self, make: Callable[[], nn.Module] = make_net, lr: float = LR) -> None:
+        super().__init__()
+        self.net = make()
+        self.lr = lr
 
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
+        for layer in self.net.modules():
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.net, mesh=mesh)
@@ -67,7 +94,7 @@ class Sharded(pl.LightningModule):
         return loss_of(self.net, batch)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,7 +117,12 @@ class Capture(pl.Callback):
         self.batches.append(tuple(t.clone() for t in batch))
 
 
-def fit(callbacks: list[pl.Callback], out: Path) -> tuple[pl.Trainer, Sharded]:
+def fit(
+    callbacks: list[pl.Callback],
+    out: Path,
+    make: Callable[[], nn.Module] = make_net,
+    lr: float = LR,
+) -> tuple[pl.Trainer, Sharded]:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -102,7 +134,7 @@ def fit(callbacks: list[pl.Callback], out: Path) -> tuple[pl.Trainer, Sharded]:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    module = Sharded()
+    module = Sharded(make, lr)
     trainer.fit(module, DataLoader(data(), batch_size=8))
     return trainer, module
 
@@ -141,6 +173,21 @@ def main() -> None:
             },
             out / f"rank{rank}.pt",
         )
+    elif mode == "kink":
+        monitors = [
+            HessianEigenvalueMonitor(every_n_steps=1, stability=False),
+            HessianTraceMonitor(num_hvps=8, every_n_steps=1),
+            SpectralDensityMonitor(num_steps=6, every_n_steps=1),
+        ]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CurvatureWarning)
+            trainer, module = fit(monitors, out, TiedExperts, lr=0.0)  # the tie stays
+        report = {
+            "values": {type(m).__name__: m.last_metrics for m in monitors},
+            "warnings": [str(w.message) for w in caught if w.category is CurvatureWarning],
+            "steps": trainer.global_step,
+        }
+        (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
     else:
         sam = SAM(rho=RHO)
         trainer, module = fit([capture, sam], out)

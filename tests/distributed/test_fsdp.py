@@ -152,3 +152,20 @@ def test_sam_under_fsdp2_is_sam_of_the_unsharded_model(tmp_path: Path) -> None:
     assert logged[0] == logged[1]
     assert logged[0]["sam/perturbation_norm"] == pytest.approx(RHO, rel=1e-5)
     assert logged[0]["sam/curvature"] == pytest.approx(curvatures[0], rel=1e-3, abs=1e-4)
+
+
+def test_a_kink_under_fsdp2_is_skipped_on_every_rank_with_one_warning(tmp_path: Path) -> None:
+    """Finite differences are the only backend over shards: top-2 routing at a tie on every
+    rank's probe fails the self-check on both ranks together (their inner products are
+    summed over shards), so no value is logged, training finishes, and rank zero says why
+    once per monitor, naming the routing's top-k."""
+    run_script(SCRIPT, tmp_path, "kink", timeout=300)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["steps"] == MAX_STEPS
+        for values in report["values"].values():
+            assert not any(tag.startswith("curvature/") for tag in values), values
+    said = reports[0]["warnings"]
+    assert len(said) == 3, said  # one per monitor
+    assert all("TopkBackward0" in message and "self-check" in message for message in said)
+    assert reports[1]["warnings"] == []  # only rank zero writes

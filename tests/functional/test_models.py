@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.eigenvalues import hessian_eigenvalues
 from lightning_curvature.functional.operator.hvp import hessian_vector_product
 from lightning_curvature.functional.operator.operator import HessianOperator
@@ -230,8 +231,12 @@ def test_auto_falls_back_to_finite_differences() -> None:
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0), dtype=DTYPE)
     before = snapshot(model)
     with HessianOperator(model, cross_entropy, batch) as operator:
-        product = operator.matvec(v)
+        with pytest.warns(CurvatureWarning, match="runs 'finite_difference' for this") as said:
+            product = operator.matvec(v)
         assert operator.backend == "finite_difference"
+    assert len(said) == 1  # once, naming the backend that ran (not forward-over-reverse too)
+    assert "_embedding_bag_backward" in str(said[0].message)
+    assert operator.fallback.startswith("finite_difference: it has neither a double backward")
     assert float((product - hessian @ v).norm() / (hessian @ v).norm()) <= 1e-7
     assert_unchanged(model, before)
 
@@ -379,8 +384,11 @@ def test_auto_falls_back_to_forward_over_reverse() -> None:
     hessian = _cube_hessian(model, batch)
     vectors = torch.stack([_vector(hessian.shape[0], s) for s in range(2)])
     with HessianOperator(model, _cube_loss, batch) as op:
-        products = torch.stack([op.matvec(v) for v in vectors])
+        with pytest.warns(CurvatureWarning, match="runs 'forward_over_reverse'.*no double"):
+            first = op.matvec(vectors[0])
+        products = torch.stack([first, op.matvec(vectors[1])])
         assert op.backend == "forward_over_reverse"
+    assert op.fallback.startswith("forward_over_reverse: it has no double backward")
     torch.testing.assert_close(products, vectors @ hessian, atol=1e-10, rtol=0)
     with pytest.raises(RuntimeError, match="backend='retained_graph' cannot pass"):
         hessian_vector_product(model, _cube_loss, batch, vectors[0], backend="retained_graph")

@@ -113,11 +113,18 @@ def test_finite_differences_run_the_fused_kernel_and_match_double_backward() -> 
 
 
 def test_auto_falls_back_to_finite_differences_where_the_model_forces_the_fused_kernel() -> None:
+    """And says so, once, naming the kernel that has neither derivative (the fallback was
+    silent before); the result keeps it."""
     case = _gpt2()
     model = ForcedFlash(case.model)
     with HessianOperator(model, _forced_loss, case.batch) as operator:
-        operator.matvec(torch.ones(operator.size))
+        with pytest.warns(CurvatureWarning, match="runs 'finite_difference'") as said:
+            operator.matvec(torch.ones(operator.size))
         assert operator.backend == "finite_difference"
+    curvature = [str(w.message) for w in said if issubclass(w.category, CurvatureWarning)]
+    assert len(curvature) == 1
+    assert "flash_attention_for_cpu" in curvature[0]
+    assert operator.fallback.startswith("finite_difference: it has neither a double backward")
     assert _quiet_top(model, _forced_loss, case.batch, "auto") == pytest.approx(
         _exact_top(), rel=1e-3
     )

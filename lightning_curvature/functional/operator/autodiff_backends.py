@@ -90,6 +90,7 @@ class AutodiffProducts:
         """
         losses = self.losses
         self.ggn = GaussNewtonProducts(losses.functional, loss, losses.leaves)
+        losses.rewind()
         linearized = [self.ggn.linearize(batch) for batch in losses.inputs]
         if backend != "forward_over_reverse":
             for at in linearized:
@@ -141,6 +142,8 @@ class AutodiffProducts:
             def through_outputs(at: Any) -> list[torch.Tensor]:
                 return pullback([at.outputs], losses.leaves, [at.gradient.detach()])
 
+            if self.linearized is None:
+                losses.rewind()
             linearized = self.linearized or [ggn.linearize(b) for b in losses.inputs]
             return losses.weighted_sum(through_outputs, linearized)
         if self.retained is not None:

@@ -19,8 +19,17 @@
   back to ``"forward_over_reverse"``, and if that has no forward-mode derivative either (the
   CPU flash kernel ``_scaled_dot_product_flash_attention_for_cpu`` that a model forcing
   fused attention runs has neither, nor have most fused kernels), to
-  ``"finite_difference"`` for a smooth model; :attr:`HessianOperator.backend` says which ran.
-  Over sharded parameters (FSDP2), ``"finite_difference"``.
+  ``"finite_difference"`` for a smooth model, as it does where torch's double backward is
+  wrong (``torch.nn.utils.weight_norm``). Each fallback is said once (a
+  :class:`~lightning_curvature.errors.CurvatureWarning`), and :attr:`HessianOperator.backend`
+  and ``HessianOperator.fallback`` (``result.backend``, ``result.fallback``) say which ran and
+  why (:mod:`~lightning_curvature.functional.operator.dispatch`). Over sharded parameters
+  (FSDP2), ``"finite_difference"``.
+
+Every backend's products pass the operator's self-check
+(:mod:`~lightning_curvature.functional.operator.self_check`): products that are not
+derivatives raise :class:`~lightning_curvature.errors.CurvatureCheckError` instead of being
+returned.
 
 The three exact backends are in :mod:`~lightning_curvature.functional.operator.autodiff_backends`;
 over sharded (FSDP2) parameters only ``"finite_difference"`` can run (:func:`sharded_backend`,

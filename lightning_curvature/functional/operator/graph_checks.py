@@ -1,20 +1,26 @@
 """What the loss's graph allows a Hessian-vector product, and why a product cannot run.
 
-The checks the backends run on the model and on the loss's autograd graph, and the one
-explanation of a failure:
+The checks the backends run on the loss's autograd graph (one walk of it,
+:func:`nodes_reaching`), and the one explanation of a failure:
 
-* **kinks** (:func:`check_smooth` on the modules, :func:`check_no_kinks` on the graph): a
-  finite difference crosses the kinks of piecewise-linear ops (ReLU, max-pooling, ...), so
-  its products differ from the Hessian autograd defines; ``backend="finite_difference"``
-  refuses them;
+* **a loss that does not reach the measured parameters** (:func:`check_reaches`): its
+  Hessian over them is zero by construction, which no backend should report as a
+  measurement; refused, naming them;
 * **once-differentiable Functions** (:meth:`DerivativeChecks.check_graph`): a custom
   ``autograd.Function`` whose backward is ``@once_differentiable`` builds no graph, so every
   backend would silently drop the second derivative through it; refused;
+* **wrong second derivatives** (:class:`WrongSecondDerivative`): ops whose double backward
+  torch computes wrong (``torch.nn.utils.weight_norm``'s ``WeightNormInterfaceBackward0``:
+  products 38% off, in float64 too); ``backend="auto"`` measures such a model by finite
+  differences, the exact backends refuse it;
 * **missing derivatives** (:func:`is_missing_derivative`, :meth:`DerivativeChecks.explain`):
   the errors autograd raises for an op without a double backward or a forward-mode
   derivative, which ``backend="auto"`` falls back from and the others explain;
 * **the dtypes a forward computes in** (:class:`FloatingDtypes`), which bound the accuracy
-  of a finite difference.
+  of the products and the self-check's tolerance.
+
+The kinks a finite difference would cross are in
+:mod:`~lightning_curvature.functional.operator.kinks`.
 """
 
 from __future__ import annotations
@@ -27,74 +33,53 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_curvature.errors import PiecewiseLinearError
-
 __all__ = [
     "DerivativeChecks",
     "FloatingDtypes",
-    "check_no_kinks",
-    "check_smooth",
+    "WrongSecondDerivative",
+    "check_reaches",
     "is_missing_derivative",
+    "nodes_reaching",
 ]
 
 _NO_SECOND_DERIVATIVE = (nn.EmbeddingBag,)  # their backward has no derivative in torch
-# Modules whose kinks a finite difference crosses (its products are then not the Hessian).
-_PIECEWISE_LINEAR = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.Hardtanh,
-    nn.Hardshrink,
-    nn.Softshrink,
-    nn.Threshold,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
-
-
-def check_smooth(model: nn.Module) -> None:
-    """Refuse finite differences through piecewise-linear modules (named in the message).
-
-    Raises:
-        ValueError: naming every piecewise-linear module (ReLU, max-pooling, ...).
-
-    Example:
-        >>> check_smooth(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))  # smooth: nothing happens
-    """
-    kinked = [
-        f"{name or type(model).__name__!r} ({type(module).__name__})"
-        for name, module in model.named_modules()
-        if isinstance(module, _PIECEWISE_LINEAR)
-        or (isinstance(module, nn.EmbeddingBag) and module.mode == "max")
-    ]
-    if kinked:
-        raise ValueError(
-            "backend='finite_difference' needs a smooth model: a finite difference crosses "
-            "the kinks of piecewise-linear modules, and its products then differ from the "
-            f"Hessian autograd defines (by several times its size); found {', '.join(kinked)}. "
-            "Use another `backend`, or smooth activations (GELU, SiLU, tanh)."
-        )
+# Backward nodes whose own backward (the double backward) torch computes wrong.
+_WRONG_SECOND_DERIVATIVE = {
+    "WeightNormInterfaceBackward0": "torch.nn.utils.weight_norm (its double backward in "
+    "torch is wrong: products 38% off, in float64 too)",
+}
 
 
 class _FirstOrderOnly(RuntimeError):
     """A custom ``autograd.Function`` on the path to the parameters is once differentiable."""
 
 
+class WrongSecondDerivative(RuntimeError):
+    """An op on the path to the parameters whose double backward torch computes wrong.
+
+    Attributes:
+        reason: which op, and from where (without the way out).
+    """
+
+    def __init__(self, reason: str, advice: str) -> None:
+        super().__init__(f"{reason}. {advice}")
+        self.reason = reason
+
+
 # Every backward decorated with torch's @once_differentiable shares this wrapper's code.
 _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
 
 
-def _nodes_reaching(loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None) -> list[Any]:
+def nodes_reaching(loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None) -> list[Any]:
     """The autograd nodes of ``loss``'s graph through which some of ``leaves`` is reached.
 
     ``leaves=None``: through which any leaf is reached (every parameter is measured). The
     walk is iterative: graphs can be deeper than Python's recursion limit.
+
+    Example:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> [type(node).__name__ for node in nodes_reaching((w * 3).sum(), [w])]
+        ['AccumulateGrad', 'MulBackward0', 'SumBackward0']
     """
     targets = None if leaves is None else {id(leaf) for leaf in leaves}
     reaches: dict[Any, bool] = {}  # keyed by node: keeps each Python wrapper alive
@@ -114,8 +99,33 @@ def _nodes_reaching(loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None) -
     return [node for node, reached in reaches.items() if reached]
 
 
-def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> None:
-    """Raise if a @once_differentiable custom Function lies between ``loss`` and ``leaves``.
+def check_reaches(nodes: Sequence[Any], names: Sequence[str]) -> None:
+    """Refuse a loss whose graph reaches none of the measured parameters ``names``.
+
+    ``nodes``: the nodes through which they reach it (:func:`nodes_reaching`).
+
+    Raises:
+        ValueError: naming the measured parameters.
+
+    Example:
+        >>> check_reaches([], ["head.weight"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the loss does not depend on the measured parameters (head.weight): ...
+    """
+    if nodes:
+        return
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+    raise ValueError(
+        f"the loss does not depend on the measured parameters ({shown}): its Hessian over "
+        "them is zero by construction, not a measurement. Check `parameters=` (the patterns "
+        "must select parameters the loss uses) and that `loss_fn` returns a loss computed "
+        "from the model (not detached, not under torch.no_grad)."
+    )
+
+
+def _check_twice_differentiable(nodes: Sequence[Any]) -> None:
+    """Raise if a @once_differentiable custom Function is among ``nodes``.
 
     Its backward runs without building a graph, so a second backward through it does not
     fail: the gradient silently stops depending on the parameters and the Hessian terms
@@ -123,7 +133,7 @@ def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tenso
     inputs depend on a measured parameter count.
     """
     offenders: set[str] = set()
-    for node in _nodes_reaching(loss, leaves):
+    for node in nodes:
         function = getattr(node, "_forward_cls", None)
         backward = getattr(function, "backward", None)
         if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
@@ -137,32 +147,26 @@ def _check_twice_differentiable(loss: torch.Tensor, leaves: Sequence[torch.Tenso
         )
 
 
-# Backward nodes of piecewise-linear ops (functional F.relu, max_pool, ...; see _PIECEWISE_LINEAR).
-_KINKED_NODES = ("Relu", "Threshold", "Hardtanh", "Shrink", "MaxPool", "Prelu", "Rrelu")
-
-
-def check_no_kinks(loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None) -> None:
-    """Refuse finite differences through piecewise-linear ops the parameters reach.
-
-    ``leaves=None``: the ops any leaf of the graph reaches.
-
-    Raises:
-        PiecewiseLinearError: naming the autograd nodes (``ReluBackward0``, ...) found.
-    """
-    kinked = sorted(
-        {
-            type(node).__name__
-            for node in _nodes_reaching(loss, leaves)
-            if any(kind in type(node).__name__ for kind in _KINKED_NODES)
-        }
-    )
-    if kinked:
-        raise PiecewiseLinearError(
-            "backend='finite_difference' needs a smooth model: a finite difference crosses "
-            "the kinks of piecewise-linear ops, and its products then differ from the "
-            f"Hessian autograd defines; the loss's graph has {', '.join(kinked)}. Use another "
-            "`backend`, or smooth activations (GELU, SiLU, tanh)."
+def _check_second_derivatives(nodes: Sequence[Any]) -> None:
+    """Raise :class:`WrongSecondDerivative` if an op with a wrong double backward is there."""
+    wrong = sorted({type(n).__name__ for n in nodes} & set(_WRONG_SECOND_DERIVATIVE))
+    if wrong:
+        raise WrongSecondDerivative(
+            f"the loss's graph has {', '.join(wrong)}, from "
+            f"{'; '.join(_WRONG_SECOND_DERIVATIVE[name] for name in wrong)}",
+            "Use backend='finite_difference' (first derivatives only; 'auto' chooses it "
+            "here), or leave the parameters before it out with `parameters=`.",
         )
+
+
+def custom_functions(nodes: Sequence[Any]) -> list[str]:
+    """The custom ``autograd.Function`` classes among ``nodes``.
+
+    Their second derivative is whatever their backward's graph gives: the first suspects
+    of an asymmetric product.
+    """
+    found = {getattr(node, "_forward_cls", None) for node in nodes}
+    return sorted(getattr(f, "__qualname__", repr(f)) for f in found if f is not None)
 
 
 class FloatingDtypes(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -191,9 +195,10 @@ _MISSING_DERIVATIVE = (
 def is_missing_derivative(err: RuntimeError) -> bool:
     """Whether ``err`` is autograd's report of a missing derivative (one a fallback may avoid).
 
-    A once-differentiable Function found in the graph is not: it is wrong with every backend.
+    A once-differentiable Function found in the graph is not: it is wrong with every backend;
+    nor is a wrong second derivative (``"auto"`` goes to finite differences directly).
     """
-    if isinstance(err, _FirstOrderOnly):  # wrong with every backend: no fallback
+    if isinstance(err, (_FirstOrderOnly, WrongSecondDerivative)):  # no forward-mode fallback
         return False
     return any(s in str(err) for s in _MISSING_DERIVATIVE)
 
@@ -204,32 +209,52 @@ class DerivativeChecks:
     Args:
         model: the module (its modules without second derivatives are named in errors).
         parameters: the measured parameters.
+        names: their names (a loss that reaches none of them is refused, naming them).
 
     Attributes:
         earlier: the error that made ``backend="auto"`` leave ``"retained_graph"``, quoted in
             later explanations (``None`` until then).
+        suspects: the custom ``autograd.Function`` classes of the graph, once checked: named
+            if the exact products fail their symmetry self-check.
     """
 
-    def __init__(self, model: nn.Module, parameters: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, parameters: Sequence[torch.Tensor], names: Sequence[str]
+    ) -> None:
         self._model = model
         self._parameters = parameters
+        self.names = list(names)
         self._graph_checked = False
         self.earlier: RuntimeError | None = None
+        self.suspects: list[str] = []
 
     def check_graph(self, loss: torch.Tensor, leaves: Sequence[torch.Tensor], backend: str) -> None:
-        """Refuse once-differentiable Functions between ``loss`` and ``leaves`` (looked once).
+        """Check the graph between ``loss`` and ``leaves`` for a double backward (looked once).
 
         Raises:
+            ValueError: if the loss reaches none of the measured parameters.
+            WrongSecondDerivative: with ``backend="auto"``, if torch's double backward of an
+                op of the graph is wrong (finite differences measure it).
             RuntimeError: explained (see :meth:`explain`) for ``backend`` (``"auto"`` builds
-                the retained graph first).
+                the retained graph first): a once-differentiable Function, or (explicit
+                backends) a wrong double backward.
         """
         if self._graph_checked:
             return
+        nodes = nodes_reaching(loss, leaves)
+        check_reaches(nodes, self.names)
+        named = "retained_graph" if backend == "auto" else backend
         try:
-            _check_twice_differentiable(loss, leaves)
+            _check_twice_differentiable(nodes)
+            if backend != "forward_over_reverse":
+                _check_second_derivatives(nodes)
         except _FirstOrderOnly as err:
-            backend = "retained_graph" if backend == "auto" else backend
-            raise self.explain(err, backend) from err
+            raise self.explain(err, named) from err
+        except WrongSecondDerivative as err:
+            if backend == "auto":
+                raise
+            raise self.explain(err, named) from err
+        self.suspects = custom_functions(nodes)
         self._graph_checked = True
 
     def explain(self, err: RuntimeError, backend: str) -> RuntimeError:
@@ -257,7 +282,8 @@ def _explain(
     return RuntimeError(
         f"Hessian-vector products with backend={backend!r} cannot pass through this model: {err}\n"
         f"{named}{before}Known causes: nn.EmbeddingBag (exclude its weights with "
-        "`parameters=`), reentrant activation checkpointing (disable it for the probe), "
+        "`parameters=`), nn.Hardsigmoid (write it as (x / 6 + 0.5).clamp(0, 1), which "
+        "has one), reentrant activation checkpointing (disable it for the probe), "
         "custom autograd.Functions or fused kernels without second derivatives. "
         "Try another `backend`."
     )

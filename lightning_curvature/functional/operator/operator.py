@@ -5,13 +5,19 @@ flat vectors over the selected trainable parameters (Pearlmutter 1994:
 ``H v = ∇⟨∇L(w), v⟩``). Every estimator (Lanczos, trace, SLQ) calls its ``matvec``;
 :func:`~lightning_curvature.functional.operator.hvp.hessian_vector_product` takes one
 product. The operator opens the probe (entering it), hands each product to its backend and,
-with ``backend="auto"``, falls back to the next backend on the first product that cannot run.
+with ``backend="auto"``, falls back to the next backend on the first product that cannot run
+(saying so once, :attr:`HessianOperator.fallback`). Every product passes the self-check of
+:mod:`~lightning_curvature.functional.operator.self_check` (symmetry with the product before
+it; finite differences also at half the step on the first product) or raises
+:class:`~lightning_curvature.errors.CurvatureCheckError`.
 The backends, their costs and the fallback order are in
 :mod:`~lightning_curvature.functional.operator.backends`; the exact ones in
 :mod:`~lightning_curvature.functional.operator.autodiff_backends`, the finite difference in
 :mod:`~lightning_curvature.functional.operator.finite_difference`, its gradients over
 sharded (FSDP2) parameters in :mod:`~lightning_curvature.functional.operator.sharded_gradients`,
-and the checks of the graph in :mod:`~lightning_curvature.functional.operator.graph_checks`.
+the checks of the graph in :mod:`~lightning_curvature.functional.operator.graph_checks` and
+:mod:`~lightning_curvature.functional.operator.kinks`, the fallback's note in
+:mod:`~lightning_curvature.functional.operator.fallback`.
 
 With ``curvature="ggn"`` the operator multiplies by the generalized Gauss–Newton matrix
 ``G = Jᵀ H_ℓ J`` instead (:mod:`~lightning_curvature.functional.operator.ggn`; ``loss_fn`` an
@@ -43,7 +49,6 @@ from lightning_curvature.functional.distributed.union import UnionMean
 from lightning_curvature.functional.linalg.sharded import VectorShards, fsdp_shards, local_tensor
 from lightning_curvature.functional.model.batches import ProbeBatches, split_batches
 from lightning_curvature.functional.model.functional_model import (
-    FunctionalModel,
     LossFn,
     check_measurable,
     probe_dtype,
@@ -54,23 +59,18 @@ from lightning_curvature.functional.model.parameters import (
     select_parameters,
 )
 from lightning_curvature.functional.model.probe import BatchNormMode, probe_context, unwrap_model
-from lightning_curvature.functional.operator.autodiff_backends import AutodiffProducts
 from lightning_curvature.functional.operator.backends import (
     AllReduce,
-    FallBack,
     HVPBackend,
     check_curvature,
     check_settings,
     sharded_backend,
 )
+from lightning_curvature.functional.operator.dispatch import BackendDispatch
 from lightning_curvature.functional.operator.finite_difference import FiniteDifferenceProducts
-from lightning_curvature.functional.operator.ggn import Curvature, OutputLoss
-from lightning_curvature.functional.operator.graph_checks import (
-    DerivativeChecks,
-    check_smooth,
-    is_missing_derivative,
-)
-from lightning_curvature.functional.operator.probe_loss import ProbeLoss
+from lightning_curvature.functional.operator.ggn import Curvature
+from lightning_curvature.functional.operator.kinks import check_smooth
+from lightning_curvature.functional.operator.self_check import ProductCheck
 from lightning_curvature.functional.operator.sharded_gradients import ShardedGradients
 
 __all__ = ["HessianOperator"]
@@ -92,7 +92,10 @@ class HessianOperator:
         backend: Hessian-vector product strategy (see
             :mod:`~lightning_curvature.functional.operator.backends`).
         batch_norm: BatchNorm mode during the probe (``"as_is"``, ``"eval"``, ``"train"``).
-        dropout: keep dropout on during the probe (default off).
+        dropout: keep dropout on during the probe (default off). One set of masks per
+            probe: every product (and both gradients of a finite difference) starts from the
+            random state the probe opened with, so the operator is the Hessian of the loss
+            with those masks fixed (symmetric); the next probe draws other masks.
         all_reduce: optional function averaging a tensor across processes (DDP); every
             product and gradient goes through it, each process's weighted by its share of
             the examples (:class:`~lightning_curvature.functional.distributed.union.UnionMean`),
@@ -109,6 +112,12 @@ class HessianOperator:
     Attributes:
         shards: how the vectors ``matvec`` takes are split across processes (whole here
             unless the parameters are FSDP2 shards).
+        backend: the backend that runs (``"auto"`` resolved once the operator is open).
+        fallback: why ``backend="auto"`` runs another backend than its first choice
+            (``"retained_graph"``), empty if it does not; said once by a
+            :class:`~lightning_curvature.errors.CurvatureWarning`.
+        num_hvps: products taken, the self-check's own included (finite differences take
+            the first product of a probe at half the step too: one more).
 
     Raises:
         ValueError: on an unknown ``backend`` or ``curvature``, ``curvature="ggn"`` without
@@ -116,8 +125,11 @@ class HessianOperator:
             parameters, complex measured parameters, an empty batch iterable, or a loss
             that is not a scalar; over sharded parameters, on a backend other than
             ``"auto"``/``"finite_difference"``, ``curvature="ggn"``, a piecewise-linear
-            model or parameters narrower than float32.
+            model or parameters narrower than float32; on entering, a loss that reaches
+            none of the measured parameters.
         NonFiniteCurvatureError: if this process's loss or product is NaN or infinite.
+        CurvatureCheckError: if the products fail their self-check (not derivatives: a kink
+            at the finite difference's step, a wrong double backward).
 
     Example:
         >>> net = nn.Linear(2, 1, bias=False)
@@ -168,9 +180,19 @@ class HessianOperator:
             backend = sharded_backend(backend, curvature, self.dtype, self._parameters)
         if backend == "finite_difference":
             check_smooth(self.model)
-        self.backend: HVPBackend = backend
-        self._may_fall_back = backend == "auto"
-        self._checks = DerivativeChecks(self.model, self._parameters)  # and why auto fell back
+        self._self_check = ProductCheck(self.shards, sharded=self._sharded)
+        finite_difference = FiniteDifferenceProducts(
+            self.dtype, self.shards, self.device, [p.shape for p in self._parameters]
+        )
+        self._finite_difference = finite_difference
+        self._dispatch = BackendDispatch(
+            self.model,
+            self._named,
+            backend,
+            finite_difference,
+            self._self_check,
+            self._check_finite_loss,
+        )
         self.num_hvps = 0
         self.curvature: Curvature = curvature
         self._loss_fn = loss_fn
@@ -180,11 +202,17 @@ class HessianOperator:
         self._all_reduce = all_reduce
         self._mean: UnionMean | None = None  # the union batch's mean, while open (DDP)
         self._stack: contextlib.ExitStack | None = None
-        self._losses: ProbeLoss | None = None  # the probe loss at any weights, while open
-        self._autodiff: AutodiffProducts | None = None  # the exact products and their graphs
-        self._finite_difference = FiniteDifferenceProducts(self.dtype, self.shards, self.device)
-        self._sharded_gradients: ShardedGradients | None = None  # while open and sharded
         self.loss: torch.Tensor | None = None
+
+    @property
+    def backend(self) -> HVPBackend:
+        """The backend that runs (``"auto"`` until the operator is open, then the one chosen)."""
+        return self._dispatch.backend
+
+    @property
+    def fallback(self) -> str:
+        """Why ``backend="auto"`` runs another backend than ``"retained_graph"`` (or ``""``)."""
+        return self._dispatch.fallback.note
 
     @property
     def size(self) -> int:
@@ -214,11 +242,10 @@ class HessianOperator:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._autodiff = None
+        self._dispatch.close()
         self._mean = None
-        self._finite_difference.weight_scale = None
-        self._sharded_gradients = None
-        self._losses = None
+        self._finite_difference.scales = None
+        self._self_check.forget()
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
@@ -232,35 +259,30 @@ class HessianOperator:
             mean = UnionMean.of(
                 lambda t: shards.all_sum(t) / shards.num_shards, self._probe.size, self.device
             )
-            self._sharded_gradients = ShardedGradients(
+            sharded = ShardedGradients(
                 self.model, self._loss_fn, self._probe, self._parameters, self._locals, mean.share
             )
-            finite_difference = self._finite_difference
-            loss = self._sharded_gradients.open(self._stack, finite_difference.note_compute_dtype)
-            self._check_finite_loss(loss)
-            return
-        ggn = isinstance(self._loss_fn, OutputLoss) and self.curvature == "ggn"
-        called = self._loss_fn.output_fn if ggn else self._loss_fn  # type: ignore[attr-defined]
-        losses = ProbeLoss(FunctionalModel(self.model, called, self._named), self._probe)
-        self._losses = losses
-        autodiff = AutodiffProducts(losses, self._checks, self._check_finite_loss)
-        self._autodiff = autodiff
-        if ggn:
-            assert isinstance(self._loss_fn, OutputLoss)
-            self.backend = autodiff.open_gauss_newton(self._loss_fn.loss, self.backend)
-            return
-        if self.backend in ("auto", "retained_graph"):
-            try:
-                autodiff.retain(self.backend)
-                self.backend = "retained_graph"
-            except FallBack as fallback:
-                self.backend, self._checks.earlier = "forward_over_reverse", fallback.reason
-        if self.backend == "finite_difference":
-            self._check_finite_loss(self._finite_difference.loss(losses))
-        elif self.backend != "retained_graph":
-            loss = losses.weighted_loss(losses.leaves)
-            self._checks.check_graph(loss, losses.leaves, self.backend)
-            self._check_finite_loss(loss.detach())
+            self._check_finite_loss(self._dispatch.open_sharded(self._stack, sharded))
+        else:
+            self._dispatch.open(self._loss_fn, self._probe, self.curvature)
+        self._curvature_scale()
+
+    def _curvature_scale(self) -> None:
+        """Tell the self-check ``|L| / max(rms(w), 0.01)²``, the same on every process.
+
+        The scale below which a Hessian is zero to rounding (a block no loss reaches but by
+        cancellations): there products are rounding alone, symmetric or not.
+        """
+        assert self.loss is not None
+        squares = torch.stack([t.detach().double().square().sum() for t in self._locals]).sum()
+        local = torch.stack([self.loss.abs().double().reshape(()), squares])
+        if self._sharded:
+            total = self.shards.all_sum(local)
+            loss, squares = total[0] / self.shards.num_shards, total[1]
+        else:
+            loss = self._mean(local[:1])[0] if self._mean is not None else local[0]
+        rms = max(float(squares / self.shards.size) ** 0.5, 0.01)
+        self._self_check.curvature_scale = float(loss) / rms**2
 
     def _check_finite_loss(self, loss: torch.Tensor) -> None:
         """This process's loss (the agreement of a probe makes every process skip with it)."""
@@ -293,8 +315,8 @@ class HessianOperator:
             raise RuntimeError(
                 "HessianOperator.gradient must be called inside `with HessianOperator(...)`."
             )
-        assert self._autodiff is not None
-        grads = self._autodiff.gradient()
+        assert self._dispatch.autodiff is not None
+        grads = self._dispatch.autodiff.gradient()
         flat = self.layout.flatten(grads).detach()
         if not bool(torch.isfinite(flat).all()):
             raise NonFiniteCurvatureError("the probe gradient is not finite.")
@@ -312,72 +334,28 @@ class HessianOperator:
             raise RuntimeError(
                 "HessianOperator.matvec must be called inside `with HessianOperator(...)`."
             )
-        vs = self.layout.split(vector.to(device=self.device, dtype=self.dtype))
-        autodiff = self._autodiff
-        if autodiff is not None and autodiff.ggn is not None:
-            hv = self._gauss_newton(vs)
-        elif self.backend == "retained_graph":
-            assert autodiff is not None
-            try:
-                hv = autodiff.retained_product(vs)
-            except RuntimeError as err:
-                if not is_missing_derivative(err):
-                    raise
-                if not (self._may_fall_back and self.num_hvps == 0):
-                    raise self._checks.explain(err, "retained_graph") from err
-                self.backend, autodiff.retained = "forward_over_reverse", None
-                self._checks.earlier = err
-                hv = self._forward_over_reverse_or_difference(vs)
-        elif self.backend == "double_backward":
-            assert autodiff is not None
-            hv = autodiff.double_backward(vs)
-        elif self.backend == "finite_difference":
-            hv = self._finite_difference_product(vs)
-        else:
-            hv = self._forward_over_reverse_or_difference(vs)
+        vector = vector.to(device=self.device, dtype=self.dtype)
+        vs = self.layout.split(vector)
+        hv = self._dispatch.product(vs, first=self.num_hvps == 0)
         self.num_hvps += 1
         flat = self.layout.flatten(hv).detach()
         if not bool(torch.isfinite(flat).all()):  # this process's (sharded: FSDP's average)
             raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
-        return flat if self._mean is None else self._mean(flat)
+        flat = flat if self._mean is None else self._mean(flat)
+        self._check_product(vs, vector, flat)
+        return flat
 
-    def _gauss_newton(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``G v``; ``"auto"`` turns to forward mode if the first reverse product cannot run."""
-        autodiff = self._autodiff
-        assert autodiff is not None
-        try:
-            return autodiff.gauss_newton(vs, self.backend)
-        except RuntimeError as err:
-            if not is_missing_derivative(err):
-                raise
-            if self.backend == "forward_over_reverse" or not (
-                self._may_fall_back and self.num_hvps == 0
-            ):
-                raise self._checks.explain(err, self.backend) from err
-            self.backend, autodiff.linearized = "forward_over_reverse", None
-            self._checks.earlier = err
-            return self._gauss_newton(vs)
-
-    def _forward_over_reverse_or_difference(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Forward over reverse; with ``backend="auto"``, finite differences where it has none."""
-        assert self._autodiff is not None
-        try:
-            return self._autodiff.forward_over_reverse(vs)
-        except RuntimeError as err:
-            cause = err.__cause__
-            missing = isinstance(cause, RuntimeError) and is_missing_derivative(cause)
-            if not (self._may_fall_back and self.num_hvps == 0 and missing):
-                raise
-            try:
-                check_smooth(self.model)
-                self._check_finite_loss(self._finite_difference.loss(self._autodiff.losses))
-            except ValueError as kinked:
-                raise RuntimeError(f"{err}\nbackend='auto' cannot fall back: {kinked}") from err
-            self.backend = "finite_difference"
-            return self._finite_difference_product(vs)
-
-    def _finite_difference_product(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The finite difference, its gradients at this shard or at copies of the weights."""
-        source = self._sharded_gradients if self._sharded else self._losses
-        assert source is not None
-        return self._finite_difference.product(vs, source)
+    def _check_product(
+        self, vs: list[torch.Tensor], vector: torch.Tensor, hv: torch.Tensor
+    ) -> None:
+        """The self-check of a product (and, for the first finite difference, half the step)."""
+        check = self._self_check
+        check.backend = self.backend
+        if self.backend == "finite_difference" and self.num_hvps == 1 and check.halves:
+            half = self.layout.flatten(self._dispatch.finite_difference_product(vs, 0.5))
+            if not bool(torch.isfinite(half).all()):  # this process's, agreed by all
+                raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
+            half = half if self._mean is None else self._mean(half)
+            self.num_hvps += 1
+            check.halved(hv, half)
+        check.symmetric(vector, hv)

@@ -39,7 +39,8 @@ class OperatorOptions:
             by default).
         backend: the product strategy (see ``HessianOperator``).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
-        dropout: keep dropout on during the probe (default off).
+        dropout: keep dropout on during the probe (default off): one set of masks per probe,
+            the same for every product (see ``HessianOperator``).
         curvature: ``"hessian"`` or ``"ggn"`` (the generalized Gauss–Newton matrix, for a
             ``loss_fn`` that is an
             :class:`~lightning_curvature.functional.operator.ggn.OutputLoss`).

@@ -6,6 +6,15 @@ Every backend but the sharded one evaluates the model through it: the size-weigh
 the measured parameters (:attr:`ProbeLoss.leaves`) or at any other weights, and any
 per-batch quantity summed with the same weights. The model's own errors (in the forward)
 pass through as they are.
+
+Every evaluation over the probe's batches starts from the same random state: the torch
+generators (CPU and the model's device) are rewound to where they stood when the probe
+opened (:meth:`ProbeLoss.rewind`). A loss that draws (dropout kept on with ``dropout=True``,
+noise in ``loss_fn``) then sees one set of draws per probe, the same for every product and
+both gradients of a finite difference, so the products are those of one function: its
+Hessian with the masks fixed, symmetric to rounding. The probe runs inside a fork of those
+generators (:func:`~lightning_curvature.functional.model.probe.probe_context`), so training's
+random stream is untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +27,30 @@ import torch
 from lightning_curvature.functional.model.batches import ProbeBatches
 from lightning_curvature.functional.model.functional_model import FunctionalModel
 
-__all__ = ["ProbeLoss"]
+__all__ = ["ProbeLoss", "TorchRandomState"]
+
+
+class TorchRandomState:
+    """The torch generators' states (CPU and a CUDA device), captured to be put back.
+
+    Example:
+        >>> state = TorchRandomState(torch.device("cpu"))
+        >>> first = torch.rand(2)
+        >>> state.restore()
+        >>> torch.equal(first, torch.rand(2))
+        True
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device if device.type == "cuda" else None
+        self._cpu = torch.get_rng_state()
+        self._cuda = None if self._device is None else torch.cuda.get_rng_state(self._device)
+
+    def restore(self) -> None:
+        """Put the captured states back."""
+        torch.set_rng_state(self._cpu)
+        if self._device is not None and self._cuda is not None:
+            torch.cuda.set_rng_state(self._cuda, self._device)
 
 
 class ProbeLoss:
@@ -55,6 +87,12 @@ class ProbeLoss:
         self.leaves = [p.requires_grad_(True) for p in functional.primals]
         self.inputs = [functional.inputs(b) for b in probe.batches]
         self.weights = probe.weights
+        device = self.leaves[0].device if self.leaves else torch.device("cpu")
+        self._random = TorchRandomState(device)
+
+    def rewind(self) -> None:
+        """Put the torch generators back where they stood when the probe opened."""
+        self._random.restore()
 
     def loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
         """The loss on one batch (one of :attr:`inputs`) at the weights ``leaves``."""
@@ -62,6 +100,7 @@ class ProbeLoss:
 
     def weighted_loss(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         """The weighted loss of all the batches at the weights ``leaves``."""
+        self.rewind()
         total = sum(
             w * self.loss(leaves, b) for b, w in zip(self.inputs, self.weights, strict=True)
         )
@@ -71,6 +110,7 @@ class ProbeLoss:
         self, per_batch: Callable[[Any], Sequence[torch.Tensor]], items: Sequence[Any] = ()
     ) -> list[torch.Tensor]:
         """``Σ_b w_b · per_batch(b)`` over the probe's batches (or ``items``, one a batch)."""
+        self.rewind()
         total: list[torch.Tensor] | None = None
         for batch, weight in zip(items or self.inputs, self.weights, strict=True):
             scaled = [weight * t for t in per_batch(batch)]

@@ -39,7 +39,13 @@ from lightning_curvature.functional.model.functional_model import (
     call_loss,
     check_scalar_loss,
 )
-from lightning_curvature.functional.operator.graph_checks import FloatingDtypes, check_no_kinks
+from lightning_curvature.functional.operator.graph_checks import (
+    FloatingDtypes,
+    check_reaches,
+    nodes_reaching,
+)
+from lightning_curvature.functional.operator.kinks import check_no_kinks
+from lightning_curvature.functional.operator.probe_loss import TorchRandomState
 
 __all__ = ["ShardedGradients", "fsdp_modules"]
 
@@ -58,6 +64,8 @@ class ShardedGradients:
 
     Attributes:
         saved: copies of the local shards' values (taken by :meth:`open`), the weights ``w``.
+        suspects: the ops of the loss's graph named if the self-check fails (see
+            :func:`~lightning_curvature.functional.operator.kinks.kink_suspects`).
     """
 
     def __init__(
@@ -76,6 +84,8 @@ class ShardedGradients:
         self._parameters = parameters
         self._locals = local_tensors
         self.saved: list[torch.Tensor] = []
+        self.suspects: list[str] = []
+        self._random: TorchRandomState | None = None  # the draws every gradient starts from
         self._owners: list[nn.Parameter] = []  # every parameter, whose .grad is saved
         self._fsdp: list[nn.Module] = []
 
@@ -91,7 +101,8 @@ class ShardedGradients:
             computed in passed to ``note_compute_dtype``.
 
         Raises:
-            PiecewiseLinearError: if a piecewise-linear op lies in the loss's graph.
+            ValueError: if the loss depends on no parameter.
+            PiecewiseLinearError: if a kinked op lies in the loss's graph.
         """
         fsdp = fsdp_modules(self._model)
         owners = list(self._model.parameters())
@@ -109,15 +120,23 @@ class ShardedGradients:
         self._owners, self._fsdp = owners, fsdp
         _reshard(fsdp)
         self.saved = [t.detach().clone() for t in self._locals]
+        self._random = TorchRandomState(self.saved[0].device if self.saved else torch.device("cpu"))
         with FloatingDtypes() as seen:  # with its graph: the kinks are looked for in it
             loss = self._module_loss()
-        check_no_kinks(loss, None)  # every parameter is measured over shards
+        nodes = nodes_reaching(loss, None)  # every parameter is measured over shards
+        check_reaches(nodes, [f"{len(self._parameters)} sharded parameters"])
+        self.suspects = check_no_kinks(nodes)
         note_compute_dtype(seen.dtypes)
         _reshard(fsdp)
         return loss.detach()
 
+    def _rewind(self) -> None:
+        if self._random is not None:
+            self._random.restore()
+
     def _module_loss(self) -> torch.Tensor:
         """The weighted probe loss of the model itself (its hooks, e.g. FSDP's, run)."""
+        self._rewind()
         total = sum(
             w * check_scalar_loss(call_loss(self._loss_fn, self._model, b))
             for b, w in zip(self._probe.batches, self._probe.weights, strict=True)
@@ -130,6 +149,7 @@ class ShardedGradients:
             with torch.no_grad():
                 for local, saved, v in zip(self._locals, self.saved, vs, strict=True):
                     local.copy_(saved).add_(v, alpha=step)
+            self._rewind()
             for batch, weight in zip(self._probe.batches, self._probe.weights, strict=True):
                 loss = weight * check_scalar_loss(call_loss(self._loss_fn, self._model, batch))
                 loss = loss if self._share == 1.0 else loss * self._share
