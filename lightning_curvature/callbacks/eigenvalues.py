@@ -269,6 +269,20 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         return Measurement(metrics, hvps)
 
     @override
+    def expected_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """About 12 products a Lanczos run, 8 more per eigenvalue beyond the first.
+
+        One run for the Hessian, and one each for Adam's preconditioned sharpness, the
+        smallest eigenvalue and every ``per_layer`` block.
+        """
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        adam = self.stability and "Adam" in type(optimizer).__name__
+        blocks = self.blocks.of_module(pl_module, self.parameters) if self.blocks.requested else {}
+        runs = 1 + adam + self.smallest + len(blocks)
+        hvps = runs * (12 + 8 * (self.k - 1)) + 2 * self.update_sharpness
+        return self.hvp_gradients * hvps * self.probe_batches
+
+    @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
         tag = self.tag("curvature/eigenvalue_1")
         top = self.last_metrics.get(tag)
