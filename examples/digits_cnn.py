@@ -141,7 +141,7 @@ def make_trainer(
     ``log_dir=None`` logs nowhere and checkpoints nothing (a run only to be timed).
     """
     logged = log_dir is not None
-    extra: list[pl.Callback] = [EarlyStopping("val/loss", patience=5)]
+    extra: list[pl.Callback] = [EarlyStopping("val/loss", patience=10)]
     if logged:
         extra.append(ModelCheckpoint(monitor="val/loss"))
     arguments: dict[str, Any] = {

@@ -35,6 +35,7 @@ from lightning_curvature.functional import (
     spectral_density,
     subspace_share,
 )
+from lightning_curvature.reader import CurvatureRun, Series, find_runs, read_run
 
 if TYPE_CHECKING:
     from lightning_curvature.callbacks import (
@@ -76,6 +77,7 @@ __all__ = [
     "BatchSharpness",
     "BatchSharpnessMonitor",
     "CurvatureMonitor",
+    "CurvatureRun",
     "CurvatureWarning",
     "DirectionalCurvature",
     "GradientCoherence",
@@ -89,6 +91,7 @@ __all__ = [
     "OperatorOptions",
     "OutputLoss",
     "SAMGradient",
+    "Series",
     "SpectralDensity",
     "SpectralDensityMonitor",
     "TrainingGradientCoherenceMonitor",
@@ -96,10 +99,12 @@ __all__ = [
     "batch_sharpness",
     "density_on_grid",
     "directional_curvature",
+    "find_runs",
     "gradient_coherence",
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",
+    "read_run",
     "sam_gradient",
     "spectral_density",
     "subspace_share",
