@@ -270,17 +270,11 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
 
     @override
     def expected_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """About 12 products a Lanczos run, 8 more per eigenvalue beyond the first.
-
-        One run for the Hessian, and one each for Adam's preconditioned sharpness, the
-        smallest eigenvalue and every ``per_layer`` block.
-        """
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        adam = self.stability and "Adam" in type(optimizer).__name__
+        """12 products a Lanczos run (+8 an eigenvalue past one): H, Adam's, smallest, blocks."""
+        adam = self.stability and "Adam" in type(next(iter(trainer.optimizers), None)).__name__
         blocks = self.blocks.of_module(pl_module, self.parameters) if self.blocks.requested else {}
-        runs = 1 + adam + self.smallest + len(blocks)
-        hvps = runs * (12 + 8 * (self.k - 1)) + 2 * self.update_sharpness
-        return self.hvp_gradients * hvps * self.probe_batches
+        hvps = (1 + adam + self.smallest + len(blocks)) * (12 + 8 * (self.k - 1))
+        return self.hvp_gradients * (hvps + 2 * self.update_sharpness) * self.probe_batches
 
     @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
@@ -339,8 +333,11 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             metrics["curvature/sharpness_ratio"] = top / threshold
             return 0
         metrics["curvature/stability_threshold"] = found.threshold
-        if found.preconditioner is None:
-            return 0  # Adam before its first step has no preconditioner yet
+        if found.preconditioner is None:  # Adam before its first step: no preconditioner yet
+            adam = f"step {trainer.global_step}: {type(trainer.optimizers[0]).__name__} has "
+            said = "no preconditioner before its first step: λ₁(P⁻¹H), the ratio at the next probe."
+            self.report.note_once(trainer, "adam", adam + said)
+            return 0
         precond = self._eigenvalues(
             trainer, pl_module, batches, "preconditioned", k=1, preconditioner=found.preconditioner
         )

@@ -170,6 +170,26 @@ def test_the_table_at_the_end_of_fit_shows_the_logged_numbers(run: dict[str, Any
     assert 0 < float(share.group(1)) < 100
 
 
+def test_adams_first_step_without_a_ratio_is_said_once(tmp_path: Path) -> None:
+    lines = Lines()
+    LOGGER.addHandler(lines)
+    try:
+        monitor = HessianEigenvalueMonitor(every_n_steps=2)
+        make_trainer([monitor], logger=csv_logger(tmp_path), max_steps=5).fit(
+            TanhRegressor(optimizer="adam", lr=0.01), loader(regression_data(), 8)
+        )
+    finally:
+        LOGGER.removeHandler(lines)
+    notes = [line for line in lines.at(logging.INFO) if "no preconditioner" in line]
+    assert notes == [
+        "HessianEigenvalueMonitor: step 0: Adam has no preconditioner before its first step: "
+        "λ₁(P⁻¹H), the ratio at the next probe."
+    ]
+    series = monitor.report.history.series
+    assert [s for s, _ in series["curvature/stability_threshold"]] == [0, 2, 4]
+    assert [s for s, _ in series["curvature/sharpness_ratio"]] == [2, 4]
+
+
 def test_progress_lines_can_be_turned_off(tmp_path: Path) -> None:
     lines = Lines()
     LOGGER.addHandler(lines)
