@@ -274,7 +274,7 @@ class GradientCoherenceMonitor(_BuiltBySource, PerLayerMonitor, sources=("probe"
             for name in _STATISTICS
             if name not in self.skipped_statistics
         }
-        if "gradient/noise_scale" in metrics and not bool(result.grad_norm_sq > 0):
+        if "gradient/noise_scale" in metrics and not result.noise_scale_defined:
             # ‖G‖² ≤ 0: the signal is below its noise (near convergence) and tr Σ/‖G‖² has no
             # meaning; its parts are still logged.
             del metrics["gradient/noise_scale"]
