@@ -68,9 +68,9 @@ def callbacks(mode: str, run_steps: int) -> list[CurvatureMonitor]:
     if mode == "none":
         return []
     if mode == "defaults":
-        return monitors()  # type: ignore[return-value]
+        return monitors()
     if mode == "every_n_steps=T/10":
-        return [type(m)(**tenth) for m in monitors()]  # type: ignore[misc]
+        return monitors(**tenth)
     return [HessianEigenvalueMonitor(**tenth), BatchSharpnessMonitor(**tenth)]
 
 

@@ -321,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="a run, or a folder of runs")
     parser.add_argument("-o", "--output", default="curvature.pdf", help="pdf, png or svg")
     parser.add_argument("--title", help="the figure's title")
+    parser.add_argument("--labels", nargs="+", help="one legend entry per run, in path order")
     parser.add_argument("--name", help="the monitors' name=, if they were given one")
     parser.add_argument("--dpi", type=int, default=200, help="for raster formats")
     args = parser.parse_args(argv)
@@ -341,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             parser.exit(2, f"no TensorBoard or CSVLogger run under {logdir}\n")
         runs += found
         labels += [run.label(root if len(found) > 1 else root.parent) for run in found]
+    if args.labels is not None:
+        if len(args.labels) != len(runs):
+            parser.exit(2, f"--labels gave {len(args.labels)} labels for {len(runs)} runs\n")
+        labels = list(args.labels)
     figure = plot_runs(runs, labels, name=args.name, title=args.title)
     output = Path(args.output)
     figure.savefig(output, dpi=args.dpi, bbox_inches="tight")

@@ -272,6 +272,17 @@ def test_the_plot_command_writes_a_figure_of_several_runs(run: dict[str, Any]) -
     assert output.stat().st_size > 10_000
 
 
+def test_the_plot_command_takes_labels_one_per_run(run: dict[str, Any]) -> None:
+    pytest.importorskip("matplotlib")
+    from lightning_curvature.plot import main
+
+    output = run["root"] / "figure.png"
+    assert main([str(run["root"]), "-o", str(output), "--labels", "csv", "tensorboard"]) == output
+    assert output.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit, match="2"):
+        main([str(run["root"]), "-o", str(output), "--labels", "one"])
+
+
 def test_gaps_are_not_bridged() -> None:
     from lightning_curvature.plot import with_gaps
     from lightning_curvature.reader import Series
