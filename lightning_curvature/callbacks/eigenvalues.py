@@ -16,6 +16,7 @@ from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.reporting.dashboard import Charts, layout
 from lightning_curvature.callbacks.schedule import EveryNSteps
+from lightning_curvature.callbacks.sharpness_picture import write_sharpness_picture
 from lightning_curvature.callbacks.step_instruments import StepInstrumentsMonitor
 from lightning_curvature.functional.directional import subspace_share
 from lightning_curvature.functional.eigenvalues import (
@@ -119,6 +120,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
           preconditioned ``uᵀHu/(uᵀPu)`` (``curvature/preconditioned_update_sharpness``,
           the Rayleigh quotient of ``P⁻¹H`` along u) over 38/η
         - ``probe_cost/eigenvalue_hvps`` and ``probe_cost/eigenvalue_seconds``: cost of the probe
+        - TensorBoard only: image ``curvature/sharpness_chart``, the run so far (log axis, legend)
         - with ``name=``: every tag as ``<group>/<name>/…``
         - with ``curvature="ggn"``: every tag with ``ggn_`` before its name
           (``curvature/ggn_eigenvalue_1``, ``curvature/ggn_sharpness_ratio``, …)
@@ -278,6 +280,8 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
 
     @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
+        if self.stability:  # the headline as a picture: legend, log axis (TensorBoard only)
+            write_sharpness_picture(trainer, self, step)
         tag = self.tag("curvature/eigenvalue_1")
         top = self.last_metrics.get(tag)
         if self.prog_bar and not self._final_probe and top is not None:

@@ -370,8 +370,10 @@ class CurvatureMonitor(MonitorSettings):
         values.update(measured.cost(self.cost_name, seconds))
         self.last_metrics = {self.tag(key): value for key, value in values.items()}
         log_scalars(trainer, self.last_metrics, log_step(trainer))
-        self.log_extras(trainer, step)
         self.report.probed(trainer, self.schedule, step, seconds, self.last_metrics, measured.hvps)
+        drawn = time.perf_counter()  # pictures drawn of the run so far, counted in the budget
+        self.log_extras(trainer, step)
+        self.schedule.probe_seconds += time.perf_counter() - drawn
 
 
 def _monitors(trainer: pl.Trainer) -> list[CurvatureMonitor]:

@@ -7,6 +7,7 @@ reader and the figure show is checked against the values the loggers hold.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
@@ -22,9 +23,11 @@ from models import (
     csv_logger,
     loader,
     make_trainer,
+    read_events,
     regression_data,
     tb_logger,
 )
+from PIL import Image
 
 from lightning_curvature import (
     BatchSharpnessMonitor,
@@ -225,6 +228,37 @@ def test_a_run_too_short_for_the_budget_says_so_once_per_monitor(tmp_path: Path)
     assert "costs about 80 training steps (estimated), so it gets 0 probe(s)" in warnings[0]
     assert "every_n_steps=3 (about +2667% time)" in warnings[0]
     assert all(m.report.history.probes == 0 for m in monitors)
+
+
+# -- the headline as a picture in TensorBoard ------------------------------------------------------
+def test_the_sharpness_picture_is_redrawn_at_every_eigenvalue_probe(run: dict[str, Any]) -> None:
+    events = read_events(run["loggers"][0])
+    images = events.Images("curvature/sharpness_chart")
+    assert [image.step for image in images] == [0, 3, 6, 9, STEPS]
+    with Image.open(io.BytesIO(images[-1].encoded_image_string)) as picture:
+        assert picture.size == (720, 360)
+        colors = {color for _, color in picture.convert("RGB").getcolors(maxcolors=1 << 16)}
+    # λ₁ (blue), the batch sharpness of the monitor beside it (green), the threshold (orange)
+    assert {(31, 90, 180), (20, 140, 60), (230, 120, 0)} <= colors
+
+
+def test_the_pictures_lines_are_the_logged_values_with_gaps() -> None:
+    from lightning_curvature.callbacks.reporting.summary import ProbeHistory
+    from lightning_curvature.callbacks.sharpness_picture import sharpness_lines
+
+    history = ProbeHistory("HessianEigenvalueMonitor")
+    for step, ratio_logged in ((0, False), (5, True), (10, True)):  # Adam: nothing at step 0
+        values = {"curvature/eigenvalue_1": 1.0 + step, "curvature/stability_threshold": 38e3}
+        if ratio_logged:
+            values["curvature/preconditioned_eigenvalue_1"] = 100.0 * step
+        history.record(step, {**values, "probe_cost/eigenvalue_seconds": 0.1}, seconds=0.1)
+    adam, threshold = sharpness_lines(history, str, "eigenvalue")
+    assert adam.label == "lambda_1(P^-1 H), Adam-preconditioned"
+    assert adam.points[1:] == [(5, 500.0), (10, 1000.0)]
+    assert adam.points[0][0] == 0
+    assert math.isnan(adam.points[0][1])  # a gap, not a line from nowhere
+    assert threshold.dashed
+    assert threshold.points == [(0, 38e3), (5, 38e3), (10, 38e3)]
 
 
 # -- the figure ----------------------------------------------------------------------------------
