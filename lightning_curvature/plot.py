@@ -141,12 +141,13 @@ def _ratio(ax: Axes, runs: Sequence[CurvatureRun], name: str | None, colors: lis
         return False
     ax.axhline(1.0, color="0.5", linewidth=0.8)
     ax.text(
-        0.01,
+        0.99,
         1.0,
-        " edge of stability",
+        "edge of stability ",
         transform=ax.get_yaxis_transform(),
         fontsize=7,
-        va="bottom",
+        ha="right",
+        va="top",
         color="0.4",
     )
     ax.set_yscale("log")
@@ -191,6 +192,8 @@ def _gradient(
 
 
 def _density(ax: Axes, runs: Sequence[CurvatureRun], name: str | None, colors: list[Any]) -> bool:
+    from matplotlib.lines import Line2D
+
     drawn = False
     for run, color in zip(runs, colors, strict=True):
         snapshots = run.densities.get(_tag("curvature/spectral_density", name), [])
@@ -201,14 +204,7 @@ def _density(ax: Axes, runs: Sequence[CurvatureRun], name: str | None, colors: l
         )
         for snapshot, alpha in shown:
             floor = [max(d, 1e-12) for d in snapshot.density]
-            ax.plot(
-                snapshot.grid,
-                floor,
-                color=color,
-                alpha=alpha,
-                linewidth=1.2,
-                label=f"step {snapshot.step}",
-            )
+            ax.plot(snapshot.grid, floor, color=color, alpha=alpha, linewidth=1.2)
             drawn = True
     if drawn:
         ax.set_yscale("log")
@@ -216,7 +212,11 @@ def _density(ax: Axes, runs: Sequence[CurvatureRun], name: str | None, colors: l
         ax.set_title("spectral density (first and last probe)")
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
-        ax.legend(fontsize=7, frameon=False)
+        probes = [
+            Line2D([], [], color="0.25", alpha=a, label=label)
+            for a, label in ((0.35, "first probe"), (1.0, "last probe"))
+        ]
+        ax.legend(handles=probes, fontsize=8, frameon=False)
     return drawn
 
 
@@ -292,16 +292,16 @@ def plot_runs(
     handles = [
         Line2D([], [], color=c, linewidth=2, label=n) for c, n in zip(colors, names, strict=True)
     ]
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / figure.get_figheight()))
     figure.legend(
         handles=handles,
-        loc="upper center",
+        loc="lower center",
         ncol=min(len(handles), 4),
         frameon=False,
-        bbox_to_anchor=(0.5, 1.0),
+        bbox_to_anchor=(0.5, 1 - 0.4 / figure.get_figheight()),
     )
     if title:
-        figure.suptitle(title, y=1.04)
-    figure.tight_layout(rect=(0, 0, 1, 0.96))
+        figure.suptitle(title, y=1.0, va="bottom")
     return figure
 
 
