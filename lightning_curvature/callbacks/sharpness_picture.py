@@ -63,7 +63,7 @@ def sharpness_lines(
     lines = []
     if preconditioned in history.series:  # Adam: its threshold is about P^-1 H
         points = _with_gaps(history, preconditioned, probes)
-        lines.append(Line(f"lambda_1(P^-1 {matrix[0]}), Adam-preconditioned", points, _BLUE))
+        lines.append(Line(f"lambda_1 of inv(P) {matrix[0]} (Adam)", points, _BLUE))
     else:
         points = _with_gaps(history, tag("curvature/eigenvalue_1"), probes)
         lines.append(Line(f"lambda_1 ({matrix})", points, _BLUE))

@@ -253,7 +253,7 @@ def test_the_pictures_lines_are_the_logged_values_with_gaps() -> None:
             values["curvature/preconditioned_eigenvalue_1"] = 100.0 * step
         history.record(step, {**values, "probe_cost/eigenvalue_seconds": 0.1}, seconds=0.1)
     adam, threshold = sharpness_lines(history, str, "eigenvalue")
-    assert adam.label == "lambda_1(P^-1 H), Adam-preconditioned"
+    assert adam.label == "lambda_1 of inv(P) H (Adam)"
     assert adam.points[1:] == [(5, 500.0), (10, 1000.0)]
     assert adam.points[0][0] == 0
     assert math.isnan(adam.points[0][1])  # a gap, not a line from nowhere

@@ -48,7 +48,8 @@ def _decades(lines: Sequence[Line]) -> tuple[int, int]:
     values = [v for line in lines for _, v in line.points if v > 0 and math.isfinite(v)]
     if not values:
         return 0, 1
-    low, high = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+    low = math.floor(math.log10(min(values)) - 0.02)  # (a point on a decade stays inside)
+    high = math.ceil(math.log10(max(values)) + 0.02)
     return low, max(high, low + 1)
 
 
@@ -80,7 +81,7 @@ def line_chart(
         (torch.Size([3, 360, 720]), True, True)
     """
     width, height = size
-    left, right, top, bottom = 78, 18, 36, 52
+    left, right, top, bottom = 78, 18, 58, 52
     plot_w, plot_h = width - left - right, height - top - bottom
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
@@ -118,7 +119,7 @@ def line_chart(
                 draw.line(xy, fill=line.color, width=2)
             for x, y in xy:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=line.color)
-    _legend(draw, font, lines, left + plot_w - 8, top + 8)
+    _legend(draw, font, lines, left, 30)
     draw.rectangle([left, top, left + plot_w, base], outline=_TEXT)
     draw.text((left, 10), title, fill=_TEXT, font=font)
     draw.text((left + plot_w / 2, height - 6), "optimizer step", fill=_TEXT, font=font, anchor="md")
@@ -155,22 +156,19 @@ def _legend(
     draw: ImageDraw.ImageDraw,
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     lines: Sequence[Line],
-    right: float,
+    left: float,
     top: float,
 ) -> None:
-    """The legend box in the top right corner: a sample of each line and its label."""
-    shown = [line for line in lines if line.points]
-    if not shown:
-        return
-    widths = [draw.textlength(line.label, font=font) for line in shown]
-    box_w, row_h = max(widths) + 44, 20
-    left = right - box_w
-    draw.rectangle([left, top, right, top + row_h * len(shown) + 6], fill="white", outline=_GRID)
-    for i, line in enumerate(shown):
-        y = top + 4 + row_h * i + row_h / 2
+    """The legend in a row above the plot (it never hides a line): a sample and a label each."""
+    x = left
+    for line in lines:
+        if not line.points:
+            continue
+        y = top + 10
         if line.dashed:
-            _dashed(draw, (left + 6, y), (left + 32, y), line.color)
+            _dashed(draw, (x, y), (x + 26, y), line.color)
         else:
-            draw.line([(left + 6, y), (left + 32, y)], fill=line.color, width=2)
-            draw.ellipse([left + 16, y - 3, left + 22, y + 3], fill=line.color)
-        draw.text((left + 38, y), line.label, fill=_TEXT, font=font, anchor="lm")
+            draw.line([(x, y), (x + 26, y)], fill=line.color, width=2)
+            draw.ellipse([x + 10, y - 3, x + 16, y + 3], fill=line.color)
+        draw.text((x + 32, y), line.label, fill=_TEXT, font=font, anchor="lm")
+        x += 32 + draw.textlength(line.label, font=font) + 24
