@@ -3,7 +3,8 @@
 Every monitor holds a :class:`RunReport`. At the start of training it plans the monitor's
 schedule over the run Lightning expects (``estimated_stepping_batches``) with the monitor's
 estimate of a probe's cost, and says once if that run is too short for a readable chart
-within the overhead budget; after each probe it keeps what was logged
+within the overhead budget (in the log, and in TensorBoard's Text tab as ``curvature/notes``);
+after each probe it keeps what was logged
 (:class:`~lightning_curvature.callbacks.reporting.summary.ProbeHistory`) and writes one line
 (:mod:`~lightning_curvature.callbacks.reporting.progress`); at the end of ``fit`` the first
 monitor of the Trainer prints the table of them all. Lines and table go to the
@@ -17,12 +18,16 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 
+from lightning_curvature.callbacks.reporting.logging import tensorboard_writers
 from lightning_curvature.callbacks.reporting.progress import LOGGER, probe_line
 from lightning_curvature.callbacks.reporting.summary import ProbeHistory, summary_table
 from lightning_curvature.callbacks.schedule import ProbeSchedule
 from lightning_curvature.callbacks.trainer import run_steps
 
-__all__ = ["RunReport"]
+__all__ = ["NOTES_TAG", "RunReport"]
+
+#: TensorBoard's Text tab: why a chart has fewer points than a reader expects.
+NOTES_TAG = "curvature/notes"
 
 
 class RunReport:
@@ -98,11 +103,15 @@ class RunReport:
             LOGGER.info(f"{self.owner}: {message}")
 
     def _say_shortfall(self, trainer: pl.Trainer, schedule: ProbeSchedule) -> None:
+        """Once: in the log, and in TensorBoard's Text tab (where the empty charts are)."""
         if schedule.shortfall is None or "shortfall" in self._said:
             return
         self._said.add("shortfall")
         if trainer.is_global_zero:
-            LOGGER.warning(schedule.shortfall.message(self.owner))
+            message = schedule.shortfall.message(self.owner)
+            LOGGER.warning(message)
+            for writer in tensorboard_writers(trainer):
+                writer.add_text(NOTES_TAG, message, global_step=trainer.global_step)
 
     def fit_seconds(self) -> float | None:
         """Seconds from the start of training to now (``None`` before it started)."""

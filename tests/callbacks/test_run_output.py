@@ -215,7 +215,7 @@ def test_a_run_too_short_for_the_budget_says_so_once_per_monitor(tmp_path: Path)
     LOGGER.addHandler(lines)
     try:
         monitors = [HessianTraceMonitor(), SpectralDensityMonitor()]  # the defaults
-        logger = csv_logger(tmp_path)
+        logger = tb_logger(tmp_path)
         make_trainer(monitors, logger=logger, max_steps=30).fit(
             TanhRegressor(), loader(regression_data(), 8)
         )
@@ -223,6 +223,9 @@ def test_a_run_too_short_for_the_budget_says_so_once_per_monitor(tmp_path: Path)
         LOGGER.removeHandler(lines)
     warnings = lines.at(logging.WARNING)
     assert len(warnings) == 2
+    notes = read_events(logger).Tensors("curvature/notes/text_summary")
+    said = [note.tensor_proto.string_val[0].decode() for note in notes]
+    assert said == warnings  # the dashboard says why its charts are empty
     assert warnings[0].startswith("HessianTraceMonitor: this run of 30 steps is too short")
     # 32 products (80 gradients) a probe, 2.5% of 30 steps: none fits, so none is made
     assert "costs about 80 training steps (estimated), so it gets 0 probe(s)" in warnings[0]
