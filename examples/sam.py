@@ -89,7 +89,7 @@ def train(
         HessianEigenvalueMonitor(every_n_steps=args.monitor_every, probe_batches=1)
     ]
     if with_sam:
-        callbacks.append(SAM(rho=args.rho))
+        callbacks.append(SAM(rho=args.rho, log_every_n_steps=args.monitor_every))
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
     trainer = pl.Trainer(
         max_epochs=args.epochs,

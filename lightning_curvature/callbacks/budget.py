@@ -150,12 +150,15 @@ class Shortfall:
             about 17 training steps, so it gets 1 probe(s) where 10 make a chart. For 10, pass
             every_n_steps=50 (about +34% time) or max_overhead=1.7, or train longer.
         """
-        estimated = "" if self.measured else " (estimated)"
+        # (an estimate from the probe's products and the batches a step accumulates is an upper
+        # bound: a small model's step is mostly Lightning's own overhead, a probe's is not)
+        cost = "about" if self.measured else "up to about"
+        estimated = "" if self.measured else " (estimated from its products)"
         shared = f" shared by {self.sharers} monitors" if self.sharers > 1 else ""
         return (
             f"{monitor}: this run of {self.run_steps} steps is too short for a readable chart "
             f"within its share of the overhead budget (max_overhead={self.budget:g}{shared}): "
-            f"a probe costs about {self.cost:.3g} training steps{estimated}, so it gets "
+            f"a probe costs {cost} {self.cost:.3g} training steps{estimated}, so it gets "
             f"{self.points} probe(s) where {READABLE_POINTS} make a chart. For "
             f"{READABLE_POINTS}, pass every_n_steps={self.every_n_steps} (about "
             f"+{100 * self.time_added:.0f}% time) or max_overhead={self.overhead_needed:.2g}, "
