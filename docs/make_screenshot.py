@@ -1,10 +1,14 @@
-"""Regenerate the dashboard pictures under ``docs/``: an SGD run and an AdamW run in TensorBoard.
+"""Regenerate the dashboard pictures under ``docs/``: the example runs in TensorBoard.
 
-Runs ``examples/edge_of_stability.py`` twice (``--optimizer sgd`` and ``--optimizer adamw``),
-serves each run's logs with TensorBoard on 127.0.0.1 only, and takes screenshots of the
-Custom Scalars, Scalars and Images tabs in headless Chromium (Debian package ``chromium``):
+Runs each example of :data:`RUNS` (``examples/edge_of_stability.py`` with SGD and with full-batch
+AdamW; ``examples/digits_cnn.py``, AdamW with warmup and cosine decay, at a readable cadence
+and at the defaults), serves each run's logs with TensorBoard on 127.0.0.1 only, and takes
+screenshots of the Custom Scalars, Scalars and Images tabs in headless Chromium (Debian
+package ``chromium``), with the settings docs/READING.md recommends for sparse probe series
+(smoothing 0, outliers not ignored), given in the page's address:
 
-    python docs/make_screenshot.py  # docs/{sgd,adamw}_{custom_scalars,scalars,images}.png
+    python docs/make_screenshot.py  # docs/<run>_{custom_scalars,scalars,images}.png
+    python docs/make_screenshot.py --runs digits_cnn --logs lightning_logs/digits_cnn/version_0
 
 The pictures are palette PNGs (a few hundred KB each).
 """
@@ -65,10 +69,21 @@ def wait_for(url: str, seconds: float = 90) -> None:
     raise TimeoutError(url)
 
 
-def run_example(optimizer: str, log_dir: str, max_steps: int | None) -> None:
-    """Train the example with ``optimizer``, logging under ``log_dir``."""
-    command = [sys.executable, str(ROOT / "examples" / "edge_of_stability.py"),
-               "--optimizer", optimizer, "--log-dir", log_dir]  # fmt: skip
+#: run -> the example and its arguments
+RUNS = {
+    "sgd": ["edge_of_stability.py", "--optimizer", "sgd"],
+    "adamw": ["edge_of_stability.py", "--optimizer", "adamw"],
+    "digits_cnn": ["digits_cnn.py", "--every-n-steps", "50"],
+    "digits_cnn_defaults": ["digits_cnn.py"],
+}
+#: TensorBoard's settings for sparse probe series, in the address of every tab
+SETTINGS = "&_smoothingWeight=0&_ignoreYOutliers=false"
+
+
+def run_example(run: str, log_dir: str, max_steps: int | None) -> None:
+    """Train the example of ``run``, logging under ``log_dir``."""
+    script, *arguments = RUNS[run]
+    command = [sys.executable, str(ROOT / "examples" / script), *arguments, "--log-dir", log_dir]
     if max_steps is not None:
         command += ["--max-steps", str(max_steps)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -97,16 +112,16 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=ROOT / "docs")
     parser.add_argument("--chromium", default="chromium")
     parser.add_argument("--max-steps", type=int, help="default: the example's own")
-    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument(
-        "--logs", type=Path, help="serve these logs of one run of --optimizers instead of training"
+        "--logs", type=Path, help="serve these logs of one run of --runs instead of training"
     )
     args = parser.parse_args()
-    for optimizer in args.optimizers:
+    for run in args.runs:
         with tempfile.TemporaryDirectory() as scratch:
             log_dir = str(args.logs) if args.logs is not None else scratch
             if args.logs is None:
-                run_example(optimizer, log_dir, args.max_steps)
+                run_example(run, log_dir, args.max_steps)
             port = free_port()
             server = subprocess.Popen(
                 [sys.executable, "-m", "tensorboard.main", "--logdir", log_dir,
@@ -116,8 +131,9 @@ def main() -> None:
             try:
                 wait_for(f"http://127.0.0.1:{port}/data/plugin/custom_scalars/layout")
                 for page, size in PAGES.items():
-                    output = args.output_dir / f"{optimizer}_{page}.png"
-                    screenshot(args.chromium, f"http://127.0.0.1:{port}/#{page}", size, output)
+                    output = args.output_dir / f"{run}_{page}.png"
+                    url = f"http://127.0.0.1:{port}/#{page}{SETTINGS}"
+                    screenshot(args.chromium, url, size, output)
             finally:
                 server.terminate()
                 server.wait(timeout=30)

@@ -58,16 +58,17 @@ def run(lr: float, batch_size: int, args: argparse.Namespace) -> str:
     logger = TensorBoardLogger(
         args.log_dir, name="batch_sharpness", version=f"lr{lr}_batch{batch_size}"
     )
+    train = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
     trainer = pl.Trainer(
         max_steps=args.max_steps,
         callbacks=callbacks,
         logger=logger,
-        log_every_n_steps=args.every_n_steps,
+        # (at most an epoch's batches: Lightning warns of a longer interval)
+        log_every_n_steps=min(args.every_n_steps, len(train)),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    train = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
     trainer.fit(DigitsRegressor(lr, width=args.width), train)
     return str(logger.log_dir)
 

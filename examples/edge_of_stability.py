@@ -105,7 +105,7 @@ def main() -> None:
         max_steps=max_steps,
         callbacks=callbacks,
         logger=logger,
-        log_every_n_steps=args.every_n_steps,
+        log_every_n_steps=1,  # one batch an epoch (Lightning warns of any longer interval)
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -89,18 +89,19 @@ def train(
         HessianEigenvalueMonitor(every_n_steps=args.monitor_every, probe_batches=1)
     ]
     if with_sam:
-        callbacks.append(SAM(rho=args.rho))
+        callbacks.append(SAM(rho=args.rho, log_every_n_steps=args.monitor_every))
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
         callbacks=callbacks,
         logger=TensorBoardLogger(args.log_dir, name=f"{'sam' if with_sam else 'sgd'}_seed{seed}"),
-        log_every_n_steps=args.monitor_every,
+        # (at most an epoch's batches: Lightning warns of a longer interval)
+        log_every_n_steps=min(args.monitor_every, len(loader)),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
     trainer.fit(model, loader)
     return model
 

@@ -43,6 +43,7 @@ from lightning_curvature.functional import (
     spectral_density,
     subspace_share,
 )
+from lightning_curvature.reader import CurvatureRun, Series, find_runs, read_run
 
 if TYPE_CHECKING:
     from lightning_curvature.callbacks import (
@@ -93,6 +94,7 @@ __all__ = [
     "CriticalSharpnessMonitor",
     "CurvatureCheckError",
     "CurvatureMonitor",
+    "CurvatureRun",
     "CurvatureWarning",
     "DirectionalCurvature",
     "FabricMonitors",
@@ -109,6 +111,7 @@ __all__ = [
     "OperatorOptions",
     "OutputLoss",
     "SAMGradient",
+    "Series",
     "SpectralDensity",
     "SpectralDensityMonitor",
     "TrainingGradientCoherenceMonitor",
@@ -117,11 +120,13 @@ __all__ = [
     "critical_sharpness",
     "density_on_grid",
     "directional_curvature",
+    "find_runs",
     "gradient_coherence",
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",
     "loss_slice",
+    "read_run",
     "sam_gradient",
     "spectral_density",
     "subspace_share",

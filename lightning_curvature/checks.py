@@ -12,6 +12,7 @@ the callbacks pass Lightning's ``MisconfigurationException`` as ``error``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ __all__ = [
     "check_flag",
     "check_integer",
     "check_module",
+    "check_path",
     "check_patterns",
     "check_real",
     "check_seed",
@@ -207,6 +209,19 @@ def check_flag(name: str, value: Any, *, error: type[Exception] = ValueError) ->
     """
     if not isinstance(value, bool):
         raise error(f"`{name}` must be True or False, got {shown(value)}.")
+
+
+def check_path(name: str, value: Any) -> None:
+    """Raise ``TypeError`` unless ``value`` is a path: a ``str`` or an ``os.PathLike``.
+
+    Example:
+        >>> check_path("path", 3)
+        Traceback (most recent call last):
+        ...
+        TypeError: `path` must be a path (a str or an os.PathLike), got 3.
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a path (a str or an os.PathLike), got {shown(value)}.")
 
 
 def check_choice(

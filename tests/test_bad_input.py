@@ -265,6 +265,14 @@ class Instance(Kind):
 
 
 @dataclass(frozen=True)
+class PathKind(Kind):
+    """A directory's path: a ``str`` or an ``os.PathLike``."""
+
+    def own(self) -> Iterator[tuple[str, Any]]:
+        yield from (("int", 3), ("bool", True), ("nan", NAN), ("list", ["runs"]))
+
+
+@dataclass(frozen=True)
 class Monitors(Kind):
     """``monitors`` of ``FabricMonitors``: a list of curvature monitors."""
 
@@ -300,6 +308,14 @@ class Signature:
 
 def _model_args() -> dict[str, Any]:
     return {"model": tiny_model(), "loss_fn": loss, "batch": batch()}
+
+
+def _run_directory() -> str:
+    """A run's directory as a ``CSVLogger`` writes it (what the reader takes)."""
+    directory = tempfile.mkdtemp()
+    with open(f"{directory}/metrics.csv", "w") as file:
+        file.write("step,curvature/trace\n0,4.5\n")
+    return directory
 
 
 MODEL = {"model": Module(), "loss_fn": Function(), "batch": Batch()}
@@ -403,6 +419,12 @@ FUNCTIONS: dict[str, Signature] = {
         | {"rtol": Real(low=0, high=1, low_open=True, high_open=True)}
         | {"max_evals": Count(budget=True), "parameters": Patterns(), "batch_norm": Choice()}
         | {"all_reduce": Function(none_ok=True)},
+    ),
+    "read_run": Signature(
+        lc.read_run, lambda: {"path": _run_directory()}, {"path": PathKind(), "all_tags": Flag()}
+    ),
+    "find_runs": Signature(
+        lc.find_runs, lambda: {"path": _run_directory()}, {"path": PathKind(), "all_tags": Flag()}
     ),
     "density_on_grid": Signature(
         lc.density_on_grid,
@@ -570,6 +592,7 @@ NOT_CALLED = {
     "BatchSharpness",
     "CriticalSharpness",
     "CurvatureCheckError",
+    "CurvatureRun",
     "CurvatureWarning",
     "DirectionalCurvature",
     "GradientCoherence",
@@ -578,6 +601,7 @@ NOT_CALLED = {
     "LossSlice",
     "NonFiniteCurvatureError",
     "SAMGradient",
+    "Series",
     "SpectralDensity",
     "__version__",
 }

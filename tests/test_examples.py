@@ -226,3 +226,29 @@ def test_landscape_example_slices_along_v1_and_tracks_critical_sharpness(tmp_pat
     pictures = sorted(tmp_path.glob("landscape/version_0/slices_*_edge_step*.png"))
     assert [p.name.split("_")[1] for p in pictures] == ["after", "before"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pictures)
+
+
+@pytest.mark.slow
+def test_digits_cnn_at_the_defaults_keeps_to_the_budget_and_says_why_charts_are_sparse(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "digits_cnn.py"), "--log-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(
+        r"CONCLUSION: (\d+) probes took [\d.]+ s, ([\d.]+)% of the fit's [\d.]+ s; points per "
+        r"chart: sharpness ratio (\d+)",
+        done.stdout,
+    )
+    assert found, done.stdout
+    assert float(found.group(2)) <= 5.0  # every probe counted, the first ones too
+    # too short a run for readable charts at 5%: each monitor says so, with what would do
+    said = re.findall(r"(\w+Monitor): this run of 506 steps is too short", done.stderr)
+    assert len(said) == len(set(said)) >= 4
+    assert "smaller than the logging interval" not in done.stderr
+    assert "Curvature monitors, from the start of training to the end of fit:" in done.stderr
+    assert list(tmp_path.glob("digits_cnn/version_0/events.out.tfevents.*"))

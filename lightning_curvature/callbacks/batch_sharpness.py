@@ -127,6 +127,16 @@ class BatchSharpnessMonitor(CurvatureMonitor):
         super().on_train_start(trainer, pl_module)
 
     @override
+    def expected_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """One gradient and one product per batch.
+
+        Example:
+            >>> BatchSharpnessMonitor(num_batches=4).expected_cost(None, None)
+            14.0
+        """
+        return (1 + self.hvp_gradients) * self.num_batches
+
+    @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> Measurement:

@@ -109,6 +109,16 @@ class SpectralDensityMonitor(OperatorMonitor):
         return layout([science, super().charts(trainer, pl_module)])
 
     @override
+    def expected_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """``num_steps × num_runs`` products of the probe batches.
+
+        Example:
+            >>> SpectralDensityMonitor(num_steps=40).expected_cost(None, None)
+            100.0
+        """
+        return self.hvp_gradients * self.num_steps * self.num_runs * self.probe_batches
+
+    @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> Measurement:

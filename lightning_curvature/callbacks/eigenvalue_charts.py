@@ -72,20 +72,22 @@ def eigenvalue_charts(
         threshold = threshold_label(trainer.optimizers[0])
     science: dict[str, list[Any]] = {}
     title = sharpness_chart_title(trainer, pl_module, batch_norm, top_of, name)
+    # The ratio first: one number, 1 at the edge of stability, readable whatever the schedule
+    # (the threshold of a warmup and decay spans decades its chart's linear axis flattens).
     if threshold is not None and title is not None:
+        science[f"sharpness ratio {top_of} / threshold"] = multiline(exact(ratio))
         science[title] = multiline(
             exact(tag("curvature/eigenvalue_1")),
             exact(tag("curvature/stability_threshold")),
         )
-        science[f"sharpness ratio {top_of} / threshold"] = multiline(exact(ratio))
     elif threshold is not None:
+        science[f"sharpness ratio λ₁(P⁻¹{symbol}) / threshold"] = multiline(exact(ratio))
         science[f"preconditioned sharpness λ₁(P⁻¹{symbol}) vs. threshold {threshold}{note}"] = (
             multiline(
                 exact(tag("curvature/preconditioned_eigenvalue_1")),
                 exact(tag("curvature/stability_threshold")),
             )
         )
-        science[f"sharpness ratio λ₁(P⁻¹{symbol}) / threshold"] = multiline(exact(ratio))
     spectrum = [family(tag("curvature/eigenvalue_"), r"\d+")]
     if smallest:
         spectrum.append(exact(tag("curvature/eigenvalue_min")))

@@ -16,6 +16,7 @@ from lightning_curvature.callbacks.layers import PerLayerMonitor
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.reporting.dashboard import Charts, layout
 from lightning_curvature.callbacks.schedule import EveryNSteps
+from lightning_curvature.callbacks.sharpness_picture import write_sharpness_picture
 from lightning_curvature.callbacks.step_instruments import StepInstrumentsMonitor
 from lightning_curvature.callbacks.warm_starts import WarmStartDevice, WarmStarts
 from lightning_curvature.checks import check_choice
@@ -32,7 +33,7 @@ from lightning_curvature.functional.model.probe import (
     module_device,
     unwrap_model,
 )
-from lightning_curvature.functional.stability import StabilityThreshold, stability_threshold
+from lightning_curvature.functional.stability import StabilityThreshold
 
 __all__ = ["HessianEigenvalueMonitor"]
 
@@ -44,17 +45,15 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
 
     Lanczos with full reorthogonalisation, warm-started from the previous probe's top
     ``k + 1`` Ritz vectors (about 6-16 Hessian-vector products per probe once warm, for
-    ``tol=1e-3``; the run goes on until the eigenvalue below the top k has converged too,
-    so that an eigenvalue the start vector barely saw has time to appear). The first probe
-    (and the first after a resume without warm starts) is cold: from a random start it
-    goes on until the chance of a missed larger eigenvalue is below 10⁻³ (20-33 products on
-    the digits edge-of-stability run; see ``HessianEigenvalues.converged`` for what each
-    start certifies). The
-    threshold is read from the first optimizer at the probe's step: ``2/lr`` for SGD,
-    ``(2 + 2β)/lr`` with heavy-ball momentum β, ``(2 + 2β)/((1 + 2β) lr)`` with Nesterov
-    momentum, plus coupled weight decay; for Adam/AdamW the preconditioned sharpness
-    ``λ₁(P⁻¹H)`` (one more Lanczos run) is compared with ``(2 + 2β₁)/((1 − β₁) lr)`` =
-    38/lr (Cohen et al. 2021, 2022).
+    ``tol=1e-3``, until the eigenvalue below the top k has converged too). The first probe
+    (and the first after a resume without warm starts) is cold: it goes on until the chance
+    that its random start missed a larger eigenvalue is below 10⁻³ (20-33 products on the
+    digits edge-of-stability run; ``HessianEigenvalues.converged`` says what each start
+    certifies). The threshold is read from the first optimizer at the probe's step: ``2/lr``
+    for SGD, ``(2 + 2β)/lr`` with heavy-ball momentum β, ``(2 + 2β)/((1 + 2β) lr)`` with
+    Nesterov momentum, plus coupled weight decay; for Adam/AdamW the preconditioned
+    sharpness ``λ₁(P⁻¹H)`` (one more Lanczos run) is compared with
+    ``(2 + 2β₁)/((1 − β₁) lr)`` = 38/lr (Cohen et al. 2021, 2022).
 
     Args:
         k: number of top eigenvalues.
@@ -77,11 +76,9 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             of accelerator memory per run between probes.
         checkpoint_warm_start: save them in checkpoints too, so that a resumed run logs
             exactly what the uninterrupted run does, for ``(k + 1) × P`` float32 values per
-            run on disk (twice the weights for ``k = 1``). ``False`` (default) keeps
-            checkpoints within a few kB of the model's: the first probe after a resume
-            starts cold (its values agree to ``tol``, not bit for bit, and it takes a few
-            more products; ``benchmarks/README.md``); see
-            :mod:`~lightning_curvature.callbacks.warm_starts`.
+            run on disk (twice the weights for ``k = 1``). ``False`` (default): the first
+            probe after a resume starts cold (values within ``tol``, not bit for bit, a few
+            more products; :mod:`~lightning_curvature.callbacks.warm_starts`).
         gradient_share: also log the share ``‖P_k g‖²/‖g‖²`` of the gradient in the span of
             the top-k eigenvectors (Gur-Ari, Roberts & Dyer 2018): of the probe gradient
             (free: the Lanczos operator holds it) and of the training gradient of the probed
@@ -102,9 +99,8 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             full model's. Under ``SAM`` the training gradient is the SAM gradient ``.grad``
             then holds.
         prog_bar: show ``eigenvalue_1`` in the progress bar.
-        every_n_steps: probe every this many optimizer steps (``"auto"``: 500, as a warm
-            probe takes about 6-9 Hessian-vector products, some 10-20 gradients of the probe
-            batch, so about 2-4% of training where a step is one such gradient).
+        every_n_steps: probe every this many optimizer steps; ``"auto"`` (default): the
+            shared budget's cadence over the run (``CurvatureMonitor``), 500 if unknown.
         batch_norm: ``"train"`` (default here: batch statistics, the landscape the optimizer
             steps on, which is what the stability threshold refers to) or ``"eval"``
             (running statistics, the inference-time landscape). The chart titles say which.
@@ -131,6 +127,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
           preconditioned ``uᵀHu/(uᵀPu)`` (``curvature/preconditioned_update_sharpness``,
           the Rayleigh quotient of ``P⁻¹H`` along u) over 38/η
         - ``probe_cost/eigenvalue_hvps`` and ``probe_cost/eigenvalue_seconds``: cost of the probe
+        - TensorBoard only: image ``curvature/sharpness_chart``, the run so far (log axis, legend)
         - with ``name=``: every tag as ``<group>/<name>/…``
         - with ``curvature="ggn"``: every tag with ``ggn_`` before its name
           (``curvature/ggn_eigenvalue_1``, ``curvature/ggn_sharpness_ratio``, …)
@@ -257,7 +254,7 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
                 result.gradient, result.eigenvectors
             )
             self._basis = (trainer.global_step, result.eigenvectors)
-        found = self._threshold(trainer, pl_module)
+        found = self._threshold(trainer, pl_module, self.stability)
         if self.stability and found is not None:
             hvps += self._stability(
                 trainer, pl_module, batches, float(result.eigenvalues[0]), found, metrics
@@ -273,7 +270,17 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
         return Measurement(metrics, hvps)
 
     @override
+    def expected_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """~24 products a cold Lanczos run (the first probe), +10 an eigenvalue past one."""
+        adam = self.stability and "Adam" in type(next(iter(trainer.optimizers), None)).__name__
+        blocks = self.blocks.of_module(pl_module, self.parameters) if self.blocks.requested else {}
+        hvps = (1 + adam + self.smallest + len(blocks)) * (24 + 10 * (self.k - 1))
+        return self.hvp_gradients * (hvps + 2 * self.update_sharpness) * self.probe_batches
+
+    @override
     def log_extras(self, trainer: pl.Trainer, step: int) -> None:
+        if self.stability:  # the headline as a picture: legend, log axis (TensorBoard only)
+            write_sharpness_picture(trainer, self, step)
         tag = self.tag("curvature/eigenvalue_1")
         top = self.last_metrics.get(tag)
         if self.prog_bar and not self._final_probe and top is not None:
@@ -304,20 +311,6 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             self.warn_once(f"k:{size}", f"{why}={self.k}: probes are skipped while so.")
         return self.k <= size
 
-    def _threshold(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> StabilityThreshold | None:
-        """The first optimizer's threshold now (``None``: no optimizer, or an unknown one)."""
-        if not (self.stability or self.update_sharpness) or not trainer.optimizers:
-            return None
-        found = stability_threshold(trainer.optimizers[0], self._measured(pl_module))
-        if found is None:
-            self.warn_once(
-                "optimizer",
-                f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.",
-            )
-        return found
-
     def _stability(
         self,
         trainer: pl.Trainer,
@@ -343,8 +336,11 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
             metrics["curvature/sharpness_ratio"] = top / threshold
             return 0
         metrics["curvature/stability_threshold"] = found.threshold
-        if found.preconditioner is None:
-            return 0  # Adam before its first step has no preconditioner yet
+        if found.preconditioner is None:  # Adam before its first step: no preconditioner yet
+            adam = f"step {trainer.global_step}: {type(trainer.optimizers[0]).__name__} has "
+            said = "no preconditioner before its first step: λ₁(P⁻¹H), the ratio at the next probe."
+            self.report.note_once(trainer, "adam", adam + said)
+            return 0
         precond = self._eigenvalues(
             trainer, pl_module, batches, "preconditioned", k=1, preconditioner=found.preconditioner
         )

@@ -112,6 +112,10 @@ class _FabricRun:
     def global_rank(self) -> int:
         return self.fabric.global_rank
 
+    @property
+    def is_global_zero(self) -> bool:
+        return self.fabric.is_global_zero
+
 
 def _refusal(monitor: object) -> str | None:
     """Why ``monitor`` cannot run in a Fabric loop (``None``: it can)."""

@@ -51,6 +51,7 @@ from lightning_curvature.callbacks.isolation import (
 from lightning_curvature.callbacks.measurement import Measurement
 from lightning_curvature.callbacks.reporting.dashboard import write_layout
 from lightning_curvature.callbacks.reporting.logging import log_scalars
+from lightning_curvature.callbacks.run_report import RunReport
 from lightning_curvature.callbacks.schedule import Timing
 from lightning_curvature.callbacks.settings import MonitorSettings
 from lightning_curvature.callbacks.trainer import (
@@ -72,18 +73,22 @@ class CurvatureMonitor(MonitorSettings):
 
     Args:
         every_n_steps: probe when ``trainer.global_step`` (optimizer steps) is a multiple
-            of it, step 0 included (the weights before training). ``"auto"`` (default): the
-            monitor's own cadence (:attr:`default_every_n_steps`, set from its cost), or
-            none when ``every_n_epochs`` or ``max_overhead`` is given; ``None``: no step
-            cadence.
+            of it, step 0 included (the weights before training). ``"auto"`` (default): about
+            25 probes over the run Lightning expects (``estimated_stepping_batches``) within
+            ``max_overhead`` (default 5 %, shared by the monitors), every probe counted, the
+            first at step 0 when its estimated cost (:meth:`expected_cost`) fits; a run too
+            short for 10 within the budget is said once (see :mod:`.budget`). Where the
+            run's length is unknown, :attr:`default_every_n_steps` is the shortest interval.
+            With ``every_n_epochs``: no step cadence. ``None``: no step cadence.
         every_n_epochs: probe at the end of every n-th epoch, as Lightning's callbacks do
             (a probe of the weights after that epoch's last step).
         on_train_end: also probe the final weights.
         max_overhead: instead of a fixed cadence, keep probe time under this fraction of
-            training time. The interval adapts after every probe and may be as short as one
-            step; an ``every_n_steps`` given with it is the shortest interval. The budget is
-            shared: the N monitors of a Trainer that have one each keep to a 1/N share of
-            it, so several monitors at ``max_overhead=0.05`` take 5% together.
+            training time, planned over the run Lightning expects when it knows its length.
+            The interval adapts after every probe and may be as short as one step; an
+            ``every_n_steps`` given with it is the shortest interval. The budget is shared:
+            the N monitors of a Trainer that have one each keep to a 1/N share of it, so
+            several monitors at ``max_overhead=0.05`` take 5% together.
         name: writes every tag as ``<group>/<name>/…`` (``curvature/heldout/eigenvalue_1``),
             so that two monitors of one kind (a training and a held-out probe, say) keep
             apart; ``None`` (default): the plain tags.
@@ -196,8 +201,10 @@ class CurvatureMonitor(MonitorSettings):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe == "fixed" and self.uses_probe_data:
             self._fixed.draw(trainer, pl_module)
-        self.schedule.start()
         monitors = _monitors(trainer)
+        schedules = [monitor.schedule for monitor in monitors]
+        cost = self.expected_cost(trainer, pl_module) if self.uses_probe_data else None
+        self.report.start(trainer, self.schedule, cost, schedules)
         if monitors and self is monitors[0]:  # one layout per run, holding every monitor's
             write_layout(trainer, (monitor.charts(trainer, pl_module) for monitor in monitors))
 
@@ -234,6 +241,12 @@ class CurvatureMonitor(MonitorSettings):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.on_train_end and self.schedule.last_step != trainer.global_step:
             self._probe(trainer, pl_module, None, 0)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        monitors = _monitors(trainer)
+        if monitors and self is monitors[0]:  # one table, every monitor's, after their last probe
+            RunReport.summarize(trainer, (monitor.report for monitor in monitors))
 
     @property
     @override
@@ -360,12 +373,16 @@ class CurvatureMonitor(MonitorSettings):
         seconds = seconds_before + time.perf_counter() - started
         self.schedule.probed(step, seconds, clock=functools.partial(_timing, trainer))
         if measured is None:
+            self.report.probed(trainer, self.schedule, step, seconds, None)
             return
         values = self._warnings.finite({key: float(v) for key, v in measured.metrics.items()}, step)
         values.update(measured.cost(self.cost_name, seconds))
         self.last_metrics = {self.tag(key): value for key, value in values.items()}
         log_scalars(trainer, self.last_metrics, log_step(trainer))
+        self.report.probed(trainer, self.schedule, step, seconds, self.last_metrics, measured.hvps)
+        drawn = time.perf_counter()  # pictures drawn of the run so far, counted in the budget
         self.log_extras(trainer, step)
+        self.schedule.probe_seconds += time.perf_counter() - drawn
 
 
 def _monitors(trainer: pl.Trainer) -> list[CurvatureMonitor]:

@@ -11,6 +11,14 @@ time stays under that fraction of the training time (what the probes add to a ru
 them): after a probe of ``c`` seconds with training steps of ``s`` seconds, the next comes
 ``c / (f s)`` steps later (never sooner than ``every_n_steps`` if the user gave one, else
 as soon as the next step); monitors that share one budget each use a share ``f`` of it.
+Where the run's length is known (:meth:`ProbeSchedule.start`, from Lightning's
+``estimated_stepping_batches``) the budget is a plan for the whole run: a monitor with a share
+``f`` may spend ``f · T`` steps' time on a run of ``T`` steps, every probe counted (the
+first, at step 0, too), and the probes it affords are spread over the steps left. Before any
+probe is measured a monitor's estimate of its cost decides whether even the first fits
+(:mod:`~lightning_curvature.callbacks.budget` holds the arithmetic). ``every_n_steps="auto"``
+is such a plan: about 25 probes over the run within 5 % of its time (shared), and a run too
+short for 10 of them within the budget is said once (:attr:`ProbeSchedule.shortfall`).
 ``every_n_epochs`` acts at the end of every n-th epoch, as Lightning's own callbacks do. The
 decision is computed on rank zero and broadcast, so every process probes at the same steps
 (a mismatch would deadlock the all-reduced products): the clock's ``broadcast``.
@@ -21,43 +29,25 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_curvature.callbacks.budget import (
+    AUTO_OVERHEAD,
+    AUTO_POINTS,
+    READABLE_POINTS,
+    Shortfall,
+    Timing,
+    affordable,
+    spacing,
+)
 from lightning_curvature.checks import check_flag, check_integer, check_real
 
 __all__ = ["EveryNSteps", "ProbeSchedule", "Timing", "resolve_every_n_steps"]
 
 #: ``every_n_steps`` as a monitor takes it: ``"auto"`` is the monitor's own default cadence.
 EveryNSteps = int | None | Literal["auto"]
-
-
-def _unchanged(interval: int) -> int:
-    return interval
-
-
-@dataclass(frozen=True)
-class Timing:
-    """What the overhead budget reads from the run when it spaces a probe.
-
-    Attributes:
-        now: the time, in seconds of a monotonic clock (``time.perf_counter()``).
-        probe_seconds: seconds spent probing so far by every schedule sharing the budget,
-            this one's included, so that none counts another's probes as training time.
-        sharers: how many schedules share the budget (each keeps to a 1/sharers part of it).
-        broadcast: rank zero's interval on every process (on one process: as it is).
-
-    Example:
-        >>> Timing(now=12.5, probe_seconds=1.0).sharers
-        1
-    """
-
-    now: float
-    probe_seconds: float
-    sharers: int = 1
-    broadcast: Callable[[int], int] = _unchanged
 
 
 def resolve_every_n_steps(
@@ -70,7 +60,9 @@ def resolve_every_n_steps(
 
     With ``every_n_epochs`` or ``max_overhead`` given, ``"auto"`` adds no step cadence of its
     own: epochs alone, or the budget alone with no floor (it may probe at every step if the
-    probes are that cheap). A number or ``None`` is kept as given.
+    probes are that cheap). A number or ``None`` is kept as given. Without ``every_n_epochs``
+    ``"auto"`` is also a budget (``ProbeSchedule(auto=True)``): ``default`` is then the
+    cadence only where the run's length is unknown.
 
     Example:
         >>> resolve_every_n_steps("auto", 500)
@@ -107,6 +99,10 @@ class ProbeSchedule:
         once_per_window: with ``every_n_steps``, act at the first step asked in each window
             ``[j n, (j + 1) n)`` instead of at the multiples of ``n`` only: for a caller that
             does not ask at every step (``SAM`` logs at SAM steps with finite values).
+        auto: ``every_n_steps="auto"``: a budget of ``max_overhead`` (default 5 %) aiming at
+            about :data:`~lightning_curvature.callbacks.budget.AUTO_POINTS` probes over the
+            run :meth:`start` is told of; ``every_n_steps`` is then the shortest interval only
+            where the run's length is unknown.
 
     Raises:
         MisconfigurationException: on invalid values, or when no trigger is given.
@@ -141,6 +137,7 @@ class ProbeSchedule:
         on_train_end: bool = False,
         max_overhead: float | None = None,
         once_per_window: bool = False,
+        auto: bool = False,
     ) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             check_integer(name, value, allow_none=True, error=MisconfigurationException)
@@ -170,21 +167,79 @@ class ProbeSchedule:
         self.on_train_end = on_train_end
         self.max_overhead = max_overhead
         self.once_per_window = once_per_window
+        self.auto = auto
         self.next_step = 0  # adaptive mode only
         self.last_step = -1
         #: Seconds spent in the probes of this fit (:meth:`probed`).
         self.probe_seconds = 0.0
-        # End of the last timed probe, its step, and the budget's probe seconds by then.
-        self._timer: tuple[float, int, float] | None = None
+        #: Probes made in this fit.
+        self.probes = 0
+        #: Set when the run is too short for :data:`READABLE_POINTS` probes within the budget.
+        self.shortfall: Shortfall | None = None
+        # The fit's first step asked about: its time, the step, and the budget's probe seconds
+        # by then (the mean training step is timed from there).
+        self._fit_start: tuple[float, int, float] | None = None
         self._unbudgeted: float | None = None  # cost of a probe made before any step time
+        self._end: int | None = None  # the step the run Lightning expects ends before
+        self._first_step = 0  # the fit's first step
+
+    @property
+    def budget(self) -> float | None:
+        """The fraction of training time the probes may take (``None``: a fixed cadence).
+
+        Example:
+            >>> ProbeSchedule(auto=True, every_n_steps=500).budget
+            0.05
+            >>> ProbeSchedule(every_n_steps=500).budget is None
+            True
+        """
+        if self.max_overhead is not None:
+            return self.max_overhead
+        return AUTO_OVERHEAD if self.auto else None
 
     def _own_clock(self) -> Timing:
         return Timing(time.perf_counter(), self.probe_seconds)
 
-    def start(self) -> None:
-        """Begin a fit: no probe time spent, no step timed (the position is kept)."""
-        self._timer, self._unbudgeted = None, None
-        self.probe_seconds = 0.0
+    def start(
+        self,
+        global_step: int = 0,
+        run_steps: float | None = None,
+        prior: float | None = None,
+        sharers: int = 1,
+    ) -> None:
+        """Begin a fit: no probe time spent, no step timed (the position is kept).
+
+        Args:
+            global_step: the fit's first optimizer step (a resumed fit's is not 0).
+            run_steps: the optimizer steps of the whole run (Lightning's
+                ``estimated_stepping_batches``; ``None`` or infinite: unknown), which a
+                budget is planned over.
+            prior: the cost of one probe in training steps, estimated before any is measured
+                (``None``: unknown, the first probe is made and measured).
+            sharers: how many schedules share the budget.
+
+        Example:
+            A first probe of about 30 steps does not fit 1 % of a 500-step run (5 steps):
+
+            >>> schedule = ProbeSchedule(auto=True, every_n_steps=500)
+            >>> schedule.start(run_steps=500, prior=30.0, sharers=5)
+            >>> schedule.is_due(0), schedule.shortfall.points
+            (False, 0)
+        """
+        self._fit_start, self._unbudgeted = None, None
+        self.probe_seconds, self.probes, self.shortfall = 0.0, 0, None
+        self._first_step = global_step
+        finite = run_steps is not None and math.isfinite(run_steps)
+        self._end = int(run_steps) if finite else None  # type: ignore[arg-type]
+        budget = self.budget
+        if budget is None or self._end is None or prior is None or not prior > 0:
+            return
+        run = self._end - global_step
+        fits = affordable(budget / max(sharers, 1) * run, 0.0, prior)
+        if fits < READABLE_POINTS:
+            self.shortfall = Shortfall(fits, prior, run, budget, sharers, measured=False)
+        if fits == 0:
+            self.next_step = max(self.next_step, self._end)  # none in this run
 
     def is_due(
         self,
@@ -200,6 +255,9 @@ class ProbeSchedule:
         (instead of probing again). A Trainer's monitors pass a clock that sums all their
         probes.
         """
+        if self.budget is not None and self._fit_start is None:
+            timing = (clock or self._own_clock)()
+            self._fit_start = (timing.now, global_step, timing.probe_seconds)
         if self._unbudgeted is not None and global_step > self.last_step:
             timing = (clock or self._own_clock)()
             self._space(self.last_step, global_step, self._unbudgeted, timing)
@@ -219,7 +277,7 @@ class ProbeSchedule:
         """
         if global_step == self.last_step:
             return False  # already acted at this step (e.g. another micro-batch of it)
-        if self.max_overhead is not None:
+        if self.budget is not None:
             return global_step >= self.next_step
         if self.every_n_steps is not None and self.once_per_window:
             return global_step // self.every_n_steps > self.last_step // self.every_n_steps
@@ -252,11 +310,11 @@ class ProbeSchedule:
             budget: the fraction of time the probes may take (default ``max_overhead``; a
                 share of it when several monitors split one budget).
         """
-        assert self.max_overhead is not None
-        shortest = self.every_n_steps or 1
+        shortest = self._shortest()
         if not step_seconds > 0 or not math.isfinite(probe_seconds):
             return shortest
-        f = self.max_overhead if budget is None else budget
+        f = budget if budget is not None else self.budget
+        assert f is not None
         return max(shortest, math.ceil(probe_seconds / (f * step_seconds)))
 
     def record(self, global_step: int, interval: int | None = None) -> None:
@@ -279,33 +337,50 @@ class ProbeSchedule:
             (5, 0.25)
         """
         self.probe_seconds += seconds
-        if self.max_overhead is None:
+        self.probes += 1
+        if self.budget is None:
             self.record(global_step)
             return
-        read = clock or self._own_clock
-        if self._timer is None:  # no training step timed yet: space this probe at the next
+        if self._fit_start is None or self._fit_start[1] >= global_step:
+            # no training step timed yet: space this probe at the next step
             self._unbudgeted = seconds
             self.record(global_step, 1)
         else:
-            self._space(global_step, global_step, seconds, read())
-        timing = read()
-        self._timer = (timing.now, global_step, timing.probe_seconds)
+            self._space(global_step, global_step, seconds, (clock or self._own_clock)())
+
+    def _shortest(self) -> int:
+        """The shortest interval: the user's ``every_n_steps``, or auto's share of the run."""
+        if self.auto and self._end is not None:
+            return max(1, math.ceil((self._end - self._first_step) / AUTO_POINTS))
+        return self.every_n_steps or 1
 
     def _space(self, probe_step: int, step: int, seconds: float, timing: Timing) -> None:
         """Space the probe after the one at ``probe_step`` (``seconds`` long) to the budget.
 
-        The training time per step comes from the last timed probe up to now (``step``): the
-        time passed less every sharer's probes by then (this one's included), so that no
-        schedule counts another's probes as training it may spend a part of.
+        The training time of a step is the fit's mean up to now (``step``): the time passed
+        less every sharer's probes (this one's included), so that no schedule counts
+        another's probes as training it may spend a part of. With the run's length known,
+        the probes still affordable (this fit's spent) are spread over the steps left.
         """
-        assert self._timer is not None
-        assert self.max_overhead is not None
-        last_end, last_step, last_spent = self._timer
-        elapsed = timing.now - last_end - (timing.probe_seconds - last_spent)
-        step_seconds = elapsed / max(step - last_step, 1)
-        share = self.max_overhead / max(timing.sharers, 1)
-        interval = timing.broadcast(self.next_interval(seconds, step_seconds, share))
-        self.record(probe_step, interval)
+        budget = self.budget
+        assert budget is not None
+        assert self._fit_start is not None
+        began, first, spent_before = self._fit_start
+        elapsed = timing.now - began - (timing.probe_seconds - spent_before)
+        step_seconds = elapsed / max(step - first, 1)
+        sharers = max(timing.sharers, 1)
+        share = budget / sharers
+        if self._end is None or not step_seconds > 0 or not math.isfinite(seconds):
+            interval = self.next_interval(seconds, step_seconds, share)
+        else:
+            cost, run = seconds / step_seconds, self._end - self._first_step
+            fits = affordable(share * run, self.probe_seconds / step_seconds, cost)
+            steps_left = self._end - 1 - probe_step
+            interval = max(self._shortest(), spacing(steps_left, fits))
+            points = self.probes + min(fits, steps_left // interval)
+            short = points < READABLE_POINTS and interval > self._shortest()
+            self.shortfall = Shortfall(points, cost, run, budget, sharers) if short else None
+        self.record(probe_step, timing.broadcast(interval))
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-typed state for checkpoints."""

@@ -27,7 +27,7 @@ from lightning_curvature.callbacks.trainer import log_step, sharding
 from lightning_curvature.functional.directional import directional_curvature, subspace_share
 from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.batches import BatchList
-from lightning_curvature.functional.stability import StabilityThreshold
+from lightning_curvature.functional.stability import StabilityThreshold, stability_threshold
 
 __all__ = ["StepInstrumentsMonitor"]
 
@@ -74,6 +74,23 @@ class StepInstrumentsMonitor(OperatorMonitor):
                 f"{', '.join(f'{n}=True' for n in extras)} is not implemented over sharded "
                 "parameters (its gradients and updates would be shards); leave it False."
             )
+
+    def _threshold(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stability: bool
+    ) -> StabilityThreshold | None:
+        """The first optimizer's threshold now, if ``stability`` or the update's ratio needs it.
+
+        ``None``: not needed, no optimizer, or an unknown one (said once).
+        """
+        if not (stability or self.update_sharpness) or not trainer.optimizers:
+            return None
+        found = stability_threshold(trainer.optimizers[0], self._measured(pl_module))
+        if found is None:
+            self.warn_once(
+                "optimizer",
+                f"no stability threshold is known for {type(trainer.optimizers[0]).__name__}.",
+            )
+        return found
 
     def _update_sharpness(
         self,

@@ -104,6 +104,16 @@ class HessianTraceMonitor(PerLayerMonitor, OperatorMonitor):
         return layout([{self.category("curvature"): science}, super().charts(trainer, pl_module)])
 
     @override
+    def expected_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """``num_hvps`` products of the probe batches.
+
+        Example:
+            >>> HessianTraceMonitor(num_hvps=8).expected_cost(None, None)
+            20.0
+        """
+        return self.hvp_gradients * self.num_hvps * self.probe_batches
+
+    @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> Measurement:

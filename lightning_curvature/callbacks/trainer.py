@@ -6,11 +6,14 @@ Every callback of the project asks the Trainer the same few things, here: the st
 :func:`check_sharded_probe`), the mean or sum of a tensor over its processes
 (:func:`reduce`), whether the Trainer and the module fit a probe at all (:func:`check_fit`),
 how a batch reaches the device (:func:`transfer_batches`), which callbacks of a kind it holds
-(:func:`callbacks_of`) and the clock of the probe budget they share (:func:`shared_timing`).
+(:func:`callbacks_of`), the clock of the probe budget they share (:func:`shared_timing`)
+and the length of the run that budget is planned over (:func:`run_steps`).
 
 Besides these, a probe reads only public facts of the Trainer: ``global_step``,
-``current_epoch``, ``world_size``, ``global_rank``, ``loggers``, ``optimizers``,
-``callbacks``, ``train_dataloader`` and ``strategy.broadcast``/``batch_to_device``. That short
+``current_epoch``, ``world_size``, ``global_rank``, ``is_global_zero``, ``loggers``,
+``optimizers``, ``callbacks``, ``train_dataloader`` and
+``strategy.broadcast``/``batch_to_device`` (``estimated_stepping_batches`` where there is
+one: the budget's run length, :func:`run_steps`). That short
 list is what :class:`~lightning_curvature.callbacks.fabric.FabricMonitors` presents to run the
 same monitors in a Lightning Fabric loop, so the functions here take a Fabric strategy as
 well as a Trainer's (the two strategy families share no base class).
@@ -18,6 +21,7 @@ well as a Trainer's (the two strategy families share no base class).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
@@ -43,6 +47,7 @@ __all__ = [
     "learning_rate",
     "log_step",
     "reduce",
+    "run_steps",
     "sharding",
     "shared_timing",
     "transfer_batches",
@@ -268,12 +273,30 @@ def callbacks_of(trainer: pl.Trainer, kind: type[_C]) -> list[_C]:
 def shared_timing(trainer: pl.Trainer, now: float, schedules: Sequence[ProbeSchedule]) -> Timing:
     """The clock of the budget ``schedules`` share at time ``now`` (read by each of them).
 
-    Their probe time together, how many keep to a ``max_overhead`` share, and the Trainer's
+    Their probe time together, how many keep to a share of a budget, and the Trainer's
     broadcast of rank zero's interval.
     """
     return Timing(
         now=now,
         probe_seconds=sum(schedule.probe_seconds for schedule in schedules),
-        sharers=sum(schedule.max_overhead is not None for schedule in schedules),
+        sharers=sum(schedule.budget is not None for schedule in schedules),
         broadcast=lambda interval: trainer.strategy.broadcast(interval, src=0),
     )
+
+
+def run_steps(trainer: pl.Trainer) -> int | None:
+    """The optimizer steps of the run Lightning expects (``None``: it cannot tell).
+
+    ``estimated_stepping_batches``: from ``max_steps``, or ``max_epochs`` times the
+    optimizer steps of an epoch (accumulation counted), the steps of a resumed run included.
+    A run without either bound, or over an iterable of unknown length, has no length.
+
+    Example:
+        >>> run_steps(pl.Trainer(max_steps=528, logger=False))
+        528
+    """
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # no dataloader attached yet, or one that cannot say its length
+        return None
+    return int(steps) if math.isfinite(steps) else None

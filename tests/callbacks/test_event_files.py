@@ -116,7 +116,11 @@ def test_density_histogram_and_image_at_the_density_probe_steps(tanh_run: dict[s
     events = tanh_run["events"]
     density = tanh_run["monitors"][2]
     assert events.Tags()["histograms"] == ["curvature/spectral_density"]
-    assert events.Tags()["images"] == ["curvature/spectral_density_image"]
+    # (and the eigenvalue monitor's picture of sharpness against its threshold)
+    assert events.Tags()["images"] == [
+        "curvature/sharpness_chart",
+        "curvature/spectral_density_image",
+    ]
     histograms = events.Histograms("curvature/spectral_density")
     assert [h.step for h in histograms] == [4, 8, 10]
     num_parameters = 5 * 8 + 8 + 8 + 1

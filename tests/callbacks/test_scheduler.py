@@ -3,7 +3,10 @@
 ``ProbeSchedule`` reads time only through the clock it is given (:class:`Timing`), so a
 fake clock that advances by a fixed step time and a fixed probe time makes every interval
 exact: with probes of ``c`` seconds, steps of ``s`` seconds and a budget ``f`` shared by
-``n`` schedules, the interval is ``ceil(c / ((f / n) s))``.
+``n`` schedules, the interval is ``ceil(c / ((f / n) s))``. Told the run's length ``T`` (as
+Lightning's ``estimated_stepping_batches`` tells a monitor), a schedule plans its budget over
+the whole run instead: ``(f / n) T`` steps' time, every probe counted (the first, at step 0,
+too), the probes still affordable spread over the steps left.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_curvature.callbacks.budget import AUTO_OVERHEAD, READABLE_POINTS
 from lightning_curvature.callbacks.schedule import ProbeSchedule, Timing
 
 
 class FakeRun:
     """Steps of ``step_seconds`` on a fake clock; each due schedule probes ``probe_seconds``.
 
-    The schedules share one budget, as the monitors of one Trainer do.
+    The schedules share one budget, as the monitors of one Trainer do. With ``run_steps``
+    they are told the run's length (and a probe's estimated cost in steps, ``prior``), as a
+    monitor is at the start of training; ``first_probe_seconds`` is a first probe's (cold)
+    cost, if it differs.
     """
 
     def __init__(
@@ -29,17 +36,23 @@ class FakeRun:
         step_seconds: float,
         probe_seconds: float,
         broadcast: Callable[[int], int] | None = None,
+        run_steps: int | None = None,
+        prior: float | None = None,
+        first_probe_seconds: float | None = None,
+        first_step: int = 0,
     ) -> None:
         self.schedules = list(schedules)
         self.step_seconds, self.probe_seconds = step_seconds, probe_seconds
+        self.first_probe_seconds = first_probe_seconds
         self.broadcast = broadcast
         self.now = 0.0
+        sharers = sum(schedule.budget is not None for schedule in self.schedules)
         for schedule in self.schedules:
-            schedule.start()
+            schedule.start(first_step, run_steps, prior, sharers)
 
     def timing(self) -> Timing:
         spent = sum(schedule.probe_seconds for schedule in self.schedules)
-        sharers = sum(schedule.max_overhead is not None for schedule in self.schedules)
+        sharers = sum(schedule.budget is not None for schedule in self.schedules)
         if self.broadcast is None:
             return Timing(self.now, spent, sharers)
         return Timing(self.now, spent, sharers, self.broadcast)
@@ -50,11 +63,17 @@ class FakeRun:
         for step in steps:
             for schedule, steps_probed in zip(self.schedules, probed, strict=True):
                 if schedule.is_due(step, clock=self.timing):
-                    self.now += self.probe_seconds
-                    schedule.probed(step, self.probe_seconds, clock=self.timing)
+                    cost = self.probe_seconds
+                    if self.first_probe_seconds is not None and not steps_probed:
+                        cost = self.first_probe_seconds
+                    self.now += cost
+                    schedule.probed(step, cost, clock=self.timing)
                     steps_probed.append(step)
             self.now += self.step_seconds
         return probed
+
+    def training_seconds(self) -> float:
+        return self.now - sum(schedule.probe_seconds for schedule in self.schedules)
 
 
 def test_the_budget_spaces_probes_by_probe_and_step_time() -> None:
@@ -162,3 +181,100 @@ def test_a_new_fit_starts_with_no_probe_time_and_no_timed_step() -> None:
     schedule.start()
     assert schedule.probe_seconds == 0.0
     assert schedule.next_step == 64  # the position is kept (it is what a checkpoint holds)
+
+
+# -- every_n_steps="auto": a plan over the run Lightning expects --------------------------------
+def auto() -> ProbeSchedule:
+    """What a monitor at ``every_n_steps="auto"`` holds (its default cadence 500 is used only
+    where the run's length is unknown)."""
+    return ProbeSchedule(every_n_steps=500, auto=True)
+
+
+def test_auto_aims_at_25_evenly_spaced_probes_when_they_are_cheap() -> None:
+    # 0.05 s probes, 0.1 s steps: half a step each, 100 of them would fit 5% of 1000 steps;
+    # the plan takes the 25 it aims at, one every 40 steps, from step 0.
+    schedule = auto()
+    run = FakeRun([schedule], 0.1, 0.05, run_steps=1000)
+    assert run.run(range(1000)) == [list(range(0, 1000, 40))]
+    assert schedule.shortfall is None
+    assert schedule.probe_seconds / run.training_seconds() == pytest.approx(0.0125)
+
+
+def test_auto_counts_the_step_0_probe_and_spreads_what_is_left_of_the_budget() -> None:
+    # 1 s probes (10 steps' time), 5% of 1000 steps = 50 steps' time: 5 probes in all, the one
+    # at step 0 included, spread over the run; exactly the budget when the run ends.
+    schedule = auto()
+    run = FakeRun([schedule], 0.1, 1.0, run_steps=1000)
+    assert run.run(range(1000)) == [[0, 200, 400, 600, 800]]
+    assert schedule.probe_seconds / run.training_seconds() == pytest.approx(AUTO_OVERHEAD)
+    # fewer than a readable chart: said, with what it would take
+    assert schedule.shortfall is not None
+    assert schedule.shortfall.points == 5
+    assert schedule.shortfall.cost == pytest.approx(10.0)
+    assert schedule.shortfall.every_n_steps == 100
+    assert schedule.shortfall.overhead_needed == pytest.approx(0.1)
+
+
+def test_a_cold_first_probe_is_paid_for_by_fewer_later_ones() -> None:
+    # Step 0 costs 2 s (a cold Lanczos start), later probes 1 s. After step 0 the plan knows
+    # one cost, 20 steps' time: one more of those fits the 30 left, halfway; that one costs
+    # 10, so two more fit the 20 left, at a third and two thirds of the rest: 5 s in all.
+    schedule = auto()
+    run = FakeRun([schedule], 0.1, 1.0, run_steps=1000, first_probe_seconds=2.0)
+    assert run.run(range(1000)) == [[0, 500, 667, 834]]
+    assert schedule.probe_seconds / run.training_seconds() == pytest.approx(AUTO_OVERHEAD)
+
+
+@pytest.mark.parametrize("sharers", [1, 5])
+@pytest.mark.parametrize(
+    ("step_seconds", "probe_seconds", "first_probe_seconds"),
+    [(0.1, 0.05, None), (0.1, 1.0, None), (0.1, 1.0, 3.0), (0.007, 0.12, 0.2), (0.05, 0.3, 0.9)],
+)
+def test_every_probe_step_0_included_stays_within_the_budget_over_the_run(
+    step_seconds: float, probe_seconds: float, first_probe_seconds: float | None, sharers: int
+) -> None:
+    schedules = [auto() for _ in range(sharers)]
+    # (the prior lets the first probe happen: it is an estimate of at most the first's cost)
+    cost = (first_probe_seconds or probe_seconds) / step_seconds
+    run = FakeRun(
+        schedules, step_seconds, probe_seconds, run_steps=2000, prior=cost,
+        first_probe_seconds=first_probe_seconds,
+    )  # fmt: skip
+    probed = run.run(range(2000))
+    spent = sum(schedule.probe_seconds for schedule in schedules)
+    assert spent <= AUTO_OVERHEAD * run.training_seconds() * (1 + 1e-9)
+    for steps, schedule in zip(probed, schedules, strict=True):
+        assert len(steps) <= 25
+        fits = AUTO_OVERHEAD / sharers * 2000 // cost  # at least the budget's count, less one
+        assert len(steps) >= min(25, fits) - 1
+        assert (schedule.shortfall is None) == (len(steps) >= READABLE_POINTS)
+
+
+def test_a_first_probe_estimated_beyond_the_budget_is_never_made_and_that_is_said() -> None:
+    # The digits CNN of examples/digits_cnn.py: a 529-step run, five monitors at 5% (1% or
+    # 5.3 steps' time each); an eigenvalue probe is estimated at 30 steps: none fits.
+    schedule = auto()
+    run = FakeRun([schedule, *(auto() for _ in range(4))], 0.007, 0.12, run_steps=529, prior=30.0)
+    assert run.run(range(529))[0] == []
+    assert schedule.probe_seconds == 0.0
+    assert schedule.shortfall is not None
+    assert (schedule.shortfall.points, schedule.shortfall.measured) == (0, False)
+    assert schedule.shortfall.every_n_steps == 52
+    assert schedule.state_dict() == {"next_step": 529, "last_step": -1}
+
+
+def test_a_resumed_run_plans_what_is_left_of_it() -> None:
+    # Resumed at step 500 of 1000: the plan covers the 500 steps left, 25 steps' time at 5%.
+    schedule = auto()
+    schedule.load_state_dict({"next_step": 520, "last_step": 480})
+    run = FakeRun([schedule], 0.1, 1.0, run_steps=1000, first_step=500)
+    assert run.run(range(500, 1000)) == [[520, 760]]  # two of 10 steps' time, then none fits
+    assert schedule.probe_seconds / run.training_seconds() <= AUTO_OVERHEAD
+
+
+def test_without_the_runs_length_auto_keeps_its_cadence_as_the_shortest_interval() -> None:
+    # (an iterable dataset of unknown length, no max_steps): 500 steps apart at least, and
+    # farther when the probes cost more than the budget's share of that.
+    cheap, costly = auto(), auto()
+    assert FakeRun([cheap], 0.1, 0.05).run(range(1200)) == [[0, 500, 1000]]
+    assert FakeRun([costly], 0.1, 4.537).run(range(1200)) == [[0, 908]]  # 4.537 / (5% · 0.1)

@@ -95,7 +95,7 @@ def reference(
     return {
         "coherence": float(total @ total / (norms**2).sum()),
         "mean_cosine": float((unit @ unit.T)[off_diagonal].mean()),
-        "noise_scale": float(trace_sigma / grad_norm_sq),
+        "noise_scale": float(trace_sigma / grad_norm_sq) if grad_norm_sq > 0 else math.nan,
         "snr": float(snr),
         "grad_norm_sq": float(grad_norm_sq),
         "trace_sigma": float(trace_sigma),
@@ -105,7 +105,7 @@ def reference(
 def assert_matches(out: GradientCoherence, expected: dict[str, float], rtol: float = RTOL) -> None:
     for name, value in expected.items():
         got = getattr(out, name).item()
-        assert got == pytest.approx(value, rel=rtol, abs=1e-12), name
+        assert got == pytest.approx(value, rel=rtol, abs=1e-12, nan_ok=True), name
 
 
 def assert_same(a: GradientCoherence, b: GradientCoherence, rtol: float = 1e-10) -> None:
@@ -238,6 +238,8 @@ def test_orthogonal_gradients() -> None:
     assert out.mean_cosine.item() == pytest.approx(0.0)
     assert out.grad_norm_sq.item() == pytest.approx(0.0)
     assert out.trace_sigma.item() == pytest.approx(30.0 / 4)  # S₁/m when the pairs are 0
+    assert math.isnan(out.noise_scale.item())  # tr Σ / 0: no noise scale, and a flag says so
+    assert not out.noise_scale_defined
 
 
 def test_opposite_pair() -> None:
@@ -246,7 +248,10 @@ def test_opposite_pair() -> None:
     assert out.coherence.item() == pytest.approx(0.0)
     assert out.mean_cosine.item() == pytest.approx(-1.0)
     assert out.grad_norm_sq.item() == pytest.approx(-5.0)
-    assert out.noise_scale.item() == pytest.approx(-2.0)  # b(m − c)/(c − 1) = 1·2/(−1)
+    # b(m − c)/(c − 1) = 1·2/(−1) = −2 would be the formula's value: not a noise scale
+    assert math.isnan(out.noise_scale.item())
+    assert not out.noise_scale_defined
+    assert out.trace_sigma.item() > 0  # its parts are kept
 
 
 def test_scale_invariance() -> None:
@@ -254,7 +259,8 @@ def test_scale_invariance() -> None:
     base = gradient_coherence(model, cross_entropy, batch)
     scaled = gradient_coherence(model, lambda m, b: 7.0 * cross_entropy(m, b), batch)
     for name in ("coherence", "mean_cosine", "noise_scale", "snr"):
-        assert getattr(scaled, name).item() == pytest.approx(getattr(base, name).item(), rel=1e-10)
+        expected = pytest.approx(getattr(base, name).item(), rel=1e-10, nan_ok=True)
+        assert getattr(scaled, name).item() == expected
     assert scaled.grad_norm_sq.item() == pytest.approx(49 * base.grad_norm_sq.item(), rel=1e-10)
     assert scaled.trace_sigma.item() == pytest.approx(49 * base.trace_sigma.item(), rel=1e-10)
 
@@ -264,6 +270,7 @@ def test_noise_scale_is_a_function_of_coherence() -> None:
         mlp(), cross_entropy, classification(n=16), mode="micro_batch", micro_batch_size=2
     )
     m, b, c = out.num_samples, out.sample_size, out.coherence.item()
+    assert out.noise_scale_defined
     assert out.noise_scale.item() == pytest.approx(b * (m - c) / (c - 1), rel=1e-10)
 
 

@@ -77,7 +77,8 @@ class GradientCoherence:
     Attributes:
         coherence: m-coherence ``‖Σg_i‖² / Σ‖g_i‖²`` (1 orthogonal, ``m`` identical).
         mean_cosine: mean pairwise cosine of the samples over pairs ``i ≠ j``.
-        noise_scale: ``B_simple = tr Σ / ‖G‖²`` in examples.
+        noise_scale: ``B_simple = tr Σ / ‖G‖²`` in examples; ``nan`` where the estimate of
+            ``‖G‖²`` is not positive (see ``noise_scale_defined``).
         snr: mean per-coordinate gradient signal-to-noise ratio ``ḡ_j² / σ_j²``.
         grad_norm_sq: unbiased estimate of ``‖G‖²``, the true gradient's squared norm.
         trace_sigma: unbiased estimate of ``tr Σ``, the per-example gradient covariance trace.
@@ -88,6 +89,10 @@ class GradientCoherence:
         fallback: empty when the samples were made as asked; otherwise how they were made
             instead and why (a loop over examples where ``vmap`` fails: same meaning; or
             micro-batches where even that fails: a different meaning, also warned).
+        noise_scale_defined: whether the unbiased estimate of ``‖G‖²`` is positive. Where it
+            is not (the gradient's signal is below its noise, near a minimum, or too few
+            samples) ``tr Σ / ‖G‖²`` would be negative or infinite, and has no meaning: the
+            noise scale is ``nan``, its parts are kept.
 
     Example:
         >>> from lightning_curvature.functional.gradients.accumulator import GradientSums
@@ -109,6 +114,7 @@ class GradientCoherence:
     mode: str
     per_layer: dict[str, torch.Tensor] = field(default_factory=dict)
     fallback: str = ""
+    noise_scale_defined: bool = True
 
 
 class Sums(Protocol):
@@ -180,10 +186,11 @@ def coherence_statistics(
     grad_norm_sq = (s2 - s1) / (m * (m - 1))
     trace_sigma = (m * s1 - s2) / ((m - 1) * sums.inverse_size_sum)
     nan = torch.full_like(s1, math.nan)
+    defined = bool(grad_norm_sq > 0)  # else tr Σ / ‖G‖² is negative or infinite: no scale
     return GradientCoherence(
         coherence=s2 / s1,
         mean_cosine=_mean_cosine(sums) if sums.unit_sum is not None else nan,
-        noise_scale=trace_sigma / grad_norm_sq,
+        noise_scale=trace_sigma / grad_norm_sq if defined else nan,
         snr=_snr(sums) if sums.sq_sum is not None else nan,
         grad_norm_sq=grad_norm_sq,
         trace_sigma=trace_sigma,
@@ -192,6 +199,7 @@ def coherence_statistics(
         mode=sums.mode,
         per_layer=_per_layer(sums, block_sum_sq_norm),
         fallback=sums.fallback,
+        noise_scale_defined=defined,
     )
 
 
