@@ -344,6 +344,7 @@ FUNCTIONS: dict[str, Signature] = {
             "tol": Real(low=0, high=1, low_open=True, high_open=True),
             "max_iter": Count(none_ok=True, budget=True),
             "min_iter": Count(budget=True),
+            "miss_probability": Real(low=0, high=1, low_open=True, high_open=True),
             "smallest": Flag(),
             "return_eigenvectors": Flag(),
             "return_gradient": Flag(),

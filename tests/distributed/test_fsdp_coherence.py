@@ -116,6 +116,8 @@ def _trainer(tmp_path: Path, accumulate: int = 2) -> SimpleNamespace:
         loggers=[csv_logger(tmp_path)],
         accumulate_grad_batches=accumulate,
         world_size=2,
+        global_step=0,
+        is_global_zero=True,
     )
 
 

@@ -68,7 +68,9 @@ def test_min_iter(tiny: Any) -> None:
 
 @pytest.mark.parametrize("miss_probability", [0.0, 1.0, -0.1, float("nan"), True])
 def test_miss_probability(tiny: Any, miss_probability: Any) -> None:
-    with pytest.raises(ValueError, match=r"`miss_probability` must be in \(0, 1\), got"):
+    with pytest.raises(
+        ValueError, match=r"`miss_probability` must be a finite number in \(0, 1\), got"
+    ):
         hessian_eigenvalues(*tiny, miss_probability=miss_probability)
 
 

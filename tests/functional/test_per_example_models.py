@@ -160,7 +160,10 @@ def test_per_example_statistics_match_a_brute_force_loop(name: str, dtype: torch
         assert VMAP_FAILS[name] in out.fallback
     rtol = 1e-9 if dtype == torch.float64 else 2e-4
     for field in FIELDS:
-        assert getattr(out, field).item() == pytest.approx(expected[field], rel=rtol), field
+        # (noise_scale is NaN in both where the unbiased ‖G‖² estimate is not positive)
+        assert getattr(out, field).item() == pytest.approx(
+            expected[field], rel=rtol, nan_ok=True
+        ), field
     # The examples were cut right (masks and lengths with their example): Σ g_i / N is the
     # gradient of the whole batch, as the loss is a mean over examples.
     sums = gradient_sums(model, loss_fn, batch)
