@@ -9,7 +9,8 @@ without them. Then, on the trained sharded model, ``loss_slice`` and ``critical_
 along two fixed full directions handed to each rank as its shards. Each rank writes
 rank<r>.json (the monitors' last values) and rank<r>.pt (the monitors' probe batches, the
 full weights and momentum buffers at every step start, the final full weights of both
-trainings, the functional results, the weights before and after them).
+trainings, the functional results, the weights before and after them). A point blown up
+to a non-finite loss (``t = 1e30``) is kept as it is, on both ranks.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main() -> None:
     batch = (x[16 * rank : 16 * (rank + 1)], y[16 * rank : 16 * (rank + 1)])
     line = loss_slice(net, loss_of, batch, shards_of(net, directions), OFFSETS)
     sharpness = critical_sharpness(net, loss_of, batch, lambda g: g, init=0.1, rtol=1e-4)
+    far = loss_slice(net, loss_of, batch, shards_of(net, directions[:1]), [0.0, 1e30])
     after = full_weights(net)
 
     _, plain = fit([], out)
@@ -113,6 +115,7 @@ def main() -> None:
                 "squared_norms": line.squared_norms,
                 "num_forwards": line.num_forwards,
             },
+            "far": far.losses,
             "critical": {
                 "value": sharpness.value,
                 "lower": sharpness.lower,

@@ -164,6 +164,9 @@ def test_functional_slices_over_shards_equal_the_single_process_ones(run: dict[s
     torch.testing.assert_close(sharded["squared_norms"], whole.squared_norms, rtol=1e-6, atol=0)
     torch.testing.assert_close(sharded["hessian_form"], whole.hessian_form, rtol=0, atol=5e-4)
     assert sharded["num_forwards"] == whole.num_forwards
+    for rank in saved:  # a point whose loss is not finite is kept, on every rank, not raised
+        assert float(rank["far"][0, 0]) == pytest.approx(float(whole.loss), abs=1e-6)
+        assert not bool(torch.isfinite(rank["far"][0, 1]))
 
     critical = saved[0]["critical"]
     for key, value in critical.items():

@@ -187,12 +187,12 @@ class ShardedGradients:
                 p.grad = None
             _reshard(self._fsdp)
 
-    def _weighted_losses(self) -> Iterator[torch.Tensor]:
-        """Each batch's weighted loss times this process's share, checked finite."""
+    def _weighted_losses(self, finite: bool = True) -> Iterator[torch.Tensor]:
+        """Each batch's weighted loss times this process's share (``finite``: checked so)."""
         for batch, weight in zip(self._probe.batches, self._probe.weights, strict=True):
             loss = weight * check_scalar_loss(call_loss(self._loss_fn, self._model, batch))
             loss = loss if self._share == 1.0 else loss * self._share
-            if not bool(torch.isfinite(loss)):
+            if finite and not bool(torch.isfinite(loss)):
                 raise NonFiniteCurvatureError(f"the probe loss is not finite ({float(loss)}).")
             yield loss
 
@@ -219,11 +219,12 @@ class ShardedGradients:
         """This process's share of the loss at ``w + step·v`` (``None``: at ``w``), forwards only.
 
         Summed over the processes and divided by their number, the union batch's loss.
-        Under ``torch.no_grad``: FSDP's all-gathers run, no reduce-scatter.
+        Under ``torch.no_grad``: FSDP's all-gathers run, no reduce-scatter. A loss that is
+        not finite is returned as it is (the sum is then not finite on every process).
         """
         total = torch.zeros((), dtype=torch.float64)
         with self.displaced(vs, step), torch.no_grad():
-            for loss in self._weighted_losses():
+            for loss in self._weighted_losses(finite=False):
                 total = total.to(loss.device) + loss.detach().double()
         return total
 
