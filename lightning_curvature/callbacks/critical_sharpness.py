@@ -43,7 +43,7 @@ from lightning_curvature.callbacks.reporting.dashboard import (
     sharpness_chart_title,
 )
 from lightning_curvature.callbacks.schedule import EveryNSteps
-from lightning_curvature.callbacks.trainer import learning_rate
+from lightning_curvature.callbacks.trainer import check_strategy, learning_rate
 from lightning_curvature.functional.critical_sharpness import (
     CriticalSharpness,
     check_critical_sharpness_arguments,
@@ -98,10 +98,16 @@ class CriticalSharpnessMonitor(CurvatureMonitor):
     names why: an update that is not a descent direction of the probe loss, a loss that
     never rises along it, or ``max_evals``), nor at a learning rate of 0.
 
+    Under ``ModelParallelStrategy`` (FSDP2, ``fully_shard``) the update is each process's
+    shard of it (read from the shards of the optimizer state), every trial point is one
+    forward pass with the local shards displaced in place (restored exactly after it), and
+    every process brackets the union batch's ``η_c``; forward passes and one gradient only,
+    so a piecewise-linear model is measured there too.
+
     Raises:
         MisconfigurationException: on invalid arguments (at construction); at the start of
             fitting, with an optimizer other than SGD, Adam or AdamW (whose next update
-            cannot be read without stepping it), and under ``ModelParallelStrategy``.
+            cannot be read without stepping it).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -114,10 +120,7 @@ class CriticalSharpnessMonitor(CurvatureMonitor):
     counts_forwards = True
     default_every_n_steps = 500
     state_key_arguments = ("rtol", "max_evals")
-    unshardable_reason = (
-        "its line search evaluates the loss at displaced weights w − η·u, which under FSDP2 "
-        "would have to be written into every process's shards in place; not implemented."
-    )
+    shardable = True  # FSDP2: the update as shards, the trial points displaced in place
 
     def __init__(
         self,
@@ -137,6 +140,11 @@ class CriticalSharpnessMonitor(CurvatureMonitor):
         self.step_size: float | None = None  # the last η_c: the next search's start
         self._shares_chart = False
         self._logs_threshold = False
+
+    @override
+    def check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse FSDP1 and DeepSpeed; under FSDP2 no finite differences, so any model."""
+        check_strategy(trainer, type(self).__name__)
 
     @property
     def sharpness_quantity(self) -> str | None:

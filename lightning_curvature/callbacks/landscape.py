@@ -54,6 +54,7 @@ from lightning_curvature.functional.eigenvalues import (
     hessian_eigenvalues,
 )
 from lightning_curvature.functional.landscape import loss_slice
+from lightning_curvature.functional.linalg.sharded import VectorShards, fsdp_shards, local_tensor
 from lightning_curvature.functional.model.batches import BatchList
 from lightning_curvature.functional.model.parameters import select_parameters
 from lightning_curvature.functional.model.probe import BatchNormMode, unwrap_model
@@ -120,10 +121,15 @@ class LossLandscapeMonitor(CurvatureMonitor):
     roundings of ``L(w)``) are not logged; nor, with one warning, values read at points
     whose loss is not finite.
 
+    Under ``ModelParallelStrategy`` (FSDP2, ``fully_shard``) every direction is held as each
+    process's shard of it, each point of a slice is one forward pass with the local shards
+    displaced in place (restored exactly after it), and the inner products are summed over
+    the shards: every process logs the union batch's slices (the products by finite
+    differences, so on a smooth model, as the eigenvalue monitor there).
+
     Raises:
-        MisconfigurationException: on invalid arguments (at construction), at setup as
-            ``CurvatureMonitor`` does, and under ``ModelParallelStrategy``: the points of a
-            slice would have to be written into the FSDP2 shards in place (not implemented).
+        MisconfigurationException: on invalid arguments (at construction), and at setup as
+            ``CurvatureMonitor`` does.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -135,10 +141,7 @@ class LossLandscapeMonitor(CurvatureMonitor):
     counts_forwards = True
     default_every_n_steps = 2000
     state_key_arguments = ("k", "num_points", "update", "tol")
-    unshardable_reason = (
-        "its slices evaluate the loss at displaced weights w + t·d, which under FSDP2 would "
-        "have to be written into every process's shards in place; that is not implemented."
-    )
+    shardable = True  # FSDP2: directions as shards, the points displaced in place
 
     def __init__(
         self,
@@ -188,7 +191,8 @@ class LossLandscapeMonitor(CurvatureMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> Measurement:
         measured = self._measured(pl_module)
-        size = sum(p.numel() for p in measured)
+        size = sum(local_tensor(p).numel() for p in measured)  # FSDP2: this shard's
+        shards = fsdp_shards(measured) or VectorShards.single(size)
         update = self._last_update.take(trainer.global_step, measured) if self.update else None
         kwargs = self.probe_kwargs(trainer, pl_module)
         names = [name for name, _ in select_parameters(unwrap_model(pl_module), self.parameters)]
@@ -207,15 +211,15 @@ class LossLandscapeMonitor(CurvatureMonitor):
         assert top.eigenvectors is not None
         assert top.gradient is not None
         self._warm = top.warm_start
-        step = self._step(trainer, measured, top.gradient, update)
+        step = self._step(trainer, measured, top.gradient, update, shards)
         lines = (
             []
             if step is None
             else eigenvector_lines(
-                top.eigenvalues, top.eigenvectors, top.gradient, step, self.num_points
+                top.eigenvalues, top.eigenvectors, top.gradient, step, self.num_points, shards
             )
         )
-        if update is not None and bool(update.any()):
+        if update is not None and shards.any_true(bool(update.any()), update.device):
             lines.append(update_line(update, self.num_points))
         if not lines:
             self.warn_once(
@@ -254,13 +258,20 @@ class LossLandscapeMonitor(CurvatureMonitor):
         measured: list[torch.Tensor],
         gradient: torch.Tensor,
         update: torch.Tensor | None,
+        shards: VectorShards,
     ) -> torch.Tensor | None:
-        """The optimizer's next step from the probe gradient, else its last update, else None."""
+        """The optimizer's next step from the probe gradient, else its last update, else None.
+
+        Under FSDP2 this process's shard of it, and ``None`` only where it is zero on every
+        process (every process decides alike).
+        """
         found = None
         if trainer.optimizers:
             found = next_update(trainer.optimizers[0], measured, gradient)
         step = found.step.to(gradient) if found is not None else update
-        return step if step is not None and bool(step.any()) else None
+        if step is None or not shards.any_true(bool(step.any()), step.device):
+            return None
+        return step
 
     def _title(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         note = batch_norm_note(pl_module, self.batch_norm)

@@ -33,7 +33,7 @@ import torch
 
 from lightning_curvature.callbacks.reporting.slice_rendering import SlicePanel
 from lightning_curvature.functional.landscape import LossSlice
-from lightning_curvature.functional.linalg.reductions import inner_products
+from lightning_curvature.functional.linalg.sharded import VectorShards
 
 __all__ = [
     "SliceLine",
@@ -93,6 +93,7 @@ def eigenvector_lines(
     gradient: torch.Tensor,
     step: torch.Tensor,
     num_points: int,
+    shards: VectorShards | None = None,
 ) -> list[SliceLine]:
     """The lines along the top eigenvectors, in lengths of ``step`` (see the module docstring).
 
@@ -104,10 +105,14 @@ def eigenvector_lines(
             update where the next one is not known; not zero.
         num_points: evenly spaced offsets per line (odd: ``w`` among them); ``±1`` and the
             step are added.
+        shards: how the vectors are split across processes (FSDP2: each holds its shard,
+            and the inner products are summed over them, so every process draws the same
+            lines); whole by default.
     """
-    length = float(inner_products(step, step).sqrt())
-    along = inner_products(eigenvectors, step.to(eigenvectors))
-    slopes = inner_products(eigenvectors, gradient.to(eigenvectors))
+    shards = shards or VectorShards.single(step.numel())
+    length = shards.norm(step)
+    along = shards.inner_products(eigenvectors, step.to(eigenvectors))
+    slopes = shards.inner_products(eigenvectors, gradient.to(eigenvectors))
     lines = []
     for i, value in enumerate(eigenvalues.tolist()):
         sign = -1.0 if float(along[i]) > 0 else 1.0  # w − step moves along −(stepᵀv)·v

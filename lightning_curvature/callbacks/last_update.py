@@ -3,10 +3,11 @@
 A probe at step ``t`` that measures along the update the optimizer just made (the eigenvalue
 monitor's ``update_sharpness``, the landscape monitor's slice along the update) needs the
 weights from before that step. :class:`LastUpdate` copies them (one flat vector in the probe
-dtype) in ``on_before_optimizer_step`` of a step after which a probe is due, and only then;
-the probe subtracts the copy from the weights it finds. Any optimizer, any update rule
-(momentum, Adam, clipping, a scheduler): what is measured is the step actually taken. A copy
-pending when a checkpoint is written goes into it, so a resumed run measures the same update.
+dtype; under FSDP2 this process's shard) in ``on_before_optimizer_step`` of a step after
+which a probe is due, and only then; the probe subtracts the copy from the weights it finds.
+Any optimizer, any update rule (momentum, Adam, clipping, a scheduler): what is measured is
+the step actually taken. A copy pending when a checkpoint is written goes into it, so a
+resumed run measures the same update.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_curvature.callbacks.schedule import ProbeSchedule
+from lightning_curvature.functional.linalg.sharded import local_tensor
 from lightning_curvature.functional.model.functional_model import probe_dtype
 
 __all__ = ["LastUpdate", "flat_copy", "probes_after_this_step"]
@@ -26,11 +28,13 @@ __all__ = ["LastUpdate", "flat_copy", "probes_after_this_step"]
 def flat_copy(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """One flat detached copy of ``tensors`` in ``dtype`` (the layout of the operator).
 
+    Of FSDP2 (``DTensor``) parameters, this process's shards (the operator's layout there).
+
     Example:
         >>> flat_copy([torch.ones(2, 2), torch.zeros(1)], torch.float64)
         tensor([1., 1., 1., 1., 0.], dtype=torch.float64)
     """
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+    return torch.cat([local_tensor(t).detach().reshape(-1).to(dtype) for t in tensors])
 
 
 def probes_after_this_step(trainer: pl.Trainer, schedule: ProbeSchedule) -> bool:
@@ -99,7 +103,7 @@ class LastUpdate:
         _, kept, before = start
         if kept and tuple(names) != kept:
             return None
-        if sum(p.numel() for p in parameters) != before.numel():
+        if sum(local_tensor(p).numel() for p in parameters) != before.numel():
             return None  # (a copy from an older checkpoint, without names)
         return flat_copy(parameters, before.dtype).to(before.device).sub_(before)
 

@@ -20,8 +20,11 @@ The update is a flat vector, or a function of the probe gradient that returns on
 optimizer's next update, :func:`~lightning_curvature.functional.optimizer_update.next_update`),
 then computed inside the same probe. The loss at each trial point is one forward pass of the
 probe (:class:`~lightning_curvature.functional.operator.displaced_loss.DisplacedLoss`): the
-user's parameters are never written. A trial point whose loss is not finite counts as risen
-(a step that blows the model up has not lowered its loss).
+user's parameters are never written (over FSDP2 shards, where the update is this process's
+shard, they are displaced in place and restored exactly after each forward pass, and the
+losses and ``gᵀu`` are the union batch's on every process, which so bracket the same
+``η_c``). A trial point whose loss is not finite counts as risen (a step that blows the model
+up has not lowered its loss).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from torch import nn
 from lightning_curvature.checks import check_budget, check_callable, check_real
 from lightning_curvature.errors import NonFiniteCurvatureError
 from lightning_curvature.functional.linalg.line_search import critical_step
-from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
@@ -133,7 +135,8 @@ def critical_sharpness(
         batch: one batch or an iterable of batches.
         update: the flat update ``u`` (the step is ``w − η u``: pass the update per unit
             learning rate, and ``η`` is a learning rate), or a function of the flat probe
-            gradient that returns it (one gradient of the probe more).
+            gradient that returns it (one gradient of the probe more). Over sharded (FSDP2)
+            parameters, this process's shard (the gradient given to the function too).
         init: the first step size tried: the previous ``η_c`` (a warm start: about 6
             forward passes when the answer moved less than 10%), or the learning rate.
         rtol: relative width of the final bracket of ``η_c`` (so of ``value``).
@@ -141,11 +144,12 @@ def critical_sharpness(
         parameters: glob pattern(s) selecting the measured parameters.
         batch_norm: BatchNorm mode during the probe.
         all_reduce: averages a tensor across processes (DDP): every loss is the union
-            batch's, so every rank brackets the same ``η_c``.
+            batch's, so every rank brackets the same ``η_c``. Over FSDP2 shards every loss
+            is the union batch's without it.
 
     Raises:
-        ValueError: on an update that is not a flat vector over the measured parameters,
-            invalid search settings, or sharded (FSDP2) parameters.
+        ValueError: on an update that is not a flat vector over the measured parameters
+            (this process's shard of them under FSDP2), or invalid search settings.
         NonFiniteCurvatureError: if the loss at ``w`` (or the gradient) is not finite.
 
     Example:
@@ -180,7 +184,7 @@ def critical_sharpness(
             )
         direction = direction.to(device=losses.device, dtype=losses.dtype)
         slope = (
-            inner_products(gradient.to(direction), direction)
+            losses.shards.inner_products(gradient.to(direction), direction)
             if callable(update)
             else torch.tensor(math.nan, dtype=torch.float64, device=losses.device)
         )

@@ -30,6 +30,12 @@ meaning:
 the even part (0 on a quadratic; the cubic term's share at that scale).
 
 A point whose loss is not finite is kept as it is (NaN, ``inf``): the caller decides.
+
+**Over FSDP2 shards** (``fully_shard``) each process passes its shard of every direction;
+each point is one forward pass of the model itself with the local shards displaced in place
+and restored exactly after it, every inner product (``gᵀd``, ``dᵀHd``, ``‖d‖²``) is summed
+over the shards, and every loss is the union batch's, so every process holds the same
+result (the products by finite differences, the one backend there).
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ import torch
 from torch import nn
 
 from lightning_curvature.checks import check_flag, check_tensor
-from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.model.functional_model import LossFn
 from lightning_curvature.functional.model.parameters import ParameterPatterns
 from lightning_curvature.functional.model.probe import BatchNormMode
@@ -186,7 +191,9 @@ def loss_slice(
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         batch: one batch or an iterable of batches.
         directions: ``(P,)`` or ``(k, P)`` flat directions over the measured parameters;
-            their lengths are the unit of the offsets (see the module docstring).
+            their lengths are the unit of the offsets (see the module docstring). Over
+            sharded (FSDP2) parameters, this process's shards (``P`` the local length); every
+            process passes the same offsets.
         offsets: ``(T,)`` offsets shared by the directions, or ``(k, T)``, one row each.
             An offset of 0 costs no forward pass.
         grid: evaluate the ``T × T`` grid ``w + a·d₁ + b·d₂`` of two directions instead.
@@ -194,12 +201,14 @@ def loss_slice(
         backend: Hessian-vector product strategy (see :class:`HessianOperator`).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
         all_reduce: averages a tensor across processes (DDP): every loss, the gradient and
-            the products are the union batch's; give every rank the same directions.
+            the products are the union batch's; give every rank the same directions. Over
+            FSDP2 shards the losses are the union batch's without it (summed over the shards'
+            processes, each weighted by its share of the examples).
         options: the operator's settings as one ``OperatorOptions`` instead of keywords.
 
     Raises:
         ValueError: on directions or offsets of the wrong shape, a grid of other than two
-            directions, ``curvature="ggn"`` options, or sharded (FSDP2) parameters.
+            directions, a direction that is zero, or ``curvature="ggn"`` options.
         NonFiniteCurvatureError: if the loss at ``w``, the gradient or a product is not
             finite (a point along the slice may be: it is kept as it is).
 
@@ -216,7 +225,7 @@ def loss_slice(
         ([2.0], 1, 3)
     """
     check_flag("grid", grid)
-    check_tensor("directions", directions, nonzero=True)
+    check_tensor("directions", directions, values=False)  # its entries: on every process
     settings = OperatorOptions.of(options, parameters, backend, batch_norm, "hessian", all_reduce)
     if settings.curvature != "hessian":
         raise ValueError("`loss_slice` models the loss by its Hessian; got curvature='ggn'.")
@@ -229,14 +238,17 @@ def loss_slice(
             )
         if grid and rows.shape[0] != 2:
             raise ValueError(f"a grid needs exactly 2 directions, got {rows.shape[0]}.")
+        shards = operator.shards
+        for row in rows:
+            shards.check_vector("directions", row, operator.device, nonzero=True)
         rows = rows.to(device=operator.device, dtype=operator.dtype)
         gradient = operator.gradient()
         products = [operator.matvec(d) for d in rows]
         num_hvps = operator.num_hvps
-    slopes = inner_products(rows, gradient)
-    form = torch.stack([inner_products(rows, hd) for hd in products])
+    slopes = shards.inner_products(rows, gradient)
+    form = torch.stack([shards.inner_products(rows, hd) for hd in products])
     form = (form + form.T) / 2  # symmetric to rounding; made exactly so
-    squared = torch.stack([inner_products(d, d) for d in rows])
+    squared = torch.stack([shards.inner_products(d, d) for d in rows])
     table = _offsets(offsets, 2 if grid else rows.shape[0], gradient.device)
     with DisplacedLoss(
         model,

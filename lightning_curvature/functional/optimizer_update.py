@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lightning_curvature.functional.linalg.sharded import local_tensor
+
 __all__ = ["OptimizerUpdate", "next_update"]
 
 
@@ -104,7 +106,9 @@ def next_update(
     Args:
         optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (subclasses included).
         parameters: the measured parameters, in the layout of ``gradient``.
-        gradient: a flat gradient over ``parameters`` (e.g. the probe's).
+        gradient: a flat gradient over ``parameters`` (e.g. the probe's). Over FSDP2
+            (``DTensor``) parameters, over this process's shards of them, whose optimizer
+            state is read from its shards too: the update is this process's shard.
 
     Returns:
         The update per unit of the reference learning rate (zero for a parameter the
@@ -122,7 +126,8 @@ def next_update(
         >>> next_update(adam, [w], torch.tensor([3.0, -1.0])).update  # ≈ sign(g) at first
         tensor([ 1.0000, -1.0000])
     """
-    size = sum(p.numel() for p in parameters)
+    pieces_of = [local_tensor(p) for p in parameters]  # FSDP2: this process's shards
+    size = sum(p.numel() for p in pieces_of)
     if gradient.shape != (size,):
         raise ValueError(
             f"`gradient` must have shape ({size},) over `parameters`, got {tuple(gradient.shape)}."
@@ -138,13 +143,14 @@ def next_update(
         return None
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     pieces = []
-    sizes = [p.numel() for p in parameters]
-    for p, g in zip(parameters, torch.split(gradient, sizes), strict=True):
+    sizes = [p.numel() for p in pieces_of]
+    for p, local, g in zip(parameters, pieces_of, torch.split(gradient, sizes), strict=True):
         group = group_of.get(id(p))
         if group is None:  # not optimized: no motion along these coordinates
             pieces.append(torch.zeros_like(g))
             continue
-        g = g.reshape(p.shape).to(p.dtype)
-        moved = rule(p, g, group, optimizer.state.get(p, {}))
+        g = g.reshape(local.shape).to(local.dtype)
+        state = {k: local_tensor(v) for k, v in optimizer.state.get(p, {}).items()}
+        moved = rule(local, g, group, state)
         pieces.append(moved.reshape(-1).mul(_float(group["lr"]) / lr))
     return OptimizerUpdate(torch.cat(pieces).to(gradient.dtype), lr, kind)

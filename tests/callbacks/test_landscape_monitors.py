@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import (
     LIGHTNING_NOISE,
@@ -333,10 +333,25 @@ def test_an_optimizer_without_a_readable_update_is_refused(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("monitor", [LossLandscapeMonitor, CriticalSharpnessMonitor])
-def test_fsdp2_is_refused_naming_why(tmp_path: Path, monitor: type) -> None:
+def test_fsdp2_is_accepted_and_fsdp1_refused(tmp_path: Path, monitor: type) -> None:
+    """Under FSDP2 the directions are shards and the points displaced in place (measured in
+    ``tests/distributed/test_fsdp_landscape.py``); FSDP1's flat parameters stay refused."""
     trainer = SimpleNamespace(strategy=ModelParallelStrategy(), loggers=[csv_logger(tmp_path)])
-    with pytest.raises(MisconfigurationException, match="written into every process's shards"):
+    monitor().setup(trainer, TanhRegressor(), stage="fit")
+    trainer.strategy = FSDPStrategy()
+    with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy"):
         monitor().setup(trainer, TanhRegressor(), stage="fit")
+
+
+def test_under_fsdp2_only_the_slices_need_a_smooth_model(tmp_path: Path) -> None:
+    """The slices' quadratic model takes finite differences over shards (refused at a kink);
+    critical sharpness takes forward passes and one gradient, so any model."""
+    model = TanhRegressor()
+    model.net[1] = torch.nn.ReLU()  # type: ignore[index]
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), loggers=[csv_logger(tmp_path)])
+    CriticalSharpnessMonitor().setup(trainer, model, stage="fit")
+    with pytest.raises(MisconfigurationException, match=r"ModelParallelStrategy.*smooth.*ReLU"):
+        LossLandscapeMonitor().setup(trainer, model, stage="fit")
 
 
 def test_a_learning_rate_of_zero_is_one_warning(tmp_path: Path) -> None:

@@ -145,6 +145,13 @@ class BackendDispatch:
         device = tensors[0].device if tensors else torch.device("cpu")
         self._check.compute_dtype = rounding_dtype(dtype, device, self._model)
 
+    def gradient(self) -> list[torch.Tensor]:
+        """``∇L(w)`` by the backend that runs (sharded: this shard of FSDP's mean)."""
+        if self._sharded is not None:
+            return self._sharded.gradient(None, 0.0)
+        assert self.autodiff is not None
+        return self.autodiff.gradient()
+
     def close(self) -> None:
         """Free the graphs and the copies of the weights."""
         self.autodiff = self._losses = self._sharded = None

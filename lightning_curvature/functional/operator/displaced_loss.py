@@ -21,9 +21,14 @@ weighted by its share of the examples
 the union batch's loss and takes the same decisions. A non-finite loss is returned
 as it is: what it means (bad luck, or a step that blew the model up) is the caller's call.
 
-Sharded (FSDP2) parameters are refused: their forward passes gather the shards inside the
-model's own hooks, so a point ``w + δ`` would have to be written into the local shards in
-place (as the finite-difference backend's gradients are), which is not implemented here.
+Over sharded (FSDP2) parameters a displacement is this process's shard of ``δ`` (``layout``
+is the local one, :attr:`DisplacedLoss.shards` the split): the forward passes gather the
+shards inside the model's own hooks, so the point ``w + δ`` is written into the local shards
+in place and restored from a saved copy after each forward, by the one displacement of the
+finite-difference backend's gradients
+(:meth:`~lightning_curvature.functional.operator.sharded_gradients.ShardedGradients.displaced`);
+each process's loss, weighted by its share of the examples, is summed over the processes
+(every process must then evaluate the same points, in the same order).
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ from torch import nn
 from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 
 from lightning_curvature.functional.distributed.union import UnionMean
-from lightning_curvature.functional.linalg.sharded import fsdp_shards
+from lightning_curvature.functional.linalg.sharded import VectorShards, fsdp_shards, local_tensor
 from lightning_curvature.functional.model.batches import split_batches
-from lightning_curvature.functional.model.functional_model import FunctionalModel, LossFn
+from lightning_curvature.functional.model.functional_model import (
+    FunctionalModel,
+    LossFn,
+    probe_dtype,
+)
 from lightning_curvature.functional.model.parameters import (
     ParameterLayout,
     ParameterPatterns,
@@ -48,6 +57,7 @@ from lightning_curvature.functional.model.parameters import (
 from lightning_curvature.functional.model.probe import BatchNormMode, probe_context, unwrap_model
 from lightning_curvature.functional.operator.backends import AllReduce
 from lightning_curvature.functional.operator.probe_loss import ProbeLoss
+from lightning_curvature.functional.operator.sharded_gradients import ShardedGradients
 
 __all__ = ["DisplacedLoss"]
 
@@ -62,16 +72,20 @@ class DisplacedLoss:
         parameters: glob pattern(s) of the measured parameters (all trainable by default).
         batch_norm: BatchNorm mode during the probe (running statistics never change).
         all_reduce: averages a tensor over processes (DDP); each process's loss and gradient
-            enter weighted by its share of the examples.
+            enter weighted by its share of the examples. Not used over sharded parameters,
+            whose losses are summed over the shards' processes.
 
     Attributes:
-        layout: the measured parameters' flat layout (``layout.size`` entries in ``δ``).
+        layout: the measured parameters' flat layout (``layout.size`` entries in ``δ``; this
+            process's shards over FSDP2 parameters).
+        shards: how ``δ`` and the gradient are split across processes (whole unless the
+            parameters are FSDP2 shards): their inner products go through it.
         dtype: the probe dtype (float64 for a float64 model, else float32).
         device: the parameters' device.
         num_forwards: forward passes of the probe's batches so far (a gradient counts one).
 
     Raises:
-        ValueError: if a measured parameter is an FSDP2 shard (see the module docstring).
+        ValueError: if only some measured parameters are FSDP2 shards.
 
     Example:
         >>> net = nn.Linear(1, 1, bias=False)
@@ -96,22 +110,24 @@ class DisplacedLoss:
     ) -> None:
         self.model = unwrap_model(model)
         named = select_parameters(self.model, parameters)
-        if fsdp_shards([p for _, p in named]) is not None:
-            raise ValueError(
-                "loss slices and critical sharpness do not run on FSDP2 shards: their points "
-                "w + δ would have to be written into the shards in place, which is not "
-                "implemented; measure under DDP, or without sharding."
-            )
-        self.layout = ParameterLayout.from_named(named)
+        sharding = fsdp_shards([p for _, p in named])
+        self._locals = [local_tensor(p) for _, p in named]  # the parameters if whole
+        self.layout = ParameterLayout.from_named(
+            [(name, t) for (name, _), t in zip(named, self._locals, strict=True)]
+        )
+        self.shards = sharding or VectorShards.single(self.layout.size)
+        self._parameters = [p for _, p in named]
         self.device = named[0][1].device
-        self._functional = FunctionalModel(self.model, loss_fn, named)
-        self.dtype = self._functional.dtype
+        self._loss_fn = loss_fn
+        self._functional = None if sharding else FunctionalModel(self.model, loss_fn, named)
+        self.dtype = probe_dtype(self._parameters)
         self._batches = split_batches(batch, self.device)
         self._batch_norm = batch_norm
         self._all_reduce = all_reduce
         self._union: UnionMean | None = None  # while open, with all_reduce
         self._stack: contextlib.ExitStack | None = None
         self._losses: ProbeLoss | None = None
+        self._sharded: ShardedGradients | None = None  # while open over FSDP2 shards
         self.num_forwards = 0
 
     def __enter__(self) -> DisplacedLoss:
@@ -121,6 +137,18 @@ class DisplacedLoss:
             callers_kernels = _cur_sdpa_kernel_backends()
             stack.enter_context(probe_context(self.model, batch_norm=self._batch_norm))
             stack.enter_context(sdpa_kernel(callers_kernels))  # first order: training's kernels
+            if self._functional is None:  # FSDP2: the local shards displaced in place
+                union = UnionMean.of(self._shard_mean, self._batches.size, self.device)
+                self._sharded = ShardedGradients(  # each loss weighted by its share
+                    self.model,
+                    self._loss_fn,
+                    self._batches,
+                    self._parameters,
+                    self._locals,
+                    union.share,
+                )
+                self._sharded.enter(stack)
+                return self
             self._losses = ProbeLoss(self._functional, self._batches)
             if self._all_reduce is not None:  # (one collective: the processes' example counts)
                 self._union = UnionMean.of(self._all_reduce, self._batches.size, self.device)
@@ -135,18 +163,25 @@ class DisplacedLoss:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._losses = None
+        self._losses = self._sharded = None
         self._union = None
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
 
-    def _open(self) -> ProbeLoss:
-        if self._losses is None:
+    def _open(self) -> ProbeLoss | ShardedGradients:
+        opened = self._losses or self._sharded
+        if opened is None:
             raise RuntimeError("DisplacedLoss must be used inside `with DisplacedLoss(...)`.")
-        return self._losses
+        return opened
+
+    def _shard_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the shards' processes over their number (a tensor of our own)."""
+        return self.shards.all_sum(tensor) / self.shards.num_shards
 
     def _mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._sharded is not None:  # its losses carry this process's share already
+            return self._shard_mean(tensor)
         return tensor if self._union is None else self._union(tensor)
 
     def at(self, displacement: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,17 +191,22 @@ class DisplacedLoss:
             ValueError: if ``displacement`` is not a flat vector over the measured parameters.
         """
         losses = self._open()
-        leaves: list[torch.Tensor] = list(losses.leaves)
-        with torch.no_grad():
-            if displacement is not None:
-                if displacement.shape != (self.layout.size,):
-                    raise ValueError(
-                        f"a displacement must have shape ({self.layout.size},) over the "
-                        f"measured parameters, got {tuple(displacement.shape)}."
-                    )
-                step = displacement.to(device=self.device, dtype=self.dtype)
-                leaves = [p + d for p, d in zip(leaves, self.layout.split(step), strict=True)]
-            loss = losses.weighted_loss(leaves).detach()
+        step = None
+        if displacement is not None:
+            if displacement.shape != (self.layout.size,):
+                raise ValueError(
+                    f"a displacement must have shape ({self.layout.size},) over the "
+                    f"measured parameters, got {tuple(displacement.shape)}."
+                )
+            step = self.layout.split(displacement.to(device=self.device, dtype=self.dtype))
+        if isinstance(losses, ShardedGradients):
+            loss = losses.loss_at(step)
+        else:
+            leaves: list[torch.Tensor] = list(losses.leaves)
+            with torch.no_grad():
+                if step is not None:
+                    leaves = [p + d for p, d in zip(leaves, step, strict=True)]
+                loss = losses.weighted_loss(leaves).detach()
         self.num_forwards += 1
         return self._mean(loss)
 
@@ -175,8 +215,13 @@ class DisplacedLoss:
 
         No graph is kept and no second derivative is needed, so this runs wherever training's
         own backward does (fused attention kernels excepted: the probe selects the math one).
+        Over FSDP2 shards, this process's shard of the gradient (FSDP's mean).
         """
         losses = self._open()
+        self.num_forwards += 1
+        if isinstance(losses, ShardedGradients):  # the gradient is FSDP's mean already
+            grads = losses.gradient(None, 0.0)
+            return self._mean(losses.loss.to(self.device)), self.layout.flatten(grads)
         leaves = list(losses.leaves)
 
         def loss_and_gradient(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -185,5 +230,4 @@ class DisplacedLoss:
             return (loss.detach(), *(g.detach() for g in grads))
 
         loss, *grads = losses.weighted_sum(loss_and_gradient)
-        self.num_forwards += 1
         return self._mean(loss), self._mean(self.layout.flatten(grads))

@@ -296,7 +296,8 @@ class HessianOperator:
         Free with the ``"retained_graph"`` backend (the graph the products go through is
         built from it); one more gradient of the probe batches with the others. It is no
         Hessian-vector product and does not count in :attr:`num_hvps`. With
-        ``curvature="ggn"`` it is the same loss gradient, ``Jᵀ ∂ℓ/∂z``.
+        ``curvature="ggn"`` it is the same loss gradient, ``Jᵀ ∂ℓ/∂z``. Over sharded (FSDP2)
+        parameters, this process's shard of the union batch's gradient.
 
         Raises:
             RuntimeError: if called outside the ``with`` block.
@@ -315,8 +316,7 @@ class HessianOperator:
             raise RuntimeError(
                 "HessianOperator.gradient must be called inside `with HessianOperator(...)`."
             )
-        assert self._dispatch.autodiff is not None
-        grads = self._dispatch.autodiff.gradient()
+        grads = self._dispatch.gradient()
         flat = self.layout.flatten(grads).detach()
         if not bool(torch.isfinite(flat).all()):
             raise NonFiniteCurvatureError("the probe gradient is not finite.")
