@@ -11,20 +11,23 @@ Greek, so the labels spell ``lambda``.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import ImageDraw
 
-from lightning_curvature.callbacks.reporting.rendering import nice_ticks
+from lightning_curvature.callbacks.reporting.drawing import (
+    TEXT,
+    Font,
+    PlotBox,
+    canvas,
+    dashed,
+    image_tensor,
+)
 
 __all__ = ["Line", "line_chart"]
-
-_GRID = (225, 225, 225)
-_TEXT = (40, 40, 40)
 
 
 @dataclass(frozen=True)
@@ -82,79 +85,42 @@ def line_chart(
     """
     width, height = size
     left, right, top, bottom = 78, 18, 58, 52
-    plot_w, plot_h = width - left - right, height - top - bottom
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=15)
+    image, draw, font = canvas(size)
     steps = [s for line in lines for s, _ in line.points] or [0]
     x_low, x_high = min(steps), max(steps)
     if not x_high > x_low:
         x_low, x_high = x_low - 1, x_high + 1
     y_low, y_high = _decades(lines)
+    box = PlotBox(left, top, width - left - right, height - top - bottom, x_low, x_high)
 
-    def px(step: float) -> float:
-        return left + (step - x_low) / (x_high - x_low) * plot_w
+    def py(log_value: float) -> float:
+        return top + (y_high - log_value) / (y_high - y_low) * box.height
 
-    def py(value: float) -> float:
-        return top + (y_high - math.log10(value)) / (y_high - y_low) * plot_h
-
-    base = top + plot_h
-    for decade in range(y_low, y_high + 1):
-        row = py(10.0**decade)
-        draw.line([(left, row), (left + plot_w, row)], fill=_GRID)
-        draw.text((left - 6, row), f"1e{decade}", fill=_TEXT, font=font, anchor="rm")
-    for tick in nice_ticks(x_low, x_high):
-        col = px(tick)
-        draw.line([(col, top), (col, base)], fill=_GRID)
-        draw.text((col, base + 4), f"{tick:.0f}", fill=_TEXT, font=font, anchor="ma")
+    box.decades(draw, font, py, y_low, y_high)
+    box.x_ticks(draw, font)
     for line in lines:
         drawable = [(s, v if v > 0 else math.nan) for s, v in line.points]
         for run in _segments(drawable):
-            xy = [(px(s), py(v)) for s, v in run]
+            xy = [(box.px(s), py(math.log10(v))) for s, v in run]
             if line.dashed:
-                for (x0, y0), (x1, y1) in itertools.pairwise(xy):
-                    _dashed(draw, (x0, y0), (x1, y1), line.color)
+                dashed(draw, xy, line.color)
                 continue
             if len(xy) > 1:
                 draw.line(xy, fill=line.color, width=2)
             for x, y in xy:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=line.color)
     _legend(draw, font, lines, left, 30)
-    draw.rectangle([left, top, left + plot_w, base], outline=_TEXT)
-    draw.text((left, 10), title, fill=_TEXT, font=font)
-    draw.text((left + plot_w / 2, height - 6), "optimizer step", fill=_TEXT, font=font, anchor="md")
-    axis = Image.new("RGB", (plot_h, 20), "white")
-    ImageDraw.Draw(axis).text(
-        (plot_h / 2, 10), f"{y_label} (log scale)", fill=_TEXT, font=font, anchor="mm"
-    )
-    image.paste(axis.rotate(90, expand=True), (2, top))
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.reshape(height, width, 3).permute(2, 0, 1).float() / 255
-
-
-def _dashed(
-    draw: ImageDraw.ImageDraw,
-    start: tuple[float, float],
-    end: tuple[float, float],
-    color: tuple[int, int, int],
-) -> None:
-    length = math.hypot(end[0] - start[0], end[1] - start[1])
-    pieces = max(1, int(length // 6))
-    for i in range(0, pieces, 2):
-        a, b = i / pieces, min(i + 1, pieces) / pieces
-        draw.line(
-            [
-                (start[0] + a * (end[0] - start[0]), start[1] + a * (end[1] - start[1])),
-                (start[0] + b * (end[0] - start[0]), start[1] + b * (end[1] - start[1])),
-            ],
-            fill=color,
-            width=2,
-        )
+    box.frame(draw)
+    draw.text((left, 10), title, fill=TEXT, font=font)
+    draw.text((left + box.width / 2, height - 6), "optimizer step", fill=TEXT, font=font,
+              anchor="md")  # fmt: skip
+    box.y_label(image, font, f"{y_label} (log scale)")
+    return image_tensor(image)
 
 
 def _legend(
     draw: ImageDraw.ImageDraw,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    font: Font,
     lines: Sequence[Line],
     left: float,
     top: float,
@@ -166,9 +132,9 @@ def _legend(
             continue
         y = top + 10
         if line.dashed:
-            _dashed(draw, (x, y), (x + 26, y), line.color)
+            dashed(draw, [(x, y), (x + 26, y)], line.color)
         else:
             draw.line([(x, y), (x + 26, y)], fill=line.color, width=2)
             draw.ellipse([x + 10, y - 3, x + 16, y + 3], fill=line.color)
-        draw.text((x + 32, y), line.label, fill=_TEXT, font=font, anchor="lm")
+        draw.text((x + 32, y), line.label, fill=TEXT, font=font, anchor="lm")
         x += 32 + draw.textlength(line.label, font=font) + 24

@@ -6,22 +6,25 @@ current weights (where the loss neither rose nor fell), and dashed vertical mark
 optimizer's step, ``2/λ``; the built-in font has no Greek). The y range is that of the
 measured points; the quadratic model is clipped to half that range again above and below, so
 a model that shoots off does not flatten the measurement. Non-finite points are left out.
-Drawn with Pillow, as :mod:`~lightning_curvature.callbacks.reporting.rendering`.
+Drawn with :mod:`~lightning_curvature.callbacks.reporting.drawing`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import ImageDraw
 
-from lightning_curvature.callbacks.reporting.rendering import (
+from lightning_curvature.callbacks.reporting.drawing import (
+    GRID,
+    TEXT,
     Font,
     PlotBox,
+    canvas,
+    dashed,
     format_number,
     image_tensor,
     nice_ticks,
@@ -32,8 +35,6 @@ __all__ = ["SlicePanel", "slice_image"]
 _MEASURED = (31, 90, 180)
 _MODEL = (140, 60, 170)
 _LEVEL = (120, 120, 120)
-_TEXT = (40, 40, 40)
-_GRID = (225, 225, 225)
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,6 @@ def _y_range(panel: SlicePanel) -> tuple[float, float]:
     return low - 0.08 * span, high + 0.08 * span
 
 
-def _dashed(
-    draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], color: tuple[int, int, int]
-) -> None:
-    for i, (a, b) in enumerate(itertools.pairwise(points)):
-        if i % 2 == 0:
-            draw.line([a, b], fill=color, width=2)
-
-
 def _panel(draw: ImageDraw.ImageDraw, font: Font, panel: SlicePanel,
            box: PlotBox) -> None:  # fmt: skip
     y_low, y_high = _y_range(panel)
@@ -98,8 +91,8 @@ def _panel(draw: ImageDraw.ImageDraw, font: Font, panel: SlicePanel,
         return box.top + (y_high - value) / span * box.height
 
     for tick in nice_ticks(y_low, y_high, 5):
-        draw.line([(box.left, py(tick)), (box.left + box.width, py(tick))], fill=_GRID)
-        draw.text((box.left - 6, py(tick)), format_number(tick), fill=_TEXT, font=font,
+        draw.line([(box.left, py(tick)), (box.left + box.width, py(tick))], fill=GRID)
+        draw.text((box.left - 6, py(tick)), format_number(tick), fill=TEXT, font=font,
                   anchor="rm")  # fmt: skip
     box.x_ticks(draw, font)
     level = py(panel.level)
@@ -118,14 +111,14 @@ def _panel(draw: ImageDraw.ImageDraw, font: Font, panel: SlicePanel,
     for cx, cy in points:
         draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=_MEASURED)
     # the model over the measurement, so that where they agree both show
-    _dashed(draw, [(box.px(float(a)), py(float(b))) for a, b in zip(fine, model, strict=True)],
-            _MODEL)  # fmt: skip
+    dashed(draw, [(box.px(float(a)), py(float(b))) for a, b in zip(fine, model, strict=True)],
+           _MODEL)  # fmt: skip
     box.markers(draw, font, panel.markers)
-    draw.rectangle([box.left, box.top, box.left + box.width, box.bottom], outline=_TEXT)
-    draw.text((box.left, box.top - 20), panel.title, fill=_TEXT, font=font)
+    box.frame(draw)
+    draw.text((box.left, box.top - 20), panel.title, fill=TEXT, font=font)
     draw.text((box.left + box.width, box.top - 20), "loss (solid), quadratic model (dashed)",
-              fill=_TEXT, font=font, anchor="ra")  # fmt: skip
-    draw.text((box.left + box.width / 2, box.bottom + 22), panel.x_label, fill=_TEXT, font=font,
+              fill=TEXT, font=font, anchor="ra")  # fmt: skip
+    draw.text((box.left + box.width / 2, box.bottom + 22), panel.x_label, fill=TEXT, font=font,
               anchor="ma")  # fmt: skip
 
 
@@ -150,10 +143,8 @@ def slice_image(
     """
     left, right, head, foot = 78, 18, 30, 50  # head: the panel's title; foot: its x axis
     height = 40 + panel_height * len(panels)
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=15)
-    draw.text((left, 10), title, fill=_TEXT, font=font)
+    image, draw, font = canvas((width, height))
+    draw.text((left, 10), title, fill=TEXT, font=font)
     for i, panel in enumerate(panels):
         x_low, x_high = float(panel.offsets[0]), float(panel.offsets[-1])
         if not x_high > x_low:
