@@ -290,7 +290,6 @@ def hessian_eigenvalues(
                 f"`k` ({k}) exceeds the number of measured parameters ({shards.size})."
             )
         steps = min(max_iter or default_max_iter(k), shards.size)
-        start = _start_vector(init, shards, generator, operator.dtype, operator.device)
         matvec: Callable[[torch.Tensor], torch.Tensor] = operator.matvec
         if preconditioner is not None:
             shards.check_vector(
@@ -303,7 +302,8 @@ def hessian_eigenvalues(
 
         found = lanczos_eigenpairs(
             matvec,
-            start,
+            # passed, not kept: a start of P entries would outlive its use by the whole run
+            _start_vector(init, shards, generator, operator.dtype, operator.device),
             k=k,
             tol=tol,
             max_iter=steps,
