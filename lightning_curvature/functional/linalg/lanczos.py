@@ -202,7 +202,10 @@ class LanczosProcess:
     def _orthogonalise(self, vector: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``vector`` less its projection on the first ``count`` rows, and that projection.
 
-        With ``keep``, on the rows ``_first_kept(count) … count − 1`` alone.
+        With ``keep``, on the rows ``_first_kept(count) … count − 1`` alone. The projection
+        is the sum of both passes' coefficients: the second pass corrects the first's
+        (its rounding, the reductions' included; Daniel, Gragg, Kaufman & Stewart 1976), so
+        ``α`` is the coefficient of the residual actually left.
         """
         if self.keep is not None:
             return self._orthogonalise_kept(vector, count)
@@ -222,7 +225,8 @@ class LanczosProcess:
 
         first = project(vector)
         once = subtract(vector, first)
-        return subtract(once, project(once)), first  # twice is enough
+        second = project(once)
+        return subtract(once, second), first + second  # twice is enough
 
     def _orthogonalise_kept(
         self, vector: torch.Tensor, count: int
@@ -242,9 +246,10 @@ class LanczosProcess:
         vector = torch.sub(vector, rows[0], alpha=float(first[0]))
         for row, coefficient in zip(rows[1:], first[1:].tolist(), strict=True):
             vector.sub_(row, alpha=coefficient)
-        for row, coefficient in zip(rows, project(vector).tolist(), strict=True):
+        second = project(vector)
+        for row, coefficient in zip(rows, second.tolist(), strict=True):
             vector.sub_(row, alpha=coefficient)  # twice is enough
-        return vector, first
+        return vector, first + second
 
     def _record_rounding(self, coefficients: torch.Tensor) -> None:
         """Note how far ``Qᵀ A q_j`` is from the exact ``(0, …, 0, β_{j-1}, α_j)``.
