@@ -2,9 +2,10 @@
 
 :class:`LanczosProcess` builds the orthonormal Krylov basis ``Q`` and the tridiagonal
 ``T = Qᵀ A Q`` one product at a time, reorthogonalising every new vector against the whole
-basis twice ("twice is enough", Parlett 1998). Inner products and norms are accumulated in
-float64 (:mod:`~lightning_curvature.functional.linalg.reductions`), so a float32 run over 10⁸
-parameters keeps the accuracy its flags promise.
+basis twice ("twice is enough", Parlett 1998). Inner products and norms sum slices of 2¹⁶
+entries in float64 (:mod:`~lightning_curvature.functional.linalg.reductions`), and ``α`` is
+corrected by the second pass, so a float32 run over 10⁸ parameters keeps the accuracy its
+flags promise.
 
 Breakdown is declared only when nothing but rounding is left of the new residual
 (``β ≤ 16·eps·‖T‖``): a small residual is not an invariant subspace. In float32 the residual
@@ -58,7 +59,7 @@ _BLOCK = 8  # basis rows allocated at a time: memory follows the run, nothing is
 
 
 class LanczosProcess:
-    """Incremental Lanczos process with full reorthogonalisation.
+    """Incremental Lanczos process with full (or, with ``keep``, local) reorthogonalisation.
 
     Args:
         matvec: the symmetric linear map.

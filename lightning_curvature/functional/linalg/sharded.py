@@ -75,11 +75,11 @@ class VectorShards:
         return self.num_shards > 1
 
     def inner_products(self, rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        """Global ``rows @ vector`` in float64 (see :func:`~.reductions.inner_products`)."""
+        """Global ``rows @ vector``, a float64 tensor (see :func:`~.reductions.inner_products`)."""
         return self.all_sum(reductions.inner_products(rows, vector))
 
     def norm(self, vector: torch.Tensor) -> float:
-        """Global Euclidean norm, accumulated in float64."""
+        """Global Euclidean norm (slices summed in float64, see :mod:`~.reductions`)."""
         return float(self.inner_products(vector, vector).sqrt())
 
     def norm_of(self, tensors: Sequence[torch.Tensor]) -> float:
