@@ -10,7 +10,7 @@ is :mod:`~lightning_curvature.functional.batch_sharpness`):
   the span of the top-k Hessian eigenvectors (Gur-Ari, Roberts & Dyer 2018, "Gradient
   descent happens in a tiny subspace"); no product at all once the eigenvectors exist.
 
-Inner products and norms are accumulated in float64
+Inner products and norms sum slices of 2¹⁶ entries in float64
 (:mod:`~lightning_curvature.functional.linalg.reductions`).
 """
 
@@ -41,7 +41,7 @@ class DirectionalCurvature:
     """Result of :func:`directional_curvature`.
 
     Attributes:
-        quadratic_form: ``vᵀHv`` (accumulated in float64, returned in the compute dtype).
+        quadratic_form: ``vᵀHv`` (slices summed in float64, returned in the compute dtype).
         squared_norm: ``‖v‖²`` (likewise).
         num_hvps: Hessian-vector products used (1).
 
@@ -63,7 +63,7 @@ class DirectionalCurvature:
 
 
 def quadratic_form(operator: HessianOperator, vector: torch.Tensor) -> torch.Tensor:
-    """``vᵀHv`` with one product (float64 accumulation)."""
+    """``vᵀHv`` with one product (slices summed in float64)."""
     vector = vector.to(device=operator.device, dtype=operator.dtype)
     return inner_products(vector, operator.matvec(vector))
 

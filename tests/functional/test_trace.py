@@ -69,6 +69,35 @@ def test_hutchinson_samples_are_rademacher_quadratic_forms() -> None:
     assert out.std_error == pytest.approx(float(out.samples.std() / 5**0.5), abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rademacher_draws_equal_the_int64_draw_and_consume_alike(
+    device: str, dtype: torch.dtype
+) -> None:
+    """Drawn in the compute dtype (no int64 temporaries, issue 23): the same signs as the
+    int64 draw shifted, and the generator left in the same state."""
+    where = torch.device(device)
+    drawn, reference = make_generator(where, 5), make_generator(where, 5)
+    for size in (7, 1 << 17):
+        z = rademacher((size,), drawn, dtype, where)
+        bits = torch.randint(0, 2, (size,), generator=reference, device=where)
+        assert z.dtype == dtype
+        assert torch.equal(z, (2 * bits - 1).to(dtype))
+    assert torch.equal(drawn.get_state(), reference.get_state())
+
+
 @pytest.mark.parametrize(("size", "rank", "matvecs"), [(50, 2, 6), (40, 5, 15), (30, 3, 10)])
 def test_hutch_plus_plus_is_exact_on_low_rank_psd(size: int, rank: int, matvecs: int) -> None:
     a = _low_rank_psd(size, rank, seed=size)

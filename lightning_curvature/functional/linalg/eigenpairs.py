@@ -31,6 +31,7 @@ from lightning_curvature.functional.linalg.missed import miss_probabilities
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
 __all__ = [
+    "FULL_BASIS_ENTRIES",
     "MISS_PROBABILITY",
     "LanczosResult",
     "RitzEstimate",
@@ -42,6 +43,12 @@ __all__ = [
 #: certificates of a run together). At the edge of stability each factor of 10 costs about
 #: 2.5 products (``benchmarks/bench_certificate.py``).
 MISS_PROBABILITY = 1e-3
+
+#: A run that returns no Ritz vector keeps its whole basis only while ``max_iter + 1`` rows
+#: hold at most this many entries (64 MiB in float32: ``P ≈ 1.3·10⁶`` at ``max_iter = 50``);
+#: above, it keeps the recurrence's last two rows (``LanczosProcess(keep=2)``), so its memory
+#: no longer grows with its steps (``benchmarks/bench_probe_memory.py``).
+FULL_BASIS_ENTRIES = 1 << 24
 
 
 def default_max_iter(k: int) -> int:
@@ -140,7 +147,9 @@ def _next_one_converged(
     to it, so θ₁ can converge to λ₂ and pass. Asking the next Ritz value to converge too
     keeps the run going long enough for a hidden larger eigenvalue to appear: on a CNN's
     Hessian this took the runs that stopped more than ``tol`` off from 11/30 cold and 10/30
-    warm to 2/30 and 0/30 (``benchmarks/bench_lanczos_stopping.py``).
+    warm to 2/30 and 0/30 (``benchmarks/bench_lanczos_stopping.py``). A run that keeps
+    only its last rows (``run.keep``, k = 1) checks the largest Ritz value below
+    ``θ₁ − tol·|θ₁|``: a copy of a converged θ₁ (a ghost) has converged with it.
     """
     if run.spanned:
         return True
@@ -148,6 +157,11 @@ def _next_one_converged(
         return False  # nothing below the top k yet: nothing checked
     below = values.numel() - 1 - k
     top = float(values[-1].abs())
+    if run.keep is not None:  # k = 1: a copy of θ₁ (a ghost) is not the next value
+        distinct = torch.nonzero(values < values[-1] - tol * top)
+        if distinct.numel() == 0:
+            return False
+        below = int(distinct[-1])
     reach = max(tol * top, float(run.resolution(values[below])))
     return float(_absolute_bounds(values, residuals)[below]) <= reach
 
@@ -233,6 +247,7 @@ def lanczos_eigenpairs(
     generator: torch.Generator | None = None,
     shards: VectorShards | None = None,
     miss_probability: float | None = None,
+    bounded: bool | None = None,
 ) -> LanczosResult:
     """Top-k (and optionally the smallest) eigenpairs of a symmetric operator.
 
@@ -282,6 +297,16 @@ def lanczos_eigenpairs(
             operator): the chance the certificates together may carry that a larger (or,
             for the smallest, a smaller) eigenvalue was missed (e.g. :data:`MISS_PROBABILITY`).
             ``None``: the start is not random, and the guard above is used instead.
+        bounded: keep only the recurrence's last two basis vectors (local
+            reorthogonalisation, no restart after a breakdown; see
+            :class:`LanczosProcess`); only for ``k=1``, since the copies a converged value
+            gets without full reorthogonalisation would pass for the next ones. ``None``:
+            where ``k=1``, no Ritz vector is asked for and the whole basis (of the global
+            vectors, so that every process decides alike) would exceed
+            :data:`FULL_BASIS_ENTRIES`.
+
+    Raises:
+        ValueError: if ``bounded`` is ``True`` with ``k > 1`` or ``return_eigenvectors``.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -300,7 +325,19 @@ def lanczos_eigenpairs(
         >>> out.eigenvalues.round(decimals=9), out.converged.tolist(), out.misses <= 1e-3
         (tensor([1.], dtype=torch.float64), [True], tensor([True]))
     """
-    run = LanczosProcess(matvec, start, max_iter, generator=generator, shards=shards)
+    if bounded is None:  # by the global size: every process must run the same algorithm
+        size = start.numel() if shards is None else shards.size
+        large = size * (max_iter + 1) > FULL_BASIS_ENTRIES
+        bounded = large and k == 1 and not return_eigenvectors
+    if bounded and (k > 1 or return_eigenvectors):
+        raise ValueError(
+            "`bounded=True` certifies only k=1 and keeps no basis to return eigenvectors "
+            f"from; got k={k}, return_eigenvectors={return_eigenvectors}."
+        )
+    run = LanczosProcess(
+        matvec, start, max_iter, generator=generator, shards=shards, keep=2 if bounded else None
+    )
+    del start  # the run holds its own unit start: a caller that passed its last reference frees it
     need = max(min_iter, k + 1 + int(smallest))
     while True:
         more = run.step()
@@ -328,7 +365,7 @@ def lanczos_eigenpairs(
         # The top k and the Ritz vector below them: starting a later run from all k + 1
         # converges that one sooner too (edge-of-stability probes: 12 -> 9 HVPs, median).
         kept = torch.arange(values.numel() - 1, max(values.numel() - 2 - k, -1), -1)
-        coefficients = vectors[:, kept].to(dtype=start.dtype, device=start.device)
+        coefficients = vectors[:, kept].to(dtype=run.dtype, device=run.device)
         warm_start = run.combine(coefficients)
         eigenvectors = warm_start[:k]
     return LanczosResult(

@@ -2,9 +2,10 @@
 
 :class:`LanczosProcess` builds the orthonormal Krylov basis ``Q`` and the tridiagonal
 ``T = Qᵀ A Q`` one product at a time, reorthogonalising every new vector against the whole
-basis twice ("twice is enough", Parlett 1998). Inner products and norms are accumulated in
-float64 (:mod:`~lightning_curvature.functional.linalg.reductions`), so a float32 run over 10⁸
-parameters keeps the accuracy its flags promise.
+basis twice ("twice is enough", Parlett 1998). Inner products and norms sum slices of 2¹⁶
+entries in float64 (:mod:`~lightning_curvature.functional.linalg.reductions`), and ``α`` is
+corrected by the second pass, so a float32 run over 10⁸ parameters keeps the accuracy its
+flags promise.
 
 Breakdown is declared only when nothing but rounding is left of the new residual
 (``β ≤ 16·eps·‖T‖``): a small residual is not an invariant subspace. In float32 the residual
@@ -13,6 +14,16 @@ breakdown threw the bulk away (the run returned wrong eigenvalues marked converg
 true breakdown the run may restart from a fresh random vector orthogonal to the basis, which
 is how repeated eigenvalues are found; the residual dropped there still enters the error
 bound of every Ritz value (``Σ β_b |s_{b,i}|``), so a restart never certifies anything.
+
+A run that needs no Ritz vector may keep only the last ``keep`` basis vectors (``keep=2``:
+``q_{j−1}`` and ``q_j``, the rows of the three-term recurrence), reorthogonalising each new
+vector against them alone (local reorthogonalisation). Its memory is then a few vectors
+whatever the number of steps (at ``P = 10⁷`` a default λ₁ probe kept 32 rows, 20x a
+gradient). Without the older rows, orthogonality is lost once a Ritz value converges (Paige
+1980): a converged value may get a copy (a "ghost") in ``T``; every Ritz value still lies
+within its residual bound plus rounding of an eigenvalue, and a ghost only narrows the gaps
+of the ``r²/δ`` bound. Such a run does not restart after a breakdown (a fresh direction
+must be orthogonal to the whole basis): it stops there, like a run without a generator.
 
 This module is the process alone; what is read from it lives beside it:
 :mod:`~lightning_curvature.functional.linalg.eigenpairs` certifies the extreme eigenpairs and
@@ -48,7 +59,7 @@ _BLOCK = 8  # basis rows allocated at a time: memory follows the run, nothing is
 
 
 class LanczosProcess:
-    """Incremental Lanczos process with full reorthogonalisation.
+    """Incremental Lanczos process with full (or, with ``keep``, local) reorthogonalisation.
 
     Args:
         matvec: the symmetric linear map.
@@ -59,8 +70,11 @@ class LanczosProcess:
             process then holds its shard of ``start`` and of every basis vector, and the
             inner products are summed across processes
             (:class:`~lightning_curvature.functional.linalg.sharded.VectorShards`).
+        keep: keep only the last ``keep`` (at least 2) basis vectors and reorthogonalise
+            against them alone (see the module docstring); ``None``: the whole basis.
 
     Attributes:
+        dtype: the vectors' dtype (``start``'s); ``device`` likewise.
         spanned: the basis spans the whole space (``T``'s eigenvalues are ``A``'s).
         restarts: ``(row, β)`` for each restart: the last row of the block that broke down
             and the residual norm dropped there (it stays in every error bound).
@@ -72,6 +86,11 @@ class LanczosProcess:
         ...     pass
         >>> torch.linalg.eigvalsh(run.tridiagonal()).round(decimals=12)
         tensor([-2.,  1.,  3.], dtype=torch.float64)
+        >>> short = LanczosProcess(lambda v: A @ v, torch.ones(3, dtype=torch.float64), 3, keep=2)
+        >>> while short.step():
+        ...     pass
+        >>> torch.linalg.eigvalsh(short.tridiagonal()).round(decimals=12)
+        tensor([-2.,  1.,  3.], dtype=torch.float64)
     """
 
     def __init__(
@@ -81,8 +100,12 @@ class LanczosProcess:
         max_iter: int,
         generator: torch.Generator | None = None,
         shards: VectorShards | None = None,
+        keep: int | None = None,
     ) -> None:
+        if keep is not None and keep < 2:
+            raise ValueError(f"`keep` must be None or >= 2 (the recurrence's rows), got {keep}.")
         self.matvec = matvec
+        self.keep = keep
         self.shards = shards or VectorShards.single(start.numel())
         if self.shards.local_size != start.numel():
             raise ValueError(
@@ -92,9 +115,10 @@ class LanczosProcess:
         self.size = self.shards.size  # of the whole space
         self._length = start.numel()  # of the vectors held here
         self.max_iter = min(max_iter, self.size)
-        self._blocks: list[torch.Tensor] = []
+        self._blocks: list[torch.Tensor] = []  # the whole basis, in blocks of _BLOCK rows
+        self._window: list[torch.Tensor] = []  # with `keep`: the last rows, oldest first
         self._stored = 0
-        self._template = start
+        self.dtype, self.device = start.dtype, start.device  # `start` itself is not kept
         self._store(start / self.shards.norm(start))
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
@@ -103,7 +127,7 @@ class LanczosProcess:
         self.restarts: list[tuple[int, float]] = []
         self.spanned = False
         self.rounding = 0.0  # largest deviation of Qᵀ A q_j from its exact value so far
-        self.generator = generator
+        self.generator = generator if keep is None else None  # no restart without the basis
 
     @property
     def num_steps(self) -> int:
@@ -112,10 +136,25 @@ class LanczosProcess:
 
     @property
     def basis(self) -> torch.Tensor:
-        """The orthonormal vectors found so far, one a row (the next start included)."""
+        """The orthonormal vectors found so far, one a row (the next start included).
+
+        Raises:
+            ValueError: if the run keeps only its last rows (``keep``).
+        """
+        self._whole()
         return torch.cat(self._blocks)[: self._stored]
 
+    def _whole(self) -> None:
+        if self.keep is not None:
+            raise ValueError(f"this run keeps only its last {self.keep} basis vectors (`keep`).")
+
+    def _first_kept(self, count: int) -> int:
+        """The first of the rows ``0 … count − 1`` still held."""
+        return 0 if self.keep is None else max(count - self.keep, self._stored - self.keep, 0)
+
     def _row(self, index: int) -> torch.Tensor:
+        if self.keep is not None:
+            return self._window[index - (self._stored - len(self._window))]
         return self._blocks[index // _BLOCK][index % _BLOCK]
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
@@ -123,7 +162,11 @@ class LanczosProcess:
 
         Args:
             coefficients: ``(m, c)``, one column per vector, ``m`` at most the rows stored.
+
+        Raises:
+            ValueError: if the run keeps only its last rows (``keep``).
         """
+        self._whole()
         total = coefficients.new_zeros(coefficients.shape[1], self._length)
         for first in range(0, coefficients.shape[0], _BLOCK):
             block = self._blocks[first // _BLOCK][: coefficients.shape[0] - first]
@@ -141,18 +184,32 @@ class LanczosProcess:
         ``16·eps·|θ| + 4·ρ`` with ``ρ`` the largest deviation of ``Qᵀ A q_j`` from its exact
         value seen so far (see :meth:`_record_rounding`).
         """
-        eps = torch.finfo(self._template.dtype).eps
+        eps = torch.finfo(self.dtype).eps
         return _RELATIVE_ROUNDING * eps * values.abs() + _MEASURED_ROUNDING * self.rounding
 
     def _store(self, vector: torch.Tensor) -> None:
+        if self.keep is not None:  # the new row itself, the oldest one dropped
+            self._window = [*self._window[1 - self.keep :], vector]
+            self._stored += 1
+            return
         if self._stored % _BLOCK == 0:
             rows = min(_BLOCK, self.max_iter + 1 - self._stored)
-            self._blocks.append(self._template.new_zeros(rows, self._length))
+            self._blocks.append(
+                torch.zeros(rows, self._length, dtype=self.dtype, device=self.device)
+            )
         self._row(self._stored).copy_(vector)
         self._stored += 1
 
     def _orthogonalise(self, vector: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``vector`` less its projection on the first ``count`` rows, and that projection."""
+        """``vector`` less its projection on the first ``count`` rows, and that projection.
+
+        With ``keep``, on the rows ``_first_kept(count) … count − 1`` alone. The projection
+        is the sum of both passes' coefficients: the second pass corrects the first's
+        (its rounding, the reductions' included; Daniel, Gragg, Kaufman & Stewart 1976), so
+        ``α`` is the coefficient of the residual actually left.
+        """
+        if self.keep is not None:
+            return self._orthogonalise_kept(vector, count)
         blocks = [
             block[: count - first]
             for first, block in zip(range(0, count, _BLOCK), self._blocks, strict=False)
@@ -169,7 +226,31 @@ class LanczosProcess:
 
         first = project(vector)
         once = subtract(vector, first)
-        return subtract(once, project(once)), first  # twice is enough
+        second = project(once)
+        return subtract(once, second), first + second  # twice is enough
+
+    def _orthogonalise_kept(
+        self, vector: torch.Tensor, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_orthogonalise` on the rows kept, in place after the first subtraction.
+
+        The first subtraction makes a new vector (the caller's, a product the operator's
+        self-check still holds, is left as it was); the rest update it in place, so a step
+        holds one vector beyond the rows kept.
+        """
+        rows = [self._row(i) for i in range(self._first_kept(count), count)]
+
+        def project(vector: torch.Tensor) -> torch.Tensor:
+            return self.shards.all_sum(torch.stack([inner_products(r, vector) for r in rows]))
+
+        first = project(vector)
+        vector = torch.sub(vector, rows[0], alpha=float(first[0]))
+        for row, coefficient in zip(rows[1:], first[1:].tolist(), strict=True):
+            vector.sub_(row, alpha=coefficient)
+        second = project(vector)
+        for row, coefficient in zip(rows, second.tolist(), strict=True):
+            vector.sub_(row, alpha=coefficient)  # twice is enough
+        return vector, first + second
 
     def _record_rounding(self, coefficients: torch.Tensor) -> None:
         """Note how far ``Qᵀ A q_j`` is from the exact ``(0, …, 0, β_{j-1}, α_j)``.
@@ -179,11 +260,11 @@ class LanczosProcess:
         is left measures the rounding of the products along the explored directions, the
         same kind of quantity (``uᵀ E v``) as the first-order eigenvalue error ``yᵀ E y``.
         """
-        j = coefficients.numel() - 1
+        j = self.num_steps  # the coefficients are on the rows j + 1 − len … j
         if j == 0:
             return
-        deviations = coefficients[:j].abs()
-        deviations[j - 1] = (coefficients[j - 1] - self.betas[j - 1]).abs()
+        deviations = coefficients[:-1].abs()
+        deviations[-1] = (coefficients[-2] - self.betas[j - 1]).abs()
         self.rounding = max(self.rounding, float(deviations.max()))
 
     def step(self) -> bool:
@@ -195,7 +276,7 @@ class LanczosProcess:
         w = self.matvec(q)
         image = self.shards.norm(w)
         w, coefficients = self._orthogonalise(w, j + 1)
-        alpha = float(coefficients[j])
+        alpha = float(coefficients[-1])
         self._record_rounding(coefficients)
         beta = self.shards.norm(w)
         self.alphas.append(alpha)
@@ -210,7 +291,7 @@ class LanczosProcess:
             if beta <= _NEARLY_INVARIANT * image:
                 self.block_starts.append(j + 1)
             self.betas.append(beta)
-            self._store(w / beta)
+            self._store(w.div_(beta))  # w is the orthogonalisation's own vector
             return True
         # Breakdown: span(Q) is invariant up to rounding. Restart orthogonally, or stop.
         fresh = None if self.generator is None else self._fresh_direction(j + 1)
@@ -230,9 +311,8 @@ class LanczosProcess:
         seeded like the start vector redraws the start vector itself).
         """
         assert self.generator is not None
-        template = self._template
         for _ in range(attempts):
-            fresh = self.shards.randn(self.generator, template.dtype, template.device)
+            fresh = self.shards.randn(self.generator, self.dtype, self.device)
             kept, _ = self._orthogonalise(fresh, count)
             if self.shards.norm(kept) > 1e-3 * self.shards.norm(fresh):
                 kept, _ = self._orthogonalise(kept / self.shards.norm(kept), count)

@@ -24,6 +24,7 @@ import torch
 
 from lightning_curvature.functional.distributed.agreement import agreed
 from lightning_curvature.functional.linalg import reductions
+from lightning_curvature.functional.linalg.sampling import rademacher
 
 __all__ = ["SUM_NOTHING", "AllSum", "VectorShards", "fsdp_shards", "local_tensor"]
 
@@ -74,11 +75,11 @@ class VectorShards:
         return self.num_shards > 1
 
     def inner_products(self, rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        """Global ``rows @ vector`` in float64 (see :func:`~.reductions.inner_products`)."""
+        """Global ``rows @ vector``, a float64 tensor (see :func:`~.reductions.inner_products`)."""
         return self.all_sum(reductions.inner_products(rows, vector))
 
     def norm(self, vector: torch.Tensor) -> float:
-        """Global Euclidean norm, accumulated in float64."""
+        """Global Euclidean norm (slices summed in float64, see :mod:`~.reductions`)."""
         return float(self.inner_products(vector, vector).sqrt())
 
     def norm_of(self, tensors: Sequence[torch.Tensor]) -> float:
@@ -178,10 +179,7 @@ class VectorShards:
         self, generator: torch.Generator, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """This process's shard of a Rademacher (±1) vector."""
-        bits = torch.randint(
-            0, 2, (self.local_size,), generator=self._generator(generator), device=device
-        )
-        return (2 * bits - 1).to(dtype)
+        return rademacher((self.local_size,), self._generator(generator), dtype, device)
 
     def orthonormal_columns(self, columns: torch.Tensor) -> torch.Tensor:
         """An orthonormal basis of the span of ``columns`` (``(n, s)``, this shard's rows).

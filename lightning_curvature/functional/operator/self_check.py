@@ -6,7 +6,8 @@ it has anyway, or nearly:
 
 * **symmetry**, every product against the one before it: a Hessian is symmetric, so
   ``uᵀ(Hv) = vᵀ(Hu)`` up to the products' own error. No product: four inner products (one
-  collective over shards), a copy of the previous vector and a reference to the previous
+  collective over shards), the previous vector (a reference where it is a tensor of its
+  own, a copy where it is a view into a larger one) and a reference to the previous
   product (about 5 ms per million parameters on one CPU thread: 4-7% of a product of the
   23M GPT-2 of ``benchmarks/bench_self_check.py``). It
   finds a finite difference that crosses a kink (the jump of the gradient lies along the
@@ -135,7 +136,8 @@ class ProductCheck:
         self.suspects: list[str] = []
         self.largest = 0.0
         self.sharded = sharded
-        self._kept: torch.Tensor | None = None  # a copy of the previous vector u
+        self._kept: tuple[torch.Tensor, int] | None = None  # the previous vector u, its version
+        self._copy: torch.Tensor | None = None  # the buffer u is copied to when it is a view
         self._product: tuple[torch.Tensor, int] | None = None  # Hu, and its version then
         self._norms = (0.0, 0.0)  # ‖u‖, ‖Hu‖
         self._largest_product = 0.0  # ‖Hv‖/‖v‖, the largest so far: the operator's scale
@@ -144,6 +146,7 @@ class ProductCheck:
     def forget(self) -> None:
         """Drop the kept pair (the operator closed: the next probe starts afresh)."""
         self._kept, self._product, self._largest_product = None, None, 0.0
+        self._copy = None
 
     @property
     def tolerance(self) -> float:
@@ -155,18 +158,23 @@ class ProductCheck:
         local = torch.stack([value.to(torch.float64) for value in values])
         return [float(x) for x in self._shards.all_sum(local)]
 
-    def _previous_product(self) -> torch.Tensor | None:
-        """``Hu``, unless it was changed in place since (then the pair is not compared)."""
-        if self._product is None:
+    @staticmethod
+    def _unchanged(kept: tuple[torch.Tensor, int] | None) -> torch.Tensor | None:
+        """The tensor kept, unless it was changed in place since (then no comparison)."""
+        if kept is None:
             return None
-        product, version = self._product
-        return product if _version(product) == version else None
+        tensor, version = kept
+        return tensor if _version(tensor) == version else None
 
     def symmetric(self, vector: torch.Tensor, product: torch.Tensor) -> None:
         """Compare ``vᵀ(Hu)`` with ``uᵀ(Hv)`` for the previous pair ``(u, Hu)``; keep this one.
 
-        The previous vector is kept as a copy (one buffer), the previous product as it was
-        returned (a caller that changes it in place only skips that comparison). The
+        The previous product is kept as it was returned, and so is the previous vector where
+        it is a tensor of its own (Lanczos' rows when it keeps only its last ones, trace
+        probes): no copy of ``P`` entries. A vector that is a view into a larger tensor (a
+        row of a Lanczos basis, whose next row is written into the same storage) is copied
+        to one buffer. A caller that changes a kept tensor in place only skips that
+        comparison. The
         inner products are taken in the vectors' dtype (BLAS accumulation: 3e-9 relative
         to ``‖u‖‖v‖`` on 23M float32 entries, far below the tolerance) and summed over
         processes in one collective.
@@ -175,7 +183,7 @@ class ProductCheck:
             CurvatureCheckError: if they differ by more than the tolerance.
         """
         vector = vector.to(product.dtype).reshape(-1)
-        hu, u = self._previous_product(), self._kept
+        hu, u = self._unchanged(self._product), self._unchanged(self._kept)
         if hu is None or u is None:
             sums = self._sums([torch.dot(vector, vector), torch.dot(product, product)])
             self._keep(vector, product, sums[0] ** 0.5, sums[1] ** 0.5)
@@ -202,9 +210,12 @@ class ProductCheck:
             self._judge(abs(u_hv - v_hu) / scale, what)
 
     def _keep(self, vector: torch.Tensor, product: torch.Tensor, v_norm: float, hv: float) -> None:
-        if self._kept is None or self._kept.shape != vector.shape:
-            self._kept = torch.empty_like(vector)
-        self._kept.copy_(vector)
+        owner = vector if vector._base is None else vector._base
+        if owner.numel() != vector.numel():  # a view into more: its storage will be written
+            if self._copy is None or self._copy.shape != vector.shape:
+                self._copy = torch.empty_like(vector)
+            vector = self._copy.copy_(vector)
+        self._kept = (vector, _version(vector))
         self._product = (product, _version(product))
         self._norms = (v_norm, hv)
         if v_norm > 0:

@@ -1,0 +1,194 @@
+"""Peak memory and cost of one probe at 10⁶ and 10⁷ parameters, in gradients (issue 23).
+
+The model is a deep tanh MLP (width ``w``, ``depth`` square hidden layers, 2 classes) sized
+to the parameter count asked for, on a fixed batch of 256 random examples (2 classes). Each
+measurement runs in a fresh process with one intra-op thread, so that its peak resident
+memory (``resource.getrusage`` ``ru_maxrss``, which sees torch's allocations, unlike
+``tracemalloc``) is its own; the baseline is the peak after the model was built and ran
+one forward pass. Measured:
+
+* ``gradient``: one plain gradient (``torch.autograd.grad``), the unit of memory (its peak
+  increment) and of time (the minimum of three);
+* ``product``: one Hessian-vector product through ``hessian_vector_product``;
+* ``trace``: ``hessian_trace(num_hvps=16)`` (Hutchinson, Rademacher probes);
+* ``lambda1``: ``hessian_eigenvalues(k=1)`` at its defaults (cold, ``tol=1e-3``),
+  with its products, its seconds and ``λ₁``.
+
+Each row gives the peak increment in MiB, as a multiple of the gradient's and in vectors
+of ``P`` float32 entries (the gradient's own increment moves by a few MiB from process to
+process: the vectors are the steadier unit), its seconds, and, for ``lambda1``, the
+Lanczos process's own seconds per step (each ``LanczosProcess.step`` less the product it
+takes: reorthogonalisation, norms, the step's allocations) in gradients.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_probe_memory.py [--sizes 1000000 10000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# this checkout's package, not an installed one (a script's own folder leads sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BATCH, INPUTS, CLASSES = 256, 256, 2
+MODES = ("gradient", "product", "trace", "lambda1")
+
+
+def _mlp(size: int) -> nn.Module:
+    """A tanh MLP (an input layer, 3 square hidden ones, an output) of about ``size`` parameters."""
+    depth = 4
+    linear = INPUTS + CLASSES + depth  # the width's coefficient: 3 w² + linear·w ≈ size
+    width = int((-linear + math.sqrt(linear**2 + 4 * (depth - 1) * size)) / (2 * (depth - 1)))
+    layers: list[nn.Module] = [nn.Linear(INPUTS, width), nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, CLASSES))
+    torch.manual_seed(0)
+    return nn.Sequential(*layers)
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _probe(mode: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    from lightning_curvature import hessian_eigenvalues, hessian_trace
+    from lightning_curvature.functional.operator.hvp import hessian_vector_product
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    if mode == "gradient":
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.autograd.grad(_loss(model, batch), params)
+            times.append(time.perf_counter() - start)
+        out["seconds"] = min(times)
+    elif mode == "product":
+        vector = torch.randn(sum(p.numel() for p in params), generator=torch.Generator())
+        hessian_vector_product(model, _loss, batch, vector)
+        out.update(seconds=time.perf_counter() - start, products=1)
+    elif mode == "trace":
+        trace = hessian_trace(model, _loss, batch, num_hvps=16)
+        out.update(seconds=time.perf_counter() - start, products=trace.num_hvps)
+    else:
+        with _timed_steps() as own:
+            found = hessian_eigenvalues(model, _loss, batch)
+        out.update(seconds=time.perf_counter() - start, products=found.num_hvps)
+        out.update(lambda1=float(found.eigenvalues[0]), converged=bool(found.converged.all()))
+        out["lanczos_seconds"] = own["step"] - own["matvec"]
+    return out
+
+
+@contextlib.contextmanager
+def _timed_steps() -> Iterator[dict[str, float]]:
+    """Seconds spent in ``LanczosProcess.step`` and in the products it took (patched)."""
+    from lightning_curvature.functional.linalg.lanczos import LanczosProcess
+
+    spent = {"step": 0.0, "matvec": 0.0}
+    step = LanczosProcess.step
+
+    def timed_step(run: LanczosProcess) -> bool:
+        matvec = run.matvec
+
+        def timed_matvec(vector: torch.Tensor) -> torch.Tensor:
+            begin = time.perf_counter()
+            product = matvec(vector)
+            spent["matvec"] += time.perf_counter() - begin
+            return product
+
+        run.matvec = timed_matvec
+        begin = time.perf_counter()
+        try:
+            return step(run)
+        finally:
+            spent["step"] += time.perf_counter() - begin
+            run.matvec = matvec
+
+    LanczosProcess.step = timed_step  # type: ignore[method-assign]
+    try:
+        yield spent
+    finally:
+        LanczosProcess.step = step  # type: ignore[method-assign]
+
+
+def _worker(mode: str, size: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(BATCH, INPUTS, generator=generator)
+    batch = (inputs, torch.randint(0, CLASSES, (BATCH,), generator=generator))
+    _probe(mode, _mlp(10_000), batch)  # warm-up: the code paths' own memory is not the probe's
+    model = _mlp(size)
+    with torch.no_grad():
+        _loss(model, batch)
+    base = _peak_mib()
+    out = {"mode": mode, "parameters": sum(p.numel() for p in model.parameters())}
+    out.update(_probe(mode, model, batch))
+    out["peak_mib"] = _peak_mib() - base
+    return out
+
+
+def _run(mode: str, size: int) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps([mode, size])],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10**6, 10**7])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--one", type=str, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        mode, size = json.loads(args.one)
+        print(json.dumps(_worker(mode, size)))
+        return
+    print(f"torch {torch.__version__}, 1 thread; tanh MLP, batch {BATCH}")
+    print()
+    print("| P | probe | peak RSS increment (MiB) | × gradient | vectors | products | seconds "
+          "| gradients | Lanczos' own s/step (gradients) | λ₁ |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        unit = _run("gradient", size)
+        rows = [unit] + [_run(mode, size) for mode in args.modes if mode != "gradient"]
+        for r in rows:
+            vector_mib = r["parameters"] * 4 / 2**20
+            value, own = "", ""
+            if "lambda1" in r:
+                value = f"{r['lambda1']:.6g}" + ("" if r["converged"] else " (not converged)")
+                step = r["lanczos_seconds"] / r["products"]
+                own = f"{step:.4f} ({step / unit['seconds']:.2f})"
+            print(
+                f"| {r['parameters']:.2e} | {r['mode']} | {r['peak_mib']:.0f} "
+                f"| {r['peak_mib'] / unit['peak_mib']:.1f} | {r['peak_mib'] / vector_mib:.1f} "
+                f"| {r.get('products', '')} | {r['seconds']:.3f} "
+                f"| {r['seconds'] / unit['seconds']:.1f} | {own} | {value} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Lanczos keeping only the recurrence's last rows (issue 23, 1): memory, accuracy, certificate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_curvature.functional.linalg import eigenpairs
+from lightning_curvature.functional.linalg.eigenpairs import (
+    MISS_PROBABILITY,
+    default_max_iter,
+    lanczos_eigenpairs,
+)
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
+from lightning_curvature.functional.linalg.sharded import VectorShards
+
+
+def _edge_of_stability(n: int, ratio: float, dtype: torch.dtype) -> torch.Tensor:
+    """A top pair ``1, ratio`` over a decaying cluster (as benchmarks/bench_certificate.py)."""
+    j = torch.arange(n - 2, dtype=torch.float64)
+    cluster = 0.97 * torch.exp(-j / 12) - 0.02
+    return torch.cat([torch.tensor([1.0, ratio], dtype=torch.float64), cluster]).to(dtype)
+
+
+def _start(n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_only_the_last_two_rows_are_held() -> None:
+    size = 500
+    values = torch.linspace(-1.0, 2.0, size, dtype=torch.float64)
+    run = LanczosProcess(lambda v: values * v, _start(size, 0, torch.float64), 60, keep=2)
+    while run.step():
+        assert len(run._window) <= 2
+        assert not run._blocks
+    assert run.num_steps == 60
+    with pytest.raises(ValueError, match="keeps only its last 2"):
+        run.basis  # noqa: B018
+    with pytest.raises(ValueError, match="keeps only its last 2"):
+        run.combine(torch.ones(3, 1, dtype=torch.float64))
+
+
+def test_keep_below_two_is_refused() -> None:
+    with pytest.raises(ValueError, match="`keep` must be None or >= 2"):
+        LanczosProcess(lambda v: v, torch.ones(3), 3, keep=1)
+
+
+def test_bounded_with_eigenvectors_is_refused() -> None:
+    with pytest.raises(ValueError, match="keeps no basis to return eigenvectors"):
+        lanczos_eigenpairs(lambda v: v, torch.ones(3), bounded=True, return_eigenvectors=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("ratio", [0.98, 0.995, 0.999])
+def test_same_products_and_values_as_the_whole_basis(dtype: torch.dtype, ratio: float) -> None:
+    """At the edge of stability, cold, to ``MISS_PROBABILITY``: the same steps (±10 %), the
+    same certificates, λ₁ within tol whenever certified, over 10 random starts."""
+    n = 1000
+    spectrum = _edge_of_stability(n, ratio, dtype)
+    steps = {False: 0, True: 0}
+    for seed in range(10):
+        start = _start(n, seed, dtype)
+        for bounded in (False, True):
+            out = lanczos_eigenpairs(
+                lambda v: spectrum * v,
+                start,
+                max_iter=default_max_iter(1),
+                miss_probability=MISS_PROBABILITY,
+                bounded=bounded,
+            )
+            steps[bounded] += out.num_steps
+            if out.converged[0]:
+                assert abs(float(out.eigenvalues[0]) - 1.0) <= 1e-3 * float(out.eigenvalues[0])
+    assert abs(steps[True] - steps[False]) <= 0.1 * steps[False]
+
+
+def test_top_and_smallest_of_a_rotated_matrix_agree() -> None:
+    n = 300
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    spectrum = torch.cat([torch.tensor([9.0, 7.0, 6.0, -5.0]), torch.rand(n - 4, generator=gen)])
+    a = q @ torch.diag(spectrum.double()) @ q.T
+    found = {
+        bounded: lanczos_eigenpairs(
+            lambda v: a @ v,
+            _start(n, 1, torch.float64),
+            tol=1e-8,
+            max_iter=80,
+            smallest=True,
+            bounded=bounded,
+        )
+        for bounded in (False, True)
+    }
+    for out in found.values():
+        assert out.converged.all()
+        assert float(out.eigenvalues[0]) == pytest.approx(9.0, abs=1e-7)
+        assert out.smallest is not None
+        assert out.smallest.converged
+        assert out.smallest.value == pytest.approx(-5.0, abs=1e-7)
+    assert abs(found[True].num_steps - found[False].num_steps) <= 0.1 * found[False].num_steps
+
+
+def test_more_than_the_top_one_is_refused() -> None:
+    """Without full reorthogonalisation a converged θ₁ gets copies that would pass for θ₂."""
+    with pytest.raises(ValueError, match="certifies only k=1"):
+        lanczos_eigenpairs(lambda v: v, torch.ones(3), k=2, bounded=True)
+
+
+def test_the_warm_guard_looks_past_copies_of_the_top_value() -> None:
+    """From a warm start (no miss probability), a ghost of θ₁ is not the next Ritz value:
+    the run waits for a distinct one, as the whole basis does."""
+    n = 400
+    spectrum = torch.cat([torch.tensor([10.0]), torch.linspace(0.0, 9.0, n - 1)]).double()
+    warm = torch.zeros(n, dtype=torch.float64)
+    warm[0], warm[1:] = 1.0, 1e-4 * _start(n - 1, 0, torch.float64)
+    out = {
+        bounded: lanczos_eigenpairs(
+            lambda v: spectrum * v, warm, tol=1e-6, max_iter=150, bounded=bounded
+        )
+        for bounded in (False, True)
+    }
+    for result in out.values():
+        assert result.converged.all()
+        assert result.guarded
+        assert float(result.eigenvalues[0]) == pytest.approx(10.0, abs=1e-6)
+    assert out[True].num_steps >= 0.9 * out[False].num_steps
+
+
+def test_ghosts_after_convergence_do_not_break_the_bound() -> None:
+    """Run far past convergence (float32, no certificate to stop at): orthogonality is lost
+    and ``T`` gets copies of converged values, yet every top Ritz value keeps an eigenvalue
+    within its bound plus the resolution."""
+    n = 400
+    spectrum = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(0.0, 1.0, n - 2)])
+    run = LanczosProcess(lambda v: spectrum * v, _start(n, 0, torch.float32), 120, keep=2)
+    while run.step():
+        pass
+    values, _, residuals = run.ritz()
+    reach = residuals + run.resolution(values) + 1e-5 * 10.0
+    distance = (values[:, None] - spectrum.double()[None, :]).abs().min(dim=1).values
+    assert (distance <= reach).all()
+    assert (values > 9.99).sum() >= 2  # a ghost of 10 appeared: the test ran far enough
+
+
+def test_a_breakdown_ends_the_run_without_a_restart() -> None:
+    spectrum = torch.tensor([5.0, 5.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    start = _start(5, 0, torch.float64)
+    run = LanczosProcess(lambda v: spectrum * v, start, 5, generator=generator, keep=2)
+    while run.step():
+        pass
+    assert run.num_steps == 4  # one step per distinct eigenvalue: no fresh direction drawn
+    assert not run.restarts
+    torch.testing.assert_close(torch.linalg.eigvalsh(run.tridiagonal())[-1], spectrum[0])
+
+
+def test_the_default_bounds_large_runs_without_eigenvectors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(eigenpairs, "FULL_BASIS_ENTRIES", 40 * 11)
+    made: list[int | None] = []
+    original = eigenpairs.LanczosProcess.__init__
+
+    def spy(self: LanczosProcess, *args: object, **kwargs: object) -> None:
+        made.append(kwargs.get("keep"))  # type: ignore[arg-type]
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(eigenpairs.LanczosProcess, "__init__", spy)
+    d = torch.linspace(0.0, 1.0, 40, dtype=torch.float64)
+    lanczos_eigenpairs(lambda v: d * v, torch.ones(40, dtype=torch.float64), max_iter=10)
+    lanczos_eigenpairs(lambda v: d * v, torch.ones(40, dtype=torch.float64), max_iter=11)
+    lanczos_eigenpairs(
+        lambda v: d * v, torch.ones(40, dtype=torch.float64), max_iter=11, return_eigenvectors=True
+    )
+    lanczos_eigenpairs(lambda v: d * v, torch.ones(40, dtype=torch.float64), k=2, max_iter=11)
+    # one of two processes holding 20 of 40 entries decides by the global 40, like its peer
+    half = VectorShards(size=40, local_size=20, shard=0, num_shards=2)
+    lanczos_eigenpairs(lambda v: d[:20] * v, torch.ones(20, dtype=torch.float64), max_iter=11,
+                       shards=half)  # fmt: skip
+    assert made == [None, 2, None, None, 2]
