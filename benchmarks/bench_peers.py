@@ -53,6 +53,7 @@ import copy
 import importlib
 import itertools
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -333,10 +334,12 @@ def eigen_methods(problem: Problem, peers: dict[str, Any]) -> dict[str, Method]:
 # per model, the largest PyHessian tol and fewest eigenthings steps on a ladder that reached
 # 1e-3 in every repeat of a trial run on this machine (benchmarks/README.md)
 TUNED: dict[str, dict[str, Any]] = {
-    "MLP": {"pyhessian": 1e-4, "eigenthings": 12},
-    "CNN": {"pyhessian": 1e-4, "eigenthings": 12},
-    "GPT-2": {"pyhessian": 1e-4, "eigenthings": 12},
+    "MLP": {"pyhessian": 1e-4, "eigenthings": 11},
+    "CNN": {"pyhessian": 3e-4, "eigenthings": 6},
+    "GPT-2": {"pyhessian": 1e-5, "eigenthings": 17},  # no PyHessian tol reaches it (README)
 }
+# (λ₁ repeats, trace repeats) per model, to keep the whole run under 8 minutes on one thread
+REPEATS = {"MLP": (5, 3), "CNN": (2, 2), "GPT-2": (3, 3)}
 
 
 @dataclass
@@ -481,8 +484,8 @@ def trace_table(problem: Problem, rows: list[Row]) -> list[str]:
 # -- main ----------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="λ₁ repeats (seeds) per model")
-    parser.add_argument("--trace-repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, help="λ₁ repeats (seeds), all models")
+    parser.add_argument("--trace-repeats", type=int, help="trace repeats, all models")
     parser.add_argument("--models", nargs="+", default=["MLP", "CNN", "GPT-2"])
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     args = parser.parse_args()
@@ -497,12 +500,18 @@ def main() -> None:
     for name in args.models:
         problem = build[name]()
         reference(problem)
-        notes.append(f"- {problem.label}, batch {problem.batch[1].shape[0]}: {problem.note}")
-        eigen_lines += eigen_table(problem, eigen_rows(problem, peers, args.repeats))
-        trace_lines += trace_table(problem, trace_rows(problem, peers, args.trace_repeats))
+        repeats, trace_repeats = REPEATS[name]
+        repeats = args.repeats or repeats
+        trace_repeats = args.trace_repeats or trace_repeats
+        eigen_lines += eigen_table(problem, eigen_rows(problem, peers, repeats))
+        trace_lines += trace_table(problem, trace_rows(problem, peers, trace_repeats))
+        notes.append(
+            f"- {problem.label}, batch {problem.batch[1].shape[0]}: {problem.note}; "
+            f"{repeats} λ₁ repeats, {trace_repeats} trace repeats"
+        )
     versions = [dist for key, dist in PEERS.items() if key in peers] + ["transformers"]
     lines = [
-        f"bench_peers.py --repeats {args.repeats} --trace-repeats {args.trace_repeats}",
+        "bench_peers.py " + " ".join(sys.argv[1:]),
         machine("lightning-curvature", *versions),
         *(f"not measured: {PEERS[key]} ({why})" for key, why in failed.items()),
         "",
