@@ -175,6 +175,7 @@ class Problem:
     truth: float = 0.0
     note: str = ""
     trace: float | None = None
+    size: str = ""
 
     @property
     def label(self) -> str:
@@ -185,14 +186,14 @@ def mlp() -> Problem:
     data = digits()
     model = make_mlp()
     train_sgd(model, minibatches(data, 128, seed=1), 60, 0.05)
-    return Problem("MLP", model, head(data, 512))
+    return Problem("MLP", model, head(data, 512), size="batch 512")
 
 
 def cnn() -> Problem:
     data = synthetic_images(2048)
     model = make_cnn()
     train_sgd(model, minibatches(data, 128, seed=1), 50, 0.02)
-    return Problem("CNN", model, head(data, 128))
+    return Problem("CNN", model, head(data, 128), size="batch 128")
 
 
 def gpt2() -> Problem:
@@ -205,7 +206,7 @@ def gpt2() -> Problem:
     torch.manual_seed(0)
     model = Logits(transformers.GPT2LMHeadModel(config)).eval()
     ids = torch.randint(0, GPT2["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
-    return Problem("GPT-2", model, (ids, ids[:, 1:].reshape(-1)))
+    return Problem("GPT-2", model, (ids, ids[:, 1:].reshape(-1)), size="2 x 32 tokens")
 
 
 def reference(problem: Problem) -> None:
@@ -348,6 +349,7 @@ class Row:
     products: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
 
     @property
     def time(self) -> float:
@@ -358,10 +360,11 @@ class Row:
         return statistics.median(self.products)
 
 
-def eigen_rows(problem: Problem, peers: dict[str, Any], repeats: int) -> list[Row]:
+def eigen_rows(problem: Problem, peers: dict[str, Any], repeats: int) -> tuple[list[Row], str]:
+    """The λ₁ rows, and how the counted products compare with this project's ``num_hvps``."""
     methods = eigen_methods(problem, peers)
     rows = {name: Row(name) for name in methods}
-    mismatches = []
+    mismatches: list[tuple[int, int]] = []
     for repeat in range(repeats):
         names = list(methods)
         names = names[repeat % len(names) :] + names[: repeat % len(names)]
@@ -373,10 +376,14 @@ def eigen_rows(problem: Problem, peers: dict[str, Any], repeats: int) -> list[Ro
             rows[name].products.append(counter[0])
             rows[name].seconds.append(run.seconds)
             rows[name].errors.append(relative_error(run.value, problem.truth))
-    if mismatches:
-        print(f"[{problem.name}] num_hvps vs counted (differ): {mismatches}", flush=True)
-    print(f"[{problem.label}] λ₁ done", flush=True)
-    return list(rows.values())
+            rows[name].values.append(run.value)
+    check = (
+        f"num_hvps (returned, counted) differ: {mismatches}"
+        if mismatches
+        else f"counted products = num_hvps in all {repeats} runs"
+    )
+    print(f"[{problem.label}] λ₁ done; {check}", flush=True)
+    return list(rows.values()), check
 
 
 def eigen_table(problem: Problem, rows: list[Row]) -> list[str]:
@@ -386,6 +393,7 @@ def eigen_table(problem: Problem, rows: list[Row]) -> list[str]:
         within = sum(e <= TARGET for e in row.errors)
         lines.append(
             f"| {problem.name} | {row.method} | {fmt_range(row.products)} | {row.time:.3f} | "
+            f"{statistics.median(row.values):.5g} | "
             f"{statistics.median(row.errors):.1e} [{max(row.errors):.1e}] | "
             f"{within}/{len(row.errors)} | {ours_row.hvps / row.hvps:.2f} | "
             f"{ours_row.time / row.time:.2f} |"
@@ -491,6 +499,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=CurvatureWarning)
+    warnings.filterwarnings("ignore", message="Using backward.. with create_graph")  # PyHessian
     started, load = time.perf_counter(), load_average()
     peers, failed = import_peers()
     build = {"MLP": mlp, "CNN": cnn, "GPT-2": gpt2}
@@ -503,11 +512,12 @@ def main() -> None:
         repeats, trace_repeats = REPEATS[name]
         repeats = args.repeats or repeats
         trace_repeats = args.trace_repeats or trace_repeats
-        eigen_lines += eigen_table(problem, eigen_rows(problem, peers, repeats))
+        rows, check = eigen_rows(problem, peers, repeats)
+        eigen_lines += eigen_table(problem, rows)
         trace_lines += trace_table(problem, trace_rows(problem, peers, trace_repeats))
         notes.append(
-            f"- {problem.label}, batch {problem.batch[1].shape[0]}: {problem.note}; "
-            f"{repeats} λ₁ repeats, {trace_repeats} trace repeats"
+            f"- {problem.label}, {problem.size}: {problem.note}; "
+            f"{repeats} λ₁ repeats ({check}), {trace_repeats} trace repeats"
         )
     versions = [dist for key, dist in PEERS.items() if key in peers] + ["transformers"]
     lines = [
@@ -521,13 +531,14 @@ def main() -> None:
         f"λ₁ to {TARGET:g}: products and seconds are medians over repeats (one seed each, "
         "interleaved); error median [max]; ratios are this project / the row's method.",
         "",
-        "| model | method | products | seconds | rel. error | ≤ 1e-3 | products ratio | "
-        "time ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | method | products | seconds | λ₁ returned | rel. error | ≤ 1e-3 | "
+        "products ratio | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
         *eigen_lines,
         "",
         f"Hutchinson trace at {TRACE_HVPS} products: seconds median over interleaved repeats; "
-        "error against the dense trace (MLP) or the mean of all runs; ratio this project / row.",
+        "error against the dense float64 trace (MLP), elsewhere against the mean of all the "
+        "table's runs of that model (indicative only); ratio this project / row.",
         "",
         "| model | method | products | seconds | rel. error | time ratio |",
         "|---|---|---|---|---|---|",
