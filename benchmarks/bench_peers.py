@@ -521,7 +521,7 @@ def main() -> None:
         )
     versions = [dist for key, dist in PEERS.items() if key in peers] + ["transformers"]
     lines = [
-        "bench_peers.py " + " ".join(sys.argv[1:]),
+        " ".join(["bench_peers.py", *sys.argv[1:]]),
         machine("lightning-curvature", *versions),
         *(f"not measured: {PEERS[key]} ({why})" for key, why in failed.items()),
         "",
