@@ -31,9 +31,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_curvature.functional.linalg.product_batches import ProductBatches
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
-__all__ = ["MIN_MATVECS", "TraceSamples", "hutch_plus_plus", "hutchinson", "student_t_975"]
+__all__ = [
+    "GROUP",
+    "MIN_MATVECS",
+    "TraceSamples",
+    "hutch_plus_plus",
+    "hutchinson",
+    "student_t_975",
+]
 
 #: Fewest products that give a finite standard error: two samples for Hutchinson; for
 #: Hutch++ a sketch of one column, its exact part, and two deflated samples (with 3 products
@@ -41,6 +49,10 @@ __all__ = ["MIN_MATVECS", "TraceSamples", "hutch_plus_plus", "hutchinson", "stud
 MIN_MATVECS = {"hutchinson": 2, "hutch++": 4}
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+#: Probes per group where the products may be batched (Hutchinson with ``matmat``): each
+#: batched group holds this many products' worth of backward intermediates at once.
+GROUP = 8
 Blocks = Mapping[str, Sequence[slice]]
 
 
@@ -156,11 +168,15 @@ def hutchinson(
     device: torch.device | None = None,
     blocks: Blocks | None = None,
     shards: VectorShards | None = None,
+    matmat: Matvec | None = None,
 ) -> TraceSamples:
     """Hutchinson's estimator with Rademacher probes.
 
     ``size`` is the length of the vectors ``matvec`` takes (this process's shard with
-    ``shards``); ``blocks`` slice those vectors.
+    ``shards``); ``blocks`` slice those vectors. With ``matmat`` (the products of the rows of
+    a matrix) the probes go in groups of :data:`GROUP`, each group one by one or batched,
+    whichever :class:`~lightning_curvature.functional.linalg.product_batches.ProductBatches`
+    found faster; the probes and the samples are the same either way.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
@@ -174,12 +190,14 @@ def hutchinson(
     shards = _shards(shards, size)
     samples: list[torch.Tensor] = []
     block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
-    for _ in range(num_matvecs):
-        z = shards.rademacher(generator, dtype, device)
-        az = matvec(z)
-        samples.append(torch.dot(z, az))
-        for name, slices in blocks.items():
-            block_samples[name].append(_block_dot(z, az, slices))
+    products = ProductBatches(matvec, matmat, device)
+    for first in range(0, num_matvecs, GROUP if matmat is not None else 1):
+        count = min(GROUP if matmat is not None else 1, num_matvecs - first)
+        zs = torch.stack([shards.rademacher(generator, dtype, device) for _ in range(count)])
+        for z, az in zip(zs, products(zs), strict=True):
+            samples.append(torch.dot(z, az))
+            for name, slices in blocks.items():
+                block_samples[name].append(_block_dot(z, az, slices))
     total, per_block = _summed(shards, samples, block_samples)
     return TraceSamples(
         offset=0.0,

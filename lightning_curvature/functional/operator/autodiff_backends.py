@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.functional.operator.autodiff import pullback
+from lightning_curvature.functional.operator.autodiff import batched_pullback, pullback
 from lightning_curvature.functional.operator.backends import FallBack, HVPBackend
 from lightning_curvature.functional.operator.ggn import (
     GaussNewtonProducts,
@@ -155,6 +155,11 @@ class AutodiffProducts:
         """``H v``: one backward through the retained gradient graph."""
         assert self.retained is not None
         return pullback(self.retained, self.losses.leaves, vs)
+
+    def retained_products(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``H v`` of a batch of vectors (a leading dimension): one batched backward."""
+        assert self.retained is not None
+        return batched_pullback(self.retained, self.losses.leaves, vs)
 
     def double_backward(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``H v`` through a gradient graph built for this product alone."""

@@ -187,6 +187,38 @@ class BackendDispatch:
             self.fallback.announce()
         return hv
 
+    @property
+    def batches_products(self) -> bool:
+        """Whether :meth:`products` takes several vectors at once (the retained graph, H).
+
+        The retained gradient graph of the Hessian on one process's parameters: not sharded,
+        not the GGN.
+        """
+        autodiff = self.autodiff
+        return (
+            self.backend == "retained_graph"
+            and autodiff is not None
+            and autodiff.retained is not None
+            and autodiff.ggn is None
+            and self._sharded is None
+        )
+
+    def products(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``H v`` of a batch of vectors (a leading dimension) in one batched backward.
+
+        Raises:
+            RuntimeError: where the backward cannot be vectorised (an op without a batching
+                rule that cannot fall back), explained like a single product's error.
+        """
+        assert self.batches_products
+        assert self.autodiff is not None
+        try:
+            return self.autodiff.retained_products(vs)
+        except RuntimeError as err:
+            if not is_missing_derivative(err):
+                raise
+            raise self.checks.explain(err, "retained_graph") from err
+
     def _product(self, vs: list[torch.Tensor], may_fall_back: bool) -> list[torch.Tensor]:
         autodiff = self.autodiff
         if autodiff is not None and autodiff.ggn is not None:

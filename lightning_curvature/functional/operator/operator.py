@@ -345,6 +345,41 @@ class HessianOperator:
         self._check_product(vs, vector, flat)
         return flat
 
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H`` times each row of ``vectors`` (``count × size``), as :meth:`matvec` would.
+
+        Where the backend allows it (the retained gradient graph of the Hessian on one
+        process), the rows after the operator's first product go through one batched
+        backward (``is_grads_batched``); elsewhere they are taken one at a time. Every row
+        is checked and counted as one product.
+
+        Example:
+            >>> net = nn.Linear(2, 1, bias=False)
+            >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+            >>> with HessianOperator(net, lambda m, b: m(b).pow(2).mean(), x) as H:
+            ...     H.matmat(torch.eye(2)), H.num_hvps  # H = 2 XᵀX / n = diag(1, 4)
+            (tensor([[1., 0.],
+                    [0., 4.]]), 2)
+        """
+        rows = vectors.to(device=self.device, dtype=self.dtype)
+        if self.num_hvps == 0 and len(rows) > 0:  # the first product may still fall back
+            return torch.cat([self.matvec(rows[0])[None], self.matmat(rows[1:])])
+        if not self._dispatch.batches_products or self._mean is not None or len(rows) < 2:
+            return torch.stack([self.matvec(row) for row in rows]).reshape(rows.shape)
+        count = len(rows)
+        slices = self.layout.slices.values()
+        vs = [
+            rows[:, s].reshape(count, *shape)
+            for s, shape in zip(slices, self.layout.shapes, strict=True)
+        ]
+        flat = torch.cat([p.reshape(count, -1) for p in self._dispatch.products(vs)], 1).detach()
+        self.num_hvps += count
+        if not bool(torch.isfinite(flat).all()):
+            raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
+        for row, product in zip(rows, flat, strict=True):
+            self._check_product(vs, row, product)  # (vs serves a finite difference only)
+        return flat
+
     def _check_product(
         self, vs: list[torch.Tensor], vector: torch.Tensor, hv: torch.Tensor
     ) -> None:
