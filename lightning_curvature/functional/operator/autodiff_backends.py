@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.functional.operator.autodiff import batched_pullback, pullback
+from lightning_curvature.functional.operator.autodiff import pullback
 from lightning_curvature.functional.operator.backends import FallBack, HVPBackend
 from lightning_curvature.functional.operator.ggn import (
     GaussNewtonProducts,
@@ -159,7 +159,7 @@ class AutodiffProducts:
     def retained_products(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``H v`` of a batch of vectors (a leading dimension): one batched backward."""
         assert self.retained is not None
-        return batched_pullback(self.retained, self.losses.leaves, vs)
+        return pullback(self.retained, self.losses.leaves, vs, batched=True)
 
     def double_backward(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``H v`` through a gradient graph built for this product alone."""
