@@ -116,9 +116,9 @@ def hessian_trace(
         num_hvps: Hessian-vector products (probes); at least 2 (4 for Hutch++, whose
             standard error needs two deflated samples besides its sketch and exact part).
         method: ``"hutchinson"`` or ``"hutch++"``. Hutchinson's products go in groups of
-            8 with the ``"retained_graph"`` backend on one process: each group one by one or
-            in one batched backward, whichever was timed faster on the first groups (the
-            same products; bitwise equal on the CPU models measured).
+            8 with the ``"retained_graph"`` backend on one process, up to 10⁶ parameters:
+            each group one by one or in one batched backward, whichever was timed faster
+            on the first groups (the same products; bitwise equal on the CPU models measured).
         per_layer: blocks with a trace of their own: ``True`` (one per module), a list of
             glob patterns (one per pattern) or a dict of block name to pattern(s), see
             :func:`~lightning_curvature.functional.model.parameters.layer_blocks`.

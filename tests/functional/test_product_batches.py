@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from lightning_curvature.functional.linalg.product_batches import ProductBatches
-from lightning_curvature.functional.linalg.trace_estimators import GROUP, hutchinson
+from lightning_curvature.functional.linalg.trace_estimators import (
+    BATCHED_ENTRIES,
+    GROUP,
+    hutchinson,
+)
 from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.trace import hessian_trace
 
@@ -136,3 +140,18 @@ def test_out_of_memory_goes_on_one_by_one() -> None:
         assert torch.equal(products(torch.ones(2, 2)), 3 * torch.ones(2, 2))
     assert calls["batched"] == 1
     assert "batched" not in products.seconds
+
+
+def test_large_operators_take_their_products_one_by_one() -> None:
+    """Above BATCHED_ENTRIES a group would hold too much at once: no batched call is made."""
+
+    def never(rows: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a batched call above the memory cap")
+
+    size = BATCHED_ENTRIES // (2 * GROUP) + 1
+    out = hutchinson(lambda v: 2 * v, size, 3 * GROUP, torch.Generator().manual_seed(0),
+                     matmat=never)  # fmt: skip
+    assert out.estimate == pytest.approx(2 * size)  # Rademacher: zᵀ(2z) = 2·size exactly
+    small = hutchinson(lambda v: 2 * v, 10, 3 * GROUP, torch.Generator().manual_seed(0),
+                       matmat=lambda rows: 2 * rows)  # fmt: skip
+    assert small.estimate == pytest.approx(20.0)

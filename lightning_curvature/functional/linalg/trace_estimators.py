@@ -35,6 +35,7 @@ from lightning_curvature.functional.linalg.product_batches import ProductBatches
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
 __all__ = [
+    "BATCHED_ENTRIES",
     "GROUP",
     "MIN_MATVECS",
     "TraceSamples",
@@ -53,6 +54,11 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 #: Probes per group where the products may be batched (Hutchinson with ``matmat``): each
 #: batched group holds this many products' worth of backward intermediates at once.
 GROUP = 8
+#: Batched groups only while a group's probes and products hold at most this many entries
+#: (``2 × GROUP × size``; 64 MiB in float32, ``size`` up to 10⁶): above, where memory is what
+#: decides whether a model can be probed at all, products go one by one (on the CPU batching
+#: paid only on small models anyway, ``benchmarks/bench_trace_batches.py``).
+BATCHED_ENTRIES = 1 << 24
 Blocks = Mapping[str, Sequence[slice]]
 
 
@@ -174,7 +180,8 @@ def hutchinson(
 
     ``size`` is the length of the vectors ``matvec`` takes (this process's shard with
     ``shards``); ``blocks`` slice those vectors. With ``matmat`` (the products of the rows of
-    a matrix) the probes go in groups of :data:`GROUP`, each group one by one or batched,
+    a matrix) the probes go in groups of :data:`GROUP` (while a group holds at most
+    :data:`BATCHED_ENTRIES` entries), each group one by one or batched,
     whichever :class:`~lightning_curvature.functional.linalg.product_batches.ProductBatches`
     found faster; the probes and the samples are the same either way.
 
@@ -190,9 +197,12 @@ def hutchinson(
     shards = _shards(shards, size)
     samples: list[torch.Tensor] = []
     block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
+    if 2 * GROUP * size > BATCHED_ENTRIES:
+        matmat = None
+    group = GROUP if matmat is not None else 1
     products = ProductBatches(matvec, matmat, device)
-    for first in range(0, num_matvecs, GROUP if matmat is not None else 1):
-        count = min(GROUP if matmat is not None else 1, num_matvecs - first)
+    for first in range(0, num_matvecs, group):
+        count = min(group, num_matvecs - first)
         zs = torch.stack([shards.rademacher(generator, dtype, device) for _ in range(count)])
         for z, az in zip(zs, products(zs), strict=True):
             samples.append(torch.dot(z, az))
