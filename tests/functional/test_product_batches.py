@@ -155,3 +155,16 @@ def test_large_operators_take_their_products_one_by_one() -> None:
     small = hutchinson(lambda v: 2 * v, 10, 3 * GROUP, torch.Generator().manual_seed(0),
                        matmat=lambda rows: 2 * rows)  # fmt: skip
     assert small.estimate == pytest.approx(20.0)
+
+
+def test_a_single_row_and_no_row(model: nn.Module, batch: torch.Tensor) -> None:
+    size = sum(p.numel() for p in model.parameters())
+    row = torch.randn(1, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with HessianOperator(model, loss_fn, batch) as H:
+        first = H.matmat(row)  # the operator's first product, alone
+        again = H.matmat(row)
+        none = H.matmat(row[:0])
+        assert H.num_hvps == 2
+    assert first.shape == again.shape == (1, size)
+    assert none.shape == (0, size)
+    assert torch.allclose(first, row @ dense_hessian(model, batch), rtol=1e-9, atol=1e-12)

@@ -80,7 +80,8 @@ class ProductBatches:
                 self._matmat = None  # where memory does not allow, one at a time from now on
                 return self(vectors)
         else:
-            products = torch.stack([self._matvec(v) for v in vectors])
+            singles = [self._matvec(v) for v in vectors]
+            products = singles[0].unsqueeze(0) if len(singles) == 1 else torch.stack(singles)
         if timed:
             self._synchronize()
             self.seconds[way] = (time.perf_counter() - start) / len(vectors)

@@ -203,7 +203,8 @@ def hutchinson(
     products = ProductBatches(matvec, matmat, device)
     for first in range(0, num_matvecs, group):
         count = min(group, num_matvecs - first)
-        zs = torch.stack([shards.rademacher(generator, dtype, device) for _ in range(count)])
+        drawn = [shards.rademacher(generator, dtype, device) for _ in range(count)]
+        zs = drawn[0].unsqueeze(0) if count == 1 else torch.stack(drawn)  # (one: no copy)
         for z, az in zip(zs, products(zs), strict=True):
             samples.append(torch.dot(z, az))
             for name, slices in blocks.items():

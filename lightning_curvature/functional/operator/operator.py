@@ -365,7 +365,7 @@ class HessianOperator:
         if self.num_hvps == 0 and len(rows) > 0:  # the first product may still fall back
             return torch.cat([self.matvec(rows[0])[None], self.matmat(rows[1:])])
         if not self._dispatch.batches_products or self._mean is not None or len(rows) < 2:
-            return torch.stack([self.matvec(row) for row in rows]).reshape(rows.shape)
+            return torch.stack([self.matvec(row) for row in rows]) if len(rows) else rows.clone()
         count = len(rows)
         slices = self.layout.slices.values()
         vs = [
