@@ -6,9 +6,10 @@ the characteristic polynomial of the run's tridiagonal ``T_m`` and ``x₀ = θ�
 inequality ``|⟨b̂, v⟩|·|q(λ)| ≤ ‖q(A)b̂‖`` holds for *every* polynomial ``q`` of degree ≤ m;
 the one that makes ``‖q(A)b̂‖/|q(x₀)|`` least is the kernel polynomial
 ``K(x) = Σ_{j≤m} φ_j(x₀)φ_j(x)`` of the orthonormal Lanczos polynomials ``φ_j`` (``φ_j(A)b̂ =
-q_{j+1}``), giving ``1/√(Σ_j φ_j(x₀)²)`` (the Christoffel function; Gautschi 2004, §1.2.4 on
-its extremal property). Every ``φ_j`` has its roots below ``θ₁`` (interlacing), so ``K`` grows
-past ``x₀`` and the bound covers the whole region above it. The characteristic polynomial is
+q_{j+1}``), giving ``1/√(Σ_j φ_j(x₀)²)`` (the Christoffel function, by its extremal
+property; Gautschi, *Orthogonal Polynomials*, 2004). Every ``φ_j`` has its roots below
+``θ₁`` (interlacing), so ``K`` grows past ``x₀`` and the bound covers the whole region above
+it. The characteristic polynomial is
 ``φ_m`` alone: the gain is ``√(Σ φ_j²)/|φ_m|``. This script counts the products each bound
 needs to reach ``δ`` from random starts on ``bench_certificate.py``'s synthetic spectra,
 and, for scale, the first product whose θ₁ is within ``tol`` of λ₁ (the oracle) and the first
