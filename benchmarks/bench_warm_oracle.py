@@ -230,6 +230,21 @@ def guard_at(factor: float) -> Callable[..., bool]:
     return guard
 
 
+def gap_guard(fraction: float) -> Callable[..., bool]:
+    """The guard, or the Ritz value below θ₁ converged to ``fraction`` of ``θ₁ − θ₂``."""
+
+    def guard(run: Any, values: Any, residuals: Any, k: int, tol: float) -> bool:
+        if GUARD(run, values, residuals, k, tol):
+            return True
+        if values.numel() <= k:
+            return False
+        below = values.numel() - 1 - k
+        gap = float(values[below + 1] - values[below])
+        return float(_absolute_bounds(values, residuals)[below]) <= fraction * gap
+
+    return guard
+
+
 def sweep(seeds: int) -> None:
     """The v₂ start over 300 cases: the guard loosened, and more noise in the start."""
     print(f"\n### A warm start at v₂ over 15 spectra x {seeds} seeds: the guard varied\n")
@@ -242,8 +257,10 @@ def sweep(seeds: int) -> None:
     variants = [("guard (the library)", 1.0, 1e-3), (f"guard at {LOOSE:g}·tol", LOOSE, 1e-3)]
     variants += [("guard at 10·tol", 10.0, 1e-3)]
     variants += [("guard (the library)", 1.0, noise) for noise in (1e-2, 0.1, 0.3)]
+    variants += [(f"guard, or within {c:g}·(θ₁ − θ₂)", -c, 1e-3) for c in (0.05, 0.1, 0.25)]
     for label, factor, noise in variants:
-        eigenpairs._next_one_converged = guard_at(factor)
+        rule = guard_at(factor) if factor > 0 else gap_guard(-factor)
+        eigenpairs._next_one_converged = rule
         steps, wrong = [], {}
         for name, rest in rests.items():
             for ratio in (0.5, 0.9, 0.98, 0.995, 0.999):
