@@ -26,7 +26,7 @@ the adversarial case: synthetic n = 500 spectra (those of ``bench_certificate.py
 well-separated pair), started at ``v₂`` plus the library's noise: how often the guard
 certifies λ₂; and over 300 such runs, the guard loosened and the noise raised.
 
-    python benchmarks/bench_warm_oracle.py    # about 8 min on 2 shared cores
+    python benchmarks/bench_warm_oracle.py    # about 5 min on 2 shared cores
 """
 
 from __future__ import annotations
