@@ -1,6 +1,7 @@
-"""Hutchinson's trace with batched products (issue 23, point 4) against one product at a time.
+"""The trace with batched products (issue 23, point 4) against one product at a time.
 
-``hessian_trace(num_hvps=100)`` on four models, one intra-op thread, the median of
+``hessian_trace(num_hvps=100)`` (Hutchinson, or Hutch++ with ``--method hutch++``; ``--models``
+picks models by part of their name) on four models, one intra-op thread, the median of
 interleaved repeats: the digits MLP (2.1k parameters, 256 examples), the 95k CNN of
 ``common.py`` with BatchNorm in eval and in train mode (batch 128), and a transformers GPT-2
 of 2 layers of width 128 (vocabulary 1024, 4×32 tokens; sdpa attention, the math kernel in
@@ -68,6 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-hvps", type=int, default=100)
+    parser.add_argument("--method", choices=["hutchinson", "hutch++"], default="hutchinson")
+    parser.add_argument("--models", nargs="*", help="run only the models whose name has one")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -84,7 +87,10 @@ def main() -> None:
     print(machine("transformers"))
     print("\n| model | single (s) | chosen (s) | chosen / single | way kept | estimates |")
     print("|---|---|---|---|---|---|")
+    print(f"method {args.method}, {args.num_hvps} products")
     for name, (model, loss, batch, mode) in cases().items():
+        if args.models and not any(part in name for part in args.models):
+            continue
         times: dict[str, list[float]] = {"single": [], "chosen": []}
         kept, estimates = "", {}
         for _ in range(args.repeats):
@@ -94,6 +100,7 @@ def main() -> None:
                 made.clear()
                 start = time.perf_counter()
                 out = hessian_trace(model, loss, batch, num_hvps=args.num_hvps, batch_norm=mode,
+                                    method=args.method,
                                     generator=torch.Generator().manual_seed(0))  # fmt: skip
                 times[label].append(time.perf_counter() - start)
                 estimates[label] = float(out.estimate)

@@ -158,7 +158,7 @@ def hessian_trace(
             device=operator.device,
             blocks=blocks,
             shards=operator.shards,
-            **({"matmat": operator.matmat} if method == "hutchinson" else {}),
+            matmat=operator.matmat,
         )
 
     def as_model(value: float) -> torch.Tensor:

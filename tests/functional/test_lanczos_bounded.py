@@ -178,3 +178,29 @@ def test_the_default_bounds_large_runs_without_eigenvectors(
     lanczos_eigenpairs(lambda v: d[:20] * v, torch.ones(20, dtype=torch.float64), max_iter=11,
                        shards=half)  # fmt: skip
     assert made == [None, 2, None, None, 2]
+
+
+def _local_orthogonality(start: torch.Tensor, spectrum: torch.Tensor, keep: int | None) -> float:
+    """The largest ``|q_jᵀ q_{j+1}|`` of a 12-step run."""
+    run = LanczosProcess(lambda v: spectrum * v, start, 12, keep=keep)
+    worst = 0.0
+    while run.step():
+        rows = run.basis.unbind() if keep is None else list(run._window)
+        worst = max(worst, abs(float(rows[-2].double() @ rows[-1].double())))
+    return worst
+
+
+@pytest.mark.parametrize("keep", [2, None], ids=["kept", "whole"])
+def test_orthogonal_to_working_precision_whatever_cancels(keep: int | None) -> None:
+    """A start 1e-4 from the top eigenvector makes ``A q₀ ≈ 10 q₀`` with a residual 10⁴ times
+    smaller, and a positive operator's float32 slice sums of ``qᵀAq`` are off by 10⁻⁶: the
+    second pass still leaves consecutive rows orthogonal to working precision."""
+    n = 2000
+    spectrum = torch.cat([torch.tensor([10.0]), torch.linspace(0.0, 1.0, n - 1)])
+    noise = _start(n, 1, torch.float32)
+    near = torch.zeros(n)
+    near[0] = 1.0
+    near += 1e-4 * noise / noise.norm()
+    bound = 4 * torch.finfo(torch.float32).eps
+    assert _local_orthogonality(near, spectrum, keep) <= bound
+    assert _local_orthogonality(_start(n, 2, torch.float32), spectrum, keep) <= bound

@@ -114,6 +114,21 @@ def _block_dot(a: torch.Tensor, b: torch.Tensor, slices: Sequence[slice]) -> tor
     )
 
 
+def _product_groups(
+    matvec: Matvec, matmat: Matvec | None, size: int, device: torch.device
+) -> tuple[ProductBatches, int]:
+    """The products' way and the group size: :data:`GROUP` where batching may pay, else 1."""
+    if 2 * GROUP * size > BATCHED_ENTRIES:
+        matmat = None
+    return ProductBatches(matvec, matmat, device), GROUP if matmat is not None else 1
+
+
+def _grouped(products: ProductBatches, rows: torch.Tensor, group: int) -> torch.Tensor:
+    """``A`` times each row of ``rows``, ``group`` rows a call (one row: a view, no copy)."""
+    parts = [products(rows[first : first + group]) for first in range(0, len(rows), group)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @dataclass(frozen=True)
 class TraceSamples:
     """A trace estimate built from independent samples (float64, on the CPU).
@@ -197,10 +212,7 @@ def hutchinson(
     shards = _shards(shards, size)
     samples: list[torch.Tensor] = []
     block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
-    if 2 * GROUP * size > BATCHED_ENTRIES:
-        matmat = None
-    group = GROUP if matmat is not None else 1
-    products = ProductBatches(matvec, matmat, device)
+    products, group = _product_groups(matvec, matmat, size, device)
     for first in range(0, num_matvecs, group):
         count = min(group, num_matvecs - first)
         drawn = [shards.rademacher(generator, dtype, device) for _ in range(count)]
@@ -229,12 +241,15 @@ def hutch_plus_plus(
     device: torch.device | None = None,
     blocks: Blocks | None = None,
     shards: VectorShards | None = None,
+    matmat: Matvec | None = None,
 ) -> TraceSamples:
     """Hutch++ with ``num_matvecs`` products (at least 4, see :data:`MIN_MATVECS`).
 
     ``m // 3`` products sketch ``Q``, ``m // 3`` give ``tr(QᵀAQ)`` and the remaining
     ``m − 2·(m // 3)`` (at least 2) are the deflated Hutchinson samples. The standard error
-    is theirs, scaled to the Student-t interval (:attr:`TraceSamples.student`).
+    is theirs, scaled to the Student-t interval (:attr:`TraceSamples.student`). With
+    ``matmat``, each of the three parts takes its products in groups as :func:`hutchinson`
+    does; the draws are the same either way.
 
     Raises:
         ValueError: if ``num_matvecs < 4``.
@@ -255,11 +270,12 @@ def hutch_plus_plus(
     device = device or torch.device("cpu")
     blocks = blocks or {}
     shards = _shards(shards, size)
+    products, group = _product_groups(matvec, matmat, size, device)
     sketch = num_matvecs // 3
     residual_probes = num_matvecs - 2 * sketch
-    s = torch.stack([shards.rademacher(generator, dtype, device) for _ in range(sketch)], dim=1)
-    q = shards.orthonormal_columns(torch.stack([matvec(col) for col in s.T], dim=1))
-    aq = torch.stack([matvec(col) for col in q.T], dim=1)
+    s = torch.stack([shards.rademacher(generator, dtype, device) for _ in range(sketch)])
+    q = shards.orthonormal_columns(_grouped(products, s, group).T)
+    aq = _grouped(products, q.T, group).T
     exact = [(q * aq).sum()] + [
         sum(((q[sl] * aq[sl]).sum() for sl in slices), q.new_zeros(()))
         for slices in blocks.values()
@@ -268,13 +284,14 @@ def hutch_plus_plus(
     block_offsets = dict(zip(blocks, exact_total[1:], strict=True))
     samples: list[torch.Tensor] = []
     block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
-    for _ in range(residual_probes):
-        g = shards.rademacher(generator, dtype, device)
-        deflated = g - q @ shards.all_sum(q.T @ g)
-        a_deflated = matvec(deflated)
-        samples.append(torch.dot(deflated, a_deflated))
-        for name, slices in blocks.items():
-            block_samples[name].append(_block_dot(g, a_deflated, slices))
+    for first in range(0, residual_probes, group):
+        count = min(group, residual_probes - first)
+        gs = torch.stack([shards.rademacher(generator, dtype, device) for _ in range(count)])
+        deflated = gs - shards.all_sum(gs @ q) @ q.T
+        for g, d, a_d in zip(gs, deflated, products(deflated), strict=True):
+            samples.append(torch.dot(d, a_d))
+            for name, slices in blocks.items():
+                block_samples[name].append(_block_dot(g, a_d, slices))
     total, per_block = _summed(shards, samples, block_samples)
     return TraceSamples(
         offset=exact_total[0],
