@@ -76,11 +76,11 @@ def pullback_into(
 
     ``leaves`` are autograd leaves of ``out``'s dtype and device, without ``.grad``, and
     ``out`` has as many entries as they have together. Each leaf's ``.grad`` is its slice of
-    ``out`` during the backward (cleared after it, whatever happens): autograd accumulates each
-    leaf's piece into it in place as soon as that piece is computed (grad mode is off in a
-    backward that builds no graph), so one piece at a time is alive beside ``out``, and no
-    concatenated copy is made. The sum is the one :func:`pullback` returns, to rounding (each
-    piece added to zeros: bitwise where a leaf gets one piece). Graphs are kept.
+    ``out`` during the backward (cleared after it, whatever happens): autograd adds a leaf's
+    gradient into it in place as soon as that gradient is complete (grad mode is off in a
+    backward that builds no graph) and frees it, and no concatenated copy is made. The
+    numbers are :func:`pullback`'s (autograd sums a leaf's pieces before adding them to the
+    zeros of ``out``: bitwise the same but for the sign of a zero). Graphs are kept.
 
     Example:
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
