@@ -55,10 +55,13 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 #: batched group holds this many products' worth of backward intermediates at once.
 GROUP = 8
 #: Batched groups only while a group's probes and products hold at most this many entries
-#: (``2 × GROUP × size``; 64 MiB in float32, ``size`` up to 10⁶): above, where memory is what
+#: (``2 × GROUP × size``; 4 MiB in float32, ``size`` up to 65k): above, where memory is what
 #: decides whether a model can be probed at all, products go one by one (on the CPU batching
-#: paid only on small models anyway, ``benchmarks/bench_trace_batches.py``).
-BATCHED_ENTRIES = 1 << 24
+#: paid only on small models anyway, ``benchmarks/bench_trace_batches.py``). A batched group
+#: holds every product's backward intermediates too: at ``2²⁴`` entries a 16-product trace of
+#: the 10⁶-parameter MLP of ``benchmarks/bench_probe_memory.py`` peaked at 278 MiB (73
+#: vectors, 31x a gradient) in 0.98 s, one by one at 47 MiB (12 vectors) in 0.74 s.
+BATCHED_ENTRIES = 1 << 20
 Blocks = Mapping[str, Sequence[slice]]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NoReturn
 
 import torch
@@ -197,12 +198,12 @@ class ParameterLayout:
         """Layout of the given ``(name, tensor)`` pairs, in order."""
         return cls(names=tuple(n for n, _ in named), shapes=tuple(t.shape for _, t in named))
 
-    @property
+    @cached_property
     def numels(self) -> tuple[int, ...]:
         """Number of entries of each parameter."""
         return tuple(int(torch.Size(shape).numel()) for shape in self.shapes)
 
-    @property
+    @cached_property
     def size(self) -> int:
         """Length of the flat vector."""
         return sum(self.numels)
@@ -223,7 +224,8 @@ class ParameterLayout:
             for chunk, shape in zip(torch.split(flat, list(self.numels)), self.shapes, strict=True)
         ]
 
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Concatenate per-parameter tensors into one flat vector."""
         return torch.cat([t.reshape(-1) for t in tensors])
 

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.functional.operator.autodiff import pullback
+from lightning_curvature.functional.model.parameters import ParameterLayout
+from lightning_curvature.functional.operator.autodiff import pullback, pullback_into
 from lightning_curvature.functional.operator.backends import FallBack, HVPBackend
 from lightning_curvature.functional.operator.ggn import (
     GaussNewtonProducts,
@@ -151,21 +152,33 @@ class AutodiffProducts:
         leaves = [leaf.detach().requires_grad_(True) for leaf in losses.leaves]
         return losses.gradient_at(leaves)
 
-    def retained_product(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``H v``: one backward through the retained gradient graph."""
+    def _flat_pullback(self, outputs: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+        """The pullback of ``vs`` to the leaves, flat: straight into one buffer where it can.
+
+        Into one buffer (:func:`pullback_into`) where the leaves share a dtype; a float64
+        leaf kept in a float32 probe (never narrowed) gets its pieces concatenated.
+        """
+        leaves = self.losses.leaves
+        if any(leaf.dtype != leaves[0].dtype for leaf in leaves):
+            return ParameterLayout.flatten(pullback(outputs, leaves, vs))
+        out = leaves[0].new_zeros(sum(leaf.numel() for leaf in leaves))
+        return pullback_into(out, outputs, leaves, vs)
+
+    def retained_product(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        """``H v``, flat: one backward through the retained gradient graph."""
         assert self.retained is not None
-        return pullback(self.retained, self.losses.leaves, vs)
+        return self._flat_pullback(self.retained, vs)
 
     def retained_products(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``H v`` of a batch of vectors (a leading dimension): one batched backward."""
         assert self.retained is not None
         return pullback(self.retained, self.losses.leaves, vs, batched=True)
 
-    def double_backward(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``H v`` through a gradient graph built for this product alone."""
+    def double_backward(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        """``H v``, flat, through a gradient graph built for this product alone."""
         grads = self.weighted_gradient("double_backward")
         try:
-            return pullback(grads, self.losses.leaves, vs)
+            return self._flat_pullback(grads, vs)
         except RuntimeError as err:
             if not is_missing_derivative(err):
                 raise

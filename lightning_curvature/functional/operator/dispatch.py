@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_curvature.functional.model.batches import ProbeBatches
 from lightning_curvature.functional.model.functional_model import FunctionalModel, LossFn
+from lightning_curvature.functional.model.parameters import ParameterLayout
 from lightning_curvature.functional.operator.autodiff_backends import AutodiffProducts
 from lightning_curvature.functional.operator.backends import FallBack, HVPBackend
 from lightning_curvature.functional.operator.fallback import Fallback, first_line
@@ -175,8 +176,8 @@ class BackendDispatch:
         self.fallback.to(self.backend, reason)
 
     # -- products --------------------------------------------------------------------------
-    def product(self, vs: list[torch.Tensor], first: bool) -> list[torch.Tensor]:
-        """``H v`` by the backend that runs.
+    def product(self, vs: list[torch.Tensor], first: bool) -> torch.Tensor:
+        """``H v``, flat, by the backend that runs.
 
         ``first``: the operator's first product, the last chance of ``"auto"`` to fall back;
         once it has run, a fallback is said (once, naming the backend that ran).
@@ -219,10 +220,12 @@ class BackendDispatch:
                 raise
             raise self.checks.explain(err, "retained_graph") from err
 
-    def _product(self, vs: list[torch.Tensor], may_fall_back: bool) -> list[torch.Tensor]:
+    def _product(self, vs: list[torch.Tensor], may_fall_back: bool) -> torch.Tensor:
+        """Flat: the exact backward products are taken into one buffer, the others joined."""
         autodiff = self.autodiff
+        flatten = ParameterLayout.flatten
         if autodiff is not None and autodiff.ggn is not None:
-            return self._gauss_newton(vs, may_fall_back)
+            return flatten(self._gauss_newton(vs, may_fall_back))
         if self.backend == "retained_graph":
             assert autodiff is not None
             try:
@@ -234,13 +237,13 @@ class BackendDispatch:
                     raise self.checks.explain(err, "retained_graph") from err
                 autodiff.retained, self.checks.earlier = None, err
                 self._fall_back(err)
-                return self._forward_over_reverse_or_difference(vs, may_fall_back)
+                return flatten(self._forward_over_reverse_or_difference(vs, may_fall_back))
         if self.backend == "double_backward":
             assert autodiff is not None
             return autodiff.double_backward(vs)
         if self.backend == "finite_difference":
-            return self.finite_difference_product(vs)
-        return self._forward_over_reverse_or_difference(vs, may_fall_back)
+            return flatten(self.finite_difference_product(vs))
+        return flatten(self._forward_over_reverse_or_difference(vs, may_fall_back))
 
     def _gauss_newton(self, vs: list[torch.Tensor], may_fall_back: bool) -> list[torch.Tensor]:
         """``G v``; ``"auto"`` turns to forward mode if the first reverse product cannot run."""

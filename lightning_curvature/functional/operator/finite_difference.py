@@ -209,7 +209,7 @@ class FiniteDifferenceProducts:
         else:  # one perturbed copy of the weights alive at a time
             upper = source.gradient_at(_moved(primals, vs, step))
             lower = source.gradient_at(_moved(primals, vs, -step))
-        return [u.sub_(d).div_(2 * step) for u, d in zip(upper, lower, strict=True)]
+        return [(u - d).div_(2 * step) for u, d in zip(upper, lower, strict=True)]
 
 
 def _moved(primals: list[torch.Tensor], vs: list[torch.Tensor], step: float) -> list[torch.Tensor]:

@@ -46,6 +46,7 @@ from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 from lightning_curvature.checks import check_callable
 from lightning_curvature.errors import NonFiniteCurvatureError
 from lightning_curvature.functional.distributed.union import UnionMean
+from lightning_curvature.functional.linalg.reductions import all_finite, inner_products
 from lightning_curvature.functional.linalg.sharded import VectorShards, fsdp_shards, local_tensor
 from lightning_curvature.functional.model.batches import ProbeBatches, split_batches
 from lightning_curvature.functional.model.functional_model import (
@@ -274,7 +275,8 @@ class HessianOperator:
         cancellations): there products are rounding alone, symmetric or not.
         """
         assert self.loss is not None
-        squares = torch.stack([t.detach().double().square().sum() for t in self._locals]).sum()
+        flat = [t.detach().reshape(-1) for t in self._locals]  # no float64 copy of a layer
+        squares = torch.stack([inner_products(t, t) for t in flat]).sum()
         local = torch.stack([self.loss.abs().double().reshape(()), squares])
         if self._sharded:
             total = self.shards.all_sum(local)
@@ -318,7 +320,7 @@ class HessianOperator:
             )
         grads = self._dispatch.gradient()
         flat = self.layout.flatten(grads).detach()
-        if not bool(torch.isfinite(flat).all()):
+        if not all_finite(flat):
             raise NonFiniteCurvatureError("the probe gradient is not finite.")
         return flat if self._mean is None else self._mean(flat)
 
@@ -336,10 +338,9 @@ class HessianOperator:
             )
         vector = vector.to(device=self.device, dtype=self.dtype)
         vs = self.layout.split(vector)
-        hv = self._dispatch.product(vs, first=self.num_hvps == 0)
+        flat = self._dispatch.product(vs, first=self.num_hvps == 0).detach()
         self.num_hvps += 1
-        flat = self.layout.flatten(hv).detach()
-        if not bool(torch.isfinite(flat).all()):  # this process's (sharded: FSDP's average)
+        if not all_finite(flat):  # this process's (sharded: FSDP's average)
             raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
         flat = flat if self._mean is None else self._mean(flat)
         self._check_product(vs, vector, flat)
@@ -374,7 +375,7 @@ class HessianOperator:
         ]
         flat = torch.cat([p.reshape(count, -1) for p in self._dispatch.products(vs)], 1).detach()
         self.num_hvps += count
-        if not bool(torch.isfinite(flat).all()):
+        if not all_finite(flat):
             raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
         for row, product in zip(rows, flat, strict=True):
             self._check_product(vs, row, product)  # (vs serves a finite difference only)
@@ -388,7 +389,7 @@ class HessianOperator:
         check.backend = self.backend
         if self.backend == "finite_difference" and self.num_hvps == 1 and check.halves:
             half = self.layout.flatten(self._dispatch.finite_difference_product(vs, 0.5))
-            if not bool(torch.isfinite(half).all()):  # this process's, agreed by all
+            if not all_finite(half):  # this process's, agreed by all
                 raise NonFiniteCurvatureError("a Hessian-vector product is not finite.")
             half = half if self._mean is None else self._mean(half)
             self.num_hvps += 1

@@ -113,7 +113,8 @@ class ProbeLoss:
         self.rewind()
         total: list[torch.Tensor] | None = None
         for batch, weight in zip(items or self.inputs, self.weights, strict=True):
-            scaled = [weight * t for t in per_batch(batch)]
+            pieces = per_batch(batch)  # one batch: weight 1, no copy (and no node in a graph)
+            scaled = list(pieces) if weight == 1.0 else [weight * t for t in pieces]
             total = scaled if total is None else [t + s for t, s in zip(total, scaled, strict=True)]
         assert total is not None
         return total

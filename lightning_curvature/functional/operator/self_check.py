@@ -155,8 +155,8 @@ class ProductCheck:
 
     def _sums(self, values: Sequence[torch.Tensor]) -> list[float]:
         """Local sums added over processes in one collective."""
-        local = torch.stack([value.to(torch.float64) for value in values])
-        return [float(x) for x in self._shards.all_sum(local)]
+        local = torch.stack(list(values)).to(torch.float64)
+        return self._shards.all_sum(local).tolist()  # type: ignore[no-any-return]
 
     @staticmethod
     def _unchanged(kept: tuple[torch.Tensor, int] | None) -> torch.Tensor | None:
