@@ -9,7 +9,8 @@ top Hessian eigenvalue measured every 50 steps (30 probes) by:
 * a callback calling PyHessian 0.1's ``hessian(...).eigenvalues(top_n=1)`` on the same full
   batch and loss at the same steps, at its defaults (``maxIter=100, tol=1e-3``), and at
   ``tol=1e-4`` (the tolerance at which its λ₁ reached 1e-3 on the MLP of
-  ``bench_peers.py``: "equal accuracy"). PyHessian puts the model in eval mode and leaves a
+  ``bench_peers.py``), ``1e-5`` and ``1e-6``, looking for the first that reaches 1e-3 on
+  every probe here ("equal accuracy"). PyHessian puts the model in eval mode and leaves a
   graph in every ``.grad``: the callback sets the mode back and the gradients to ``None``.
 
 Seconds are those spent inside each callback's hooks (``time.perf_counter`` around every
@@ -170,6 +171,8 @@ def main() -> None:
             pyhessian_measure(pyhessian, 1e-3)
         ),
         "PyHessian eigenvalues(tol=1e-4)": lambda: EveryN(pyhessian_measure(pyhessian, 1e-4)),
+        "PyHessian eigenvalues(tol=1e-5)": lambda: EveryN(pyhessian_measure(pyhessian, 1e-5)),
+        "PyHessian eigenvalues(tol=1e-6)": lambda: EveryN(pyhessian_measure(pyhessian, 1e-6)),
     }
     walls: dict[str, list[float]] = {name: [] for name in makers}
     inside: dict[str, list[float]] = {name: [] for name in makers}
