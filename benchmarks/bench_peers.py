@@ -117,7 +117,9 @@ def import_peers() -> tuple[dict[str, Any], dict[str, str]]:
 @contextlib.contextmanager
 def counting_products(curvlinops: Any | None) -> Iterator[list[int]]:
     """Count Hessian-vector products while open: ``torch.autograd.grad`` calls given
-    ``grad_outputs`` (one product each, or one per row with ``is_grads_batched``) and the
+    ``grad_outputs`` (one product each, or one per row with ``is_grads_batched``),
+    ``torch.autograd.backward`` calls given ``grad_tensors`` (this project's products into one
+    flat buffer; a plain ``loss.backward()`` gives none) and the
     columns of every ``HessianLinearOperator._matmat`` (curvlinops and eigsh)."""
     counter = [0]
     inside = [0]  # > 0 within curvlinops' product, whose torch.func calls are not counted
@@ -130,7 +132,16 @@ def counting_products(curvlinops: Any | None) -> Iterator[list[int]]:
             counter[0] += first.shape[0] if kwargs.get("is_grads_batched") else 1
         return grad(*args, **kwargs)
 
+    backward = torch.autograd.backward
+
+    def counting_backward(*args: Any, **kwargs: Any) -> Any:
+        cotangents = kwargs.get("grad_tensors", args[1] if len(args) > 1 else None)
+        if cotangents is not None and not inside[0]:  # this project's product into one buffer
+            counter[0] += 1
+        return backward(*args, **kwargs)
+
     torch.autograd.grad = counting_grad
+    torch.autograd.backward = counting_backward
     operator = curvlinops.HessianLinearOperator if curvlinops is not None else None
     if operator is not None:
         matmat = operator._matmat
@@ -148,6 +159,7 @@ def counting_products(curvlinops: Any | None) -> Iterator[list[int]]:
         yield counter
     finally:
         torch.autograd.grad = grad
+        torch.autograd.backward = backward
         if operator is not None:
             operator._matmat = matmat
 
