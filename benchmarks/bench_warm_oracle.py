@@ -79,6 +79,16 @@ class Probe:
     loose_wrong: bool  # and whether θ₁ was more than tol off λ₁ there
 
 
+def v2_start(seed: int, noise: float) -> tuple[torch.Tensor, torch.Generator]:
+    """A start along ``v₂`` (the second axis of the diagonal spectra) plus ``noise`` of a
+    random unit vector, and the generator that drew it (the run's restarts go on with it)."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.randn(500, generator=generator, dtype=torch.float64)
+    start = torch.zeros(500, dtype=torch.float64)
+    start[1] = 1.0
+    return start + noise * draw / draw.norm(), generator
+
+
 def first(flags: list[bool]) -> int:
     """The first product (1-based) whose flag is set; ``len + 1`` if none is."""
     return next((m for m, flag in enumerate(flags, 1) if flag), len(flags) + 1)
@@ -205,14 +215,10 @@ def adversarial(seeds: int) -> None:
     for name, spectrum in cases:
         runs = []
         for seed in range(seeds):
-            generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn(500, generator=generator, dtype=torch.float64)
-            start = torch.zeros(500, dtype=torch.float64)
-            start[1] = 1.0
+            start, generator = v2_start(seed, 1e-3)
             out = lanczos_eigenpairs(
-                lambda v, s=spectrum: s * v, start + 1e-3 * noise / noise.norm(), tol=TOL,
-                max_iter=50, generator=generator,
-            )  # fmt: skip
+                lambda v, s=spectrum: s * v, start, tol=TOL, max_iter=50, generator=generator
+            )
             value = float(out.eigenvalues[0])
             runs.append((out.num_steps, bool(out.converged[0]), abs(value - 1) / abs(value)))
         errors = [e for _, c, e in runs if c]
@@ -266,13 +272,10 @@ def sweep(seeds: int) -> None:
             for ratio in (0.5, 0.9, 0.98, 0.995, 0.999):
                 spectrum = torch.cat([torch.tensor([1.0, ratio], dtype=torch.float64), rest])
                 for seed in range(seeds):
-                    generator = torch.Generator().manual_seed(seed)
-                    draw = torch.randn(500, generator=generator, dtype=torch.float64)
-                    start = torch.zeros(500, dtype=torch.float64)
-                    start[1] = 1.0
+                    start, generator = v2_start(seed, noise)
                     out = lanczos_eigenpairs(
-                        lambda v, s=spectrum: s * v, start + noise * draw / draw.norm(),
-                        tol=TOL, max_iter=50, generator=generator,
+                        lambda v, s=spectrum: s * v, start, tol=TOL, max_iter=50,
+                        generator=generator,
                     )  # fmt: skip
                     value = float(out.eigenvalues[0])
                     steps.append(out.num_steps)

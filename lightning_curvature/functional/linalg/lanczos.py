@@ -221,9 +221,9 @@ class LanczosProcess:
         """
         rows = self._rows(count)
         coefficients = self._project(rows, vector)
-        residual = self._subtract(rows, coefficients, vector, out=None)
+        residual = self._subtract(rows, coefficients, vector, in_place=False)
         correction = self._project(rows, residual)
-        self._subtract(rows, correction, residual, out=residual)
+        self._subtract(rows, correction, residual, in_place=True)
         coefficients = coefficients + correction  # twice is enough
         remaining = self.shards.norm(residual)
         length = (float(coefficients.square().sum()) + remaining**2) ** 0.5
@@ -245,23 +245,23 @@ class LanczosProcess:
 
     @staticmethod
     def _subtract(
-        rows: list[torch.Tensor],
-        coefficients: torch.Tensor,
-        vector: torch.Tensor,
-        out: torch.Tensor | None,
+        rows: list[torch.Tensor], coefficients: torch.Tensor, vector: torch.Tensor, in_place: bool
     ) -> torch.Tensor:
-        """``vector − coefficientsᵀ rows``, written to ``out`` (``vector`` itself, or a new one)."""
-        result = vector if out is vector else None
+        """``vector − coefficientsᵀ rows``, in ``vector`` itself or in a new vector.
+
+        New on the first pass: its ``vector`` is a product the operator's self-check holds.
+        """
+        result = vector if in_place else None
         start = 0
         for row in rows:  # one row (a window's): an axpy; a block of rows: one gemv
             count = 1 if row.dim() == 1 else row.shape[0]
             c = coefficients[start : start + count].to(vector.dtype)
             start += count
-            if result is None:  # the first update writes the result: `vector` is left as it was
+            if result is None:  # the first update makes the result
                 result = (
-                    torch.sub(vector, row, alpha=float(c), out=out)
+                    torch.sub(vector, row, alpha=float(c))
                     if row.dim() == 1
-                    else torch.addmv(vector, row.T, c, alpha=-1, out=out)
+                    else torch.addmv(vector, row.T, c, alpha=-1)
                 )
             elif row.dim() == 1:
                 result.sub_(row, alpha=float(c))
