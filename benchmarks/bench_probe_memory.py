@@ -12,7 +12,11 @@ one forward pass. Measured:
 * ``product``: one Hessian-vector product through ``hessian_vector_product``;
 * ``trace``: ``hessian_trace(num_hvps=16)`` (Hutchinson, Rademacher probes);
 * ``lambda1``: ``hessian_eigenvalues(k=1)`` at its defaults (cold, ``tol=1e-3``),
-  with its products, its seconds and ``λ₁``.
+  with its products, its seconds and ``λ₁``;
+* ``eigenvectors``: the same with ``return_eigenvectors=True`` (a monitor's cold probe, the
+  one that keeps a warm start), and ``top3``: ``k=3`` with eigenvectors. Above
+  ``FULL_BASIS_ENTRIES`` both hold at most ``thick_restart``'s rows; ``--whole-basis``
+  measures them keeping the whole basis instead (as before thick restarts).
 
 Each row gives the peak increment in MiB, as a multiple of the gradient's and in vectors
 of ``P`` float32 entries (the gradient's own increment moves by a few MiB from process to
@@ -45,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BATCH, INPUTS, CLASSES = 256, 256, 2
-MODES = ("gradient", "product", "trace", "lambda1")
+MODES = ("gradient", "product", "trace", "lambda1", "eigenvectors", "top3")
 
 
 def _mlp(size: int) -> nn.Module:
@@ -91,8 +95,13 @@ def _probe(mode: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
         trace = hessian_trace(model, _loss, batch, num_hvps=16)
         out.update(seconds=time.perf_counter() - start, products=trace.num_hvps)
     else:
+        keywords = {
+            "lambda1": {},
+            "eigenvectors": {"return_eigenvectors": True},
+            "top3": {"k": 3, "return_eigenvectors": True},
+        }[mode]
         with _timed_steps() as own:
-            found = hessian_eigenvalues(model, _loss, batch)
+            found = hessian_eigenvalues(model, _loss, batch, **keywords)  # type: ignore[arg-type]
         out.update(seconds=time.perf_counter() - start, products=found.num_hvps)
         out.update(lambda1=float(found.eigenvalues[0]), converged=bool(found.converged.all()))
         out["lanczos_seconds"] = own["step"] - own["matvec"]
@@ -131,8 +140,12 @@ def _timed_steps() -> Iterator[dict[str, float]]:
         LanczosProcess.step = step  # type: ignore[method-assign]
 
 
-def _worker(mode: str, size: int) -> dict[str, Any]:
+def _worker(mode: str, size: int, whole_basis: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
+    if whole_basis:
+        from lightning_curvature.functional.linalg import eigenpairs
+
+        eigenpairs.FULL_BASIS_ENTRIES = 1 << 62
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(BATCH, INPUTS, generator=generator)
     batch = (inputs, torch.randint(0, CLASSES, (BATCH,), generator=generator))
@@ -147,9 +160,9 @@ def _worker(mode: str, size: int) -> dict[str, Any]:
     return out
 
 
-def _run(mode: str, size: int) -> dict[str, Any]:
+def _run(mode: str, size: int, whole_basis: bool) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, __file__, "--one", json.dumps([mode, size])],
+        [sys.executable, __file__, "--one", json.dumps([mode, size, whole_basis])],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -160,20 +173,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**6, 10**7])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--whole-basis", action="store_true", help="no thick restart")
     parser.add_argument("--one", type=str, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        mode, size = json.loads(args.one)
-        print(json.dumps(_worker(mode, size)))
+        print(json.dumps(_worker(*json.loads(args.one))))
         return
-    print(f"torch {torch.__version__}, 1 thread; tanh MLP, batch {BATCH}")
+    basis = "the whole basis" if args.whole_basis else "thick restarts above FULL_BASIS_ENTRIES"
+    print(f"torch {torch.__version__}, 1 thread; tanh MLP, batch {BATCH}; {basis}")
     print()
     print("| P | probe | peak RSS increment (MiB) | × gradient | vectors | products | seconds "
           "| gradients | Lanczos' own s/step (gradients) | λ₁ |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        unit = _run("gradient", size)
-        rows = [unit] + [_run(mode, size) for mode in args.modes if mode != "gradient"]
+        unit = _run("gradient", size, args.whole_basis)
+        others = [mode for mode in args.modes if mode != "gradient"]
+        rows = [unit] + [_run(mode, size, args.whole_basis) for mode in others]
         for r in rows:
             vector_mib = r["parameters"] * 4 / 2**20
             value, own = "", ""

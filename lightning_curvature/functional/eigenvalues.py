@@ -222,6 +222,12 @@ def hessian_eigenvalues(
       certificate would cost about a cold run (29 products there): for one, leave ``init``
       out (``benchmarks/bench_warm_oracle.py``).
 
+    Memory: below 2²⁴ basis entries (``FULL_BASIS_ENTRIES``) the run keeps its whole Krylov
+    basis; above, a ``k=1`` run without eigenvectors keeps two vectors, and any other holds
+    at most the rows that fit there, at least ``2(k + 1 + smallest) + 4``, restarting from its
+    extreme Ritz vectors when full (``lanczos_eigenpairs``' ``rows``): the certificates above
+    hold the same, for a few more products on a cold run (``benchmarks/bench_thick_restart.py``).
+
     Args:
         model: the module; its trainable parameters are measured.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.

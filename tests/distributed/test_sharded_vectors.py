@@ -128,6 +128,41 @@ def test_sharded_lanczos_is_the_unsharded_lanczos(sizes: list[int], dtype: torch
     torch.testing.assert_close(parts[0].eigenvalues, exact, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sizes", [[30, 30], [41, 0, 19]], ids=["halves", "with an empty shard"])
+def test_sharded_thick_restarts_are_the_unsharded_ones(sizes: list[int]) -> None:
+    """Each process rewrites its own columns of the basis at a restart, from the same
+    projection: the same products, values and miss bounds, the eigenvectors' shards."""
+    n = sum(sizes)
+    g = torch.Generator().manual_seed(2)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    spectrum = torch.cat([torch.linspace(-1.0, 1.0, n - 2), torch.tensor([2.5, 3.0])])
+    a = (q * spectrum.double()) @ q.T
+    start = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    keywords: dict[str, Any] = {
+        "k": 2, "tol": 1e-8, "max_iter": 60, "return_eigenvectors": True, "rows": 7,
+        "miss_probability": 1e-3,
+    }  # fmt: skip
+    whole = lanczos_eigenpairs(lambda v: a @ v, start, **keywords)
+    threads = Threads(sizes)
+
+    def on(rank: int) -> Any:
+        return lanczos_eigenpairs(
+            threads.matvec(rank, a), threads.local(rank, start), shards=threads.shards(rank),
+            **keywords,
+        )  # fmt: skip
+
+    parts = threads.run(on)
+    assert whole.num_steps > 7
+    assert whole.converged.tolist() == [True, True]
+    for part in parts:
+        assert part.num_steps == whole.num_steps
+        torch.testing.assert_close(part.eigenvalues, whole.eigenvalues, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(part.misses, whole.misses, rtol=1e-6, atol=0.0)
+    eigenvectors = torch.cat([p.eigenvectors for p in parts], dim=1)
+    assert whole.eigenvectors is not None
+    torch.testing.assert_close(eigenvectors, whole.eigenvectors, rtol=0, atol=1e-10)
+
+
 def test_sharded_basis_holds_only_the_local_rows() -> None:
     sizes = [7, 0, 3]
     a = _symmetric(10, torch.float64)

@@ -143,7 +143,7 @@ def test_tridiagonal_holds_the_projected_matrix() -> None:
         pass
     q = run.basis[: run.num_steps]
     torch.testing.assert_close(q @ q.T, torch.eye(4, dtype=D), atol=1e-12, rtol=0)
-    torch.testing.assert_close(run.tridiagonal(), q @ a @ q.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(run.projection(), q @ a @ q.T, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("steps", [1, 3, 6])

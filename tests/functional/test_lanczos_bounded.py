@@ -151,7 +151,7 @@ def test_a_breakdown_ends_the_run_without_a_restart() -> None:
         pass
     assert run.num_steps == 4  # one step per distinct eigenvalue: no fresh direction drawn
     assert not run.restarts
-    torch.testing.assert_close(torch.linalg.eigvalsh(run.tridiagonal())[-1], spectrum[0])
+    torch.testing.assert_close(torch.linalg.eigvalsh(run.projection())[-1], spectrum[0])
 
 
 def test_the_default_bounds_large_runs_without_eigenvectors(

@@ -29,17 +29,19 @@ from typing import NamedTuple
 
 import torch
 
-from lightning_curvature.functional.linalg.lanczos import LanczosProcess, Matvec
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess, Matvec, ThickRestart
 from lightning_curvature.functional.linalg.missed import miss_probabilities
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
 __all__ = [
     "FULL_BASIS_ENTRIES",
     "MISS_PROBABILITY",
+    "THICK_ROOM",
     "LanczosResult",
     "RitzEstimate",
     "default_max_iter",
     "lanczos_eigenpairs",
+    "thick_restart",
 ]
 
 #: The chance a certificate from a random start may carry of a missed eigenvalue (all the
@@ -52,6 +54,35 @@ MISS_PROBABILITY = 1e-3
 #: above, it keeps the recurrence's last two rows (``LanczosProcess(keep=2)``), so its memory
 #: no longer grows with its steps (``benchmarks/bench_probe_memory.py``).
 FULL_BASIS_ENTRIES = 1 << 24
+
+#: Rows a thick-restarted run holds beyond twice the Ritz vectors it must keep, at least.
+THICK_ROOM = 4
+
+
+def thick_restart(k: int, smallest: bool, size: int, rows: int | None = None) -> ThickRestart:
+    """How a run after the top ``k`` (and the smallest) holds at most ``rows`` basis vectors.
+
+    ``rows`` defaults to what :data:`FULL_BASIS_ENTRIES` holds, at least
+    ``2(k + 1 + smallest) +`` :data:`THICK_ROOM`. A restart keeps the Ritz vectors of half
+    the rows: of the largest values (at least ``k + 1``: the one below the top k is the warm
+    start's and the guard's), and with ``smallest`` a quarter of the rows' (at least one) of
+    the smallest. Cold at the edge of stability, keeping only ``k + 1`` of 10 rows took 35
+    products where the whole basis took 23; keeping 5 took 24-26. Keeping one at the bottom
+    left a smallest eigenvalue at the end of a dense spectrum uncertified after 200 products
+    (the dropped Ritz values crowd there, and the miss bound counts each); keeping three of
+    10 certified it in 199, the whole basis in 84 (``benchmarks/bench_thick_restart.py``).
+
+    Example:
+        >>> thick_restart(1, False, size=10**7)
+        ThickRestart(rows=8, top=4, bottom=0)
+        >>> thick_restart(3, True, size=10**6)
+        ThickRestart(rows=16, top=4, bottom=4)
+    """
+    if rows is None:
+        rows = max(FULL_BASIS_ENTRIES // size, 2 * (k + 1 + int(smallest)) + THICK_ROOM)
+    bottom = max(rows // 4, 1) if smallest else 0
+    top = max(k + 1, min(rows // 2 - bottom, rows - bottom - 3))
+    return ThickRestart(rows=rows, top=top, bottom=bottom)
 
 
 def default_max_iter(k: int) -> int:
@@ -186,9 +217,9 @@ def _complement_explored(
     starts = run.block_starts
     if len(starts) == 1 or run.spanned:
         return True, True
-    t = run.tridiagonal()
+    t = run.projection()
     kth = float(values[max(values.numel() - k, 0)])
-    if run.num_steps == starts[-1]:  # a block just ended and the next has no product yet
+    if run.order == starts[-1]:  # a block just ended and the next has no product yet
         if len(starts) == 2:
             return False, False
         block = torch.linalg.eigvalsh(t[starts[-2] : starts[-1], starts[-2] : starts[-1]])
@@ -251,6 +282,7 @@ def lanczos_eigenpairs(
     shards: VectorShards | None = None,
     miss_probability: float | None = None,
     bounded: bool | None = None,
+    rows: int | None = None,
 ) -> LanczosResult:
     """Top-k (and optionally the smallest) eigenpairs of a symmetric operator.
 
@@ -311,9 +343,15 @@ def lanczos_eigenpairs(
             where ``k=1``, no Ritz vector is asked for and the whole basis (of the global
             vectors, so that every process decides alike) would exceed
             :data:`FULL_BASIS_ENTRIES`.
+        rows: hold at most this many basis vectors: when full, restart from the Ritz vectors
+            of the top ``k + 1`` values (and the smallest), keeping every certificate above
+            (:func:`thick_restart`). ``None``: where the whole basis would exceed
+            :data:`FULL_BASIS_ENTRIES` and the run is not ``bounded``, the rows that fit in
+            it (at least ``k + 1 + smallest +`` :data:`THICK_ROOM`); below, the whole basis.
 
     Raises:
-        ValueError: if ``bounded`` is ``True`` with ``k > 1`` or ``return_eigenvectors``.
+        ValueError: if ``bounded`` is ``True`` with ``k > 1``, ``return_eigenvectors`` or
+            ``rows``; if ``rows`` leaves no room (:class:`ThickRestart`).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -332,17 +370,29 @@ def lanczos_eigenpairs(
         >>> out.eigenvalues.round(decimals=9), out.converged.tolist(), out.misses <= 1e-3
         (tensor([1.], dtype=torch.float64), [True], tensor([True]))
     """
-    if bounded is None:  # by the global size: every process must run the same algorithm
-        size = start.numel() if shards is None else shards.size
-        large = size * (max_iter + 1) > FULL_BASIS_ENTRIES
+    # By the global size: every process must run the same algorithm.
+    size = start.numel() if shards is None else shards.size
+    large = size * (min(max_iter, size) + 1) > FULL_BASIS_ENTRIES
+    if bounded is None:
         bounded = large and k == 1 and not return_eigenvectors
     if bounded and (k > 1 or return_eigenvectors):
         raise ValueError(
             "`bounded=True` certifies only k=1 and keeps no basis to return eigenvectors "
             f"from; got k={k}, return_eigenvectors={return_eigenvectors}."
         )
+    if bounded and rows is not None:
+        raise ValueError("`bounded=True` keeps two rows: `rows` must then be None.")
+    thick = None
+    if rows is not None or (large and not bounded):
+        thick = thick_restart(k, smallest, size, rows)
     run = LanczosProcess(
-        matvec, start, max_iter, generator=generator, shards=shards, keep=2 if bounded else None
+        matvec,
+        start,
+        max_iter,
+        generator=generator,
+        shards=shards,
+        keep=2 if bounded else None,
+        thick=thick,
     )
     del start  # the run holds its own unit start: a caller that passed its last reference frees it
     need = max(min_iter, k + 1 + int(smallest))

@@ -25,6 +25,19 @@ within its residual bound plus rounding of an eigenvalue, and a ghost only narro
 of the ``r²/δ`` bound. Such a run does not restart after a breakdown (a fresh direction
 must be orthogonal to the whole basis): it stops there, like a run without a generator.
 
+A run that needs Ritz vectors (the top k > 1, eigenvectors for a warm start) may instead hold
+at most ``rows`` basis vectors (:class:`ThickRestart`; Wu & Simon 2000, "Thick-restart
+Lanczos method for large symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2)):
+when the basis is full it is replaced, in place, by the Ritz vectors of the extreme Ritz
+values and the next Lanczos vector, and the run goes on from there. Its projection ``QᵀAQ``
+is then a diagonal of the kept Ritz values bordered by their couplings to the next vector
+(``A y_i = θ_i y_i + β s_{m,i} q_{m+1}``), continued by a tridiagonal; reorthogonalisation
+stays full (against every row held), so no ghost appears. The kept space is the Krylov
+space of ``ψ(A) b`` (``b`` the start, ``ψ`` the polynomial whose roots are the Ritz values
+dropped), which is what lets a random start's miss bound go on across restarts
+(:mod:`~lightning_curvature.functional.linalg.missed`). Such a run stops at a breakdown too:
+a fresh direction would have to be orthogonal to the dropped vectors as well.
+
 This module is the process alone; what is read from it lives beside it:
 :mod:`~lightning_curvature.functional.linalg.eigenpairs` certifies the extreme eigenpairs and
 decides when to stop, :mod:`~lightning_curvature.functional.linalg.quadrature` gives the Gauss
@@ -33,14 +46,16 @@ quadrature of stochastic Lanczos quadrature.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from lightning_curvature.functional.linalg.reductions import inner_products
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
-__all__ = ["LanczosProcess"]
+__all__ = ["LanczosProcess", "ThickRestart"]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 # A residual below this many eps·‖T‖ is rounding alone: the Krylov space is invariant.
@@ -56,6 +71,44 @@ _NEARLY_INVARIANT = 1e-4
 _RELATIVE_ROUNDING = 16.0
 _MEASURED_ROUNDING = 4.0
 _BLOCK = 8  # basis rows allocated at a time: memory follows the run, nothing is ever copied
+_COLUMNS = 1 << 16  # entries of each row a thick restart rewrites at a time
+
+
+@dataclass(frozen=True)
+class ThickRestart:
+    """How a :class:`LanczosProcess` bounded to ``rows`` basis vectors restarts when full.
+
+    Attributes:
+        rows: the most basis vectors held (the next Lanczos vector included).
+        top: Ritz vectors of the largest Ritz values kept at a restart.
+        bottom: Ritz vectors of the smallest ones kept (for the smallest eigenvalue).
+
+    Raises:
+        ValueError: unless ``top >= 1``, ``bottom >= 0`` and ``rows >= top + bottom + 3``
+            (the kept vectors, the next one, and room for two products before the next
+            restart).
+
+    Example:
+        >>> ThickRestart(rows=8, top=3)
+        ThickRestart(rows=8, top=3, bottom=0)
+        >>> ThickRestart(rows=4, top=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: `rows` must be >= top + bottom + 3 (5), got 4.
+    """
+
+    rows: int
+    top: int
+    bottom: int = 0
+
+    def __post_init__(self) -> None:
+        if self.top < 1 or self.bottom < 0:
+            raise ValueError(
+                f"`top` must be >= 1 and `bottom` >= 0, got {self.top}, {self.bottom}."
+            )
+        least = self.top + self.bottom + 3
+        if self.rows < least:
+            raise ValueError(f"`rows` must be >= top + bottom + 3 ({least}), got {self.rows}.")
 
 
 class LanczosProcess:
@@ -72,25 +125,38 @@ class LanczosProcess:
             (:class:`~lightning_curvature.functional.linalg.sharded.VectorShards`).
         keep: keep only the last ``keep`` (at least 2) basis vectors and reorthogonalise
             against them alone (see the module docstring); ``None``: the whole basis.
+        thick: hold at most ``thick.rows`` basis vectors, restarting from the extreme Ritz
+            vectors when full (see the module docstring); not with ``keep``.
 
     Attributes:
         dtype: the vectors' dtype (``start``'s); ``device`` likewise.
         spanned: the basis spans the whole space (``T``'s eigenvalues are ``A``'s).
         restarts: ``(row, β)`` for each restart: the last row of the block that broke down
             and the residual norm dropped there (it stays in every error bound).
+        alphas, betas: the tridiagonal part of ``T`` (since the last thick restart).
+        dropped: the Ritz values thick restarts dropped, all of them.
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
         >>> run = LanczosProcess(lambda v: A @ v, torch.ones(3, dtype=torch.float64), 3)
         >>> while run.step():
         ...     pass
-        >>> torch.linalg.eigvalsh(run.tridiagonal()).round(decimals=12)
+        >>> torch.linalg.eigvalsh(run.projection()).round(decimals=12)
         tensor([-2.,  1.,  3.], dtype=torch.float64)
         >>> short = LanczosProcess(lambda v: A @ v, torch.ones(3, dtype=torch.float64), 3, keep=2)
         >>> while short.step():
         ...     pass
-        >>> torch.linalg.eigvalsh(short.tridiagonal()).round(decimals=12)
+        >>> torch.linalg.eigvalsh(short.projection()).round(decimals=12)
         tensor([-2.,  1.,  3.], dtype=torch.float64)
+        >>> big = torch.diag(torch.linspace(0.0, 1.0, 50, dtype=torch.float64))
+        >>> held = LanczosProcess(lambda v: big @ v, torch.ones(50, dtype=torch.float64), 40,
+        ...                       thick=ThickRestart(rows=6, top=2))
+        >>> while held.step():
+        ...     pass
+        >>> held.num_steps, held.order, len(held.basis)  # 40 products, never over 6 rows
+        (40, 4, 4)
+        >>> round(float(torch.linalg.eigvalsh(held.projection())[-1]), 6)
+        1.0
     """
 
     def __init__(
@@ -101,11 +167,15 @@ class LanczosProcess:
         generator: torch.Generator | None = None,
         shards: VectorShards | None = None,
         keep: int | None = None,
+        thick: ThickRestart | None = None,
     ) -> None:
         if keep is not None and keep < 2:
             raise ValueError(f"`keep` must be None or >= 2 (the recurrence's rows), got {keep}.")
+        if keep is not None and thick is not None:
+            raise ValueError("`keep` and `thick` bound the basis two ways: give one.")
         self.matvec = matvec
         self.keep = keep
+        self.thick = thick
         self.shards = shards or VectorShards.single(start.numel())
         if self.shards.local_size != start.numel():
             raise ValueError(
@@ -115,6 +185,7 @@ class LanczosProcess:
         self.size = self.shards.size  # of the whole space
         self._length = start.numel()  # of the vectors held here
         self.max_iter = min(max_iter, self.size)
+        self._capacity = self.max_iter + 1 if thick is None else min(thick.rows, self.max_iter + 1)
         self._blocks: list[torch.Tensor] = []  # the whole basis, in blocks of _BLOCK rows
         self._window: list[torch.Tensor] = []  # with `keep`: the last rows, oldest first
         self._stored = 0
@@ -122,17 +193,29 @@ class LanczosProcess:
         self._store(start / self.shards.norm(start))
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
+        self._locked: list[float] = []  # after a thick restart: the kept Ritz values …
+        self._couplings: list[float] = []  # … and their couplings to the row after them
+        self.dropped: list[float] = []
+        self._restarted_log_norms = 0.0  # Σ log β of the rows before the last thick restart
+        self._products = 0
+        self._largest = 0.0  # the largest |α|, |θ| or coupling seen: with β, ‖T‖'s estimate
         self.residual_norm = float("nan")  # norm of the last residual before normalisation
         self.block_starts = [0]  # where each block begins: after a (near) breakdown
         self.restarts: list[tuple[int, float]] = []
         self.spanned = False
         self.rounding = 0.0  # largest deviation of Qᵀ A q_j from its exact value so far
-        self.generator = generator if keep is None else None  # no restart without the basis
+        # no restart without the whole basis: a fresh direction must be orthogonal to all of it
+        self.generator = generator if keep is None and thick is None else None
 
     @property
     def num_steps(self) -> int:
-        """Products taken so far (the order of ``T``)."""
-        return len(self.alphas)
+        """Products taken so far (the order of ``T`` unless a thick restart dropped rows)."""
+        return self._products
+
+    @property
+    def order(self) -> int:
+        """The order of ``T``: the basis vectors multiplied so far and still held."""
+        return len(self._locked) + len(self.alphas)
 
     @property
     def basis(self) -> torch.Tensor:
@@ -175,8 +258,8 @@ class LanczosProcess:
 
     @property
     def scale(self) -> float:
-        """An estimate of ``‖T‖`` (≤ ``‖A‖``): the largest α plus the largest β."""
-        return max((abs(a) for a in self.alphas), default=0.0) + max(self.betas, default=0.0)
+        """An estimate of ``‖T‖`` (≤ ``‖A‖``): the largest α (or kept θ) plus the largest β."""
+        return self._largest + max(self.betas, default=0.0)
 
     def resolution(self, values: torch.Tensor) -> torch.Tensor:
         """The smallest error certifiable for each Ritz value, given the run's rounding.
@@ -192,8 +275,8 @@ class LanczosProcess:
             self._window = [*self._window[1 - self.keep :], vector]
             self._stored += 1
             return
-        if self._stored % _BLOCK == 0:
-            rows = min(_BLOCK, self.max_iter + 1 - self._stored)
+        if self._stored // _BLOCK == len(self._blocks):  # a thick restart reuses its blocks
+            rows = min(_BLOCK, self._capacity - self._stored)
             self._blocks.append(
                 torch.zeros(rows, self._length, dtype=self.dtype, device=self.device)
             )
@@ -278,28 +361,37 @@ class LanczosProcess:
         is left measures the rounding of the products along the explored directions, the
         same kind of quantity (``uᵀ E v``) as the first-order eigenvalue error ``yᵀ E y``.
         """
-        j = self.num_steps  # the coefficients are on the rows j + 1 − len … j
+        j = self.order  # the coefficients are on the rows j + 1 − len … j
         if j == 0:
             return
         deviations = coefficients[:-1].abs()
-        deviations[-1] = (coefficients[-2] - self.betas[j - 1]).abs()
+        if self.alphas:  # q_{j−1} is a Lanczos vector
+            deviations[-1] = (coefficients[-2] - self.betas[-1]).abs()
+        else:  # q_j follows a thick restart: the kept Ritz vectors couple to it
+            couplings = torch.tensor(self._couplings, dtype=coefficients.dtype)
+            kept = coefficients[-1 - len(couplings) : -1]
+            deviations[-len(couplings) :] = (kept - couplings).abs()
         self.rounding = max(self.rounding, float(deviations.max()))
 
     def step(self) -> bool:
         """Take one product; return ``False`` once no further step is possible."""
-        j = self.num_steps
-        if j >= self.max_iter or self._stored <= j:
+        if self.num_steps >= self.max_iter or self._stored <= self.order:
             return False
+        if self._stored == self._capacity and self.thick is not None:
+            self._thick_restart(self.thick)
+        j = self.order
         q = self._row(j)
         w, coefficients, beta, image = self._orthogonalise(self.matvec(q), j + 1)
+        self._products += 1
         alpha = float(coefficients[-1])
         self._record_rounding(coefficients)
         self.alphas.append(alpha)
+        self._largest = max(self._largest, abs(alpha))
         self.residual_norm = beta
         if j + 1 >= self.size:  # the whole space is spanned: T is exact up to rounding
             self.spanned = True
             return False
-        if j + 1 >= self.max_iter:
+        if self.num_steps >= self.max_iter:
             return False
         scale = max(self.scale, 1e-30)
         if beta > _BREAKDOWN * torch.finfo(w.dtype).eps * scale:
@@ -334,12 +426,64 @@ class LanczosProcess:
                 return kept / remaining
         return None
 
-    def tridiagonal(self) -> torch.Tensor:
-        """The tridiagonal ``T`` (float64, on the CPU) of the steps taken so far."""
-        k = self.num_steps
-        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
-        off = torch.tensor(self.betas[: k - 1], dtype=torch.float64)
-        return t + torch.diag(off, 1) + torch.diag(off, -1)
+    def projection(self) -> torch.Tensor:
+        """``T = QᵀAQ`` (float64, on the CPU) over the rows multiplied so far.
+
+        Tridiagonal; after a thick restart, the kept Ritz values on the diagonal, bordered by
+        their couplings to the row after them, and the tridiagonal from there.
+        """
+        head = len(self._locked)
+        diagonal = torch.tensor([*self._locked, *self.alphas], dtype=torch.float64)
+        off = torch.tensor(self.betas[: len(self.alphas) - 1], dtype=torch.float64)
+        t = torch.diag(diagonal)
+        t[head:, head:] += torch.diag(off, 1) + torch.diag(off, -1)
+        if head and self.alphas:
+            couplings = torch.tensor(self._couplings, dtype=torch.float64)
+            t[:head, head] = couplings
+            t[head, :head] = couplings
+        return t
+
+    def log_norm(self) -> float:
+        """``Σ log β`` over every product of the run, the last one's residual norm included.
+
+        ``log ‖p(A) b‖`` for the unit start ``b`` and ``p`` the monic polynomial whose roots
+        are the Ritz values and :attr:`dropped` (``β₁⋯β_m`` without a thick restart; see
+        :mod:`~lightning_curvature.functional.linalg.missed`). ``-inf`` after a breakdown.
+        """
+        if not self.residual_norm > 0.0:
+            return -math.inf
+        kept = self.betas[: len(self.alphas) - 1]
+        return self._restarted_log_norms + sum(map(math.log, kept)) + math.log(self.residual_norm)
+
+    def _thick_restart(self, thick: ThickRestart) -> None:
+        """Replace the basis by the extreme Ritz vectors and the next Lanczos vector.
+
+        In place, a slice of columns at a time: the basis never needs a second copy. The
+        dropped Ritz values join :attr:`dropped`, the roots of the filter polynomial ``ψ``
+        that the kept space is the Krylov space of (``ψ(A) b``).
+        """
+        values, vectors = torch.linalg.eigh(self.projection())
+        n = values.numel()
+        kept = [*range(min(thick.bottom, n)), *range(max(n - thick.top, thick.bottom), n)]
+        if len(kept) == n:
+            return  # nothing to drop (cannot happen with rows >= top + bottom + 3)
+        self.dropped += values[[i for i in range(n) if i not in kept]].tolist()
+        coefficients = vectors[:, kept].to(dtype=self.dtype, device=self.device)
+        held = self._rows(n)
+        for first in range(0, self._length, _COLUMNS):
+            columns = slice(first, first + _COLUMNS)
+            rotated = coefficients.T @ torch.cat([block[:, columns] for block in held])
+            for i, row in enumerate(rotated):
+                self._row(i)[columns].copy_(row)
+        self._row(len(kept)).copy_(self._row(n))  # the next Lanczos vector follows them
+        self._stored = len(kept) + 1
+        self._locked = values[kept].tolist()
+        self._couplings = (self.residual_norm * vectors[n - 1, kept]).tolist()
+        self._largest = max([self._largest, *map(abs, self._locked), *map(abs, self._couplings)])
+        self._restarted_log_norms += sum(map(math.log, self.betas))
+        self.alphas, self.betas = [], []
+        # A block begun by a near breakdown lives on in the rows after the kept ones.
+        self.block_starts = [0] if len(self.block_starts) == 1 else [0, len(kept)]
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ritz values (ascending), eigenvectors of ``T``, and bounds on their residuals.
@@ -347,7 +491,7 @@ class LanczosProcess:
         ``‖A Q s_i − θ_i Q s_i‖ ≤ β |s_{m,i}| + Σ_b β_b |s_{b,i}|``: the last residual and
         every residual a restart dropped (``A Q = Q T + Σ r e_rowᵀ``).
         """
-        values, vectors = torch.linalg.eigh(self.tridiagonal())
+        values, vectors = torch.linalg.eigh(self.projection())
         residuals = (self.residual_norm * vectors[-1, :]).abs()
         for row, dropped in self.restarts:
             residuals = residuals + dropped * vectors[row, :].abs()

@@ -47,20 +47,28 @@ __all__ = ["miss_probabilities"]
 
 
 def _first_block(run: LanczosProcess) -> tuple[torch.Tensor, float]:
-    """The Ritz values of the start vector's own recurrence and ``log(β₁⋯β_m)``.
+    """The roots of the start vector's polynomial ``p`` and ``log(‖p(A) b‖/‖b‖)``.
 
-    A restart begins a recurrence from another vector; the bound is the first one's.
+    A restart after a breakdown begins a recurrence from another vector; the bound is the
+    first one's: ``p`` the characteristic polynomial of its ``T``, ``‖p(A) b‖/‖b‖ = β₁⋯β_m``.
+    After thick restarts (no breakdown restart then) ``p = det(x − T) · ψ(x)``, ``ψ`` the
+    polynomial of the dropped Ritz values, and ``‖p(A) b‖/‖b‖`` is still the product of
+    every normalisation of the run and the last residual: the kept space is the Krylov space
+    of ``ψ(A) b``, whose own normalisations multiply onto those before the restart (an
+    induction on the restarts, by the identity ``s_{1,i} s_{m,i} ∏_{l≠i} (θ_i − θ_l) =
+    β₁⋯β_{m−1}`` of the first and last components of ``T``'s eigenvectors).
     """
     if run.restarts:
-        row, dropped = run.restarts[0]
-        end, last = row + 1, dropped
-    else:
-        end, last = run.num_steps, run.residual_norm
-    roots = torch.linalg.eigvalsh(run.tridiagonal()[:end, :end])
-    betas = [*run.betas[: end - 1], last]
-    if min(betas) <= 0.0:  # an invariant subspace: nothing outside it is touched by b
-        return roots, -math.inf
-    return roots, sum(math.log(beta) for beta in betas)
+        row, residual = run.restarts[0]
+        end = row + 1
+        roots = torch.linalg.eigvalsh(run.projection()[:end, :end])
+        betas = [*run.betas[: end - 1], residual]
+        if min(betas) <= 0.0:  # an invariant subspace: nothing outside it is touched by b
+            return roots, -math.inf
+        return roots, sum(math.log(beta) for beta in betas)
+    ritz_values = torch.linalg.eigvalsh(run.projection())
+    dropped_values = torch.tensor(run.dropped, dtype=ritz_values.dtype)
+    return torch.cat([ritz_values, dropped_values]), run.log_norm()
 
 
 def _log_abs(roots: torch.Tensor, points: list[float]) -> float:

@@ -34,5 +34,5 @@ def lanczos_quadrature(
     run = LanczosProcess(matvec, start, num_steps, shards=shards)
     while run.step():
         pass
-    values, vectors = torch.linalg.eigh(run.tridiagonal())
+    values, vectors = torch.linalg.eigh(run.projection())
     return values, vectors[0, :] ** 2
