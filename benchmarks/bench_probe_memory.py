@@ -16,7 +16,9 @@ one forward pass. Measured:
 * ``eigenvectors``: the same with ``return_eigenvectors=True`` (a monitor's cold probe, the
   one that keeps a warm start), and ``top3``: ``k=3`` with eigenvectors. Above
   ``FULL_BASIS_ENTRIES`` both hold at most ``thick_restart``'s rows; ``--whole-basis``
-  measures them keeping the whole basis instead (as before thick restarts).
+  measures them keeping the whole basis instead (as before thick restarts);
+* ``density``: ``spectral_density`` at its defaults (80 steps, one run): above
+  ``FULL_BASIS_ENTRIES`` on two vectors (``--whole-basis``: on the whole basis).
 
 Each row gives the peak increment in MiB, as a multiple of the gradient's and in vectors
 of ``P`` float32 entries (the gradient's own increment moves by a few MiB from process to
@@ -49,7 +51,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BATCH, INPUTS, CLASSES = 256, 256, 2
-MODES = ("gradient", "product", "trace", "lambda1", "eigenvectors", "top3")
+MODES = ("gradient", "product", "trace", "lambda1", "eigenvectors", "top3", "density")
 
 
 def _mlp(size: int) -> nn.Module:
@@ -74,7 +76,7 @@ def _peak_mib() -> float:
 
 
 def _probe(mode: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    from lightning_curvature import hessian_eigenvalues, hessian_trace
+    from lightning_curvature import hessian_eigenvalues, hessian_trace, spectral_density
     from lightning_curvature.functional.operator.hvp import hessian_vector_product
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -91,6 +93,9 @@ def _probe(mode: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
         vector = torch.randn(sum(p.numel() for p in params), generator=torch.Generator())
         hessian_vector_product(model, _loss, batch, vector)
         out.update(seconds=time.perf_counter() - start, products=1)
+    elif mode == "density":
+        esd = spectral_density(model, _loss, batch)
+        out.update(seconds=time.perf_counter() - start, products=esd.num_hvps)
     elif mode == "trace":
         trace = hessian_trace(model, _loss, batch, num_hvps=16)
         out.update(seconds=time.perf_counter() - start, products=trace.num_hvps)
@@ -143,9 +148,9 @@ def _timed_steps() -> Iterator[dict[str, float]]:
 def _worker(mode: str, size: int, whole_basis: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     if whole_basis:
-        from lightning_curvature.functional.linalg import eigenpairs
+        from lightning_curvature.functional.linalg import basis
 
-        eigenpairs.FULL_BASIS_ENTRIES = 1 << 62
+        basis.FULL_BASIS_ENTRIES = 1 << 62
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(BATCH, INPUTS, generator=generator)
     batch = (inputs, torch.randint(0, CLASSES, (BATCH,), generator=generator))

@@ -35,13 +35,12 @@ from edge_of_stability import DigitsRegressor, digits_dataset
 from lightning_curvature import hessian_eigenvalues
 from lightning_curvature.errors import CurvatureWarning
 from lightning_curvature.functional.linalg import eigenpairs
+from lightning_curvature.functional.linalg.basis import THICK_ROOM, ThickRestart
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
-    THICK_ROOM,
     default_max_iter,
     lanczos_eigenpairs,
 )
-from lightning_curvature.functional.linalg.lanczos import ThickRestart
 
 TOL = 1e-3
 SEEDS = 20
@@ -172,7 +171,7 @@ def digits_chain() -> None:
     results: dict[str, tuple[list[int], list[int], int]] = {}
     for basis in ("whole", "thick"):
         # FULL_BASIS_ENTRIES 1: the default's fewest rows for k = 1 (8) on this small model
-        eigenpairs.FULL_BASIS_ENTRIES = 1 if basis == "thick" else 1 << 24
+        basis.FULL_BASIS_ENTRIES = 1 if basis == "thick" else 1 << 24
         previous, products, close, false = None, [], [], 0
         for step, state in states.items():
             model.load_state_dict(state)
@@ -191,7 +190,7 @@ def digits_chain() -> None:
                 false += int(bool(out.converged[0]) and abs(value - top) > TOL * abs(value))
             previous = out.warm_start
         results[basis] = (products, close, false)
-    eigenpairs.FULL_BASIS_ENTRIES = 1 << 24
+    basis.FULL_BASIS_ENTRIES = 1 << 24
     for basis, (products, close, false) in results.items():
         print(f"| {basis} | {len(products)} | {statistics.median(products):g} / "
               f"{statistics.fmean(products):.2f} / {max(products)} | "

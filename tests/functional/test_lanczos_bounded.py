@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_curvature.functional.linalg import eigenpairs
+from lightning_curvature.functional.linalg import basis, eigenpairs
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
     default_max_iter,
@@ -31,8 +31,7 @@ def test_only_the_last_two_rows_are_held() -> None:
     values = torch.linspace(-1.0, 2.0, size, dtype=torch.float64)
     run = LanczosProcess(lambda v: values * v, _start(size, 0, torch.float64), 60, keep=2)
     while run.step():
-        assert len(run._window) <= 2
-        assert not run._blocks
+        assert run.allocated_rows <= 2
     assert run.num_steps == 60
     with pytest.raises(ValueError, match="keeps only its last 2"):
         run.basis  # noqa: B018
@@ -157,7 +156,7 @@ def test_a_breakdown_ends_the_run_without_a_restart() -> None:
 def test_the_default_bounds_large_runs_without_eigenvectors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(eigenpairs, "FULL_BASIS_ENTRIES", 40 * 11)
+    monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 40 * 11)
     made: list[int | None] = []
     original = eigenpairs.LanczosProcess.__init__
 
@@ -185,7 +184,7 @@ def _local_orthogonality(start: torch.Tensor, spectrum: torch.Tensor, keep: int 
     run = LanczosProcess(lambda v: spectrum * v, start, 12, keep=keep)
     worst = 0.0
     while run.step():
-        rows = run.basis.unbind() if keep is None else list(run._window)
+        rows = run.basis.unbind() if keep is None else run._basis.rows(run._basis.stored)
         worst = max(worst, abs(float(rows[-2].double() @ rows[-1].double())))
     return worst
 

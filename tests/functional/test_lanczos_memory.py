@@ -12,7 +12,7 @@ BLOCK = 8  # rows allocated at a time (functional/linalg/lanczos.py)
 
 
 def _allocated_rows(run: LanczosProcess) -> int:
-    return sum(block.shape[0] for block in run._blocks)
+    return run.allocated_rows
 
 
 def test_rows_follow_the_steps_taken_within_a_block_of_eight() -> None:

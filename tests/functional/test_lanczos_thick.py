@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from lightning_curvature.functional.linalg import eigenpairs
+from lightning_curvature.functional.linalg import basis
+from lightning_curvature.functional.linalg.basis import ThickRestart, thick_restart
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
     default_max_iter,
     lanczos_eigenpairs,
-    thick_restart,
 )
-from lightning_curvature.functional.linalg.lanczos import LanczosProcess, ThickRestart
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 from lightning_curvature.functional.linalg.missed import _first_block, miss_probabilities
 
 
@@ -35,10 +35,6 @@ def _rotated(n: int, values: torch.Tensor, seed: int) -> torch.Tensor:
     return (q * values) @ q.T
 
 
-def _held_rows(run: LanczosProcess) -> int:
-    return sum(block.shape[0] for block in run._blocks)
-
-
 @pytest.mark.parametrize(("rows", "top", "bottom"), [(5, 2, 0), (8, 4, 0), (9, 3, 1)])
 def test_never_more_rows_than_asked_and_the_projection_is_qtaq(
     rows: int, top: int, bottom: int
@@ -52,7 +48,7 @@ def test_never_more_rows_than_asked_and_the_projection_is_qtaq(
         thick=ThickRestart(rows=rows, top=top, bottom=bottom),
     )
     while run.step():
-        assert _held_rows(run) <= rows
+        assert run.allocated_rows <= rows
         basis = run.basis
         assert torch.allclose(
             basis @ basis.T, torch.eye(len(basis), dtype=torch.float64), atol=1e-12
@@ -93,7 +89,7 @@ def test_cold_certificates_survive_restarts_at_the_edge_of_stability(
     n = 1000
     spectrum = _edge_of_stability(n, ratio, dtype)
     truth = spectrum.double().sort(descending=True).values[:k]
-    products = {None: 0, 2 * (k + 1) + eigenpairs.THICK_ROOM: 0}
+    products = {None: 0, 2 * (k + 1) + basis.THICK_ROOM: 0}
     for seed in range(20):
         for rows in products:
             out = lanczos_eigenpairs(
@@ -142,7 +138,7 @@ def test_the_smallest_is_kept_and_certified_too(ends: str) -> None:
     spectrum = torch.cat([low, bulk, torch.tensor([3.0, 4.0])]).double()
     matrix = _rotated(n, spectrum, 5)
     tol = 1e-6 if ends == "separated" else 1e-3
-    rows = 2 * (2 + 1 + 1) + eigenpairs.THICK_ROOM
+    rows = 2 * (2 + 1 + 1) + basis.THICK_ROOM
     out = lanczos_eigenpairs(
         lambda v: matrix @ v,
         _start(n, 0, torch.float64),
@@ -211,7 +207,7 @@ def test_large_runs_that_need_ritz_vectors_restart_by_default(
     monkeypatch.setattr(LanczosProcess, "__init__", spy)
     n = 300
     spectrum = _edge_of_stability(n, 0.9, torch.float64)
-    monkeypatch.setattr(eigenpairs, "FULL_BASIS_ENTRIES", n * 10)
+    monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", n * 10)
     for k, vectors in [(1, False), (1, True), (2, False)]:
         lanczos_eigenpairs(
             lambda v: spectrum * v, _start(n, 0, torch.float64), k=k, max_iter=50,
@@ -223,7 +219,7 @@ def test_large_runs_that_need_ritz_vectors_restart_by_default(
         (None, thick_restart(2, False, n)),
     ]
     assert thick_restart(1, False, n).rows == 10  # FULL_BASIS_ENTRIES // n
-    monkeypatch.setattr(eigenpairs, "FULL_BASIS_ENTRIES", 1 << 24)
+    monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 1 << 24)
     lanczos_eigenpairs(lambda v: spectrum * v, _start(n, 0, torch.float64), k=2, max_iter=50)
     assert made[-1].thick is None
 

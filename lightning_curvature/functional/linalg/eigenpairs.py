@@ -29,60 +29,23 @@ from typing import NamedTuple
 
 import torch
 
-from lightning_curvature.functional.linalg.lanczos import LanczosProcess, Matvec, ThickRestart
+from lightning_curvature.functional.linalg.basis import basis_layout
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess, Matvec
 from lightning_curvature.functional.linalg.missed import miss_probabilities
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
 __all__ = [
-    "FULL_BASIS_ENTRIES",
     "MISS_PROBABILITY",
-    "THICK_ROOM",
     "LanczosResult",
     "RitzEstimate",
     "default_max_iter",
     "lanczos_eigenpairs",
-    "thick_restart",
 ]
 
 #: The chance a certificate from a random start may carry of a missed eigenvalue (all the
 #: certificates of a run together). At the edge of stability each factor of 10 costs about
 #: 2.5 products (``benchmarks/bench_certificate.py``).
 MISS_PROBABILITY = 1e-3
-
-#: A run that returns no Ritz vector keeps its whole basis only while ``max_iter + 1`` rows
-#: hold at most this many entries (64 MiB in float32: ``P ≈ 1.3·10⁶`` at ``max_iter = 50``);
-#: above, it keeps the recurrence's last two rows (``LanczosProcess(keep=2)``), so its memory
-#: no longer grows with its steps (``benchmarks/bench_probe_memory.py``).
-FULL_BASIS_ENTRIES = 1 << 24
-
-#: Rows a thick-restarted run holds beyond twice the Ritz vectors it must keep, at least.
-THICK_ROOM = 4
-
-
-def thick_restart(k: int, smallest: bool, size: int, rows: int | None = None) -> ThickRestart:
-    """How a run after the top ``k`` (and the smallest) holds at most ``rows`` basis vectors.
-
-    ``rows`` defaults to what :data:`FULL_BASIS_ENTRIES` holds, at least
-    ``2(k + 1 + smallest) +`` :data:`THICK_ROOM`. A restart keeps the Ritz vectors of half
-    the rows: of the largest values (at least ``k + 1``: the one below the top k is the warm
-    start's and the guard's), and with ``smallest`` a quarter of the rows' (at least one) of
-    the smallest. Cold at the edge of stability, keeping only ``k + 1`` of 10 rows took 35
-    products where the whole basis took 23; keeping 5 took 24-26. Keeping one at the bottom
-    left a smallest eigenvalue at the end of a dense spectrum uncertified after 200 products
-    (the dropped Ritz values crowd there, and the miss bound counts each); keeping three of
-    10 certified it in 199, the whole basis in 84 (``benchmarks/bench_thick_restart.py``).
-
-    Example:
-        >>> thick_restart(1, False, size=10**7)
-        ThickRestart(rows=8, top=4, bottom=0)
-        >>> thick_restart(3, True, size=10**6)
-        ThickRestart(rows=16, top=4, bottom=4)
-    """
-    if rows is None:
-        rows = max(FULL_BASIS_ENTRIES // size, 2 * (k + 1 + int(smallest)) + THICK_ROOM)
-    bottom = max(rows // 4, 1) if smallest else 0
-    top = max(k + 1, min(rows // 2 - bottom, rows - bottom - 3))
-    return ThickRestart(rows=rows, top=top, bottom=bottom)
 
 
 def default_max_iter(k: int) -> int:
@@ -342,12 +305,13 @@ def lanczos_eigenpairs(
             gets without full reorthogonalisation would pass for the next ones. ``None``:
             where ``k=1``, no Ritz vector is asked for and the whole basis (of the global
             vectors, so that every process decides alike) would exceed
-            :data:`FULL_BASIS_ENTRIES`.
+            :data:`~lightning_curvature.functional.linalg.basis.FULL_BASIS_ENTRIES`.
         rows: hold at most this many basis vectors: when full, restart from the Ritz vectors
             of the top ``k + 1`` values (and the smallest), keeping every certificate above
-            (:func:`thick_restart`). ``None``: where the whole basis would exceed
-            :data:`FULL_BASIS_ENTRIES` and the run is not ``bounded``, the rows that fit in
-            it (at least ``k + 1 + smallest +`` :data:`THICK_ROOM`); below, the whole basis.
+            (:mod:`~lightning_curvature.functional.linalg.basis`' ``thick_restart``). ``None``:
+            where the whole basis would exceed its ``FULL_BASIS_ENTRIES`` and the run is not
+            ``bounded``, the rows that fit in it (at least ``2(k + 1 + smallest) + 4``);
+            below, the whole basis.
 
     Raises:
         ValueError: if ``bounded`` is ``True`` with ``k > 1``, ``return_eigenvectors`` or
@@ -372,27 +336,9 @@ def lanczos_eigenpairs(
     """
     # By the global size: every process must run the same algorithm.
     size = start.numel() if shards is None else shards.size
-    large = size * (min(max_iter, size) + 1) > FULL_BASIS_ENTRIES
-    if bounded is None:
-        bounded = large and k == 1 and not return_eigenvectors
-    if bounded and (k > 1 or return_eigenvectors):
-        raise ValueError(
-            "`bounded=True` certifies only k=1 and keeps no basis to return eigenvectors "
-            f"from; got k={k}, return_eigenvectors={return_eigenvectors}."
-        )
-    if bounded and rows is not None:
-        raise ValueError("`bounded=True` keeps two rows: `rows` must then be None.")
-    thick = None
-    if rows is not None or (large and not bounded):
-        thick = thick_restart(k, smallest, size, rows)
+    keep, thick = basis_layout(size, max_iter, k, smallest, return_eigenvectors, bounded, rows)
     run = LanczosProcess(
-        matvec,
-        start,
-        max_iter,
-        generator=generator,
-        shards=shards,
-        keep=2 if bounded else None,
-        thick=thick,
+        matvec, start, max_iter, generator=generator, shards=shards, keep=keep, thick=thick
     )
     del start  # the run holds its own unit start: a caller that passed its last reference frees it
     need = max(min_iter, k + 1 + int(smallest))

@@ -26,8 +26,8 @@ of the ``r²/δ`` bound. Such a run does not restart after a breakdown (a fresh 
 must be orthogonal to the whole basis): it stops there, like a run without a generator.
 
 A run that needs Ritz vectors (the top k > 1, eigenvectors for a warm start) may instead hold
-at most ``rows`` basis vectors (:class:`ThickRestart`; Wu & Simon 2000, "Thick-restart
-Lanczos method for large symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2)):
+at most ``rows`` basis vectors (``thick``; Wu & Simon 2000, "Thick-restart Lanczos method
+for large symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2)):
 when the basis is full it is replaced, in place, by the Ritz vectors of the extreme Ritz
 values and the next Lanczos vector, and the run goes on from there. Its projection ``QᵀAQ``
 is then a diagonal of the kept Ritz values bordered by their couplings to the next vector
@@ -38,7 +38,9 @@ dropped), which is what lets a random start's miss bound go on across restarts
 (:mod:`~lightning_curvature.functional.linalg.missed`). Such a run stops at a breakdown too:
 a fresh direction would have to be orthogonal to the dropped vectors as well.
 
-This module is the process alone; what is read from it lives beside it:
+This module is the process alone; its rows live in
+:mod:`~lightning_curvature.functional.linalg.basis` (which also decides how many a run may
+hold), and what is read from it lives beside it:
 :mod:`~lightning_curvature.functional.linalg.eigenpairs` certifies the extreme eigenpairs and
 decides when to stop, :mod:`~lightning_curvature.functional.linalg.quadrature` gives the Gauss
 quadrature of stochastic Lanczos quadrature.
@@ -48,14 +50,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from lightning_curvature.functional.linalg.reductions import inner_products
+from lightning_curvature.functional.linalg.basis import KrylovBasis, ThickRestart
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
-__all__ = ["LanczosProcess", "ThickRestart"]
+__all__ = ["LanczosProcess"]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 # A residual below this many eps·‖T‖ is rounding alone: the Krylov space is invariant.
@@ -70,45 +71,6 @@ _NEARLY_INVARIANT = 1e-4
 # least squares, a tanh/GELU MLP and a tanh CNN in float32).
 _RELATIVE_ROUNDING = 16.0
 _MEASURED_ROUNDING = 4.0
-_BLOCK = 8  # basis rows allocated at a time: memory follows the run, nothing is ever copied
-_COLUMNS = 1 << 16  # entries of each row a thick restart rewrites at a time
-
-
-@dataclass(frozen=True)
-class ThickRestart:
-    """How a :class:`LanczosProcess` bounded to ``rows`` basis vectors restarts when full.
-
-    Attributes:
-        rows: the most basis vectors held (the next Lanczos vector included).
-        top: Ritz vectors of the largest Ritz values kept at a restart.
-        bottom: Ritz vectors of the smallest ones kept (for the smallest eigenvalue).
-
-    Raises:
-        ValueError: unless ``top >= 1``, ``bottom >= 0`` and ``rows >= top + bottom + 3``
-            (the kept vectors, the next one, and room for two products before the next
-            restart).
-
-    Example:
-        >>> ThickRestart(rows=8, top=3)
-        ThickRestart(rows=8, top=3, bottom=0)
-        >>> ThickRestart(rows=4, top=2)
-        Traceback (most recent call last):
-        ...
-        ValueError: `rows` must be >= top + bottom + 3 (5), got 4.
-    """
-
-    rows: int
-    top: int
-    bottom: int = 0
-
-    def __post_init__(self) -> None:
-        if self.top < 1 or self.bottom < 0:
-            raise ValueError(
-                f"`top` must be >= 1 and `bottom` >= 0, got {self.top}, {self.bottom}."
-            )
-        least = self.top + self.bottom + 3
-        if self.rows < least:
-            raise ValueError(f"`rows` must be >= top + bottom + 3 ({least}), got {self.rows}.")
 
 
 class LanczosProcess:
@@ -183,14 +145,13 @@ class LanczosProcess:
                 f"{self.shards.local_size}."
             )
         self.size = self.shards.size  # of the whole space
-        self._length = start.numel()  # of the vectors held here
         self.max_iter = min(max_iter, self.size)
-        self._capacity = self.max_iter + 1 if thick is None else min(thick.rows, self.max_iter + 1)
-        self._blocks: list[torch.Tensor] = []  # the whole basis, in blocks of _BLOCK rows
-        self._window: list[torch.Tensor] = []  # with `keep`: the last rows, oldest first
-        self._stored = 0
+        capacity = self.max_iter + 1 if thick is None else min(thick.rows, self.max_iter + 1)
         self.dtype, self.device = start.dtype, start.device  # `start` itself is not kept
-        self._store(start / self.shards.norm(start))
+        self._basis = KrylovBasis(
+            start.numel(), capacity, self.dtype, self.device, self.shards, keep
+        )
+        self._basis.append(start / self.shards.norm(start))
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
         self._locked: list[float] = []  # after a thick restart: the kept Ritz values …
@@ -224,21 +185,12 @@ class LanczosProcess:
         Raises:
             ValueError: if the run keeps only its last rows (``keep``).
         """
-        self._whole()
-        return torch.cat(self._blocks)[: self._stored]
+        return self._basis.whole()
 
-    def _whole(self) -> None:
-        if self.keep is not None:
-            raise ValueError(f"this run keeps only its last {self.keep} basis vectors (`keep`).")
-
-    def _first_kept(self, count: int) -> int:
-        """The first of the rows ``0 … count − 1`` still held."""
-        return 0 if self.keep is None else max(count - self.keep, self._stored - self.keep, 0)
-
-    def _row(self, index: int) -> torch.Tensor:
-        if self.keep is not None:
-            return self._window[index - (self._stored - len(self._window))]
-        return self._blocks[index // _BLOCK][index % _BLOCK]
+    @property
+    def allocated_rows(self) -> int:
+        """Basis rows allocated on the device: the run's memory beyond its products."""
+        return self._basis.allocated
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``coefficientsᵀ Q``: vectors from their coordinates in the first rows of the basis.
@@ -249,12 +201,7 @@ class LanczosProcess:
         Raises:
             ValueError: if the run keeps only its last rows (``keep``).
         """
-        self._whole()
-        total = coefficients.new_zeros(coefficients.shape[1], self._length)
-        for first in range(0, coefficients.shape[0], _BLOCK):
-            block = self._blocks[first // _BLOCK][: coefficients.shape[0] - first]
-            total += coefficients[first : first + _BLOCK].T @ block
-        return total
+        return self._basis.combine(coefficients)
 
     @property
     def scale(self) -> float:
@@ -269,89 +216,6 @@ class LanczosProcess:
         """
         eps = torch.finfo(self.dtype).eps
         return _RELATIVE_ROUNDING * eps * values.abs() + _MEASURED_ROUNDING * self.rounding
-
-    def _store(self, vector: torch.Tensor) -> None:
-        if self.keep is not None:  # the new row itself, the oldest one dropped
-            self._window = [*self._window[1 - self.keep :], vector]
-            self._stored += 1
-            return
-        if self._stored // _BLOCK == len(self._blocks):  # a thick restart reuses its blocks
-            rows = min(_BLOCK, self._capacity - self._stored)
-            self._blocks.append(
-                torch.zeros(rows, self._length, dtype=self.dtype, device=self.device)
-            )
-        self._row(self._stored).copy_(vector)
-        self._stored += 1
-
-    def _orthogonalise(
-        self, vector: torch.Tensor, count: int
-    ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """``vector`` less its projection on the first ``count`` rows.
-
-        Returns the residual, the projection's coefficients, the residual's norm and
-        ``vector``'s, ``√(‖c‖² + ‖r‖²)`` (the rows are orthonormal: no reduction of its own).
-        Classical Gram–Schmidt, twice ("twice is enough"): the second pass corrects the
-        first's coefficients, whose float32 slice sums are off by up to 10⁻⁶ of ``‖vector‖``
-        where the terms share a sign (``α = qᵀAq`` of a positive curvature), so the
-        coefficients returned are both passes' sum and ``α`` is the coefficient of the
-        residual actually left (Daniel, Gragg, Kaufman & Stewart 1976). A single pass left
-        ``q_{j+1}`` 10⁻⁵ off orthogonal to ``q_j`` within 12 steps at ``P = 10⁶`` (float32), and the
-        measured rounding, the certificate's floor, 60 times larger. With ``keep``, on the
-        rows ``_first_kept(count) … count − 1`` alone. ``vector`` is left as it was (a product
-        the operator's self-check still holds): the residual is a vector of its own. (Not the
-        row the window dropped: held until the next step, it would add a vector to the
-        product's peak, the probe's largest moment.)
-        """
-        rows = self._rows(count)
-        coefficients = self._project(rows, vector)
-        residual = self._subtract(rows, coefficients, vector, in_place=False)
-        correction = self._project(rows, residual)
-        self._subtract(rows, correction, residual, in_place=True)
-        coefficients = coefficients + correction  # twice is enough
-        remaining = self.shards.norm(residual)
-        length = (float(coefficients.square().sum()) + remaining**2) ** 0.5
-        return residual, coefficients, remaining, length
-
-    def _rows(self, count: int) -> list[torch.Tensor]:
-        """The rows ``0 … count − 1`` still held: one a tensor, or blocks of :data:`_BLOCK`."""
-        if self.keep is not None:
-            return [self._row(i) for i in range(self._first_kept(count), count)]
-        return [
-            block[: count - first]
-            for first, block in zip(range(0, count, _BLOCK), self._blocks, strict=False)
-        ]
-
-    def _project(self, rows: list[torch.Tensor], vector: torch.Tensor) -> torch.Tensor:
-        """The coefficients of ``vector`` on ``rows``, summed over processes in one collective."""
-        local = torch.cat([inner_products(row, vector).reshape(-1) for row in rows])
-        return self.shards.all_sum(local)
-
-    @staticmethod
-    def _subtract(
-        rows: list[torch.Tensor], coefficients: torch.Tensor, vector: torch.Tensor, in_place: bool
-    ) -> torch.Tensor:
-        """``vector − coefficientsᵀ rows``, in ``vector`` itself or in a new vector.
-
-        New on the first pass: its ``vector`` is a product the operator's self-check holds.
-        """
-        result = vector if in_place else None
-        start = 0
-        for row in rows:  # one row (a window's): an axpy; a block of rows: one gemv
-            count = 1 if row.dim() == 1 else row.shape[0]
-            c = coefficients[start : start + count].to(vector.dtype)
-            start += count
-            if result is None:  # the first update makes the result
-                result = (
-                    torch.sub(vector, row, alpha=float(c))
-                    if row.dim() == 1
-                    else torch.addmv(vector, row.T, c, alpha=-1)
-                )
-            elif row.dim() == 1:
-                result.sub_(row, alpha=float(c))
-            else:
-                result.addmv_(row.T, c, alpha=-1)
-        assert result is not None
-        return result
 
     def _record_rounding(self, coefficients: torch.Tensor) -> None:
         """Note how far ``Qᵀ A q_j`` is from the exact ``(0, …, 0, β_{j-1}, α_j)``.
@@ -375,13 +239,13 @@ class LanczosProcess:
 
     def step(self) -> bool:
         """Take one product; return ``False`` once no further step is possible."""
-        if self.num_steps >= self.max_iter or self._stored <= self.order:
+        if self.num_steps >= self.max_iter or self._basis.stored <= self.order:
             return False
-        if self._stored == self._capacity and self.thick is not None:
+        if self._basis.stored == self._basis.capacity and self.thick is not None:
             self._thick_restart(self.thick)
         j = self.order
-        q = self._row(j)
-        w, coefficients, beta, image = self._orthogonalise(self.matvec(q), j + 1)
+        q = self._basis.row(j)
+        w, coefficients, beta, image = self._basis.orthogonalise(self.matvec(q), j + 1)
         self._products += 1
         alpha = float(coefficients[-1])
         self._record_rounding(coefficients)
@@ -398,7 +262,7 @@ class LanczosProcess:
             if beta <= _NEARLY_INVARIANT * image:
                 self.block_starts.append(j + 1)
             self.betas.append(beta)
-            self._store(w.div_(beta))  # w is the orthogonalisation's own vector
+            self._basis.append(w.div_(beta))  # w is the orthogonalisation's own vector
             return True
         # Breakdown: span(Q) is invariant up to rounding. Restart orthogonally, or stop.
         fresh = None if self.generator is None else self._fresh_direction(j + 1)
@@ -406,7 +270,7 @@ class LanczosProcess:
             return False
         self.restarts.append((j, beta))
         self.betas.append(0.0)
-        self._store(fresh)
+        self._basis.append(fresh)
         self.block_starts.append(j + 1)
         return True
 
@@ -420,9 +284,9 @@ class LanczosProcess:
         assert self.generator is not None
         for _ in range(attempts):
             fresh = self.shards.randn(self.generator, self.dtype, self.device)
-            kept, _, remaining, length = self._orthogonalise(fresh, count)
+            kept, _, remaining, length = self._basis.orthogonalise(fresh, count)
             if remaining > 1e-3 * length:
-                kept, _, remaining, _ = self._orthogonalise(kept / remaining, count)
+                kept, _, remaining, _ = self._basis.orthogonalise(kept / remaining, count)
                 return kept / remaining
         return None
 
@@ -464,19 +328,11 @@ class LanczosProcess:
         """
         values, vectors = torch.linalg.eigh(self.projection())
         n = values.numel()
-        kept = [*range(min(thick.bottom, n)), *range(max(n - thick.top, thick.bottom), n)]
-        if len(kept) == n:
-            return  # nothing to drop (cannot happen with rows >= top + bottom + 3)
+        # rows >= top + bottom + 3 leaves at least one value to drop
+        kept = [*range(thick.bottom), *range(n - thick.top, n)]
         self.dropped += values[[i for i in range(n) if i not in kept]].tolist()
         coefficients = vectors[:, kept].to(dtype=self.dtype, device=self.device)
-        held = self._rows(n)
-        for first in range(0, self._length, _COLUMNS):
-            columns = slice(first, first + _COLUMNS)
-            rotated = coefficients.T @ torch.cat([block[:, columns] for block in held])
-            for i, row in enumerate(rotated):
-                self._row(i)[columns].copy_(row)
-        self._row(len(kept)).copy_(self._row(n))  # the next Lanczos vector follows them
-        self._stored = len(kept) + 1
+        self._basis.rotate(coefficients, n)
         self._locked = values[kept].tolist()
         self._couplings = (self.residual_norm * vectors[n - 1, kept]).tolist()
         self._largest = max([self._largest, *map(abs, self._locked), *map(abs, self._couplings)])
