@@ -32,10 +32,10 @@ def _float32_inner_products(rows: torch.Tensor, vector: torch.Tensor) -> torch.T
 
 
 def run_one(size: int, mode: str, k: int, seed: int) -> dict[str, object]:
-    from lightning_curvature.functional.linalg import eigenpairs, lanczos
+    from lightning_curvature.functional.linalg import basis, eigenpairs
 
     if mode == "float32-accumulated":
-        lanczos.inner_products = _float32_inner_products  # type: ignore[assignment]
+        basis.inner_products = _float32_inner_products  # type: ignore[assignment]
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(seed)
     diagonal = torch.rand(size, generator=generator)

@@ -174,7 +174,8 @@ def spectral_density(
     probe then peaks at a few vectors instead of 81. A converged eigenvalue's copies share its
     weight; on the digits edge-of-stability MLP the smoothed density from the same start
     moves by 10⁻⁷ (L1) at the default kernel, where one run's own error is 0.009, and by
-    0.006-0.011 at a kernel 5x narrower, where it is 0.02 (``benchmarks/bench_slq_memory.py``).
+    0.006-0.011 at a kernel 5x narrower, where it is 0.02 and the 10-run mean's error grows
+    1.2-1.4x (``benchmarks/bench_slq_memory.py``).
 
     Args:
         model: the module; its trainable parameters are measured.

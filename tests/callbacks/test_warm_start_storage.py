@@ -97,3 +97,37 @@ def test_checkpoints_without_the_warm_start_load_with_weights_only_and_resume_co
     cold = resumed["hvps"][0][1]
     warm = dict(default_run["hvps"])[4]
     assert cold > warm
+
+
+def test_a_basis_held_to_a_few_rows_logs_the_same_eigenvalues(
+    tmp_path: Path, default_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thick restarts (what a model above ``FULL_BASIS_ENTRIES`` gets, forced here): every
+    probe certified to the same values within tol, warm starts of the same shape, the
+    training untouched."""
+    from lightning_curvature.functional.linalg import basis, lanczos
+
+    held: list[int] = []
+    step = lanczos.LanczosProcess.step
+
+    def counting(run: lanczos.LanczosProcess) -> bool:
+        held.append(run.allocated_rows)
+        assert run.thick is not None
+        return step(run)
+
+    monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 1)
+    monkeypatch.setattr(lanczos.LanczosProcess, "step", counting)
+    thick = fit(tmp_path, "thick", checkpoint_warm_start=True)
+    rows = basis.thick_restart(2, False, 1).rows
+    assert max(held) == rows  # the cold probe filled its rows and restarted
+    assert max(hvps for _, hvps in thick["hvps"]) > rows
+    assert len(thick["top"]) == len(default_run["top"]) == STEPS
+    for (step_ours, ours), (step_whole, whole) in zip(
+        thick["top"], default_run["top"], strict=True
+    ):
+        assert step_ours == step_whole
+        assert ours == pytest.approx(whole, rel=2 * TOL)
+    assert all(
+        torch.equal(a, b) for a, b in zip(thick["weights"], default_run["weights"], strict=True)
+    )
+    assert thick["monitor"]._warm["full"].shape == default_run["monitor"]._warm["full"].shape
