@@ -1,7 +1,9 @@
 """The trace with batched products (issue 23, point 4) against one product at a time.
 
-``hessian_trace(num_hvps=100)`` (Hutchinson, or Hutch++ with ``--method hutch++``; ``--models``
-picks models by part of their name) on four models, one intra-op thread, the median of
+``hessian_trace(num_hvps=100)`` (Hutchinson, or Hutch++ with ``--method hutch++``; or with
+``--method slq`` ``spectral_density`` of 10 runs of ``num_hvps / 10`` steps, its runs in
+lockstep, the estimate its trace ``P·Σ τθ``; ``--models`` picks models by part of their
+name) on four models, one intra-op thread, the median of
 interleaved repeats: the digits MLP (2.1k parameters, 256 examples), the 95k CNN of
 ``common.py`` with BatchNorm in eval and in train mode (batch 128), and a transformers GPT-2
 of 2 layers of width 128 (vocabulary 1024, 4×32 tokens; sdpa attention, the math kernel in
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from common import digits, load_average, machine, make_cnn, make_mlp, summary, synthetic_images
 from common import loss_fn as cross_entropy
 
-from lightning_curvature import hessian_trace
+from lightning_curvature import hessian_trace, spectral_density
 from lightning_curvature.functional.linalg import product_batches
 
 
@@ -65,11 +67,24 @@ def cases() -> dict[str, tuple[torch.nn.Module, Callable[..., Any], Any, str]]:
     }
 
 
+def estimate(model: torch.nn.Module, loss: Callable[..., Any], batch: Any, mode: str,
+             method: str, num_hvps: int) -> float:  # fmt: skip
+    """The trace from ``num_hvps`` products: Hutchinson's, Hutch++'s or SLQ's (10 runs)."""
+    generator = torch.Generator().manual_seed(0)
+    if method == "slq":
+        esd = spectral_density(model, loss, batch, num_steps=num_hvps // 10, num_runs=10,
+                               batch_norm=mode, generator=generator)  # fmt: skip
+        return float(esd.num_parameters * (esd.nodes * esd.weights).sum(dim=1).mean())
+    out = hessian_trace(model, loss, batch, num_hvps=num_hvps, batch_norm=mode, method=method,
+                        generator=generator)  # fmt: skip
+    return float(out.estimate)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-hvps", type=int, default=100)
-    parser.add_argument("--method", choices=["hutchinson", "hutch++"], default="hutchinson")
+    parser.add_argument("--method", choices=["hutchinson", "hutch++", "slq"], default="hutchinson")
     parser.add_argument("--models", nargs="*", help="run only the models whose name has one")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -99,11 +114,8 @@ def main() -> None:
                 product_batches.ProductBatches._way = pinned  # type: ignore[method-assign]
                 made.clear()
                 start = time.perf_counter()
-                out = hessian_trace(model, loss, batch, num_hvps=args.num_hvps, batch_norm=mode,
-                                    method=args.method,
-                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+                estimates[label] = estimate(model, loss, batch, mode, args.method, args.num_hvps)
                 times[label].append(time.perf_counter() - start)
-                estimates[label] = float(out.estimate)
                 if label == "chosen":
                     kept = made[0]._way()
         single, chosen = (statistics.median(times[k]) for k in ("single", "chosen"))

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_curvature.functional.linalg.product_batches import ProductBatches
-from lightning_curvature.functional.linalg.trace_estimators import (
+from lightning_curvature.functional.density import spectral_density
+from lightning_curvature.functional.linalg.product_batches import (
     BATCHED_ENTRIES,
     GROUP,
-    hutch_plus_plus,
-    hutchinson,
+    ProductBatches,
 )
+from lightning_curvature.functional.linalg.quadrature import lanczos_quadrature, lanczos_quadratures
+from lightning_curvature.functional.linalg.trace_estimators import hutch_plus_plus, hutchinson
 from lightning_curvature.functional.operator.operator import HessianOperator
 from lightning_curvature.functional.trace import hessian_trace
 
@@ -196,3 +197,47 @@ def test_a_single_row_and_no_row(model: nn.Module, batch: torch.Tensor) -> None:
     assert first.shape == again.shape == (1, size)
     assert none.shape == (0, size)
     assert torch.allclose(first, row @ dense_hessian(model, batch), rtol=1e-9, atol=1e-12)
+
+
+def test_lockstep_quadratures_are_the_runs_one_after_another() -> None:
+    """Each step multiplies every live run's vector in one call; runs that end early (an
+    invariant Krylov space: a start on 2 of the 4 eigenvalues) drop out of the calls."""
+    diagonal = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=torch.float64)
+    starts = torch.tensor(
+        [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.5, 1.0, -1.0, 2.0]], dtype=torch.float64
+    )
+    calls: list[int] = []
+
+    def products(rows: torch.Tensor) -> torch.Tensor:
+        calls.append(len(rows))
+        return rows * diagonal
+
+    together = lanczos_quadratures(lambda v: diagonal * v, starts, 4, products=products)
+    assert calls == [3, 3, 2, 2]  # the second run spans its space in two steps
+    for (nodes, weights), start in zip(together, starts, strict=True):
+        alone_nodes, alone_weights = lanczos_quadrature(lambda v: diagonal * v, start, 4)
+        torch.testing.assert_close(nodes, alone_nodes, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(weights, alone_weights, rtol=1e-12, atol=1e-12)
+
+
+def test_spectral_density_batches_its_runs(
+    model: nn.Module, batch: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten runs go in lockstep groups of 8 and 2 through the batched backward: the same
+    starts, nodes and weights as one product at a time, the same products counted."""
+    batched: list[int] = []
+    matmat = HessianOperator.matmat
+
+    def counting(self: HessianOperator, vectors: torch.Tensor) -> torch.Tensor:
+        batched.append(len(vectors))
+        return matmat(self, vectors)
+
+    single = spectral_density(model, loss_fn, batch, num_steps=12, num_runs=10,
+                              generator=torch.Generator().manual_seed(3))  # fmt: skip
+    monkeypatch.setattr(HessianOperator, "matmat", counting)
+    together = spectral_density(model, loss_fn, batch, num_steps=12, num_runs=10,
+                                generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert set(batched) == {GROUP, 2}
+    assert together.num_hvps == single.num_hvps == 120
+    torch.testing.assert_close(together.nodes, single.nodes, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(together.weights, single.weights, rtol=1e-7, atol=1e-10)

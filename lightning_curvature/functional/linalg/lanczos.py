@@ -237,15 +237,29 @@ class LanczosProcess:
             deviations[-len(couplings) :] = (kept - couplings).abs()
         self.rounding = max(self.rounding, float(deviations.max()))
 
-    def step(self) -> bool:
-        """Take one product; return ``False`` once no further step is possible."""
+    def next_vector(self) -> torch.Tensor | None:
+        """The basis vector the next step multiplies (``None`` once no step is possible).
+
+        A full thick-restarted basis restarts here first. Several runs can then multiply
+        their next vectors in one batched call and each take its own with ``step(product)``.
+        """
         if self.num_steps >= self.max_iter or self._basis.stored <= self.order:
-            return False
+            return None
         if self._basis.stored == self._basis.capacity and self.thick is not None:
             self._thick_restart(self.thick)
+        return self._basis.row(self.order)
+
+    def step(self, product: torch.Tensor | None = None) -> bool:
+        """Take one product; return ``False`` once no further step is possible.
+
+        ``product``: ``A`` times :meth:`next_vector`, taken elsewhere; ``None``: ``matvec``'s.
+        """
+        q = self.next_vector()
+        if q is None:
+            return False
         j = self.order
-        q = self._basis.row(j)
-        w, coefficients, beta, image = self._basis.orthogonalise(self.matvec(q), j + 1)
+        image = self.matvec(q) if product is None else product
+        w, coefficients, beta, image_norm = self._basis.orthogonalise(image, j + 1)
         self._products += 1
         alpha = float(coefficients[-1])
         self._record_rounding(coefficients)
@@ -259,7 +273,7 @@ class LanczosProcess:
             return False
         scale = max(self.scale, 1e-30)
         if beta > _BREAKDOWN * torch.finfo(w.dtype).eps * scale:
-            if beta <= _NEARLY_INVARIANT * image:
+            if beta <= _NEARLY_INVARIANT * image_norm:
                 self.block_starts.append(j + 1)
             self.betas.append(beta)
             self._basis.append(w.div_(beta))  # w is the orthogonalisation's own vector

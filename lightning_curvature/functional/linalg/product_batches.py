@@ -18,9 +18,21 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["ProductBatches"]
+__all__ = ["BATCHED_ENTRIES", "GROUP", "ProductBatches", "grouped", "product_groups"]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+#: Probes per group where the products may be batched (Hutchinson with ``matmat``): each
+#: batched group holds this many products' worth of backward intermediates at once.
+GROUP = 8
+#: Batched groups only while a group's probes and products hold at most this many entries
+#: (``2 × GROUP × size``; 4 MiB in float32, ``size`` up to 65k): above, where memory is what
+#: decides whether a model can be probed at all, products go one by one (on the CPU batching
+#: paid only on small models anyway, ``benchmarks/bench_trace_batches.py``). A batched group
+#: holds every product's backward intermediates too: at ``2²⁴`` entries a 16-product trace of
+#: the 10⁶-parameter MLP of ``benchmarks/bench_probe_memory.py`` peaked at 278 MiB (73
+#: vectors, 31x a gradient) in 0.98 s, one by one at 47 MiB (12 vectors) in 0.74 s.
+BATCHED_ENTRIES = 1 << 20
 
 
 class ProductBatches:
@@ -86,3 +98,33 @@ class ProductBatches:
             self._synchronize()
             self.seconds[way] = (time.perf_counter() - start) / len(vectors)
         return products
+
+
+def product_groups(
+    matvec: Matvec, matmat: Matvec | None, size: int, device: torch.device
+) -> tuple[ProductBatches, int]:
+    """The products' way and the group size: :data:`GROUP` where batching may pay, else 1.
+
+    Example:
+        >>> cpu = torch.device("cpu")
+        >>> products, group = product_groups(lambda v: 2 * v, lambda V: 2 * V, 10, cpu)
+        >>> group, product_groups(lambda v: 2 * v, None, 10, cpu)[1]
+        (8, 1)
+    """
+    if 2 * GROUP * size > BATCHED_ENTRIES:
+        matmat = None
+    return ProductBatches(matvec, matmat, device), GROUP if matmat is not None else 1
+
+
+def grouped(products: ProductBatches, rows: torch.Tensor, group: int) -> torch.Tensor:
+    """``A`` times each row of ``rows``, ``group`` rows a call (one row: a view, no copy).
+
+    Example:
+        >>> products = ProductBatches(lambda v: 2 * v, None, torch.device("cpu"))
+        >>> grouped(products, torch.ones(3, 2), 2)
+        tensor([[2., 2.],
+                [2., 2.],
+                [2., 2.]])
+    """
+    parts = [products(rows[first : first + group]) for first in range(0, len(rows), group)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -31,12 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_curvature.functional.linalg.product_batches import ProductBatches
+from lightning_curvature.functional.linalg.product_batches import grouped, product_groups
 from lightning_curvature.functional.linalg.sharded import VectorShards
 
 __all__ = [
-    "BATCHED_ENTRIES",
-    "GROUP",
     "MIN_MATVECS",
     "TraceSamples",
     "hutch_plus_plus",
@@ -51,17 +49,6 @@ MIN_MATVECS = {"hutchinson": 2, "hutch++": 4}
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
-#: Probes per group where the products may be batched (Hutchinson with ``matmat``): each
-#: batched group holds this many products' worth of backward intermediates at once.
-GROUP = 8
-#: Batched groups only while a group's probes and products hold at most this many entries
-#: (``2 × GROUP × size``; 4 MiB in float32, ``size`` up to 65k): above, where memory is what
-#: decides whether a model can be probed at all, products go one by one (on the CPU batching
-#: paid only on small models anyway, ``benchmarks/bench_trace_batches.py``). A batched group
-#: holds every product's backward intermediates too: at ``2²⁴`` entries a 16-product trace of
-#: the 10⁶-parameter MLP of ``benchmarks/bench_probe_memory.py`` peaked at 278 MiB (73
-#: vectors, 31x a gradient) in 0.98 s, one by one at 47 MiB (12 vectors) in 0.74 s.
-BATCHED_ENTRIES = 1 << 20
 Blocks = Mapping[str, Sequence[slice]]
 
 
@@ -115,21 +102,6 @@ def _block_dot(a: torch.Tensor, b: torch.Tensor, slices: Sequence[slice]) -> tor
     return sum(
         (torch.dot(a[s], b[s]) for s in slices), torch.zeros((), dtype=a.dtype, device=a.device)
     )
-
-
-def _product_groups(
-    matvec: Matvec, matmat: Matvec | None, size: int, device: torch.device
-) -> tuple[ProductBatches, int]:
-    """The products' way and the group size: :data:`GROUP` where batching may pay, else 1."""
-    if 2 * GROUP * size > BATCHED_ENTRIES:
-        matmat = None
-    return ProductBatches(matvec, matmat, device), GROUP if matmat is not None else 1
-
-
-def _grouped(products: ProductBatches, rows: torch.Tensor, group: int) -> torch.Tensor:
-    """``A`` times each row of ``rows``, ``group`` rows a call (one row: a view, no copy)."""
-    parts = [products(rows[first : first + group]) for first in range(0, len(rows), group)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass(frozen=True)
@@ -198,10 +170,11 @@ def hutchinson(
 
     ``size`` is the length of the vectors ``matvec`` takes (this process's shard with
     ``shards``); ``blocks`` slice those vectors. With ``matmat`` (the products of the rows of
-    a matrix) the probes go in groups of :data:`GROUP` (while a group holds at most
-    :data:`BATCHED_ENTRIES` entries), each group one by one or batched,
-    whichever :class:`~lightning_curvature.functional.linalg.product_batches.ProductBatches`
-    found faster; the probes and the samples are the same either way.
+    a matrix) the probes go in groups
+    (:func:`~lightning_curvature.functional.linalg.product_batches.product_groups`), each
+    group one by one or batched, whichever
+    :class:`~lightning_curvature.functional.linalg.product_batches.ProductBatches` found
+    faster; the probes and the samples are the same either way.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
@@ -215,7 +188,7 @@ def hutchinson(
     shards = _shards(shards, size)
     samples: list[torch.Tensor] = []
     block_samples: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
-    products, group = _product_groups(matvec, matmat, size, device)
+    products, group = product_groups(matvec, matmat, size, device)
     for first in range(0, num_matvecs, group):
         count = min(group, num_matvecs - first)
         drawn = [shards.rademacher(generator, dtype, device) for _ in range(count)]
@@ -273,12 +246,12 @@ def hutch_plus_plus(
     device = device or torch.device("cpu")
     blocks = blocks or {}
     shards = _shards(shards, size)
-    products, group = _product_groups(matvec, matmat, size, device)
+    products, group = product_groups(matvec, matmat, size, device)
     sketch = num_matvecs // 3
     residual_probes = num_matvecs - 2 * sketch
     s = torch.stack([shards.rademacher(generator, dtype, device) for _ in range(sketch)])
-    q = shards.orthonormal_columns(_grouped(products, s, group).T)
-    aq = _grouped(products, q.T, group).T
+    q = shards.orthonormal_columns(grouped(products, s, group).T)
+    aq = grouped(products, q.T, group).T
     exact = [(q * aq).sum()] + [
         sum(((q[sl] * aq[sl]).sum() for sl in slices), q.new_zeros(()))
         for slices in blocks.values()
