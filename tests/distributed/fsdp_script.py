@@ -1,11 +1,13 @@
 """Run by test_fsdp.py: two processes (gloo, CPU) under ModelParallelStrategy with FSDP2.
 
-Usage: python fsdp_script.py OUT_DIR MODE, MODE in {"monitors", "sam", "kink"}.
+Usage: python fsdp_script.py OUT_DIR MODE, MODE in {"monitors", "bounded", "sam", "kink"}.
 
 ``monitors``: trains a smooth MLP sharded with ``fully_shard`` twice, with the three
 Hessian monitors (probing at steps 0 and 2) and without; each rank writes rank<r>.json (the
 monitors' last values, the step they probed last, seconds) and rank<r>.pt (its probe batch,
 the full weights at every step start, the final full weights of both trainings).
+``bounded``: the same with the top 2 eigenvalues and every basis held to a few rows, as
+above ``FULL_BASIS_ENTRIES`` (set to 1 here): thick restarts, two-row SLQ.
 ``sam``: trains with ``SAM``; each rank writes its training batches and the full weights.
 ``kink``: a top-2 mixture of experts whose router has two experts tied (every token near
 the routing kink), with the three monitors (finite differences, the only backend over
@@ -36,6 +38,9 @@ from lightning_curvature import (
     HessianTraceMonitor,
     SpectralDensityMonitor,
 )
+from lightning_curvature.functional.linalg import basis
+from lightning_curvature.functional.linalg.basis import ThickRestart
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 
 LR = 0.1
 RHO = 0.05
@@ -142,9 +147,19 @@ def fit(
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     capture = Capture()
-    if mode == "monitors":
+    if mode in ("monitors", "bounded"):
+        restarts: list[int] = []
+        if mode == "bounded":
+            basis.FULL_BASIS_ENTRIES = 1
+            restart = LanczosProcess._thick_restart
+
+            def counted(run: LanczosProcess, thick: ThickRestart) -> None:
+                restarts.append(run.num_steps)
+                restart(run, thick)
+
+            LanczosProcess._thick_restart = counted  # type: ignore[method-assign]
         monitors = [
-            HessianEigenvalueMonitor(every_n_steps=2),
+            HessianEigenvalueMonitor(k=1 if mode == "monitors" else 2, every_n_steps=2),
             HessianTraceMonitor(num_hvps=8, every_n_steps=2),
             SpectralDensityMonitor(num_steps=6, every_n_steps=2),
         ]
@@ -162,6 +177,7 @@ def main() -> None:
             "last_step": {type(m).__name__: m.schedule.last_step for m in monitors},
             "seconds": seconds,
             "plain_seconds": plain_seconds,
+            "restarts": restarts,
         }
         (out / f"rank{rank}.json").write_text(json.dumps(report))
         torch.save(

@@ -45,8 +45,11 @@ def _dense_hessian(weights: dict[str, torch.Tensor], batch) -> torch.Tensor:  # 
     return torch.func.hessian(loss)(flat)
 
 
-def test_monitors_under_fsdp2_measure_the_unsharded_hessian(tmp_path: Path) -> None:
-    run_script(SCRIPT, tmp_path, "monitors", timeout=300)
+@pytest.mark.parametrize("mode", ["monitors", "bounded"])
+def test_monitors_under_fsdp2_measure_the_unsharded_hessian(tmp_path: Path, mode: str) -> None:
+    """``bounded``: every basis held to a few rows (thick restarts for the top 2, two-row SLQ),
+    as on a model above ``FULL_BASIS_ENTRIES``: the same checks, λ₂ too."""
+    run_script(SCRIPT, tmp_path, mode, timeout=300)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert _without_timing(reports[0]["values"]) == _without_timing(reports[1]["values"])
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -67,6 +70,12 @@ def test_monitors_under_fsdp2_measure_the_unsharded_hessian(tmp_path: Path) -> N
     assert logged["HessianEigenvalueMonitor"]["curvature/eigenvalue_1"] == pytest.approx(
         top, rel=1e-3
     )
+    restarts = reports[0]["restarts"]
+    assert (len(restarts) > 0) == (mode == "bounded")  # the bounded bases did restart
+    if mode == "bounded":
+        assert logged["HessianEigenvalueMonitor"]["curvature/eigenvalue_2"] == pytest.approx(
+            float(eigenvalues[-2]), rel=1e-3
+        )
     trace = logged["HessianTraceMonitor"]
     error = trace["curvature/trace_std_error"]
     assert 0 < error < float("inf")
