@@ -315,7 +315,8 @@ def lanczos_eigenpairs(
 
     Raises:
         ValueError: if ``bounded`` is ``True`` with ``k > 1``, ``return_eigenvectors`` or
-            ``rows``; if ``rows`` leaves no room (:class:`ThickRestart`).
+            ``rows``; if ``rows`` leaves no room
+            (:class:`~lightning_curvature.functional.linalg.basis.ThickRestart`).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
