@@ -58,7 +58,8 @@ class HessianEigenvalueMonitor(PerLayerMonitor, StepInstrumentsMonitor):
     Args:
         k: number of top eigenvalues.
         tol: relative error bound of each eigenvalue.
-        max_iter: most Hessian-vector products per Lanczos run (default ``40 + 10k``).
+        max_iter: most Hessian-vector products per Lanczos run (default ``40 + 10k``; 1.3x
+            that above ``FULL_BASIS_ENTRIES``, where the basis is held to a few rows).
         stability: log the stability threshold and the sharpness ratio.
         smallest: also log the smallest (most negative) eigenvalue.
         per_layer: blocks of measured parameters with a top eigenvalue of their own (one

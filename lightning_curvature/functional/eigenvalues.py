@@ -17,6 +17,7 @@ from lightning_curvature.checks import (
     check_tensor,
 )
 from lightning_curvature.errors import CurvatureWarning
+from lightning_curvature.functional.linalg.basis import basis_layout
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
     default_max_iter,
@@ -234,7 +235,8 @@ def hessian_eigenvalues(
         batch: one batch or an iterable of batches (Hessian of the size-weighted mean loss).
         k: number of top eigenvalues.
         tol: relative error bound each must reach.
-        max_iter: most Hessian-vector products (default ``40 + 10k``, at most ``P``: cold
+        max_iter: most Hessian-vector products (default ``40 + 10k``, 1.3x that where the
+            basis is held to a few rows (see Memory above), at most ``P``: cold
             runs on ~30k-parameter GPT-2, BERT and litgpt models at init needed up to 36, 57,
             70 and 95 products for k = 1, 3, 5, 10, ``benchmarks/bench_zoo_convergence.py``).
         min_iter: fewest products before the stopping test is trusted.
@@ -304,7 +306,12 @@ def hessian_eigenvalues(
             raise ValueError(
                 f"`k` ({k}) exceeds the number of measured parameters ({shards.size})."
             )
-        steps = min(max_iter or default_max_iter(k), shards.size)
+        if max_iter is None:  # more products where the basis will be held to a few rows
+            layout = basis_layout(
+                shards.size, default_max_iter(k), k, smallest, return_eigenvectors
+            )
+            max_iter = default_max_iter(k, restarted=layout[1] is not None)
+        steps = min(max_iter, shards.size)
         matvec: Callable[[torch.Tensor], torch.Tensor] = operator.matvec
         if preconditioner is not None:
             shards.check_vector(

@@ -256,3 +256,32 @@ def test_rows_that_leave_no_room_are_refused() -> None:
         lanczos_eigenpairs(lambda v: v, torch.ones(9), bounded=True, rows=6)
     with pytest.raises(ValueError, match=r"`rows` must be >= top \+ bottom \+ 3"):
         lanczos_eigenpairs(lambda v: v, torch.ones(9), k=3, rows=6)
+
+
+@pytest.mark.parametrize(
+    ("keywords", "budget"),
+    [({}, 50), ({"return_eigenvectors": True}, 65), ({"k": 2}, 78), ({"max_iter": 40, "k": 2}, 40)],
+)
+def test_a_held_basis_gets_a_larger_default_budget(
+    monkeypatch: pytest.MonkeyPatch, keywords: dict[str, object], budget: int
+) -> None:
+    """Thick restarts cost up to 1.26x the products: ``hessian_eigenvalues``' default budget
+    is 1.3x there; a two-row λ₁ (no restarts) and a budget given keep theirs."""
+    from torch import nn
+
+    from lightning_curvature import hessian_eigenvalues
+
+    budgets: list[int] = []
+    original = LanczosProcess.__init__
+
+    def spy(self: LanczosProcess, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        budgets.append(self.max_iter)
+
+    monkeypatch.setattr(LanczosProcess, "__init__", spy)
+    monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 1))  # 169 parameters
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(1))
+    hessian_eigenvalues(net, lambda m, b: m(b).pow(2).mean(), x, **keywords)  # type: ignore[arg-type]
+    assert budgets == [budget]

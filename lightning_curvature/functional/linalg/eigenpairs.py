@@ -24,6 +24,7 @@ A budget that runs out first certifies nothing it has not checked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,19 +49,23 @@ __all__ = [
 MISS_PROBABILITY = 1e-3
 
 
-def default_max_iter(k: int) -> int:
-    """The default budget for the top ``k``: ``40 + 10k`` products.
+def default_max_iter(k: int, restarted: bool = False) -> int:
+    """The default budget for the top ``k``: ``40 + 10k`` products (1.3x with ``restarted``).
 
     Cold runs at ``tol=1e-3`` (to ``MISS_PROBABILITY``) on ~30k-parameter litgpt, GPT-2 and
     BERT models at initialisation needed up to 36, 57, 70 and 95 products for k = 1, 3, 5,
     10 (``benchmarks/bench_zoo_convergence.py``); the basis grows with the run, so an unused
-    budget costs nothing.
+    budget costs nothing. A run whose basis is held to a few rows (``restarted``: thick
+    restarts, :mod:`~lightning_curvature.functional.linalg.basis`) took up to 1.26x the
+    products (``benchmarks/bench_thick_restart.py``); at 10⁸ parameters a cold λ₁ with
+    eigenvectors ran out of 50 (``benchmarks/bench_probe_memory.py``), so its budget is 1.3x.
 
     Example:
-        >>> default_max_iter(1), default_max_iter(5)
-        (50, 90)
+        >>> default_max_iter(1), default_max_iter(5), default_max_iter(1, restarted=True)
+        (50, 90, 65)
     """
-    return 40 + 10 * k
+    budget = 40 + 10 * k
+    return math.ceil(1.3 * budget) if restarted else budget
 
 
 class RitzEstimate(NamedTuple):
