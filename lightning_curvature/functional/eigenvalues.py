@@ -225,7 +225,7 @@ def hessian_eigenvalues(
 
     Memory: below 2²⁴ basis entries (``FULL_BASIS_ENTRIES``) the run keeps its whole Krylov
     basis; above, a ``k=1`` run without eigenvectors keeps two vectors, and any other holds
-    at most the rows that fit there, at least ``2(k + 1 + smallest) + 4``, restarting from its
+    at most the rows that fit there, at least ``2(k + 1 + smallest) + 6``, restarting from its
     extreme Ritz vectors when full (``lanczos_eigenpairs``' ``rows``): the certificates above
     hold the same, for a few more products on a cold run (``benchmarks/bench_thick_restart.py``).
 

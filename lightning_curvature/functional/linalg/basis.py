@@ -41,8 +41,10 @@ __all__ = [
 #: (``benchmarks/bench_probe_memory.py``).
 FULL_BASIS_ENTRIES = 1 << 24
 
-#: Rows a thick-restarted run holds beyond twice the Ritz vectors it must keep, at least.
-THICK_ROOM = 4
+#: Rows a thick-restarted run holds beyond twice the Ritz vectors it must keep, at least: a
+#: cold λ₁ with eigenvectors at 10⁸ parameters took 62 products at 8 rows, 54 at 10, where a
+#: two-row λ₁ took 47 (``benchmarks/bench_probe_memory.py``).
+THICK_ROOM = 6
 
 _BLOCK = 8  # basis rows allocated at a time
 _COLUMNS = 1 << 16  # entries of each row a thick restart rewrites at a time
@@ -101,7 +103,7 @@ def thick_restart(k: int, smallest: bool, size: int, rows: int | None = None) ->
 
     Example:
         >>> thick_restart(1, False, size=10**7)
-        ThickRestart(rows=8, top=4, bottom=0)
+        ThickRestart(rows=10, top=5, bottom=0)
         >>> thick_restart(3, True, size=10**6)
         ThickRestart(rows=16, top=4, bottom=4)
     """
@@ -134,7 +136,7 @@ def basis_layout(
         >>> basis_layout(10**3, 50), basis_layout(10**7, 50)
         ((None, None), (2, None))
         >>> basis_layout(10**7, 50, eigenvectors=True)
-        (None, ThickRestart(rows=8, top=4, bottom=0))
+        (None, ThickRestart(rows=10, top=5, bottom=0))
     """
     large = size * (min(max_iter, size) + 1) > FULL_BASIS_ENTRIES
     if bounded is None:

@@ -315,7 +315,7 @@ def lanczos_eigenpairs(
             of the top ``k + 1`` values (and the smallest), keeping every certificate above
             (:mod:`~lightning_curvature.functional.linalg.basis`' ``thick_restart``). ``None``:
             where the whole basis would exceed its ``FULL_BASIS_ENTRIES`` and the run is not
-            ``bounded``, the rows that fit in it (at least ``2(k + 1 + smallest) + 4``);
+            ``bounded``, the rows that fit in it (at least ``2(k + 1 + smallest) + 6``);
             below, the whole basis.
 
     Raises:
