@@ -54,11 +54,9 @@ def default_max_iter(k: int, restarted: bool = False) -> int:
 
     Cold runs at ``tol=1e-3`` (to ``MISS_PROBABILITY``) on ~30k-parameter litgpt, GPT-2 and
     BERT models at initialisation needed up to 36, 57, 70 and 95 products for k = 1, 3, 5,
-    10 (``benchmarks/bench_zoo_convergence.py``); the basis grows with the run, so an unused
-    budget costs nothing. A run whose basis is held to a few rows (``restarted``: thick
-    restarts, :mod:`~lightning_curvature.functional.linalg.basis`) took up to 1.26x the
-    products (``benchmarks/bench_thick_restart.py``); at 10⁸ parameters a cold λ₁ with
-    eigenvectors ran out of 50 (``benchmarks/bench_probe_memory.py``), so its budget is 1.3x.
+    10 (``benchmarks/bench_zoo_convergence.py``); an unused budget costs nothing. A basis
+    held to a few rows (``restarted``: thick restarts) needs more: at 10⁸ parameters a cold
+    λ₁ with eigenvectors took 54, a two-row one 47 (``benchmarks/bench_probe_memory.py``).
 
     Example:
         >>> default_max_iter(1), default_max_iter(5), default_max_iter(1, restarted=True)
