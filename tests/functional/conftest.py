@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
+
+from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 
 # The first forward-mode product loads torch's jvp decompositions, which call the deprecated
 # torch.jit.script (a DeprecationWarning from inside torch 2.13). Load them once, quietly.
@@ -38,3 +41,17 @@ def _sdpa_backends_put_back() -> Iterator[None]:
     yield
     for name, on in enabled.items():
         getattr(cuda, f"enable_{name}_sdp")(on)
+
+
+@pytest.fixture
+def lanczos_runs(monkeypatch: pytest.MonkeyPatch) -> list[LanczosProcess]:
+    """Every ``LanczosProcess`` the test makes, in order (to read how each holds its basis)."""
+    made: list[LanczosProcess] = []
+    original = LanczosProcess.__init__
+
+    def spy(self: LanczosProcess, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(LanczosProcess, "__init__", spy)
+    return made

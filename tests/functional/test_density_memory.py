@@ -23,21 +23,15 @@ def _l1(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor) -> float:
     return float(torch.trapezoid((a - b).abs(), grid))
 
 
-def test_the_default_keeps_two_rows_only_above_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[LanczosProcess] = []
-    original = LanczosProcess.__init__
-
-    def spy(self: LanczosProcess, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
-        made.append(self)
-
-    monkeypatch.setattr(LanczosProcess, "__init__", spy)
+def test_the_default_keeps_two_rows_only_above_the_budget(
+    monkeypatch: pytest.MonkeyPatch, lanczos_runs: list[LanczosProcess]
+) -> None:
     case = CASES_BY_NAME["mlp_gelu"]
     model, loss_fn, batch = case.build()
     whole = spectral_density(model, loss_fn, batch, num_steps=20, num_runs=2)
     monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 1)
     bounded = spectral_density(model, loss_fn, batch, num_steps=20, num_runs=2)
-    assert [run.keep for run in made] == [None, None, 2, 2]
+    assert [run.keep for run in lanczos_runs] == [None, None, 2, 2]
     assert bounded.num_hvps == whole.num_hvps == 40
     torch.testing.assert_close(bounded.weights.sum(dim=1), torch.ones(2, dtype=torch.float64))
     # Twenty steps on a model of this size: no copies yet, the same quadrature.
@@ -82,19 +76,14 @@ def test_copies_of_converged_outliers_share_their_weight(dtype: torch.dtype) -> 
 
 @pytest.mark.parametrize(("budget", "keep"), [(10 * 11, None), (10 * 11 - 1, 2)])
 def test_lanczos_quadrature_keeps_the_whole_basis_while_it_fits(
-    monkeypatch: pytest.MonkeyPatch, budget: int, keep: int | None
+    monkeypatch: pytest.MonkeyPatch,
+    lanczos_runs: list[LanczosProcess],
+    budget: int,
+    keep: int | None,
 ) -> None:
-    made: list[LanczosProcess] = []
-    original = LanczosProcess.__init__
-
-    def spy(self: LanczosProcess, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
-        made.append(self)
-
-    monkeypatch.setattr(LanczosProcess, "__init__", spy)
     monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", budget)
     diagonal = torch.linspace(0.0, 1.0, 10, dtype=torch.float64)
     nodes, weights = lanczos_quadrature(lambda v: diagonal * v, torch.ones(10).double(), 10)
-    assert [run.keep for run in made] == [keep]
+    assert [run.keep for run in lanczos_runs] == [keep]
     torch.testing.assert_close(nodes, diagonal)  # ten steps span the space either way
     torch.testing.assert_close(weights, torch.full((10,), 0.1, dtype=torch.float64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_curvature.functional.linalg import basis, eigenpairs
+from lightning_curvature.functional.linalg import basis
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
     default_max_iter,
@@ -13,23 +13,13 @@ from lightning_curvature.functional.linalg.eigenpairs import (
 )
 from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 from lightning_curvature.functional.linalg.sharded import VectorShards
-
-
-def _edge_of_stability(n: int, ratio: float, dtype: torch.dtype) -> torch.Tensor:
-    """A top pair ``1, ratio`` over a decaying cluster (as benchmarks/bench_certificate.py)."""
-    j = torch.arange(n - 2, dtype=torch.float64)
-    cluster = 0.97 * torch.exp(-j / 12) - 0.02
-    return torch.cat([torch.tensor([1.0, ratio], dtype=torch.float64), cluster]).to(dtype)
-
-
-def _start(n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from tests.functional.spectra import edge_of_stability, gaussian
 
 
 def test_only_the_last_two_rows_are_held() -> None:
     size = 500
     values = torch.linspace(-1.0, 2.0, size, dtype=torch.float64)
-    run = LanczosProcess(lambda v: values * v, _start(size, 0, torch.float64), 60, keep=2)
+    run = LanczosProcess(lambda v: values * v, gaussian(size, 0, torch.float64), 60, keep=2)
     while run.step():
         assert run.allocated_rows <= 2
     assert run.num_steps == 60
@@ -55,10 +45,10 @@ def test_same_products_and_values_as_the_whole_basis(dtype: torch.dtype, ratio: 
     """At the edge of stability, cold, to ``MISS_PROBABILITY``: the same steps (±10 %), the
     same certificates, λ₁ within tol whenever certified, over 10 random starts."""
     n = 1000
-    spectrum = _edge_of_stability(n, ratio, dtype)
+    spectrum = edge_of_stability(n, ratio, dtype)
     steps = {False: 0, True: 0}
     for seed in range(10):
-        start = _start(n, seed, dtype)
+        start = gaussian(n, seed, dtype)
         for bounded in (False, True):
             out = lanczos_eigenpairs(
                 lambda v: spectrum * v,
@@ -82,7 +72,7 @@ def test_top_and_smallest_of_a_rotated_matrix_agree() -> None:
     found = {
         bounded: lanczos_eigenpairs(
             lambda v: a @ v,
-            _start(n, 1, torch.float64),
+            gaussian(n, 1, torch.float64),
             tol=1e-8,
             max_iter=80,
             smallest=True,
@@ -111,7 +101,7 @@ def test_the_warm_guard_looks_past_copies_of_the_top_value() -> None:
     n = 400
     spectrum = torch.cat([torch.tensor([10.0]), torch.linspace(0.0, 9.0, n - 1)]).double()
     warm = torch.zeros(n, dtype=torch.float64)
-    warm[0], warm[1:] = 1.0, 1e-4 * _start(n - 1, 0, torch.float64)
+    warm[0], warm[1:] = 1.0, 1e-4 * gaussian(n - 1, 0, torch.float64)
     out = {
         bounded: lanczos_eigenpairs(
             lambda v: spectrum * v, warm, tol=1e-6, max_iter=150, bounded=bounded
@@ -131,7 +121,7 @@ def test_ghosts_after_convergence_do_not_break_the_bound() -> None:
     within its bound plus the resolution."""
     n = 400
     spectrum = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(0.0, 1.0, n - 2)])
-    run = LanczosProcess(lambda v: spectrum * v, _start(n, 0, torch.float32), 120, keep=2)
+    run = LanczosProcess(lambda v: spectrum * v, gaussian(n, 0, torch.float32), 120, keep=2)
     while run.step():
         pass
     values, _, residuals = run.ritz()
@@ -144,7 +134,7 @@ def test_ghosts_after_convergence_do_not_break_the_bound() -> None:
 def test_a_breakdown_ends_the_run_without_a_restart() -> None:
     spectrum = torch.tensor([5.0, 5.0, 3.0, 2.0, 1.0], dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
-    start = _start(5, 0, torch.float64)
+    start = gaussian(5, 0, torch.float64)
     run = LanczosProcess(lambda v: spectrum * v, start, 5, generator=generator, keep=2)
     while run.step():
         pass
@@ -155,16 +145,9 @@ def test_a_breakdown_ends_the_run_without_a_restart() -> None:
 
 def test_the_default_bounds_large_runs_without_eigenvectors(
     monkeypatch: pytest.MonkeyPatch,
+    lanczos_runs: list[LanczosProcess],
 ) -> None:
     monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 40 * 11)
-    made: list[int | None] = []
-    original = eigenpairs.LanczosProcess.__init__
-
-    def spy(self: LanczosProcess, *args: object, **kwargs: object) -> None:
-        made.append(kwargs.get("keep"))  # type: ignore[arg-type]
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(eigenpairs.LanczosProcess, "__init__", spy)
     d = torch.linspace(0.0, 1.0, 40, dtype=torch.float64)
     lanczos_eigenpairs(lambda v: d * v, torch.ones(40, dtype=torch.float64), max_iter=10)
     lanczos_eigenpairs(lambda v: d * v, torch.ones(40, dtype=torch.float64), max_iter=11)
@@ -176,7 +159,7 @@ def test_the_default_bounds_large_runs_without_eigenvectors(
     half = VectorShards(size=40, local_size=20, shard=0, num_shards=2)
     lanczos_eigenpairs(lambda v: d[:20] * v, torch.ones(20, dtype=torch.float64), max_iter=11,
                        shards=half)  # fmt: skip
-    assert made == [None, 2, None, None, 2]
+    assert [run.keep for run in lanczos_runs] == [None, 2, None, None, 2]
 
 
 def _local_orthogonality(start: torch.Tensor, spectrum: torch.Tensor, keep: int | None) -> float:
@@ -196,10 +179,10 @@ def test_orthogonal_to_working_precision_whatever_cancels(keep: int | None) -> N
     second pass still leaves consecutive rows orthogonal to working precision."""
     n = 2000
     spectrum = torch.cat([torch.tensor([10.0]), torch.linspace(0.0, 1.0, n - 1)])
-    noise = _start(n, 1, torch.float32)
+    noise = gaussian(n, 1, torch.float32)
     near = torch.zeros(n)
     near[0] = 1.0
     near += 1e-4 * noise / noise.norm()
     bound = 4 * torch.finfo(torch.float32).eps
     assert _local_orthogonality(near, spectrum, keep) <= bound
-    assert _local_orthogonality(_start(n, 2, torch.float32), spectrum, keep) <= bound
+    assert _local_orthogonality(gaussian(n, 2, torch.float32), spectrum, keep) <= bound

@@ -16,17 +16,7 @@ from lightning_curvature.functional.linalg.eigenpairs import (
 )
 from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 from lightning_curvature.functional.linalg.missed import _first_block, miss_probabilities
-
-
-def _edge_of_stability(n: int, ratio: float, dtype: torch.dtype) -> torch.Tensor:
-    """A top pair ``1, ratio`` over a decaying cluster (as benchmarks/bench_certificate.py)."""
-    j = torch.arange(n - 2, dtype=torch.float64)
-    cluster = 0.97 * torch.exp(-j / 12) - 0.02
-    return torch.cat([torch.tensor([1.0, ratio], dtype=torch.float64), cluster]).to(dtype)
-
-
-def _start(n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from tests.functional.spectra import edge_of_stability, gaussian
 
 
 def _rotated(n: int, values: torch.Tensor, seed: int) -> torch.Tensor:
@@ -43,7 +33,7 @@ def test_never_more_rows_than_asked_and_the_projection_is_qtaq(
     matrix = _rotated(n, torch.linspace(-1.0, 3.0, n, dtype=torch.float64), seed=rows)
     run = LanczosProcess(
         lambda v: matrix @ v,
-        _start(n, 0, torch.float64),
+        gaussian(n, 0, torch.float64),
         70,
         thick=ThickRestart(rows=rows, top=top, bottom=bottom),
     )
@@ -66,7 +56,7 @@ def test_the_polynomial_norm_is_the_product_of_every_normalisation(rows: int | N
     on a diagonal ``A``, equals ``exp(log_norm())``: the miss bound's one input from the run."""
     n = 80
     diagonal = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-    start = _start(n, 1, torch.float64)
+    start = gaussian(n, 1, torch.float64)
     for steps in (9, 17, 30):
         thick = None if rows is None else ThickRestart(rows=rows, top=2)
         run = LanczosProcess(lambda v: diagonal * v, start, steps, thick=thick)
@@ -81,20 +71,20 @@ def test_the_polynomial_norm_is_the_product_of_every_normalisation(rows: int | N
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("ratio", [0.98, 0.995])
 @pytest.mark.parametrize("k", [1, 3])
-def test_cold_certificates_survive_restarts_at_the_edge_of_stability(
+def test_cold_certificates_survive_restarts_at_theedge_of_stability(
     dtype: torch.dtype, ratio: float, k: int
 ) -> None:
     """To ``MISS_PROBABILITY`` from random starts: all certified, every one within tol of the
     truth, with at most 1.3x the products of the whole basis (20 starts)."""
     n = 1000
-    spectrum = _edge_of_stability(n, ratio, dtype)
+    spectrum = edge_of_stability(n, ratio, dtype)
     truth = spectrum.double().sort(descending=True).values[:k]
     products = {None: 0, 2 * (k + 1) + basis.THICK_ROOM: 0}
     for seed in range(20):
         for rows in products:
             out = lanczos_eigenpairs(
                 lambda v: spectrum * v,
-                _start(n, seed, dtype),
+                gaussian(n, seed, dtype),
                 k=k,
                 max_iter=default_max_iter(k),
                 miss_probability=MISS_PROBABILITY,
@@ -113,9 +103,9 @@ def test_a_restart_keeps_missing_eigenvalues_improbable() -> None:
     """The miss bound still counts the dropped Ritz values: with them left out of the roots
     it would claim a far smaller chance than the polynomial gives."""
     n = 500
-    spectrum = _edge_of_stability(n, 0.98, torch.float64)
+    spectrum = edge_of_stability(n, 0.98, torch.float64)
     run = LanczosProcess(
-        lambda v: spectrum * v, _start(n, 3, torch.float64), 30, thick=ThickRestart(8, 4)
+        lambda v: spectrum * v, gaussian(n, 3, torch.float64), 30, thick=ThickRestart(8, 4)
     )
     while run.step():
         pass
@@ -141,7 +131,7 @@ def test_the_smallest_is_kept_and_certified_too(ends: str) -> None:
     rows = 2 * (2 + 1 + 1) + basis.THICK_ROOM
     out = lanczos_eigenpairs(
         lambda v: matrix @ v,
-        _start(n, 0, torch.float64),
+        gaussian(n, 0, torch.float64),
         k=2,
         smallest=True,
         tol=tol,
@@ -164,10 +154,10 @@ def test_eigenvectors_and_warm_start_from_a_thick_run(dtype: torch.dtype) -> Non
     """The Ritz vectors satisfy the eigen equation to their residual bound, and a warm start
     from them converges within the rows of one restart."""
     n = 400
-    matrix = _rotated(n, _edge_of_stability(n, 0.9, torch.float64), 7).to(dtype)
+    matrix = _rotated(n, edge_of_stability(n, 0.9, torch.float64), 7).to(dtype)
     cold = lanczos_eigenpairs(
         lambda v: matrix @ v,
-        _start(n, 0, dtype),
+        gaussian(n, 0, dtype),
         k=2,
         max_iter=default_max_iter(2),
         miss_probability=MISS_PROBABILITY,
@@ -194,34 +184,27 @@ def test_eigenvectors_and_warm_start_from_a_thick_run(dtype: torch.dtype) -> Non
 
 def test_large_runs_that_need_ritz_vectors_restart_by_default(
     monkeypatch: pytest.MonkeyPatch,
+    lanczos_runs: list[LanczosProcess],
 ) -> None:
     """Above ``FULL_BASIS_ENTRIES``: k = 1 without vectors keeps two rows, with vectors (or
     k > 1) at most ``thick_restart``'s rows; below, the whole basis."""
-    made: list[LanczosProcess] = []
-    original = LanczosProcess.__init__
-
-    def spy(self: LanczosProcess, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
-        made.append(self)
-
-    monkeypatch.setattr(LanczosProcess, "__init__", spy)
     n = 300
-    spectrum = _edge_of_stability(n, 0.9, torch.float64)
+    spectrum = edge_of_stability(n, 0.9, torch.float64)
     monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", n * 10)
     for k, vectors in [(1, False), (1, True), (2, False)]:
         lanczos_eigenpairs(
-            lambda v: spectrum * v, _start(n, 0, torch.float64), k=k, max_iter=50,
+            lambda v: spectrum * v, gaussian(n, 0, torch.float64), k=k, max_iter=50,
             return_eigenvectors=vectors,
         )  # fmt: skip
-    assert [(run.keep, run.thick) for run in made] == [
+    assert [(run.keep, run.thick) for run in lanczos_runs] == [
         (2, None),
         (None, thick_restart(1, False, n)),
         (None, thick_restart(2, False, n)),
     ]
     assert thick_restart(1, False, n).rows == 10  # FULL_BASIS_ENTRIES // n
     monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 1 << 24)
-    lanczos_eigenpairs(lambda v: spectrum * v, _start(n, 0, torch.float64), k=2, max_iter=50)
-    assert made[-1].thick is None
+    lanczos_eigenpairs(lambda v: spectrum * v, gaussian(n, 0, torch.float64), k=2, max_iter=50)
+    assert lanczos_runs[-1].thick is None
 
 
 def test_a_breakdown_ends_a_thick_run() -> None:
@@ -231,7 +214,7 @@ def test_a_breakdown_ends_a_thick_run() -> None:
     diagonal = torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(10).double()
     run = LanczosProcess(
         lambda v: diagonal * v,
-        _start(n, 0, torch.float64),
+        gaussian(n, 0, torch.float64),
         30,
         generator=torch.Generator().manual_seed(1),
         thick=ThickRestart(rows=6, top=2),
@@ -263,7 +246,10 @@ def test_rows_that_leave_no_room_are_refused() -> None:
     [({}, 50), ({"return_eigenvectors": True}, 65), ({"k": 2}, 78), ({"max_iter": 40, "k": 2}, 40)],
 )
 def test_a_held_basis_gets_a_larger_default_budget(
-    monkeypatch: pytest.MonkeyPatch, keywords: dict[str, object], budget: int
+    monkeypatch: pytest.MonkeyPatch,
+    lanczos_runs: list[LanczosProcess],
+    keywords: dict[str, object],
+    budget: int,
 ) -> None:
     """Thick restarts cost up to 1.26x the products: ``hessian_eigenvalues``' default budget
     is 1.3x there; a two-row λ₁ (no restarts) and a budget given keep theirs."""
@@ -271,17 +257,9 @@ def test_a_held_basis_gets_a_larger_default_budget(
 
     from lightning_curvature import hessian_eigenvalues
 
-    budgets: list[int] = []
-    original = LanczosProcess.__init__
-
-    def spy(self: LanczosProcess, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
-        budgets.append(self.max_iter)
-
-    monkeypatch.setattr(LanczosProcess, "__init__", spy)
     monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 1)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 1))  # 169 parameters
     x = torch.randn(32, 12, generator=torch.Generator().manual_seed(1))
     hessian_eigenvalues(net, lambda m, b: m(b).pow(2).mean(), x, **keywords)  # type: ignore[arg-type]
-    assert budgets == [budget]
+    assert [run.max_iter for run in lanczos_runs] == [budget]

@@ -26,6 +26,7 @@ from lightning_curvature.functional import (
     hessian_eigenvalues,
     hessian_trace,
 )
+from lightning_curvature.functional.linalg import basis
 from lightning_curvature.functional.operator.hvp import hessian_vector_product
 from tests.zoo import zoo
 from tests.zoo.reference import D, Reference, flat_gradient, measured
@@ -203,3 +204,18 @@ def test_gpt2_ties_its_embeddings_and_both_attentions_agree() -> None:
     v = torch.randn(Reference(eager).size, generator=torch.Generator().manual_seed(1))
     products = [hessian_vector_product(c.model, c.loss_fn, c.batch, v) for c in (eager, sdpa)]
     torch.testing.assert_close(products[0], products[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_top3_with_the_basis_held_to_a_few_rows(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a model above ``FULL_BASIS_ENTRIES``: thick restarts at the fewest rows for
+    k = 3 (14), every certificate kept, the same values within tol."""
+    monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 1)
+    model = case(name)
+    exact, _, _ = reference(name)
+    out = hessian_eigenvalues(
+        model.model, model.loss_fn, model.batch, k=3, max_iter=150, parameters=model.parameters
+    )
+    assert out.num_hvps > basis.thick_restart(3, False, 1).rows  # it did restart
+    assert out.converged.tolist() == [True, True, True]
+    _assert_close_to_reference(out.eigenvalues, exact, 1e-3)
