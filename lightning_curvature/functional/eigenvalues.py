@@ -307,10 +307,10 @@ def hessian_eigenvalues(
                 f"`k` ({k}) exceeds the number of measured parameters ({shards.size})."
             )
         if max_iter is None:  # more products where the basis will be held to a few rows
-            layout = basis_layout(
+            _, thick = basis_layout(
                 shards.size, default_max_iter(k), k, smallest, return_eigenvectors
             )
-            max_iter = default_max_iter(k, restarted=layout[1] is not None)
+            max_iter = default_max_iter(k, restarted=thick is not None)
         steps = min(max_iter, shards.size)
         matvec: Callable[[torch.Tensor], torch.Tensor] = operator.matvec
         if preconditioner is not None:
