@@ -18,7 +18,12 @@ one forward pass. Measured:
   ``FULL_BASIS_ENTRIES`` both hold at most ``thick_restart``'s rows; ``--whole-basis``
   measures them keeping the whole basis instead (as before thick restarts);
 * ``density``: ``spectral_density`` at its defaults (80 steps, one run): above
-  ``FULL_BASIS_ENTRIES`` on two vectors (``--whole-basis``: on the whole basis).
+  ``FULL_BASIS_ENTRIES`` on two vectors (``--whole-basis``: on the whole basis);
+* the peers' top 3 with eigenvectors, for ``top3``: PyHessian 0.1's ``eigenvalues(top_n=3)``
+  at its defaults (power iteration with deflation), hessian-eigenthings 1.0.0a5's
+  ``lanczos(k=3, which="LA")`` at its defaults, and scipy's ``eigsh(k=3, which="LA")`` on
+  curvlinops 3.0.1's ``HessianLinearOperator`` (``--modes pyhessian_top3 eigenthings_top3
+  eigsh_top3``, in a venv that has them).
 
 Each row gives the peak increment in MiB, as a multiple of the gradient's and in vectors
 of ``P`` float32 entries (the gradient's own increment moves by a few MiB from process to
@@ -52,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BATCH, INPUTS, CLASSES = 256, 256, 2
 MODES = ("gradient", "product", "trace", "lambda1", "eigenvectors", "top3", "density")
+#: The peers' top 3 (run with a Python that has them, e.g. the venv of benchmarks/README.md)
+PEERS = ("pyhessian_top3", "eigenthings_top3", "eigsh_top3")
 
 
 def _mlp(size: int) -> nn.Module:
@@ -96,6 +103,9 @@ def _probe(mode: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
     elif mode == "density":
         esd = spectral_density(model, _loss, batch)
         out.update(seconds=time.perf_counter() - start, products=esd.num_hvps)
+    elif mode in PEERS:
+        out.update(_peer_top3(mode, model, batch))
+        out["seconds"] = time.perf_counter() - start
     elif mode == "trace":
         trace = hessian_trace(model, _loss, batch, num_hvps=16)
         out.update(seconds=time.perf_counter() - start, products=trace.num_hvps)
@@ -111,6 +121,46 @@ def _probe(mode: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
         out.update(lambda1=float(found.eigenvalues[0]), converged=bool(found.converged.all()))
         out["lanczos_seconds"] = own["step"] - own["matvec"]
     return out
+
+
+def _peer_top3(
+    mode: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Any]:
+    """A peer's top three eigenvalues with their eigenvectors (imported here, in its venv).
+
+    Its draws from the global generator are undone after it: the warm-up's must not change
+    the weights of the model built next (``_mlp`` seeds after building its layers).
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # PyHessian draws its starts from the global generator
+        return _peer_run(mode, model, batch)
+
+
+def _peer_run(
+    mode: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Any]:
+    if mode == "pyhessian_top3":
+        from pyhessian import hessian
+
+        values, _ = hessian(model, torch.nn.CrossEntropyLoss(), data=batch, cuda=False).eigenvalues(
+            top_n=3
+        )
+        return {"lambda1": max(values), "converged": True}
+    if mode == "eigenthings_top3":
+        import hessian_eigenthings
+
+        operator = hessian_eigenthings.HessianOperator(model, [batch], _loss)
+        found = hessian_eigenthings.lanczos(operator, k=3, which="LA", seed=0)
+        return {"lambda1": float(found.eigenvalues.max()), "converged": True}
+    import curvlinops
+    from scipy.sparse.linalg import eigsh
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    operator = curvlinops.HessianLinearOperator(
+        model, torch.nn.CrossEntropyLoss(), params, [batch], check_deterministic=False
+    ).to_scipy()
+    values = eigsh(operator, k=3, which="LA", return_eigenvectors=True)[0]
+    return {"lambda1": float(values.max()), "converged": True}
 
 
 @contextlib.contextmanager
@@ -177,7 +227,7 @@ def _run(mode: str, size: int, whole_basis: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**6, 10**7])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + PEERS)
     parser.add_argument("--whole-basis", action="store_true", help="no thick restart")
     parser.add_argument("--one", type=str, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,6 +249,7 @@ def main() -> None:
             value, own = "", ""
             if "lambda1" in r:
                 value = f"{r['lambda1']:.6g}" + ("" if r["converged"] else " (not converged)")
+            if "lanczos_seconds" in r:
                 step = r["lanczos_seconds"] / r["products"]
                 own = f"{step:.4f} ({step / unit['seconds']:.2f})"
             print(
