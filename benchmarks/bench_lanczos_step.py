@@ -5,8 +5,9 @@ A diagonal float32 operator (``d * v``: one pass, timed and subtracted) at ``P``
 window of two rows (``keep=2``, what a λ₁ probe above 2²⁴ basis entries runs) and with the
 whole basis. Reported: the process's own milliseconds per step (minimum and median over
 repeats), and the same in "reductions", the time of one ``inner_products(v, v)`` over ``P``
-entries (the unit of a pass over memory). With ``--compare PATH``, the ``lanczos.py`` of
-another checkout runs in the same process, interleaved, on the same starts (before/after).
+entries (the unit of a pass over memory). With ``--compare PATH``, the Lanczos of another
+checkout (its ``lanczos.py``, ``basis.py`` and ``reductions.py``) runs in the same process,
+interleaved, on the same starts (before/after).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lanczos_step.py [--sizes 1000000 10000000] \\
         [--compare /path/to/other/checkout]
@@ -15,7 +16,7 @@ another checkout runs in the same process, interleaved, on the same starts (befo
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import statistics
 import sys
 import time
@@ -34,15 +35,28 @@ from lightning_curvature.functional.linalg.reductions import inner_products  # n
 STEPS = 30
 
 
-def load_lanczos(checkout: Path, name: str) -> ModuleType:
-    """``functional/linalg/lanczos.py`` of ``checkout``, as a module of its own."""
-    path = checkout / "lightning_curvature" / "functional" / "linalg" / "lanczos.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_lanczos(checkout: Path) -> ModuleType:
+    """``functional/linalg/lanczos.py`` of ``checkout``, with the package modules it imports.
+
+    The package is imported afresh from ``checkout`` (the modules already loaded are set
+    aside and put back), so that each version runs its own ``basis.py`` and ``reductions.py``.
+    """
+    package = "lightning_curvature"
+
+    def loaded() -> dict[str, ModuleType]:
+        return {k: m for k, m in sys.modules.items() if k == package or k.startswith(package + ".")}
+
+    aside = loaded()
+    for key in aside:
+        del sys.modules[key]
+    sys.path.insert(0, str(checkout))
+    try:
+        return importlib.import_module(f"{package}.functional.linalg.lanczos")
+    finally:
+        sys.path.remove(str(checkout))
+        for key in loaded():
+            del sys.modules[key]
+        sys.modules.update(aside)
 
 
 def own_seconds(module: ModuleType, diagonal: torch.Tensor, keep: int | None, seed: int) -> float:
@@ -72,9 +86,9 @@ def main() -> None:
     torch.set_num_threads(1)
     started, load = time.perf_counter(), load_average()
     print(machine())
-    versions = {"this checkout": load_lanczos(ROOT, "lanczos_here")}
+    versions = {"this checkout": load_lanczos(ROOT)}
     if args.compare:
-        versions[f"{args.compare}"] = load_lanczos(args.compare.resolve(), "lanczos_there")
+        versions[f"{args.compare}"] = load_lanczos(args.compare.resolve())
     print("\n| P | basis | version | own ms/step, min | median | in reductions (min) |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_curvature.errors import CurvatureCheckError
 from lightning_curvature.functional.linalg import basis
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
@@ -13,6 +14,7 @@ from lightning_curvature.functional.linalg.eigenpairs import (
 )
 from lightning_curvature.functional.linalg.lanczos import LanczosProcess
 from lightning_curvature.functional.linalg.sharded import VectorShards
+from lightning_curvature.functional.operator.self_check import ProductCheck
 from tests.functional.spectra import edge_of_stability, gaussian
 
 
@@ -186,3 +188,64 @@ def test_orthogonal_to_working_precision_whatever_cancels(keep: int | None) -> N
     bound = 4 * torch.finfo(torch.float32).eps
     assert _local_orthogonality(near, spectrum, keep) <= bound
     assert _local_orthogonality(gaussian(n, 2, torch.float32), spectrum, keep) <= bound
+
+
+def test_the_window_gives_the_whole_basis_tridiagonal_before_orthogonality_is_lost() -> None:
+    """The two rows live in one ring, written in turn: its coefficients come back oldest
+    first (α on the newest row, the check against β on the one before), at every wrap."""
+    n = 400
+    spectrum = torch.linspace(0.0, 1.0, n, dtype=torch.float64) ** 3
+    runs = {
+        keep: LanczosProcess(lambda v: spectrum * v, gaussian(n, 4, torch.float64), 12, keep=keep)
+        for keep in (2, None)
+    }
+    for run in runs.values():
+        while run.step():
+            pass
+    window, whole = runs[2], runs[None]
+    assert window.num_steps == whole.num_steps == 12
+    assert torch.allclose(window.projection(), whole.projection(), rtol=0, atol=1e-12)
+    assert window.rounding <= 1e-14  # a swapped coefficient would show |α − β| here
+    assert window.allocated_rows == 2
+
+
+def test_a_window_row_is_kept_by_the_self_check_and_compared_at_every_product() -> None:
+    """Each row of the ring is a tensor of its own: the operator's self-check holds the
+    newest by reference (no copy) and writing the next row into the oldest one's memory
+    leaves it comparable, so every product after the first is checked."""
+    n = 60
+    gen = torch.Generator().manual_seed(5)
+    half = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    symmetric = half + half.T
+    check = ProductCheck(VectorShards.single(n))
+    check.compute_dtype = torch.float64
+    judged: list[float] = []
+    judge = check._judge
+    check._judge = lambda discrepancy, what: (judged.append(discrepancy), judge(discrepancy, what))  # type: ignore[method-assign]
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        product = _checked(symmetric, check, v)
+        assert check._kept is not None
+        assert check._kept[0].data_ptr() == v.data_ptr()  # no copy
+        return product
+
+    run = LanczosProcess(matvec, gaussian(n, 6, torch.float64), 20, keep=2)
+    while run.step():
+        pass
+    assert run.num_steps == 20
+    assert len(judged) == 19
+    assert max(judged) < 1e-12
+    skewed = symmetric.clone()
+    skewed[0, 1] += 1.0  # no longer symmetric: the second product must fail its check
+    check.forget()
+    start = gaussian(n, 6, torch.float64)
+    run = LanczosProcess(lambda v: _checked(skewed, check, v), start, 5, keep=2)
+    assert run.step()  # the first product has nothing to be compared with
+    with pytest.raises(CurvatureCheckError):
+        run.step()
+
+
+def _checked(matrix: torch.Tensor, check: ProductCheck, v: torch.Tensor) -> torch.Tensor:
+    product = matrix @ v
+    check.symmetric(v, product)
+    return product

@@ -7,7 +7,8 @@ device, in one of three ways:
 * the whole basis, in blocks of :data:`_BLOCK` rows allocated as the run goes (memory
   follows the steps taken, nothing is ever copied);
 * a window of the last ``keep`` rows (local reorthogonalisation: a few vectors whatever the
-  steps, for runs that need no Ritz vector);
+  steps, for runs that need no Ritz vector), in one ``(keep, P)`` tensor written row by row
+  in turn, so that both Gram–Schmidt passes read the rows together (one ``gemv`` each);
 * at most ``capacity`` rows, which a thick restart rewrites in place (:meth:`rotate`; the
   policy is :class:`ThickRestart` and :func:`thick_restart`).
 
@@ -186,13 +187,16 @@ class KrylovBasis:
         self.length, self.capacity, self.keep, self.shards = length, capacity, keep, shards
         self.dtype, self.device = dtype, device
         self._blocks: list[torch.Tensor] = []  # the whole basis, in blocks of _BLOCK rows
-        self._window: list[torch.Tensor] = []  # with `keep`: the last rows, oldest first
+        self._ring: torch.Tensor | None = None  # with `keep`: one (keep, length) tensor, …
+        self._window: list[torch.Tensor] = []  # … its rows as tensors of their own, oldest first
+        self._slots: list[int] = []  # … and where each lies in the ring
         self.stored = 0
 
     @property
     def allocated(self) -> int:
         """Rows allocated on the device: what the basis costs in memory, in vectors."""
-        return len(self._window) + sum(block.shape[0] for block in self._blocks)
+        ring = 0 if self._ring is None else self._ring.shape[0]
+        return ring + sum(block.shape[0] for block in self._blocks)
 
     def whole(self) -> torch.Tensor:
         """All the rows stored, one a row (a new tensor).
@@ -213,19 +217,41 @@ class KrylovBasis:
             return self._window[index - (self.stored - len(self._window))]
         return self._blocks[index // _BLOCK][index % _BLOCK]
 
-    def append(self, vector: torch.Tensor) -> None:
-        """Store ``vector`` as the next row (with ``keep``, the row itself, the oldest dropped)."""
+    def append(self, vector: torch.Tensor, divisor: float = 1.0) -> None:
+        """Store ``vector / divisor`` as the next row (with ``keep``, over the oldest one).
+
+        The division writes the row itself: normalising costs no pass of its own.
+        """
         if self.keep is not None:
-            self._window = [*self._window[1 - self.keep :], vector]
+            self._window.append(self._next_window_row())
             self.stored += 1
-            return
-        if self.stored // _BLOCK == len(self._blocks):  # a thick restart reuses its blocks
-            rows = min(_BLOCK, self.capacity - self.stored)
-            self._blocks.append(
-                torch.zeros(rows, self.length, dtype=self.dtype, device=self.device)
-            )
-        self.row(self.stored).copy_(vector)
-        self.stored += 1
+        else:
+            if self.stored // _BLOCK == len(self._blocks):  # a thick restart reuses its blocks
+                rows = min(_BLOCK, self.capacity - self.stored)
+                self._blocks.append(
+                    torch.zeros(rows, self.length, dtype=self.dtype, device=self.device)
+                )
+            self.stored += 1
+        torch.div(vector, divisor, out=self.row(self.stored - 1))
+
+    def _next_window_row(self) -> torch.Tensor:
+        """The window's row for the next vector: a free one, else the oldest's.
+
+        Each row is a tensor of its own over the ring's memory (``set_``, not a view), so
+        that writing one changes the version counter of that row alone: the operator's
+        self-check holds the newest row by reference, and a write to another row must not
+        make it skip its comparison (nor must a view of the ring be copied every product).
+        """
+        rows = min(self.keep or 0, self.capacity)
+        if self._ring is None:
+            self._ring = torch.zeros(rows, self.length, dtype=self.dtype, device=self.device)
+        if len(self._window) == rows:
+            self._slots.append(self._slots.pop(0))
+            return self._window.pop(0)
+        ring, slot = self._ring, len(self._window)
+        self._slots.append(slot)
+        offset = ring.storage_offset() + slot * self.length
+        return ring.new_empty(0).set_(ring.untyped_storage(), offset, (self.length,), (1,))
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``coefficientsᵀ Q``: vectors from their coordinates in the first rows.
@@ -284,18 +310,31 @@ class KrylovBasis:
         ``q_{j+1}`` 10⁻⁵ off orthogonal to ``q_j`` within 12 steps at ``P = 10⁶`` (float32),
         and the measured rounding, the certificate's floor, 60 times larger. ``vector`` is
         left as it was (a product the operator's self-check still holds): the residual is a
-        vector of its own. (Not the row the window dropped: held until the next step, it
-        would add a vector to the product's peak, the probe's largest moment.)
+        vector of its own, freed once stored (:meth:`append` divides it into its row). Kept
+        for the next step instead, it saved its allocation but held one vector more through
+        the next product, the probe's peak (``benchmarks/bench_probe_memory.py``).
         """
-        rows = self.rows(count)
+        rows, order = self._held(count)
         coefficients = self._project(rows, vector)
-        residual = self._subtract(rows, coefficients, vector, in_place=False)
+        residual = self._subtract(rows, coefficients, vector, torch.empty_like(vector))
         correction = self._project(rows, residual)
-        self._subtract(rows, correction, residual, in_place=True)
+        self._subtract(rows, correction, residual, residual)
         coefficients = coefficients + correction  # twice is enough
+        if order is not None:  # the ring's slots of the window's rows, oldest first
+            coefficients = coefficients[order]
         remaining = self.shards.norm(residual)
         length = (float(coefficients.square().sum()) + remaining**2) ** 0.5
         return residual, coefficients, remaining, length
+
+    def _held(self, count: int) -> tuple[list[torch.Tensor], list[int] | None]:
+        """The rows ``0 … count − 1`` still held, and the order that sorts them by index.
+
+        A window's rows, all held, are its ring (one matrix, so each Gram–Schmidt pass reads
+        them together), in the ring's order; elsewhere :meth:`rows`, in order (``None``).
+        """
+        if self._ring is None or count != self.stored:
+            return self.rows(count), None
+        return [self._ring[: len(self._window)]], list(self._slots)
 
     def _project(self, rows: list[torch.Tensor], vector: torch.Tensor) -> torch.Tensor:
         """The coefficients of ``vector`` on ``rows``, summed over processes in one collective."""
@@ -304,27 +343,22 @@ class KrylovBasis:
 
     @staticmethod
     def _subtract(
-        rows: list[torch.Tensor], coefficients: torch.Tensor, vector: torch.Tensor, in_place: bool
+        rows: list[torch.Tensor],
+        coefficients: torch.Tensor,
+        vector: torch.Tensor,
+        out: torch.Tensor,
     ) -> torch.Tensor:
-        """``vector − coefficientsᵀ rows``, in ``vector`` itself or in a new vector.
-
-        New on the first pass: its ``vector`` is a product the operator's self-check holds.
-        """
-        result = vector if in_place else None
-        start = 0
+        """``out ← vector − coefficientsᵀ rows`` (``out`` may be ``vector`` itself)."""
+        source, start = vector, 0
         for row in rows:  # one row (a window's): an axpy; a block of rows: one gemv
             count = 1 if row.dim() == 1 else row.shape[0]
             c = coefficients[start : start + count].to(vector.dtype)
             start += count
-            if result is None:  # the first update makes the result
-                result = (
-                    torch.sub(vector, row, alpha=float(c))
-                    if row.dim() == 1
-                    else torch.addmv(vector, row.T, c, alpha=-1)
-                )
-            elif row.dim() == 1:
-                result.sub_(row, alpha=float(c))
+            if row.dim() == 1:
+                torch.sub(source, row, alpha=float(c), out=out)
+            elif source is out:
+                out.addmv_(row.T, c, alpha=-1)
             else:
-                result.addmv_(row.T, c, alpha=-1)
-        assert result is not None
-        return result
+                torch.addmv(source, row.T, c, alpha=-1, out=out)
+            source = out
+        return out

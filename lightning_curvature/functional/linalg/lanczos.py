@@ -151,7 +151,7 @@ class LanczosProcess:
         self._basis = KrylovBasis(
             start.numel(), capacity, self.dtype, self.device, self.shards, keep
         )
-        self._basis.append(start / self.shards.norm(start))
+        self._basis.append(start, self.shards.norm(start))
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
         self._locked: list[float] = []  # after a thick restart: the kept Ritz values …
@@ -276,7 +276,7 @@ class LanczosProcess:
             if beta <= _NEARLY_INVARIANT * image_norm:
                 self.block_starts.append(j + 1)
             self.betas.append(beta)
-            self._basis.append(w.div_(beta))  # w is the orthogonalisation's own vector
+            self._basis.append(w, beta)  # normalised as it is stored
             return True
         # Breakdown: span(Q) is invariant up to rounding. Restart orthogonally, or stop.
         fresh = None if self.generator is None else self._fresh_direction(j + 1)
