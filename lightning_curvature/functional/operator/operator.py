@@ -337,6 +337,7 @@ class HessianOperator:
                 "HessianOperator.matvec must be called inside `with HessianOperator(...)`."
             )
         vector = vector.to(device=self.device, dtype=self.dtype)
+        self._self_check.prepare(vector)  # the previous product is not held through this one
         vs = self.layout.split(vector)
         flat = self._dispatch.product(vs, first=self.num_hvps == 0).detach()
         self.num_hvps += 1

@@ -8,8 +8,8 @@ it has anyway, or nearly:
   ``uᵀ(Hv) = vᵀ(Hu)`` up to the products' own error. No product: four inner products (one
   collective over shards), the previous vector (a reference where it is a tensor of its
   own, a copy where it is a view into a larger one) and a reference to the previous
-  product (about 5 ms per million parameters on one CPU thread: 4-7% of a product of the
-  23M GPT-2 of ``benchmarks/bench_self_check.py``). It
+  product until the next one begins (about 5 ms per million parameters on one CPU
+  thread: 4-7% of a product of the 23M GPT-2 of ``benchmarks/bench_self_check.py``). It
   finds a finite difference that crosses a kink (the jump of the gradient lies along the
   kinked op's gradient, not along the vectors) and a double backward that is wrong
   (``weight_norm``'s products are 2% asymmetric when 38-160% off). The measure is
@@ -139,6 +139,7 @@ class ProductCheck:
         self._kept: tuple[torch.Tensor, int] | None = None  # the previous vector u, its version
         self._copy: torch.Tensor | None = None  # the buffer u is copied to when it is a view
         self._product: tuple[torch.Tensor, int] | None = None  # Hu, and its version then
+        self._early: tuple[torch.Tensor, torch.Tensor] | None = None  # v and vᵀ(Hu), local
         self._norms = (0.0, 0.0)  # ‖u‖, ‖Hu‖
         self._largest_product = 0.0  # ‖Hv‖/‖v‖, the largest so far: the operator's scale
         self.curvature_scale = 0.0  # |L| / max(rms(w), 0.01)², set by the operator
@@ -146,7 +147,20 @@ class ProductCheck:
     def forget(self) -> None:
         """Drop the kept pair (the operator closed: the next probe starts afresh)."""
         self._kept, self._product, self._largest_product = None, None, 0.0
-        self._copy = None
+        self._copy, self._early = None, None
+
+    def prepare(self, vector: torch.Tensor) -> None:
+        """Take ``vᵀ(Hu)`` before ``Hv`` is, and let go of ``Hu``.
+
+        Called by the operator before each product: the previous product is then not held
+        through the next backward, a probe's largest moment (one vector less at a λ₁
+        probe's peak). This process's share of the inner product waits for
+        :meth:`symmetric`, which sums it over processes with the others.
+        """
+        hu = self._unchanged(self._product)
+        self._product = None
+        local = None if hu is None else torch.dot(vector.to(hu.dtype).reshape(-1), hu)
+        self._early = None if local is None else (vector, local)
 
     @property
     def tolerance(self) -> float:
@@ -169,22 +183,25 @@ class ProductCheck:
     def symmetric(self, vector: torch.Tensor, product: torch.Tensor) -> None:
         """Compare ``vᵀ(Hu)`` with ``uᵀ(Hv)`` for the previous pair ``(u, Hu)``; keep this one.
 
-        The previous product is kept as it was returned, and so is the previous vector where
-        it is a tensor of its own (Lanczos' rows when it keeps only its last ones, trace
-        probes): no copy of ``P`` entries. A vector that is a view into a larger tensor (a
-        row of a Lanczos basis, whose next row is written into the same storage) is copied
-        to one buffer. A caller that changes a kept tensor in place only skips that
-        comparison. The
-        inner products are taken in the vectors' dtype (BLAS accumulation: 3e-9 relative
-        to ``‖u‖‖v‖`` on 23M float32 entries, far below the tolerance) and summed over
-        processes in one collective.
+        The previous product is kept as it was returned until :meth:`prepare` takes its
+        inner product with this vector (before this product, where the operator calls it;
+        else here), and the previous vector where it is a tensor of its own (Lanczos' rows
+        when it keeps only its last ones, trace probes): no copy of ``P`` entries. A vector
+        that is a view into a larger tensor (a row of a Lanczos basis, whose next row is
+        written into the same storage) is copied to one buffer. A caller that changes a
+        kept tensor in place only skips that comparison. The inner products are taken in
+        the vectors' dtype (BLAS accumulation: 3e-9 relative to ``‖u‖‖v‖`` on 23M float32
+        entries, far below the tolerance) and summed over processes in one collective.
 
         Raises:
             CurvatureCheckError: if they differ by more than the tolerance.
         """
+        if self._early is None or self._early[0] is not vector:
+            self.prepare(vector)  # not prepared for this vector (a batched row): now
+        early, self._early = self._early, None
         vector = vector.to(product.dtype).reshape(-1)
-        hu, u = self._unchanged(self._product), self._unchanged(self._kept)
-        if hu is None or u is None:
+        u = self._unchanged(self._kept)
+        if early is None or u is None:
             sums = self._sums([torch.dot(vector, vector), torch.dot(product, product)])
             self._keep(vector, product, sums[0] ** 0.5, sums[1] ** 0.5)
             return
@@ -192,7 +209,7 @@ class ProductCheck:
         sums = self._sums(
             [
                 torch.dot(u, product),
-                torch.dot(vector, hu),
+                early[1],
                 torch.dot(vector, vector),
                 torch.dot(product, product),
             ]
