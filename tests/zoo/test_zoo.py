@@ -219,3 +219,17 @@ def test_top3_with_the_basis_held_to_a_few_rows(name: str, monkeypatch: pytest.M
     assert out.num_hvps > basis.thick_restart(3, False, 1).rows  # it did restart
     assert out.converged.tolist() == [True, True, True]
     _assert_close_to_reference(out.eigenvalues, exact, 1e-3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lambda1_on_the_two_row_window(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a model above ``FULL_BASIS_ENTRIES`` without eigenvectors: the recurrence's two
+    rows in one ring, float32, cold to the miss probability, λ₁ certified within tol."""
+    monkeypatch.setattr(basis, "FULL_BASIS_ENTRIES", 1)
+    model = case(name)
+    exact, _, _ = reference(name)
+    out = hessian_eigenvalues(
+        model.model, model.loss_fn, model.batch, max_iter=100, parameters=model.parameters
+    )
+    assert out.converged.tolist() == [True]
+    _assert_close_to_reference(out.eigenvalues, exact[:1], 1e-3)
