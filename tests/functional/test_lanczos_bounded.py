@@ -7,6 +7,7 @@ import torch
 
 from lightning_curvature.errors import CurvatureCheckError
 from lightning_curvature.functional.linalg import basis
+from lightning_curvature.functional.linalg.basis import ThickRestart
 from lightning_curvature.functional.linalg.eigenpairs import (
     MISS_PROBABILITY,
     default_max_iter,
@@ -249,3 +250,26 @@ def _checked(matrix: torch.Tensor, check: ProductCheck, v: torch.Tensor) -> torc
     product = matrix @ v
     check.symmetric(v, product)
     return product
+
+
+LAYOUTS = {"window": (2, None), "whole": (None, None), "thick": (None, ThickRestart(6, 2))}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_products_that_require_grad_are_taken_as_numbers(layout: str) -> None:
+    """A matvec through a matrix that requires grad returns products in a graph: the basis
+    takes their values (its rows are written with ``out=``, which autograd refuses), and the
+    run is the one without grad."""
+    n = 60
+    diagonal = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    keep, thick = LAYOUTS[layout]
+    projections = []
+    for grad in (True, False):
+        matrix = torch.diag(diagonal).requires_grad_(grad)
+        start = gaussian(n, 7, torch.float64).requires_grad_(grad)
+        run = LanczosProcess(lambda v, m=matrix: m @ v, start, 30, keep=keep, thick=thick)
+        while run.step():
+            pass
+        projections.append(run.projection())
+    assert run.num_steps == 30
+    assert torch.equal(projections[0], projections[1])

@@ -220,7 +220,8 @@ class KrylovBasis:
     def append(self, vector: torch.Tensor, divisor: float = 1.0) -> None:
         """Store ``vector / divisor`` as the next row (with ``keep``, over the oldest one).
 
-        The division writes the row itself: normalising costs no pass of its own.
+        The division writes the row itself: normalising costs no pass of its own. The row
+        is a number, not a node of a graph (``vector`` is detached).
         """
         if self.keep is not None:
             self._window.append(self._next_window_row())
@@ -232,7 +233,7 @@ class KrylovBasis:
                     torch.zeros(rows, self.length, dtype=self.dtype, device=self.device)
                 )
             self.stored += 1
-        torch.div(vector, divisor, out=self.row(self.stored - 1))
+        torch.div(vector.detach(), divisor, out=self.row(self.stored - 1))
 
     def _next_window_row(self) -> torch.Tensor:
         """The window's row for the next vector: a free one, else the oldest's.
@@ -312,8 +313,10 @@ class KrylovBasis:
         left as it was (a product the operator's self-check still holds): the residual is a
         vector of its own, freed once stored (:meth:`append` divides it into its row). Kept
         for the next step instead, it saved its allocation but held one vector more through
-        the next product, the probe's peak (``benchmarks/bench_probe_memory.py``).
+        the next product, the probe's peak (``benchmarks/bench_probe_memory.py``). A
+        ``vector`` that requires grad (a matvec through weights that do) is taken detached.
         """
+        vector = vector.detach()
         rows, order = self._held(count)
         coefficients = self._project(rows, vector)
         residual = self._subtract(rows, coefficients, vector, torch.empty_like(vector))

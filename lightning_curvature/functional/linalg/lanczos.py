@@ -151,6 +151,7 @@ class LanczosProcess:
         self._basis = KrylovBasis(
             start.numel(), capacity, self.dtype, self.device, self.shards, keep
         )
+        start = start.detach()  # the run deals in numbers: its rows are no graph's nodes
         self._basis.append(start, self.shards.norm(start))
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 after a restart
