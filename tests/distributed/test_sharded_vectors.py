@@ -163,6 +163,38 @@ def test_sharded_thick_restarts_are_the_unsharded_ones(sizes: list[int]) -> None
     torch.testing.assert_close(eigenvectors, whole.eigenvectors, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("sizes", [[30, 30], [41, 0, 19]], ids=["halves", "with an empty shard"])
+def test_sharded_two_row_runs_are_the_unsharded_one(sizes: list[int]) -> None:
+    """Each process holds its columns of the two-row ring (none on an empty shard): the same
+    products, value and miss bound as the unsharded run."""
+    n = sum(sizes)
+    g = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = (q * torch.cat([torch.linspace(-1.0, 1.0, n - 1), torch.tensor([2.0])]).double()) @ q.T
+    start = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    keywords: dict[str, Any] = {
+        "tol": 1e-8,
+        "max_iter": 60,
+        "bounded": True,
+        "miss_probability": 1e-3,
+    }
+    whole = lanczos_eigenpairs(lambda v: a @ v, start, **keywords)
+    threads = Threads(sizes)
+
+    def on(rank: int) -> Any:
+        return lanczos_eigenpairs(
+            threads.matvec(rank, a), threads.local(rank, start), shards=threads.shards(rank),
+            **keywords,
+        )  # fmt: skip
+
+    parts = threads.run(on)
+    assert whole.converged.tolist() == [True]
+    for part in parts:
+        assert part.num_steps == whole.num_steps
+        torch.testing.assert_close(part.eigenvalues, whole.eigenvalues, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(part.misses, whole.misses, rtol=1e-6, atol=0.0)
+
+
 def test_sharded_basis_holds_only_the_local_rows() -> None:
     sizes = [7, 0, 3]
     a = _symmetric(10, torch.float64)
