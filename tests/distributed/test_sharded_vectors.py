@@ -128,20 +128,18 @@ def test_sharded_lanczos_is_the_unsharded_lanczos(sizes: list[int], dtype: torch
     torch.testing.assert_close(parts[0].eigenvalues, exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [[30, 30], [41, 0, 19]], ids=["halves", "with an empty shard"])
-def test_sharded_thick_restarts_are_the_unsharded_ones(sizes: list[int]) -> None:
-    """Each process rewrites its own columns of the basis at a restart, from the same
-    projection: the same products, values and miss bounds, the eigenvectors' shards."""
-    n = sum(sizes)
-    g = torch.Generator().manual_seed(2)
+def _bulk_under(top: list[float], n: int, seed: int) -> torch.Tensor:
+    """A dense symmetric matrix: ``top`` over a bulk uniform in [-1, 1], randomly rotated."""
+    g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    spectrum = torch.cat([torch.linspace(-1.0, 1.0, n - 2), torch.tensor([2.5, 3.0])])
-    a = (q * spectrum.double()) @ q.T
-    start = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    keywords: dict[str, Any] = {
-        "k": 2, "tol": 1e-8, "max_iter": 60, "return_eigenvectors": True, "rows": 7,
-        "miss_probability": 1e-3,
-    }  # fmt: skip
+    spectrum = torch.cat([torch.linspace(-1.0, 1.0, n - len(top)), torch.tensor(top)])
+    return (q * spectrum.double()) @ q.T
+
+
+def _whole_and_sharded(
+    a: torch.Tensor, start: torch.Tensor, sizes: list[int], keywords: dict[str, Any]
+) -> tuple[Any, list[Any]]:
+    """``lanczos_eigenpairs`` unsharded, and on each of the ``sizes`` shards (threads)."""
     whole = lanczos_eigenpairs(lambda v: a @ v, start, **keywords)
     threads = Threads(sizes)
 
@@ -151,7 +149,21 @@ def test_sharded_thick_restarts_are_the_unsharded_ones(sizes: list[int]) -> None
             **keywords,
         )  # fmt: skip
 
-    parts = threads.run(on)
+    return whole, threads.run(on)
+
+
+@pytest.mark.parametrize("sizes", [[30, 30], [41, 0, 19]], ids=["halves", "with an empty shard"])
+def test_sharded_thick_restarts_are_the_unsharded_ones(sizes: list[int]) -> None:
+    """Each process rewrites its own columns of the basis at a restart, from the same
+    projection: the same products, values and miss bounds, the eigenvectors' shards."""
+    n = sum(sizes)
+    a = _bulk_under([2.5, 3.0], n, seed=2)
+    start = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    keywords: dict[str, Any] = {
+        "k": 2, "tol": 1e-8, "max_iter": 60, "return_eigenvectors": True, "rows": 7,
+        "miss_probability": 1e-3,
+    }  # fmt: skip
+    whole, parts = _whole_and_sharded(a, start, sizes, keywords)
     assert whole.num_steps > 7
     assert whole.converged.tolist() == [True, True]
     for part in parts:
@@ -168,26 +180,12 @@ def test_sharded_two_row_runs_are_the_unsharded_one(sizes: list[int]) -> None:
     """Each process holds its columns of the two-row ring (none on an empty shard): the same
     products, value and miss bound as the unsharded run."""
     n = sum(sizes)
-    g = torch.Generator().manual_seed(4)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    a = (q * torch.cat([torch.linspace(-1.0, 1.0, n - 1), torch.tensor([2.0])]).double()) @ q.T
+    a = _bulk_under([2.0], n, seed=4)
     start = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     keywords: dict[str, Any] = {
-        "tol": 1e-8,
-        "max_iter": 60,
-        "bounded": True,
-        "miss_probability": 1e-3,
-    }
-    whole = lanczos_eigenpairs(lambda v: a @ v, start, **keywords)
-    threads = Threads(sizes)
-
-    def on(rank: int) -> Any:
-        return lanczos_eigenpairs(
-            threads.matvec(rank, a), threads.local(rank, start), shards=threads.shards(rank),
-            **keywords,
-        )  # fmt: skip
-
-    parts = threads.run(on)
+        "tol": 1e-8, "max_iter": 60, "bounded": True, "miss_probability": 1e-3,
+    }  # fmt: skip
+    whole, parts = _whole_and_sharded(a, start, sizes, keywords)
     assert whole.converged.tolist() == [True]
     for part in parts:
         assert part.num_steps == whole.num_steps
