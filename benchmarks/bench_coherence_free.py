@@ -111,6 +111,7 @@ def ddp_child(config: str, steps: int) -> None:
     elapsed, monitor_seconds = train(config, steps, devices=2)
     if int(torch.distributed.get_rank()) == 0:
         print(f"ELAPSED {elapsed} {monitor_seconds}")
+    torch.distributed.destroy_process_group()  # Lightning leaves it up; gloo may abort at exit
 
 
 def ddp_time(config: str, steps: int) -> tuple[float, float]:

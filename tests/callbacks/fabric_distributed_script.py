@@ -31,6 +31,7 @@ from lightning_curvature import (
     HessianTraceMonitor,
     SpectralDensityMonitor,
 )
+from tests.distributed.launch import run_rank
 
 LR = 0.1
 MAX_STEPS = 3
@@ -130,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)

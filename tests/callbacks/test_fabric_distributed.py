@@ -8,7 +8,6 @@ training without them.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from lightning_curvature import hessian_eigenvalues, hessian_trace, spectral_density
 from lightning_curvature.functional.linalg.sampling import make_generator
+from tests.distributed.launch import run_script
 
 pytestmark = pytest.mark.distributed
 SCRIPT = Path(__file__).with_name("fabric_distributed_script.py")
@@ -26,13 +26,7 @@ from fabric_distributed_script import loss_fn, make_net  # noqa: E402
 
 
 def _run(tmp_path: Path, mode: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), mode],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SCRIPT, tmp_path, mode, timeout=300)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     return reports, saved

@@ -38,6 +38,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryPrecision
 
 from lightning_curvature.callbacks.sam import SAM
 from lightning_curvature.errors import CurvatureWarning
+from tests.distributed.launch import run_rank, run_script
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -926,17 +927,10 @@ def test_ddp_per_replica_perturbations_give_another_trajectory(ddp_run: Path) ->
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sam_ddp")
-    done = subprocess.run(
-        [sys.executable, __file__, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=Path(__file__).parent,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(Path(__file__), out, "ddp")
     return out
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    _ddp_main(Path(sys.argv[1]))
+    run_rank(lambda: _ddp_main(Path(sys.argv[1])))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from launch import run_rank
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -100,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)

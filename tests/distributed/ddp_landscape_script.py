@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from ddp_monitor_script import Regressor
+from launch import run_rank
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -75,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from fsdp_script import Sharded, data, loss_of, make_net
+from launch import run_rank
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, Subset
@@ -80,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)

@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from fsdp_script import Capture, Sharded, data, full_weights
+from launch import run_rank
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
@@ -124,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)

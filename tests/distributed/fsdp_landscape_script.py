@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from fsdp_script import Capture, Sharded, data, fit, full_weights, loss_of
+from launch import run_rank
 from torch import nn
 from torch.distributed.tensor import distribute_tensor
 
@@ -129,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)
